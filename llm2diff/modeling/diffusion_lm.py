@@ -1,0 +1,241 @@
+"""`adapt`, `load` and the `DiffusionLM` wrapper: a stock causal LM driven as a block-diffusion LM.
+
+    from llm2diff import adapt, load
+    dlm = adapt(model, tokenizer, block_size=32, lora=LoraConfig(r=16, target_modules="all-linear"))
+    out = dlm.generate(input_ids, max_new_tokens=128, tokens_per_step=2)
+    dlm.save_pretrained("outputs/run"); dlm = load("outputs/run")
+
+`adapt` works in place: it may add the mask token (resizing embeddings only when no spare row exists) and attaches
+the LoRA (PEFT), with the mask token's embedding row trainable. With a LoRA, the AR parent is the same model with
+the adapter disabled (`dlm.ar_parent()`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from llm2diff.modeling.architectures import check_supported
+from llm2diff.modeling.config import DiffusionConfig, validate_block_size
+from llm2diff.modeling.mask_token import choose_mask_token
+from llm2diff.atomic import atomic_directory
+from llm2diff.sampling.sampler import BlockSampler, GenerateOutput, SamplerSettings
+
+
+class DiffusionLM:
+    """A causal LM (optionally PEFT-wrapped) plus the diffusion settings that make it a block-diffusion LM.
+
+    Attributes:
+        model: the underlying (PEFT) model.
+        tokenizer: its tokenizer, holding the mask token.
+        config: the `DiffusionConfig`.
+    """
+
+    def __init__(self, model, tokenizer, config: DiffusionConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+
+    # -- properties --------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def has_adapter(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            ids.add(gen_eos)
+        elif gen_eos:
+            ids.update(int(i) for i in gen_eos)
+        return tuple(sorted(ids))
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"DiffusionLM({c.architecture}, block_size={c.block_size}, mask_token={c.mask_token!r}, "
+                f"shift={c.shift}, adapter={self.has_adapter})")
+
+    # -- the AR parent ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def ar_parent(self) -> Iterator[torch.nn.Module]:
+        """Context in which `self.model` behaves as the AR parent (adapter disabled). Needs a LoRA adapter."""
+        if not self.has_adapter:
+            raise RuntimeError(
+                "this DiffusionLM has no adapter (full fine-tuning or a merged adapter), so the AR parent is not "
+                "available for free: load the parent checkpoint separately"
+            )
+        with self.model.disable_adapter():
+            yield self.model
+
+    @torch.no_grad()
+    def ar_generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    max_new_tokens: int = 256, **kwargs) -> torch.Tensor:
+        """Greedy `generate` of the AR parent (adapter off), with the mask token suppressed. Returns sequences."""
+        input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
+        kwargs.setdefault("do_sample", False)
+        with self.ar_parent() as parent:
+            parent.eval()
+            return parent.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                suppress_tokens=[self.config.mask_token_id], **kwargs,
+            )
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
+        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, threshold: float | None = None,
+        tokens_per_step: int = 1, stop_strings: list[str] | str | None = None, use_cache: bool = True,
+        seed: int | None = None,
+    ) -> GenerateOutput:
+        """Sample block by block (see `llm2diff.sampling.sampler`). Batches must be left-padded.
+
+        Returns a `GenerateOutput` with `sequences` (prompt plus new tokens, pad after a row stopped) and `nfe`.
+        """
+        input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's maximum "
+                f"length {limit}; shorten the prompt or lower max_new_tokens"
+            )
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        settings = SamplerSettings(
+            block_size=self.config.block_size, mask_token_id=self.config.mask_token_id,
+            eos_token_ids=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
+            vocab_size=self.config.vocab_size, shift=self.config.shift, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, threshold=threshold, tokens_per_step=tokens_per_step,
+            stop_strings=tuple(stop_strings or ()), use_cache=use_cache, seed=seed,
+        )
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            sampler = BlockSampler(self.model, settings, self.tokenizer)
+            return sampler.generate(input_ids.to(self.device), attention_mask.to(self.device))
+        finally:
+            self.model.train(was_training)
+
+    # -- saving -------------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> Path:
+        """Save the adapter (or the full model), the tokenizer and `diffusion_config.json`, atomically."""
+        directory = Path(directory)
+        with atomic_directory(directory) as tmp:
+            if self.has_adapter:
+                self.model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers="auto", **kwargs)
+            else:
+                self.model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+            self.tokenizer.save_pretrained(tmp)
+            self.config.save(tmp)
+        return directory
+
+
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, prompt_len) with a non-empty prompt, got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.dim() == 1:
+        attention_mask = attention_mask[None]
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("batches must be left-padded (tokenizer.padding_side = 'left'): a row ends with padding")
+    return input_ids, attention_mask.long()
+
+
+def adapt(model, tokenizer, block_size: int = 32, lora=None, mask_token: str | None = None, shift: bool = True,
+          **config_fields) -> DiffusionLM:
+    """Turn a stock Qwen2/Qwen2.5/Qwen3/Llama causal LM into a `DiffusionLM`, in place.
+
+    Args:
+        model: a `*ForCausalLM` of a supported family.
+        tokenizer: its tokenizer; a pad token is set (to end-of-sequence) if it has none.
+        block_size: tokens per block (1 = the AR parent).
+        lora: a `peft.LoraConfig` or None for no adapter (full fine-tuning). The mask token's embedding row is made
+            trainable (`trainable_token_indices`) unless the config already names `embed_tokens` there.
+        mask_token: force this mask token string (added if the tokenizer lacks it).
+        shift: token shift (hidden state i-1 predicts token i); keep it on to preserve what the parent knows.
+        config_fields: further `DiffusionConfig` fields (noise window, sampler defaults, provenance).
+    """
+    model_type = check_supported(model)
+    validate_block_size(block_size)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    choice = choose_mask_token(tokenizer, model, mask_token)
+    base_name = config_fields.pop("base_model_name_or_path", None) or getattr(model, "name_or_path", None) or None
+    config = DiffusionConfig(
+        block_size=block_size, mask_token=choice.token, mask_token_id=choice.token_id, vocab_size=len(tokenizer),
+        shift=shift, base_model_name_or_path=base_name, architecture=type(model).__name__, **config_fields,
+    )
+    config.base_model_source = {**(config.base_model_source or {}), "mask_token_choice": choice.how,
+                                "model_type": model_type, "embedding_rows": model.get_input_embeddings().weight.shape[0]}
+    if lora is not None:
+        from peft import get_peft_model
+
+        indices = dict(lora.trainable_token_indices or {}) if isinstance(lora.trainable_token_indices, dict) else {}
+        if not indices and lora.trainable_token_indices:
+            indices = {"embed_tokens": list(lora.trainable_token_indices)}
+        rows = set(indices.get("embed_tokens", [])) | {choice.token_id}
+        indices["embed_tokens"] = sorted(rows)
+        lora.trainable_token_indices = indices
+        model = get_peft_model(model, lora)
+    return DiffusionLM(model, tokenizer, config)
+
+
+def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: str | None = None,
+         trust_remote_code: bool = False, is_trainable: bool = False) -> DiffusionLM:
+    """Load a `DiffusionLM` saved with `save_pretrained`: base model plus adapter, or a full model.
+
+    The base checkpoint named in `diffusion_config.json` is loaded from safetensors (built-in aliases such as
+    `smollm2-135m-instruct` resolve to their locally converted copy). `trust_remote_code` stays off unless asked.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm2diff.models.builtin import resolve_model_path
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no saved model at {path}: expected a directory written by DiffusionLM.save_pretrained")
+    config = DiffusionConfig.load(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_path = resolve_model_path(config.base_model_name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        rows = (config.base_model_source or {}).get("embedding_rows")
+        if rows and rows != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(rows)
+        model = PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device is not None:
+        model.to(device)
+    if not is_trainable:
+        model.eval()
+    return DiffusionLM(model, tokenizer, config)
+

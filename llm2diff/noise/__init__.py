@@ -1,0 +1,1 @@
+"""Corrupting targets: noise schedules, noise levels, masking and loss weights (pure functions)."""

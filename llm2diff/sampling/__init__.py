@@ -1,0 +1,1 @@
+"""Sampling from a block-diffusion LM: the KV-cached block sampler and its commit rules."""

@@ -1,0 +1,1 @@
+"""Built-in tasks (training data, evaluation graders) that need no download."""

@@ -1,0 +1,31 @@
+"""Collation into the training layout: pads each response with end-of-sequence to whole blocks, builds the batch.
+
+The collator is deterministic; noise is drawn in the trainer's `compute_loss`, under the trainer's seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llm2diff.training.layout import build_layout, pad_response_to_blocks
+
+
+@dataclass
+class BlockDiffusionCollator:
+    """Turns rows `{"prompt_ids": [...], "response_ids": [...]}` into a `Layout` dict of tensors."""
+
+    block_size: int
+    eos_token_id: int
+    pad_token_id: int
+    shift: bool = True
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        missing = [k for k in ("prompt_ids", "response_ids") if k not in features[0]]
+        if missing:
+            raise ValueError(f"training rows need prompt_ids and response_ids; missing {missing} "
+                             f"(columns present: {sorted(features[0])})")
+        prompts = [list(f["prompt_ids"]) for f in features]
+        responses = [pad_response_to_blocks(f["response_ids"], self.block_size, self.eos_token_id) for f in features]
+        layout = build_layout(prompts, responses, self.block_size, self.pad_token_id, self.shift)
+        return vars(layout)

@@ -1,0 +1,68 @@
+"""`DiffusionSFTTrainer`: TRL's `SFTTrainer` with the block-diffusion loss and collation, nothing else changed.
+
+    trainer = DiffusionSFTTrainer(model=dlm.model, args=DiffusionSFTConfig(...), diffusion_config=dlm.config,
+                                  train_dataset=ds, processing_class=tokenizer)
+    trainer.train()
+
+Rows are pre-tokenized `prompt_ids` / `response_ids` (see `llm2diff.training.data`). Logging goes through the
+trainer's `report_to`; besides the loss it logs the masked fraction and the loss by noise-level bucket.
+Checkpoints (adapter + tokenizer + diffusion_config.json) and `resume_from_checkpoint` are the trainer's own.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import SFTTrainer
+
+from llm2diff.modeling.config import DiffusionConfig
+from llm2diff.training.collator import BlockDiffusionCollator
+from llm2diff.training.config import DiffusionSFTConfig
+from llm2diff.training.layout import Layout
+from llm2diff.training.objective import diffusion_loss
+
+
+class DiffusionSFTTrainer(SFTTrainer):
+    def __init__(self, model, args: DiffusionSFTConfig, diffusion_config: DiffusionConfig, processing_class,
+                 train_dataset=None, eval_dataset=None, **kwargs):
+        if diffusion_config.block_size != args.block_size:
+            raise ValueError(f"block_size differs: model {diffusion_config.block_size}, recipe {args.block_size}")
+        self.diffusion_config = diffusion_config
+        collator = BlockDiffusionCollator(
+            block_size=args.block_size, eos_token_id=processing_class.eos_token_id,
+            pad_token_id=processing_class.pad_token_id, shift=args.shift,
+        )
+        super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        # The loss is normalised per micro-batch, so let the Trainer average over gradient-accumulation steps.
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        args = self.args
+        layout = Layout(**inputs)
+        loss, stats = diffusion_loss(
+            model, layout, self.diffusion_config.mask_token_id, t_min=args.t_min, t_max=args.t_max,
+            weighting=args.loss_weighting, schedule=args.noise_schedule,
+        )
+        self._log_loss_stats(mode, stats)
+        if return_outputs:
+            return loss, {"loss": loss}
+        return loss
+
+    def _log_loss_stats(self, mode: str, stats) -> None:
+        device = stats.token_loss.device
+        buckets = self.args.loss_buckets
+        index = (stats.t * buckets).long().clamp(0, buckets - 1)
+        sums = torch.zeros(buckets, device=device).scatter_add(0, index, stats.token_loss.float())
+        counts = torch.zeros(buckets, device=device).scatter_add(0, index, torch.ones_like(stats.token_loss.float()))
+        totals = torch.tensor([stats.num_masked, stats.num_response_tokens], device=device, dtype=torch.float)
+        sums, counts, totals = (self.accelerator.gather_for_metrics(x[None]).sum(0) for x in (sums, counts, totals))
+        self._metrics[mode]["masked_fraction"].append((totals[0] / totals[1].clamp(min=1)).item())
+        for b in range(buckets):
+            if counts[b] > 0:
+                name = f"loss_t{b / buckets:.2f}-{(b + 1) / buckets:.2f}"
+                self._metrics[mode][name].append((sums[b] / counts[b]).item())
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        self.diffusion_config.save(output_dir or self.args.output_dir)
