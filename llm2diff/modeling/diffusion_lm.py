@@ -140,7 +140,7 @@ class DiffusionLM:
             if self.has_adapter:
                 self.model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers="auto", **kwargs)
             else:
-                self.model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+                self.model.save_pretrained(tmp, **kwargs)  # transformers 5 always writes safetensors
             self.tokenizer.save_pretrained(tmp)
             self.config.save(tmp)
         return directory

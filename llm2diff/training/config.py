@@ -35,6 +35,10 @@ class DiffusionSFTConfig(SFTConfig):
         # The trainer consumes pre-tokenized prompt/response ids through its own collator.
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
         self.remove_unused_columns = False
+        if self.bf16 is None:  # bf16 where the hardware has it, full precision elsewhere (e.g. on a CPU)
+            import torch
+
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.use_cpu
         super().__post_init__()
         validate_block_size(self.block_size, self.max_length)
         check_schedule(self.noise_schedule)

@@ -1,0 +1,1 @@
+"""Evaluation: grading generated answers, the diffusion model side by side with its AR parent."""

@@ -1,0 +1,112 @@
+"""Exact-match accuracy of generated answers, for the diffusion model and (adapter off) its AR parent.
+
+    report = compare_with_parent(dlm, problems, data_args, max_new_tokens=96)
+    print(format_report(report))
+
+Problems are rows with `question` and `answer` (GSM8K format, final `#### N`); prompts are rendered exactly as
+the training data was (`llm2diff.training.data.render_example`), and answers are graded by the final number.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from llm2diff.tasks.arithmetic import grade
+
+
+@dataclass
+class EvalResult:
+    name: str
+    accuracy: float
+    correct: int
+    total: int
+    new_tokens: int
+    seconds: float
+    nfe: int | None = None
+    samples: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "accuracy": self.accuracy, "correct": self.correct, "total": self.total,
+                "new_tokens": self.new_tokens, "seconds": round(self.seconds, 2),
+                "tokens_per_second": round(self.tokens_per_second, 2), "nfe": self.nfe,
+                "tokens_per_forward": round(self.new_tokens / self.nfe, 3) if self.nfe else None,
+                "samples": self.samples[:5]}
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into `(batch, max_len)` ids and attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _new_tokens(sequences: torch.Tensor, prompt_width: int, pad_id: int, eos_ids: tuple[int, ...]) -> list[list[int]]:
+    rows = []
+    for row in sequences[:, prompt_width:].tolist():
+        out = []
+        for tok in row:
+            if tok == pad_id and pad_id not in eos_ids:
+                break
+            out.append(tok)
+            if tok in eos_ids:
+                break
+        rows.append(out)
+    return rows
+
+
+def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = False, max_new_tokens: int = 96,
+                     batch_size: int = 16, tokens_per_step: int = 1, threshold: float | None = None) -> EvalResult:
+    """Generate an answer for every problem and grade it. `use_parent`: the AR parent's greedy `generate`."""
+    from llm2diff.training.data import render_example
+
+    tok = dlm.tokenizer
+    name = "AR parent (greedy generate)" if use_parent else f"diffusion (block {dlm.config.block_size})"
+    correct, new_tokens, nfe, samples = 0, 0, 0, []
+    start = time.perf_counter()
+    for lo in tqdm(range(0, len(problems), batch_size), desc=f"eval {name}", leave=False):
+        batch = problems[lo : lo + batch_size]
+        prompts = [render_example({"question": p["question"], "answer": ""}, tok, data_args)[0] for p in batch]
+        ids, mask = left_pad(prompts, tok.pad_token_id)
+        if use_parent:
+            sequences = dlm.ar_generate(ids, mask, max_new_tokens=max_new_tokens)
+        else:
+            out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, tokens_per_step=tokens_per_step,
+                               threshold=threshold)
+            sequences, nfe = out.sequences, nfe + out.nfe
+        for problem, tokens in zip(batch, _new_tokens(sequences.cpu(), ids.shape[1], tok.pad_token_id, dlm.eos_token_ids)):
+            text = tok.decode(tokens, skip_special_tokens=True)
+            ok = grade(text, problem["answer"])
+            correct += ok
+            new_tokens += len(tokens)
+            if len(samples) < 5:
+                samples.append({"question": problem["question"], "output": text, "correct": bool(ok)})
+    seconds = time.perf_counter() - start
+    return EvalResult(name, correct / max(len(problems), 1), correct, len(problems), new_tokens, seconds,
+                      None if use_parent else nfe, samples)
+
+
+def compare_with_parent(dlm, problems: list[dict], data_args, compare_parent: bool = True, **kwargs) -> list[EvalResult]:
+    results = [evaluate_answers(dlm, problems, data_args, **kwargs)]
+    if compare_parent and dlm.has_adapter:
+        results.append(evaluate_answers(dlm, problems, data_args, use_parent=True, **kwargs))
+    return results
+
+
+def format_report(results: list[EvalResult]) -> str:
+    lines = [f"{'model':32s} {'accuracy':>9s} {'correct':>9s} {'tokens/s':>9s} {'tokens/forward':>15s}"]
+    for r in results:
+        tpf = f"{r.new_tokens / r.nfe:.2f}" if r.nfe else "1.00 (AR)"
+        lines.append(f"{r.name:32s} {r.accuracy:9.1%} {r.correct:4d}/{r.total:<4d} {r.tokens_per_second:9.1f} {tpf:>15s}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Model loading helpers: built-in offline aliases and checkpoint resolution."""

@@ -1,0 +1,1 @@
+"""Training: data loading/tokenization and the block-diffusion trainer."""

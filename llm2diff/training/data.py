@@ -1,0 +1,550 @@
+"""Load supervised data and tokenize it into prompt/response token ids.
+
+The block-diffusion trainer needs, per example, the token ids of the prompt (kept
+clean) and of the response (noised and denoised). This module turns a dataset in
+one of three common formats into exactly that:
+
+* ``prompt``/``completion``: strings, or TRL-style conversational lists of messages;
+* ``messages``: a chat, the last message is the assistant's response;
+* ``question``/``answer``: GSM8K style (also the built-in arithmetic task).
+
+Usage::
+
+    from llm2diff.training.data import DataArguments, load_train_eval
+    args = DataArguments(dataset_name="data/gsm8k/train.jsonl", eval_fraction=0.05)
+    train, evaluation = load_train_eval(args, tokenizer)
+    train[0]["prompt_ids"], train[0]["response_ids"]   # lists of ints; response ends with eos
+
+``dataset_name`` is a Hugging Face Hub name, a local ``.jsonl``/``.json``/``.parquet``/
+``.csv`` file or a directory of such files, or ``"builtin:arithmetic"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+#: Local file extension -> `datasets` packaged builder.
+LOCAL_FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+ACCEPTED_LOCAL = "a .jsonl/.json/.parquet/.csv file or a directory of such files"
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_TASKS: tuple[str, ...] = ("arithmetic",)
+#: Column sets that identify the example format, checked in this order.
+FORMATS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "question_answer": ("question", "answer"),
+}
+#: Split names recognised in local file names (see ``local_split_files``).
+KNOWN_SPLIT_NAMES: tuple[str, ...] = ("train", "test", "validation", "valid", "val", "dev", "eval")
+
+
+@dataclass
+class DataArguments:
+    """Where the training data comes from and how it is rendered into tokens (YAML recipe keys)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset to train on: a Hugging Face Hub name (e.g. 'openai/gsm8k'), a local "
+            ".jsonl/.json/.parquet/.csv file or a directory of such files, or 'builtin:arithmetic' "
+            "for the built-in arithmetic word-problem task (no download). Examples must have "
+            "columns prompt/completion, messages, or question/answer."
+        },
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Hub dataset configuration name (e.g. 'main' for openai/gsm8k)."}
+    )
+    train_split: str = field(
+        default="train",
+        metadata={
+            "help": "Split to train on. A local single file only has the split 'train'; in a local "
+            "directory, a split selects the files whose path contains the split name as a word "
+            "(e.g. 'test' -> test.jsonl, data/test-00000.parquet)."
+        },
+    )
+    eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split to evaluate on (same rules as train_split), or a path to a local file of "
+            "eval examples. Leave unset to use eval_fraction instead (or no eval set)."
+        },
+    )
+    eval_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "When eval_split is unset: hold out this fraction (0 <= f < 1) of the train split "
+            "as the eval set, shuffled with builtin_seed. 0 means no eval set."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training examples (after the eval hold-out)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N eval examples."}
+    )
+    use_chat_template: bool = field(
+        default=True,
+        metadata={
+            "help": "Render prompts with the tokenizer's chat template (question/string prompt becomes "
+            "the user turn). Required for messages/conversational data. Set false for base models "
+            "without a template: prompts then use prompt_template (question/answer) or the raw "
+            "prompt string (prompt/completion)."
+        },
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "Optional system message. Chat path: prepended as a system turn unless the example "
+            "already starts with one. Plain path: prepended to the prompt text followed by a newline."
+        },
+    )
+    prompt_template: str = field(
+        default="Question: {question}\nAnswer: ",
+        metadata={
+            "help": "Prompt for question/answer data when use_chat_template is false. Python format "
+            "string; {question} and any other string column of the example may be used."
+        },
+    )
+    builtin_num_train: int = field(
+        default=2000, metadata={"help": "builtin:arithmetic: number of training problems to generate."}
+    )
+    builtin_num_eval: int = field(
+        default=200, metadata={"help": "builtin:arithmetic: number of eval problems (split 'test'); 0 = none."}
+    )
+    builtin_min_steps: int = field(
+        default=1, metadata={"help": "builtin:arithmetic: fewest arithmetic steps per problem (>= 1)."}
+    )
+    builtin_max_steps: int = field(
+        default=2, metadata={"help": "builtin:arithmetic: most arithmetic steps per problem."}
+    )
+    builtin_max_operand: int = field(
+        default=20, metadata={"help": "builtin:arithmetic: start values and operands are drawn from 1..N."}
+    )
+    builtin_operations: str = field(
+        default="+-", metadata={"help": "builtin:arithmetic: operations to use, any of '+', '-', '*' (e.g. '+-*')."}
+    )
+    builtin_seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed for the built-in task's problem generator and for the eval_fraction hold-out "
+            "shuffle (separate from the trainer's `seed`)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        if self.eval_split is not None and self.eval_fraction > 0:
+            raise ValueError(
+                f"Both eval_split ({self.eval_split!r}) and eval_fraction ({self.eval_fraction}) are set; "
+                "set only one of them (eval_fraction holds out part of the train split)."
+            )
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer or unset, got {value}.")
+        if self.builtin_num_train < 1 or self.builtin_num_eval < 0:
+            raise ValueError(
+                f"builtin_num_train must be >= 1 and builtin_num_eval >= 0, got "
+                f"{self.builtin_num_train} and {self.builtin_num_eval}."
+            )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def is_builtin_dataset(name: str | None) -> bool:
+    """Whether ``name`` selects a built-in task (``"builtin:<task>"``)."""
+    return bool(name) and name.strip().lower().startswith(BUILTIN_PREFIX)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a Hub name.
+
+    True if it exists, ends with a known data extension, starts with ``/``, ``.``
+    or ``~``, contains a backslash / OS separator other than ``/``, or has more
+    than one ``/`` (Hub names are ``name`` or ``owner/name``).
+    """
+    if Path(name).expanduser().exists():
+        return True
+    if name.lower().endswith(tuple(LOCAL_FORMATS)):
+        return True
+    if name.startswith(("/", ".", "~")) or "\\" in name or (os.sep != "/" and os.sep in name):
+        return True
+    return name.count("/") > 1
+
+
+def _split_pattern(split: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![a-z0-9]){re.escape(split.lower())}(?![a-z0-9])")
+
+
+def local_split_files(directory: Path, split: str) -> list[Path]:
+    """Data files of ``split`` in ``directory`` (searched recursively, hidden entries skipped).
+
+    Rule: a file belongs to ``split`` if its path relative to ``directory`` contains the
+    split name as a word (``test.jsonl``, ``gsm8k_test.jsonl``, ``test/0.parquet``,
+    ``data/test-00000-of-00001.parquet``). If no file matches and ``split`` is
+    ``"train"``, all files are used, provided none of them is named after another
+    split (a directory of unsplit files is all training data).
+    """
+    files = sorted(
+        p for p in directory.rglob("*")
+        if p.is_file() and p.suffix.lower() in LOCAL_FORMATS
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"Directory {directory} contains no data files; expected {ACCEPTED_LOCAL}."
+        )
+    rel = {p: p.relative_to(directory).as_posix().lower() for p in files}
+    matched = [p for p in files if _split_pattern(split).search(rel[p])]
+    if matched:
+        return matched
+    others = [s for s in KNOWN_SPLIT_NAMES if s != split.lower()]
+    named = [p for p in files if any(_split_pattern(s).search(rel[p]) for s in others)]
+    if split.lower() == "train" and not named:
+        return files
+    raise FileNotFoundError(
+        f"No file for split {split!r} in {directory}: a split's files must contain the split name "
+        f"as a word in their path (e.g. {split}.jsonl). Found: {[rel[p] for p in files]}."
+    )
+
+
+def _builder_for(files: list[Path]) -> str:
+    builders = {LOCAL_FORMATS[p.suffix.lower()] for p in files}
+    if len(builders) != 1:
+        raise ValueError(
+            f"Files {[str(p) for p in files]} mix formats {sorted(builders)}; keep one format per split."
+        )
+    return builders.pop()
+
+
+def load_local_dataset(path: str | os.PathLike[str], split: str = "train") -> "datasets.Dataset":
+    """Load a local file (its only split is ``"train"``) or a split of a local directory."""
+    from datasets import load_dataset
+
+    location = Path(path).expanduser()
+    if not location.exists():
+        raise FileNotFoundError(
+            f"Local dataset path {str(path)!r} does not exist (resolved to {location.resolve()}). "
+            f"Expected {ACCEPTED_LOCAL}, a Hub dataset name, or 'builtin:arithmetic'."
+        )
+    if location.is_dir():
+        files = local_split_files(location, split)
+    else:
+        if location.suffix.lower() not in LOCAL_FORMATS:
+            raise ValueError(
+                f"Unsupported data file {str(location)!r}: expected {ACCEPTED_LOCAL}."
+            )
+        if split != "train":
+            raise ValueError(
+                f"{str(location)!r} is a single file, whose only split is 'train', but split {split!r} "
+                "was requested. Use eval_fraction to hold out eval data, set eval_split to the path "
+                "of an eval file, or point dataset_name at a directory with one file per split."
+            )
+        files = [location]
+    builder = _builder_for(files)
+    return load_dataset(builder, data_files=[str(p) for p in files], split="train")
+
+
+def load_builtin_dataset(args: DataArguments, split: str) -> "datasets.Dataset":
+    """Generate the built-in task's ``split`` (``builtin_num_train`` rows for train, else ``builtin_num_eval``)."""
+    task_name = args.dataset_name.strip().lower()[len(BUILTIN_PREFIX):]  # type: ignore[union-attr]
+    if task_name not in BUILTIN_TASKS:
+        raise ValueError(
+            f"Unknown built-in dataset {args.dataset_name!r}; available: "
+            f"{[BUILTIN_PREFIX + t for t in BUILTIN_TASKS]}."
+        )
+    from llm2diff.tasks.arithmetic import ArithmeticTask
+
+    operations = tuple(ch for ch in args.builtin_operations if not ch.isspace() and ch != ",")
+    task = ArithmeticTask(
+        min_steps=args.builtin_min_steps,
+        max_steps=args.builtin_max_steps,
+        max_operand=args.builtin_max_operand,
+        operations=operations,
+        seed=args.builtin_seed,
+    )
+    n = args.builtin_num_train if split == "train" else args.builtin_num_eval
+    return task.to_dataset(n, split=split)
+
+
+def load_raw_dataset(args: DataArguments, split: str) -> "datasets.Dataset":
+    """Load ``split`` of ``args.dataset_name`` as a ``datasets.Dataset`` (no tokenization).
+
+    Local paths never touch the network: an existing path, or a string that looks like
+    a path (see ``looks_like_local_path``) but does not exist, raises ``FileNotFoundError``.
+    """
+    name = args.dataset_name
+    if not name:
+        raise ValueError(
+            "dataset_name is not set: give a Hub dataset name, a local "
+            f"{ACCEPTED_LOCAL}, or 'builtin:arithmetic'."
+        )
+    if is_builtin_dataset(name):
+        return load_builtin_dataset(args, split)
+    if looks_like_local_path(name):
+        if args.dataset_config:
+            logger.warning("dataset_config=%r is ignored for the local dataset %s", args.dataset_config, name)
+        return load_local_dataset(name, split)
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(name, args.dataset_config, split=split)
+    except Exception as error:  # add a hint but keep the original exception type
+        error.add_note(
+            f"llm2diff: {name!r} was treated as a Hugging Face Hub dataset name because no local path "
+            f"{str(Path(name).resolve())!r} exists. For local data give {ACCEPTED_LOCAL}."
+        )
+        raise
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def detect_format(columns: list[str] | tuple[str, ...] | Any) -> str:
+    """Example format from column names: ``messages``, ``prompt_completion`` or ``question_answer``."""
+    present = set(columns)
+    for fmt, required in FORMATS.items():
+        if set(required) <= present:
+            return fmt
+    accepted = " | ".join("/".join(cols) for cols in FORMATS.values())
+    raise ValueError(
+        f"Cannot tell the example format from columns {sorted(present)}; accepted column sets: "
+        f"{accepted}. Rename your columns (e.g. with Dataset.rename_column) to one of these."
+    )
+
+
+def has_chat_template(tokenizer: "PreTrainedTokenizerBase") -> bool:
+    """Whether the tokenizer carries a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _require_template(tokenizer: "PreTrainedTokenizerBase", what: str) -> None:
+    if not has_chat_template(tokenizer):
+        raise ValueError(
+            f"use_chat_template is true and the data is {what}, but the tokenizer has no chat template "
+            "(tokenizer.chat_template is None). Set `use_chat_template: false` to use plain prompts "
+            "(prompt_template / raw prompt strings), or use a tokenizer that has a chat template "
+            "(e.g. an instruct model's)."
+        )
+
+
+def _eos_id(tokenizer: "PreTrainedTokenizerBase") -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(
+            "The tokenizer has no eos token, needed to end every response; set tokenizer.eos_token "
+            "(e.g. to the end-of-turn token of its chat template)."
+        )
+    return int(eos)
+
+
+def _text(value: Any, column: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"Column {column!r} must hold text, got {type(value).__name__}: {value!r:.80}.")
+
+
+def _check_messages(messages: Any, column: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"Column {column!r} must be a non-empty list of {{role, content}} messages, got {messages!r:.80}.")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"{column}[{i}] must be a dict with 'role' and 'content', got {message!r:.80}.")
+        checked.append({"role": message["role"], "content": _text(message["content"], f"{column}[{i}].content")})
+    return checked
+
+
+def _split_conversation(example: dict[str, Any], fmt: str) -> tuple[list[dict[str, str]], str] | None:
+    """``(prompt_messages, response_text)`` for conversational examples, else ``None``."""
+    if fmt == "messages":
+        messages = _check_messages(example["messages"], "messages")
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(
+                f"The last message must be the assistant's response, but its role is "
+                f"{messages[-1]['role']!r} (roles: {[m['role'] for m in messages]})."
+            )
+        if len(messages) < 2:
+            raise ValueError("A 'messages' example needs at least one message before the assistant's response.")
+        return messages[:-1], messages[-1]["content"]
+    if fmt == "prompt_completion" and isinstance(example["prompt"], list):
+        prompt = _check_messages(example["prompt"], "prompt")
+        completion = example["completion"]
+        if isinstance(completion, list):
+            completion_messages = _check_messages(completion, "completion")
+            if len(completion_messages) != 1 or completion_messages[0]["role"] != "assistant":
+                raise ValueError(
+                    "A conversational 'completion' must be exactly one assistant message, got roles "
+                    f"{[m['role'] for m in completion_messages]}."
+                )
+            return prompt, completion_messages[0]["content"]
+        return prompt, _text(completion, "completion")
+    return None
+
+
+def _with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def _plain_prompt_ids(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
+    """Tokens of ``text``, with the bos token prepended only if the tokenizer normally adds it."""
+    plain = list(tokenizer(text, add_special_tokens=False).input_ids)
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return plain
+    with_special = tokenizer(text, add_special_tokens=True).input_ids
+    if with_special and with_special[0] == bos and (not plain or plain[0] != bos):
+        return [bos, *plain]
+    return plain
+
+
+def render_example(
+    example: dict[str, Any], tokenizer: "PreTrainedTokenizerBase", args: DataArguments
+) -> tuple[list[int], list[int]]:
+    """Render one example into ``(prompt_ids, response_ids)``; ``response_ids`` ends with eos.
+
+    Chat path (``messages``/conversational data, or any data with ``use_chat_template``):
+    the prompt is the chat template applied to the prompt messages with the generation
+    prompt; the response is the plain tokens of the response text plus eos (what the
+    template renders for the assistant turn when its end-of-turn token is eos, as in
+    ChatML). Plain path (``use_chat_template: false``): the prompt is ``prompt_template``
+    (question/answer) or the raw prompt string, with bos if the tokenizer adds one.
+    Never truncates; ``tokenize_dataset`` drops over-long examples.
+    """
+    fmt = detect_format(example.keys())
+    eos = _eos_id(tokenizer)
+    conversation = _split_conversation(example, fmt)
+    if conversation is not None:
+        if not args.use_chat_template:
+            raise ValueError(
+                "use_chat_template is false but the data is conversational ('messages' column or a "
+                "list-of-messages prompt), which is always rendered with the chat template. Set "
+                "`use_chat_template: true`, or convert the data to prompt/completion strings."
+            )
+        _require_template(tokenizer, "conversational")
+        prompt_messages, response = conversation
+    elif args.use_chat_template:
+        _require_template(tokenizer, f"in {fmt.replace('_', '/')} format")
+        if fmt == "question_answer":
+            user, response = _text(example["question"], "question"), _text(example["answer"], "answer")
+        else:
+            user, response = _text(example["prompt"], "prompt"), _text(example["completion"], "completion")
+        prompt_messages = [{"role": "user", "content": user}]
+    else:
+        if fmt == "question_answer":
+            fields = {k: v for k, v in example.items() if isinstance(v, str)}
+            fields["question"] = _text(example["question"], "question")
+            try:
+                prompt_text = args.prompt_template.format_map(fields)
+            except (KeyError, IndexError, ValueError) as error:
+                raise ValueError(
+                    f"prompt_template {args.prompt_template!r} cannot be filled ({error!r}); it may use "
+                    f"{{question}} and the example's text columns {sorted(fields)}."
+                ) from error
+            response = _text(example["answer"], "answer")
+        else:
+            prompt_text = _text(example["prompt"], "prompt")
+            response = _text(example["completion"], "completion")
+        if args.system_prompt is not None:
+            prompt_text = f"{args.system_prompt}\n{prompt_text}"
+        response_ids = list(tokenizer(response, add_special_tokens=False).input_ids) + [eos]
+        return _plain_prompt_ids(tokenizer, prompt_text), response_ids
+
+    prompt_text = tokenizer.apply_chat_template(
+        _with_system(prompt_messages, args.system_prompt), add_generation_prompt=True, tokenize=False
+    )
+    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False).input_ids)
+    response_ids = list(tokenizer(response, add_special_tokens=False).input_ids) + [eos]
+    return prompt_ids, response_ids
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def tokenize_dataset(
+    ds: "datasets.Dataset", tokenizer: "PreTrainedTokenizerBase", args: DataArguments, max_length: int = 1024
+) -> "datasets.Dataset":
+    """Map ``ds`` to columns ``prompt_ids``/``response_ids``, dropping examples over ``max_length``.
+
+    Raises ``ValueError`` for an unrecognised format, for an example that cannot be
+    rendered (naming its index), for an empty dataset, and if every example is too long.
+    """
+    fmt = detect_format(ds.column_names)
+    if len(ds) == 0:
+        raise ValueError(f"The dataset has no rows (columns {ds.column_names}); nothing to tokenize.")
+
+    def render(example: dict[str, Any], index: int) -> dict[str, Any]:
+        try:
+            prompt_ids, response_ids = render_example(example, tokenizer, args)
+        except ValueError as error:
+            raise ValueError(f"Example {index} ({fmt} format): {error}") from error
+        return {"prompt_ids": prompt_ids, "response_ids": response_ids, "_length": len(prompt_ids) + len(response_ids)}
+
+    tokenized = ds.map(render, with_indices=True, remove_columns=ds.column_names, desc="Tokenizing")
+    lengths = tokenized["_length"]
+    keep = [i for i, n in enumerate(lengths) if n <= max_length]
+    if not keep:
+        raise ValueError(
+            f"All {len(lengths)} examples are longer than max_length={max_length} tokens "
+            f"(prompt + response incl. eos); the shortest has {min(lengths)} tokens. Increase max_length."
+        )
+    dropped = len(lengths) - len(keep)
+    if dropped:
+        logger.warning(
+            "Dropped %d of %d examples longer than max_length=%d tokens (longest: %d).",
+            dropped, len(lengths), max_length, max(lengths),
+        )
+        tokenized = tokenized.select(keep)
+    return tokenized.remove_columns("_length")
+
+
+def _cap(ds: "datasets.Dataset", limit: int | None) -> "datasets.Dataset":
+    return ds if limit is None or len(ds) <= limit else ds.select(range(limit))
+
+
+def load_train_eval(
+    args: DataArguments, tokenizer: "PreTrainedTokenizerBase", max_length: int = 1024
+) -> tuple["datasets.Dataset", "datasets.Dataset | None"]:
+    """Load, split and tokenize the train and (optional) eval sets.
+
+    Eval comes from ``eval_split`` (a split name or a local file path), else from an
+    ``eval_fraction`` hold-out of the train split (shuffled with ``builtin_seed``), else
+    for ``builtin:arithmetic`` from its ``"test"`` split (``builtin_num_eval`` problems),
+    else there is none. ``max_train_samples``/``max_eval_samples`` then keep the first N.
+    """
+    train = load_raw_dataset(args, args.train_split)
+    evaluation: "datasets.Dataset | None" = None
+    if args.eval_split is not None:
+        if args.eval_split not in KNOWN_SPLIT_NAMES and looks_like_local_path(args.eval_split):
+            evaluation = load_local_dataset(args.eval_split, "train")
+        else:
+            evaluation = load_raw_dataset(args, args.eval_split)
+    elif args.eval_fraction > 0:
+        if len(train) < 2:
+            raise ValueError(f"eval_fraction={args.eval_fraction} needs at least 2 train rows, got {len(train)}.")
+        parts = train.train_test_split(test_size=args.eval_fraction, seed=args.builtin_seed, shuffle=True)
+        train, evaluation = parts["train"], parts["test"]
+    elif is_builtin_dataset(args.dataset_name) and args.builtin_num_eval > 0:
+        evaluation = load_raw_dataset(args, "test")
+    train = tokenize_dataset(_cap(train, args.max_train_samples), tokenizer, args, max_length)
+    if evaluation is not None:
+        evaluation = tokenize_dataset(_cap(evaluation, args.max_eval_samples), tokenizer, args, max_length)
+    logger.info("Data: %d train examples, %s eval examples", len(train), "no" if evaluation is None else len(evaluation))
+    return train, evaluation

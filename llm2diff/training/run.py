@@ -1,0 +1,124 @@
+"""The `train` command: load a stock model, adapt it, fine-tune it with the diffusion trainer, save, grade.
+
+    llm2diff train --config recipes/quickstart.yaml
+    accelerate launch -m llm2diff train --config recipes/quickstart.yaml
+
+Writes into `output_dir`: the adapter (or full model), tokenizer and `diffusion_config.json` (which records the
+recipe, seed and library versions), trainer checkpoints (`checkpoint-N`, resumable with
+`--resume_from_checkpoint true`), and `final_eval.json` when `final_eval_samples > 0`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llm2diff.recipe import FinalEvalArguments, ModelArguments, RecipeError
+
+logger = logging.getLogger("llm2diff")
+
+DTYPES = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def check_model_path(name: str | None) -> str:
+    """Resolve built-in aliases; fail clearly for a local path that does not exist."""
+    from llm2diff.models.builtin import BUILTIN_MODELS, is_builtin, resolve_model_path
+
+    if not name:
+        raise RecipeError("model_name_or_path is required (a hub id, a local directory, or a built-in alias: "
+                          f"{', '.join(BUILTIN_MODELS)})")
+    if is_builtin(name):
+        return resolve_model_path(name)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"model path {name!r} does not exist. Give a local model directory, a hub id such as "
+            f"Qwen/Qwen2.5-0.5B-Instruct, or a built-in alias ({', '.join(BUILTIN_MODELS)})"
+        )
+    return os.path.expanduser(name)
+
+
+def load_base_model(model_args: ModelArguments, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = check_model_path(model_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    return model, tokenizer
+
+
+def provenance(recipe: dict[str, Any], seed: int) -> dict[str, Any]:
+    return {"recipe": recipe, "seed": seed, "command": " ".join(sys.argv),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def run_train(model_args: ModelArguments, data_args, train_args, eval_args: FinalEvalArguments,
+              recipe: dict[str, Any]) -> dict[str, Any]:
+    """Run one training job from parsed recipe dataclasses. Returns a summary (paths, metrics, final eval)."""
+    from transformers import set_seed
+
+    from llm2diff.modeling.diffusion_lm import adapt
+    from llm2diff.training.data import load_train_eval
+    from llm2diff.training.trainer import DiffusionSFTTrainer
+
+    set_seed(train_args.seed)
+    model, tokenizer = load_base_model(model_args, train_args.trust_remote_code)
+    dlm = adapt(
+        model, tokenizer, block_size=train_args.block_size, lora=model_args.lora_config(),
+        mask_token=train_args.mask_token, shift=train_args.shift, noise_schedule=train_args.noise_schedule,
+        t_min=train_args.t_min, t_max=train_args.t_max, loss_weighting=train_args.loss_weighting,
+        base_model_name_or_path=model_args.model_name_or_path,
+    )
+    dlm.config.training = provenance(recipe, train_args.seed)
+    logger.info("adapted: %s", dlm)
+    train_ds, eval_ds = load_train_eval(data_args, tokenizer, max_length=train_args.max_length)
+    if eval_ds is None and train_args.eval_strategy != "no":
+        raise RecipeError(f"eval_strategy={train_args.eval_strategy!r} needs held-out data: set eval_split or "
+                          "eval_fraction (the built-in task has its own test split)")
+    trainer = DiffusionSFTTrainer(
+        model=dlm.model, args=train_args, diffusion_config=dlm.config, processing_class=tokenizer,
+        train_dataset=train_ds, eval_dataset=eval_ds if train_args.eval_strategy != "no" else None,
+    )
+    resume = train_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        resume = resume.lower() == "true"
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_model(train_args.output_dir)
+    summary: dict[str, Any] = {"output_dir": train_args.output_dir, "train": result.metrics}
+    if eval_args.final_eval_samples > 0 and trainer.accelerator.is_main_process:
+        summary["final_eval"] = final_eval(dlm, data_args, eval_args, train_args.output_dir)
+    return summary
+
+
+def final_eval(dlm, data_args, eval_args: FinalEvalArguments, output_dir: str) -> list[dict]:
+    """Grade held-out problems with the diffusion model and its untuned AR parent; write final_eval.json."""
+    from llm2diff.atomic import write_json_atomic
+    from llm2diff.evaluation.exact_match import compare_with_parent, format_report
+    from llm2diff.training.data import is_builtin_dataset, load_raw_dataset
+
+    if is_builtin_dataset(data_args.dataset_name):
+        problems = list(load_raw_dataset(data_args, "test"))
+    elif data_args.eval_split:
+        problems = list(load_raw_dataset(data_args, data_args.eval_split))
+    else:
+        raise RecipeError("final_eval_samples > 0 needs question/answer problems: use the built-in task or set "
+                          "eval_split")
+    if not problems or "question" not in problems[0] or "answer" not in problems[0]:
+        raise RecipeError("final evaluation needs rows with 'question' and 'answer' (GSM8K format)")
+    problems = problems[: eval_args.final_eval_samples]
+    results = compare_with_parent(
+        dlm, problems, data_args, compare_parent=eval_args.final_eval_compare_parent,
+        max_new_tokens=eval_args.final_eval_max_new_tokens, batch_size=eval_args.final_eval_batch_size,
+        tokens_per_step=eval_args.final_eval_tokens_per_step, threshold=eval_args.final_eval_threshold,
+    )
+    print("\nFinal evaluation on %d held-out problems:\n%s\n" % (len(problems), format_report(results)), flush=True)
+    payload = {"results": [r.to_dict() for r in results], "diffusion_config": dlm.config.to_dict()}
+    write_json_atomic(Path(output_dir) / "final_eval.json", payload)
+    return payload["results"]

@@ -1,0 +1,84 @@
+"""Recipes: every shipped recipe parses and validates; misspelt keys name the nearest valid key; overrides work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llm2diff.recipe import RecipeError, parse_recipe, valid_keys, recipe_dataclasses
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+def test_there_are_recipes():
+    assert any(p.name == "quickstart.yaml" for p in RECIPES)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_recipe_parses_and_names_its_launch_command(path):
+    model_args, data_args, train_args, eval_args, recipe = parse_recipe(["--config", str(path)])
+    assert model_args.model_name_or_path
+    assert data_args.dataset_name
+    assert train_args.block_size >= 1
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(f"--config {path.relative_to(ROOT)}" in line for line in header), "header must carry the launch command"
+    assert set(recipe) <= set(valid_keys(recipe_dataclasses()))
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_misspelt_key_in_file_names_nearest(tmp_path):
+    path = _write(tmp_path, "model_name_or_path: x\nblok_size: 4\n")
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'blok_size' in .*r\.yaml; did you mean 'block_size'\?"):
+        parse_recipe(["--config", path])
+
+
+def test_misspelt_key_on_command_line_names_nearest(tmp_path):
+    path = _write(tmp_path, "model_name_or_path: x\n")
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'learnig_rate' in the command line; did you mean 'learning_rate'\?"):
+        parse_recipe(["--config", path, "--learnig_rate", "1e-4"])
+
+
+def test_command_line_overrides_file(tmp_path):
+    path = _write(tmp_path, "model_name_or_path: x\nlearning_rate: 0.001\nblock_size: 8\noutput_dir: out\n")
+    _, _, train_args, _, recipe = parse_recipe(["--config", path, "--learning_rate", "1e-4"])
+    assert train_args.learning_rate == pytest.approx(1e-4)
+    assert train_args.block_size == 8
+    assert recipe["learning_rate"] == pytest.approx(1e-4) and recipe["block_size"] == 8
+
+
+def test_yaml_scientific_notation_is_converted(tmp_path):
+    # PyYAML reads 1e-4 (no dot) as a string; the parser must still give a float
+    path = _write(tmp_path, "model_name_or_path: x\nlearning_rate: 1e-4\n")
+    _, _, train_args, _, _ = parse_recipe(["--config", path])
+    assert train_args.learning_rate == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("block_size: 0\n", "block_size must be a positive integer"),
+    ("block_size: 600\nmax_length: 512\n", "block_size=600 exceeds max_length=512"),
+    ("t_min: 0.5\nt_max: 0.2\n", "noise window"),
+    ("loss_weighting: sum\n", "loss_weighting must be 'elbo' or 'mean'"),
+    ("noise_schedule: cosine-ish\n", "unknown noise_schedule 'cosine-ish'"),
+    ("dtype: float8\n", "dtype must be"),
+])
+def test_impossible_settings_fail_clearly(tmp_path, text, message):
+    path = _write(tmp_path, "model_name_or_path: x\n" + text)
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(["--config", path])
+
+
+def test_missing_recipe_file():
+    with pytest.raises(RecipeError, match="recipe file nope.yaml not found"):
+        parse_recipe(["--config", "nope.yaml"])
+
+
+def test_recipe_must_be_a_mapping(tmp_path):
+    with pytest.raises(RecipeError, match="must be a YAML mapping"):
+        parse_recipe(["--config", _write(tmp_path, "- a\n- b\n")])

@@ -1,0 +1,111 @@
+"""End to end: `llm2diff train` on a tiny model learns, saves, reloads, resumes; bad input fails clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+
+from llm2diff import load
+from llm2diff.cli import main
+
+PROBLEMS = [
+    {"question": "tom has 3 apples . he buys 4 more . how many ?", "answer": "3 + 4 = 7\n#### 7"},
+    {"question": "ana has 9 pears . she eats 2 . how many ?", "answer": "9 - 2 = 7\n#### 7"},
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model_dir = root / "tiny-qwen2"
+    make_model("qwen2", layers=2).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS * 8))
+    return root
+
+
+def _recipe(workdir, name, **overrides):
+    fields = dict(
+        model_name_or_path=str(workdir / "tiny-qwen2"), dataset_name=str(workdir / "train.jsonl"), block_size=4,
+        output_dir=str(workdir / name), max_steps=60, per_device_train_batch_size=4, learning_rate=0.01,
+        lr_scheduler_type="constant", logging_steps=10, save_steps=1000, report_to="none", use_cpu=True,
+        gradient_checkpointing=False, use_lora=False, t_min=0.3, loss_weighting="mean", seed=0,
+    )
+    fields.update(overrides)
+    path = workdir / f"{name}.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items()))
+    return str(path)
+
+
+def _prompt_ids(tok, question):
+    text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+    return torch.tensor([tok(text, add_special_tokens=False).input_ids])
+
+
+def test_train_learns_saves_and_reloads(workdir):
+    assert main(["train", "--config", _recipe(workdir, "full")]) == 0
+    out = workdir / "full"
+    dlm = load(out)
+    config = json.loads((out / "diffusion_config.json").read_text())
+    assert config["block_size"] == 4 and config["mask_token"] == "<|mask|>"
+    assert config["training"]["seed"] == 0 and config["training"]["recipe"]["learning_rate"] == 0.01
+    assert "transformers" in config["versions"] and "torch" in config["versions"]
+    for problem in PROBLEMS:
+        ids = _prompt_ids(dlm.tokenizer, problem["question"])
+        expected = dlm.tokenizer(problem["answer"], add_special_tokens=False).input_ids + [dlm.tokenizer.eos_token_id]
+        new = dlm.generate(ids, max_new_tokens=12).sequences[0, ids.shape[1]:]
+        assert new[: len(expected)].tolist() == expected  # the memorised answer, then end-of-sequence
+        assert (new[len(expected):] == dlm.tokenizer.pad_token_id).all()
+
+
+def test_lora_run_saves_adapter_and_resumes(workdir):
+    recipe = _recipe(workdir, "lora", use_lora=True, lora_r=4, max_steps=4, save_steps=2)
+    assert main(["train", "--config", recipe]) == 0
+    out = workdir / "lora"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-4").is_dir()
+    assert not (out / "model.safetensors").exists()  # only the adapter, not the base weights
+    loaded = load(out)
+    assert loaded.has_adapter
+    assert main(["train", "--config", recipe, "--max_steps", "6", "--resume_from_checkpoint", "true"]) == 0
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"blok_size": 4}, "unknown recipe key 'blok_size'"),
+    ({"model_name_or_path": "./no/such/model"}, "model path './no/such/model' does not exist"),
+    ({"dataset_name": "./missing.jsonl"}, "missing.jsonl"),
+    ({"block_size": 64, "max_length": 32}, "block_size=64 exceeds max_length=32"),
+    ({"eval_strategy": "steps"}, "needs held-out data"),
+])
+def test_bad_input_fails_with_a_clear_message(workdir, capsys, overrides, message):
+    assert main(["train", "--config", _recipe(workdir, "bad", **overrides)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_dataset_without_needed_columns(workdir, capsys):
+    bad = workdir / "bad.jsonl"
+    bad.write_text('{"text": "hello"}\n')
+    assert main(["train", "--config", _recipe(workdir, "bad2", dataset_name=str(bad))]) == 2
+    err = capsys.readouterr().err
+    assert "text" in err and "question" in err
+
+
+def test_chat_data_needs_a_chat_template(workdir, capsys):
+    no_template = workdir / "no-template"
+    make_model("qwen2").save_pretrained(no_template)
+    tok = make_tokenizer()
+    tok.chat_template = None
+    tok.save_pretrained(no_template)
+    assert main(["train", "--config", _recipe(workdir, "bad3", model_name_or_path=str(no_template))]) == 2
+    assert "chat template" in capsys.readouterr().err
+
+
+def test_no_half_written_output_on_failure(workdir):
+    main(["train", "--config", _recipe(workdir, "bad4", dataset_name="./missing.jsonl")])
+    assert not (workdir / "bad4").exists()
