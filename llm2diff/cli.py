@@ -33,7 +33,8 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
-    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="render the prompt with the model's plain prompt_template instead of the chat template")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--ar-parent", action="store_true", help="also show the AR parent's greedy answer (adapter off)")
     p.add_argument("--seed", type=int, default=None)
@@ -45,21 +46,16 @@ def cmd_generate(argv: list[str]) -> int:
     args = _generate_parser().parse_args(argv)
     from llm2diff.evaluation.exact_match import left_pad
     from llm2diff.modeling.diffusion_lm import load
+    from llm2diff.training.data import DataArguments, render_example
 
     dlm = load(args.model, device=args.device)
     tok = dlm.tokenizer
-    prompts = []
-    for text in args.prompt:
-        if args.no_chat_template:
-            prompts.append(tok(text).input_ids)
-        else:
-            if tok.chat_template is None:
-                raise ValueError("this tokenizer has no chat template; pass --no-chat-template")
-            rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                               tokenize=False)
-            prompts.append(tok(rendered, add_special_tokens=False).input_ids)
-    ids, mask = left_pad(prompts, tok.pad_token_id)
     c = dlm.config
+    data_args = DataArguments(use_chat_template=c.use_chat_template and not args.no_chat_template,
+                              system_prompt=c.system_prompt, prompt_template=c.prompt_template)
+    # rendered exactly as the training prompts were (chat template, system prompt, template)
+    prompts = [render_example({"question": text, "answer": ""}, tok, data_args)[0] for text in args.prompt]
+    ids, mask = left_pad(prompts, tok.pad_token_id)
     out = dlm.generate(
         ids, mask, max_new_tokens=args.max_new_tokens,
         temperature=c.temperature if args.temperature is None else args.temperature, top_k=args.top_k,

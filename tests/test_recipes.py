@@ -82,3 +82,22 @@ def test_missing_recipe_file():
 def test_recipe_must_be_a_mapping(tmp_path):
     with pytest.raises(RecipeError, match="must be a YAML mapping"):
         parse_recipe(["--config", _write(tmp_path, "- a\n- b\n")])
+
+
+def test_every_llm2diff_recipe_key_is_documented():
+    from trl import SFTConfig
+
+    import dataclasses
+
+    docs = (ROOT / "docs" / "recipes.md").read_text()
+    trl_fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    own = [k for k in valid_keys(recipe_dataclasses()) if k not in trl_fields]
+    missing = [k for k in own if f"`{k}`" not in docs]
+    assert not missing, f"document these recipe keys in docs/recipes.md: {missing}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = 'pip install -e ".[dev]" && python -m pytest'
+    assert command in readme and command in ci

