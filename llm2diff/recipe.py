@@ -67,7 +67,8 @@ class FinalEvalArguments:
     final_eval_max_new_tokens: int = field(default=96, metadata={"help": "Token budget per answer."})
     final_eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
     final_eval_tokens_per_step: int = field(default=1, metadata={"help": "Sampler: tokens committed per step."})
-    final_eval_threshold: float | None = field(default=None, metadata={"help": "Sampler: confidence threshold."})
+    final_eval_threshold: float | None = field(default=None, metadata={
+        "help": "If set, grade the diffusion model a second time committing every token above this confidence."})
     final_eval_compare_parent: bool = field(default=True, metadata={
         "help": "Also grade the untuned AR parent (adapter off, greedy generate) on the same problems."})
 

@@ -42,6 +42,7 @@ def test_rows_stop_independently_and_pad_after_eos(dlm):
     assert new[0, :6].tolist() == free[0, :6].tolist()
     assert (new[0, 6:] == pad).all()  # tokens committed after eos in the same block, and later blocks, are pad
     assert out.num_new_tokens[0] == 6
+    assert out.nfe_per_row[0] < out.nfe  # row 0 stopped counting forward passes when it finished
     first = (free[1] == eos_id).nonzero()
     stop = int(first[0]) + 1 if len(first) else 12
     assert new[1, :stop].tolist() == free[1, :stop].tolist()
@@ -64,6 +65,7 @@ def test_threshold_zero_commits_whole_block_per_step(dlm):
     out = dlm.generate(PROMPTS, MASK, max_new_tokens=8, threshold=0.0)
     assert out.tokens_per_step == [8, 8]  # 2 rows x 4 tokens, one step per block
     assert out.nfe == 1 + 1 + 1 + 1  # prefill, block 1, commit, block 2 (no commit after the last block)
+    assert out.nfe_per_row.tolist() == [4, 4]
 
 
 def test_tokens_per_step_exact_without_threshold(dlm):

@@ -115,3 +115,19 @@ def test_chat_data_needs_a_chat_template(workdir, capsys):
 def test_no_half_written_output_on_failure(workdir):
     main(["train", "--config", _recipe(workdir, "bad4", dataset_name="./missing.jsonl")])
     assert not (workdir / "bad4").exists()
+
+
+def test_same_recipe_runs_under_accelerate_launch(workdir):
+    import os
+    import subprocess
+    import sys
+
+    recipe = _recipe(workdir, "accel", max_steps=2, save_steps=1000)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llm2diff", "train", "--config", recipe]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((workdir / "accel" / "diffusion_config.json").read_text())
+    assert config["training"]["recipe"]["max_steps"] == 2
+    assert load(workdir / "accel").config.block_size == 4

@@ -27,7 +27,13 @@ class EvalResult:
     new_tokens: int
     seconds: float
     nfe: int | None = None
+    row_forwards: int = 0  # forward passes summed over rows, counted while the row was still generating
     samples: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """New tokens per forward pass, per sequence (1.0 for AR decoding)."""
+        return self.new_tokens / self.row_forwards if self.row_forwards else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -37,7 +43,7 @@ class EvalResult:
         return {"name": self.name, "accuracy": self.accuracy, "correct": self.correct, "total": self.total,
                 "new_tokens": self.new_tokens, "seconds": round(self.seconds, 2),
                 "tokens_per_second": round(self.tokens_per_second, 2), "nfe": self.nfe,
-                "tokens_per_forward": round(self.new_tokens / self.nfe, 3) if self.nfe else None,
+                "tokens_per_forward": round(self.tokens_per_forward, 3),
                 "samples": self.samples[:5]}
 
 
@@ -72,8 +78,9 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
     from llm2diff.training.data import render_example
 
     tok = dlm.tokenizer
-    name = "AR parent (greedy generate)" if use_parent else f"diffusion (block {dlm.config.block_size})"
-    correct, new_tokens, nfe, samples = 0, 0, 0, []
+    rule = f"threshold {threshold}" if threshold is not None else f"{tokens_per_step}/step"
+    name = "AR parent (greedy generate)" if use_parent else f"diffusion (block {dlm.config.block_size}, {rule})"
+    correct, new_tokens, nfe, row_forwards, samples = 0, 0, 0, 0, []
     start = time.perf_counter()
     for lo in tqdm(range(0, len(problems), batch_size), desc=f"eval {name}", leave=False):
         batch = problems[lo : lo + batch_size]
@@ -81,32 +88,43 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
         ids, mask = left_pad(prompts, tok.pad_token_id)
         if use_parent:
             sequences = dlm.ar_generate(ids, mask, max_new_tokens=max_new_tokens)
+            forwards = sequences.shape[1] - ids.shape[1]  # one pass per generated position
+            row_forwards_batch = None
         else:
             out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, tokens_per_step=tokens_per_step,
                                threshold=threshold)
-            sequences, nfe = out.sequences, nfe + out.nfe
+            sequences, forwards, row_forwards_batch = out.sequences, out.nfe, int(out.nfe_per_row.sum())
+        nfe += forwards
         for problem, tokens in zip(batch, _new_tokens(sequences.cpu(), ids.shape[1], tok.pad_token_id, dlm.eos_token_ids)):
             text = tok.decode(tokens, skip_special_tokens=True)
             ok = grade(text, problem["answer"])
             correct += ok
             new_tokens += len(tokens)
+            if row_forwards_batch is None:  # AR: prefill + one pass per further token of this row
+                row_forwards += len(tokens)
             if len(samples) < 5:
                 samples.append({"question": problem["question"], "output": text, "correct": bool(ok)})
+        if row_forwards_batch is not None:
+            row_forwards += row_forwards_batch
     seconds = time.perf_counter() - start
-    return EvalResult(name, correct / max(len(problems), 1), correct, len(problems), new_tokens, seconds,
-                      None if use_parent else nfe, samples)
+    return EvalResult(name, correct / max(len(problems), 1), correct, len(problems), new_tokens, seconds, nfe,
+                      row_forwards, samples)
 
 
-def compare_with_parent(dlm, problems: list[dict], data_args, compare_parent: bool = True, **kwargs) -> list[EvalResult]:
+def compare_with_parent(dlm, problems: list[dict], data_args, compare_parent: bool = True,
+                        threshold: float | None = None, **kwargs) -> list[EvalResult]:
+    """The diffusion model with `tokens_per_step` per step, again with `threshold` if given, then the AR parent."""
     results = [evaluate_answers(dlm, problems, data_args, **kwargs)]
+    if threshold is not None:
+        results.append(evaluate_answers(dlm, problems, data_args, threshold=threshold, **kwargs))
     if compare_parent and dlm.has_adapter:
         results.append(evaluate_answers(dlm, problems, data_args, use_parent=True, **kwargs))
     return results
 
 
 def format_report(results: list[EvalResult]) -> str:
-    lines = [f"{'model':32s} {'accuracy':>9s} {'correct':>9s} {'tokens/s':>9s} {'tokens/forward':>15s}"]
+    lines = [f"{'model':40s} {'accuracy':>9s} {'correct':>9s} {'tokens/s':>9s} {'tokens/forward':>15s}"]
     for r in results:
-        tpf = f"{r.new_tokens / r.nfe:.2f}" if r.nfe else "1.00 (AR)"
-        lines.append(f"{r.name:32s} {r.accuracy:9.1%} {r.correct:4d}/{r.total:<4d} {r.tokens_per_second:9.1f} {tpf:>15s}")
+        lines.append(f"{r.name:40s} {r.accuracy:9.1%} {r.correct:4d}/{r.total:<4d} {r.tokens_per_second:9.1f} "
+                     f"{r.tokens_per_forward:15.2f}")
     return "\n".join(lines)

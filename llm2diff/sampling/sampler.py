@@ -32,12 +32,15 @@ class GenerateOutput:
     nfe: forward passes of the model for the whole batch (prefill and commit passes included).
     tokens_per_step: tokens committed (summed over rows still running) at each denoising step.
     num_new_tokens: `(batch,)` tokens generated per row, end-of-sequence included, padding excluded.
+    nfe_per_row: `(batch,)` forward passes made while each row was still generating (a finished row rides along
+        in the batch without counting), so `num_new_tokens / nfe_per_row` is the row's tokens per forward.
     """
 
     sequences: torch.Tensor
     nfe: int
     tokens_per_step: list[int] = field(default_factory=list)
     num_new_tokens: torch.Tensor | None = None
+    nfe_per_row: torch.Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -85,6 +88,8 @@ class BlockContext:
         self.prompt_lens = attention_mask.long().sum(-1)
         self.dtype = model.get_input_embeddings().weight.dtype
         self.nfe = 0
+        self.active = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        self.nfe_per_row = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         self.num_blocks = 0
         self.generated = input_ids[:, :0]
         self.key_valid = attention_mask.bool()
@@ -99,6 +104,7 @@ class BlockContext:
 
     def _forward(self, input_ids, attention_mask, position_ids, cache=None) -> torch.Tensor:
         self.nfe += 1
+        self.nfe_per_row += self.active.long()
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           past_key_values=cache, use_cache=cache is not None).logits
 
@@ -188,11 +194,12 @@ class BlockSampler:
             num_new += (~finished).long() * length
             produced += length
             finished = self._apply_stops(new_tokens, produced, finished, num_new)
+            ctx.active = ~finished
             more = produced < s.max_new_tokens and not bool(finished.all())
             ctx.commit(canvas, run_model=more)
 
         sequences = torch.cat([input_ids, new_tokens[:, :produced]], dim=1)
-        return GenerateOutput(sequences, ctx.nfe, self.step_counts, num_new)
+        return GenerateOutput(sequences, ctx.nfe, self.step_counts, num_new, ctx.nfe_per_row)
 
     def _denoise_block(self, ctx: BlockContext, length: int, finished: torch.Tensor) -> torch.Tensor:
         """Denoise one block from all-mask to clean. Returns the `(batch, B)` canvas (positions >= length stay masked)."""
