@@ -440,3 +440,28 @@ def test_tokenize_dataset_in_memory(tok) -> None:
     assert tokenized_rows(out) == [render_example(row, tok, DataArguments()) for row in QA_ROWS]
     with pytest.raises(ValueError, match="no rows"):
         tokenize_dataset(ds.select([]), tok, DataArguments())
+
+
+QWEN3_LIKE_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}"
+)
+
+
+def test_empty_think_block_of_the_generation_prompt_belongs_to_the_prompt() -> None:
+    tok = make_chat_tokenizer()
+    tok.chat_template = QWEN3_LIKE_TEMPLATE
+    args = DataArguments()
+    prompt_ids, response_ids = render_example(QA_ROWS[0], tok, args)
+    prompt_text = tok.decode(prompt_ids)
+    assert prompt_text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert "<think>" not in tok.decode(response_ids)
+    assert tok.decode(response_ids) == QA_ROWS[0]["answer"] + "<|im_end|>"
+
+
+def test_only_the_last_assistant_turn_is_the_response() -> None:
+    tok = make_chat_tokenizer()
+    prompt_ids, response_ids = render_example(MSG_ROWS[0], tok, DataArguments())
+    prompt_text = tok.decode(prompt_ids)
+    assert "<|im_start|>assistant\n5<|im_end|>" in prompt_text  # the earlier assistant turn is context
+    assert tok.decode(response_ids) == "2 * 5 = 10\n#### 10<|im_end|>"

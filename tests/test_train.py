@@ -131,3 +131,13 @@ def test_same_recipe_runs_under_accelerate_launch(workdir):
     config = json.loads((workdir / "accel" / "diffusion_config.json").read_text())
     assert config["training"]["recipe"]["max_steps"] == 2
     assert load(workdir / "accel").config.block_size == 4
+
+
+def test_held_out_loss_is_logged_by_noise_bucket(workdir):
+    recipe = _recipe(workdir, "evalrun", max_steps=4, eval_fraction=0.25, eval_strategy="steps", eval_steps=2,
+                     logging_steps=2, loss_buckets=2, save_steps=4)
+    assert main(["train", "--config", recipe]) == 0
+    logs = json.loads((workdir / "evalrun" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert sum("eval_loss" in entry for entry in logs) == 2  # steps 2 and 4
+    assert any(key.startswith("eval_loss_t") for entry in logs for key in entry)
+    assert any(key in ("loss_t0.00-0.50", "loss_t0.50-1.00") for entry in logs for key in entry)
