@@ -70,9 +70,9 @@ def cmd_generate(argv: list[str]) -> int:
         print(tok.decode(out.sequences[i, width:], skip_special_tokens=True).strip())
         if parent is not None:
             print(f"--- AR parent:\n{tok.decode(parent[i, width:], skip_special_tokens=True).strip()}")
-    new = int(out.num_new_tokens.sum())
-    print(f"\n[{new} new tokens, {out.nfe} forward passes, {new / max(out.nfe, 1):.2f} tokens per forward, "
-          f"block size {c.block_size}]")
+    new, row_passes = int(out.num_new_tokens.sum()), int(out.nfe_per_row.sum())
+    print(f"\n[{new} new tokens in {len(args.prompt)} rows, {out.nfe} forward passes of the batch, "
+          f"{new / max(row_passes, 1):.2f} tokens per forward per row, block size {c.block_size}]")
     return 0
 
 

