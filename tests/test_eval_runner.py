@@ -1,0 +1,86 @@
+"""`llm2diff eval`: per-example results, resume after interruption, the AR parent with the same prompts, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_model, make_tokenizer
+
+from llm2diff import adapt
+from llm2diff.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from peft import LoraConfig
+
+    root = tmp_path_factory.mktemp("evalmodel")
+    base = root / "base"
+    make_model("llama").save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dlm = adapt(AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base), block_size=4,
+                lora=LoraConfig(r=4, target_modules="all-linear"), base_model_name_or_path=str(base))
+    dlm.save_pretrained(root / "dlm")
+    return root / "dlm"
+
+
+def _eval(model_dir, out, *extra):
+    return main(["eval", "--task", "arithmetic", "--model", str(model_dir), "--output_dir", str(out),
+                 "--max_new_tokens", "8", "--batch_size", "4", "--limit", "6", *extra])
+
+
+def test_eval_writes_results_and_summary(model_dir, tmp_path):
+    assert _eval(model_dir, tmp_path / "run") == 0
+    lines = (tmp_path / "run" / "results.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 6 and len({r["id"] for r in records}) == 6
+    assert {"id", "prompt", "output", "prediction", "correct", "metrics", "new_tokens", "nfe"} <= set(records[0])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["num_examples"] == 6 and summary["metrics"]["accuracy"] == sum(r["correct"] for r in records) / 6
+    assert summary["sampler"]["block_size"] == 4 and summary["seed"] == 0 and "torch" in summary["versions"]
+    assert summary["nfe_per_token"] == pytest.approx(sum(r["nfe"] for r in records) / sum(r["new_tokens"] for r in records), abs=1e-4)
+    assert "| accuracy" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_interrupted_eval_resumes_without_redoing_work(model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert _eval(model_dir, out) == 0
+    path = out / "results.jsonl"
+    full = path.read_text().splitlines()
+    path.write_text("\n".join(full[:3]) + "\n" + full[3][: len(full[3]) // 2])  # killed mid-write of example 4
+    assert _eval(model_dir, out) == 0
+    resumed = [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+    by_id = {r["id"]: r for r in resumed}
+    assert sorted(by_id) == sorted(json.loads(line)["id"] for line in full)
+    assert [by_id[json.loads(line)["id"]]["output"] for line in full] == [json.loads(line)["output"] for line in full]
+
+
+def test_ar_parent_uses_the_same_prompts(model_dir, tmp_path):
+    assert _eval(model_dir, tmp_path / "dlm") == 0
+    assert _eval(model_dir, tmp_path / "ar", "--ar-parent") == 0
+    dlm = [json.loads(line) for line in (tmp_path / "dlm" / "results.jsonl").read_text().splitlines()]
+    ar = [json.loads(line) for line in (tmp_path / "ar" / "results.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in dlm] == [r["prompt"] for r in ar]
+    summary = json.loads((tmp_path / "ar" / "summary.json").read_text())
+    assert summary["evaluated"].startswith("AR parent") and summary["sampler"] is None
+    assert summary["nfe_per_token"] == 1.0
+
+
+def test_resume_refuses_a_different_evaluation(model_dir, tmp_path, capsys):
+    assert _eval(model_dir, tmp_path / "run") == 0
+    assert _eval(model_dir, tmp_path / "run", "--max_new_tokens", "9") == 2
+    assert "holds a different evaluation (differs in ['max_new_tokens'])" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--task", "mmlu"], "unknown task 'mmlu'; available:"),
+    (["--source", "./nope.jsonl"], "nope.jsonl"),
+])
+def test_bad_eval_input(model_dir, tmp_path, capsys, args, message):
+    argv = ["eval", "--task", "arithmetic", "--model", str(model_dir), "--output_dir", str(tmp_path / "x"), *args]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
