@@ -70,25 +70,55 @@ class EvalConfig:
         return key
 
 
+def plain_text(messages: list[dict[str, str]]) -> str:
+    """Messages as plain text: the system turn and a newline, then each user turn followed by the assistant's reply
+    after a space, demonstrations separated by blank lines."""
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    parts: list[str] = []
+    for message in messages:
+        if message["role"] == "user":
+            parts.append(message["content"])
+        elif message["role"] == "assistant" and parts:
+            parts[-1] = f"{parts[-1]} {message['content']}"
+    text = "\n\n".join(parts)
+    return f"{system[0]}\n{text}" if system else text
+
+
 class PromptRenderer:
-    """Chat messages -> token ids, with the model's saved prompt format (as in training)."""
+    """Prompts -> token ids, in the model's saved prompt format (chat template and system prompt as in training)."""
 
     def __init__(self, dlm):
         self.tokenizer = dlm.tokenizer
         self.config = dlm.config
 
-    def __call__(self, task: EvalTask, row: dict, shots: list[dict]) -> list[int]:
+    @property
+    def chat(self) -> bool:
+        return bool(self.config.use_chat_template and self.tokenizer.chat_template is not None)
+
+    def render_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat messages (ending with a user turn) -> ids with the generation prompt."""
         tok, cfg = self.tokenizer, self.config
-        if cfg.use_chat_template and tok.chat_template is not None:
-            messages = task.messages(row, shots)
-            if cfg.system_prompt and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+        if cfg.system_prompt and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+        if self.chat:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return list(tok(text, add_special_tokens=False).input_ids)
-        text = task.plain_prompt(row, shots, cfg.prompt_template)
-        if cfg.system_prompt:
-            text = f"{cfg.system_prompt}\n{text}"
-        return list(tok(text).input_ids)
+        return list(tok(plain_text(messages)).input_ids)
+
+    def __call__(self, task: EvalTask, row: dict, shots: list[dict], question: str | None = None) -> list[int]:
+        """The prompt of one row (`question` replaces the row's question text, e.g. for an augmented ARC task)."""
+        if self.chat:
+            messages = task.messages(row, shots)
+            if question is not None:
+                messages[-1] = {"role": "user", "content": question}
+            return self.render_messages(messages)
+        text = task.plain_prompt(row, shots, self.config.prompt_template)
+        if question is not None:
+            text = text[: len(text) - len(self.config.prompt_template.format(question=task.question(row)))]
+            text += self.config.prompt_template.format(question=question)
+        if self.config.system_prompt:
+            text = f"{self.config.system_prompt}\n{text}"
+        return list(self.tokenizer(text).input_ids)
 
 
 def _read_done(path: Path) -> dict[str, dict]:
@@ -125,7 +155,6 @@ def _check_resume(out: Path, cfg: EvalConfig) -> None:
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate `cfg.model` (or its AR parent) on `cfg.task`. Returns the summary (also written to disk)."""
-    from llm2diff.evaluation.exact_match import left_pad
     from llm2diff.modeling.config import library_versions
     from llm2diff.modeling.diffusion_lm import load
 
@@ -147,32 +176,23 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     ids = [task.row_id(row, i) for i, row in enumerate(rows)]
     todo = [(i, row) for i, row in enumerate(rows) if ids[i] not in done]
     tok = dlm.tokenizer
+    transforms = task.transforms(cfg.seed) if getattr(task, "num_augmentations", 1) > 1 else None
+    scores_choices = getattr(task, "mode", None) == "loglikelihood" and hasattr(task, "score_choices")
+    rows_per_batch = max(1, cfg.batch_size // len(transforms)) if transforms else cfg.batch_size
     start = time.perf_counter()
     new_tokens = row_forwards = 0
     with results_path.open("a") as sink, tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"eval {cfg.task}") as bar:
-        for lo in range(0, len(todo), cfg.batch_size):
-            batch = todo[lo : lo + cfg.batch_size]
-            prompts = [render(task, row, shots) for _, row in batch]
-            input_ids, mask = left_pad(prompts, tok.pad_token_id)
-            if cfg.ar_parent:
-                sequences = dlm.ar_generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens)
-                per_row_nfe = None
+        for lo in range(0, len(todo), rows_per_batch):
+            batch = todo[lo : lo + rows_per_batch]
+            if scores_choices:
+                records = [_score_record(task, dlm, row, ids[i], cfg, render, shots) for i, row in batch]
             else:
-                gen = dlm.generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                   threshold=cfg.threshold, tokens_per_step=cfg.tokens_per_step, seed=cfg.seed + lo)
-                sequences, per_row_nfe = gen.sequences, gen.nfe_per_row.tolist()
-            for k, (i, row) in enumerate(batch):
-                tokens = _until_stop(sequences[k, input_ids.shape[1]:].tolist(), tok.pad_token_id, dlm.eos_token_ids)
-                completion = tok.decode(tokens, skip_special_tokens=True)
-                verdict = task.grade(completion, row)
-                nfe_row = len(tokens) if per_row_nfe is None else per_row_nfe[k]
-                record = {"id": ids[i], "prompt": tok.decode(prompts[k]), "output": completion,
-                          "prediction": _jsonable(verdict.prediction), "correct": bool(verdict.correct),
-                          "metrics": verdict.metrics, "new_tokens": len(tokens), "nfe": nfe_row}
+                records = _generate_records(task, dlm, batch, ids, cfg, render, shots, transforms, seed=cfg.seed + lo)
+            for record in records:
                 sink.write(json.dumps(record) + "\n")
-                done[ids[i]] = record
-                new_tokens += len(tokens)
-                row_forwards += nfe_row
+                done[record["id"]] = record
+                new_tokens += record["new_tokens"]
+                row_forwards += record["nfe"]
             sink.flush()
             bar.update(len(batch))
     seconds = time.perf_counter() - start
@@ -180,6 +200,47 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     write_json_atomic(out / "summary.json", summary)
     write_text_atomic(out / "summary.md", summary_markdown(summary))
     return summary
+
+
+def _generate_records(task, dlm, batch, ids, cfg: EvalConfig, render: PromptRenderer, shots, transforms, seed):
+    """Generate for a batch of rows (each under every augmentation when `transforms` is set) and grade them."""
+    from llm2diff.evaluation.exact_match import left_pad
+
+    tok = dlm.tokenizer
+    views = transforms or [None]
+    prompts = [render(task, row, shots, None if t is None else task.augmented_question(row, t))
+               for _, row in batch for t in views]
+    input_ids, mask = left_pad(prompts, tok.pad_token_id)
+    if cfg.ar_parent:
+        sequences = dlm.ar_generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens)
+        per_row_nfe = None
+    else:
+        gen = dlm.generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           threshold=cfg.threshold, tokens_per_step=cfg.tokens_per_step, seed=seed)
+        sequences, per_row_nfe = gen.sequences, gen.nfe_per_row.tolist()
+    records = []
+    for k, (i, row) in enumerate(batch):
+        outputs, new, nfe = [], 0, 0
+        for v in range(len(views)):
+            j = k * len(views) + v
+            tokens = _until_stop(sequences[j, input_ids.shape[1]:].tolist(), tok.pad_token_id, dlm.eos_token_ids)
+            outputs.append(tok.decode(tokens, skip_special_tokens=True))
+            new += len(tokens)
+            nfe += len(tokens) if per_row_nfe is None else per_row_nfe[j]
+        verdict = task.grade_attempts(outputs, row, transforms) if transforms else task.grade(outputs[0], row)
+        records.append({"id": ids[i], "prompt": tok.decode(prompts[k * len(views)]),
+                        "output": outputs if transforms else outputs[0], "prediction": _jsonable(verdict.prediction),
+                        "correct": bool(verdict.correct), "metrics": verdict.metrics, "new_tokens": new, "nfe": nfe})
+    return records
+
+
+def _score_record(task, dlm, row, row_id: str, cfg: EvalConfig, render: PromptRenderer, shots) -> dict:
+    """Multiple choice by log-likelihood: the ELBO for the diffusion model, exact for the AR parent."""
+    verdict = task.score_choices(dlm, row, use_parent=cfg.ar_parent, render=render.render_messages, shots=shots)
+    prompt = render.render_messages(task.messages(row, shots))
+    return {"id": row_id, "prompt": dlm.tokenizer.decode(prompt), "output": None,
+            "prediction": _jsonable(verdict.prediction), "correct": bool(verdict.correct), "metrics": verdict.metrics,
+            "new_tokens": 0, "nfe": 0}
 
 
 def _until_stop(tokens: list[int], pad_id: int, eos_ids: tuple[int, ...]) -> list[int]:

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from llm2diff.tasks.arithmetic import ArithmeticTask, extract_answer, grade
-from llm2diff.tasks.base import EvalTask, Grade
+from llm2diff.tasks.base import EvalTask, Grade, load_rows
 
 
 class ArithmeticEvalTask(EvalTask):
@@ -28,15 +28,7 @@ class ArithmeticEvalTask(EvalTask):
         if source in (None, "", "builtin:arithmetic"):
             rows = self.generator.generate(n, split=split)
         else:
-            from llm2diff.training.data import DataArguments, load_raw_dataset
-
-            rows = list(load_raw_dataset(DataArguments(dataset_name=source), split))[:n]
-        if not rows:
-            raise ValueError(f"no problems in {source or 'builtin:arithmetic'} split {split!r}")
-        missing = {"question", "answer"} - set(rows[0])
-        if missing:
-            raise ValueError(f"arithmetic rows need 'question' and 'answer'; missing {sorted(missing)} "
-                             f"(fields present: {sorted(rows[0])})")
+            rows = load_rows(source, split, n, "arithmetic", ("question", "answer"))
         return [{**row, "id": row.get("id", f"{split}-{i}")} for i, row in enumerate(rows)]
 
     def question(self, row: dict) -> str:

