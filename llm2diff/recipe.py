@@ -137,22 +137,38 @@ def parse_recipe(argv: list[str] | None = None, classes: tuple[type, ...] | None
         if key.replace("-", "_") not in valid and key not in ("help",):
             raise RecipeError(unknown_key_message(key, valid, "the command line"))
 
+    # `--key null` / `--key none` sets an optional field to None (argparse cannot express that)
+    unset = []
+    for i in range(len(argv) - 1, 0, -1):
+        if argv[i - 1].startswith("--") and "=" not in argv[i - 1] and argv[i].lower() in ("none", "null"):
+            unset.append(argv[i - 1][2:].replace("-", "_"))
+            del argv[i - 1 : i + 1]
+
     parser = HfArgumentParser(classes)
+
+    def fail(message: str):  # one line naming the problem instead of argparse's full usage dump
+        raise RecipeError(f"bad value on {where}: {message}")
+
+    parser.error = fail
     for action in parser._actions:
         if action.dest in recipe:
             action.default = recipe[action.dest]
             action.required = False
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except SystemExit as err:  # argparse already printed what was wrong
-        raise RecipeError(f"could not parse the arguments from {where}: see the message above") from err
+    except RecipeError:
+        raise
     except (ValueError, TypeError) as err:
         raise RecipeError(f"invalid recipe value: {err}") from err
     *instances, remaining = parsed
     if remaining:
         raise RecipeError(f"unexpected arguments {remaining} on the command line; use --key value")
+    for key in unset:
+        for instance in instances:
+            if hasattr(instance, key):
+                setattr(instance, key, None)
     merged = dict(recipe)
-    overridden = set(_cli_keys(argv))
+    overridden = set(_cli_keys(argv)) | set(unset)
     for instance in instances:
         for f in dataclasses.fields(instance):
             if f.name in overridden:

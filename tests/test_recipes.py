@@ -101,3 +101,15 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = 'pip install -e ".[dev]" && python -m pytest'
     assert command in readme and command in ci
+
+
+def test_null_on_the_command_line_unsets_an_optional_field(tmp_path):
+    path = _write(tmp_path, "model_name_or_path: x\nfinal_eval_threshold: 0.9\n")
+    *_, eval_args, recipe = parse_recipe(["--config", path, "--final_eval_threshold", "null"])
+    assert eval_args.final_eval_threshold is None and recipe["final_eval_threshold"] is None
+
+
+def test_bad_value_names_the_argument_in_one_line(tmp_path):
+    path = _write(tmp_path, "model_name_or_path: x\n")
+    with pytest.raises(RecipeError, match=r"--max_steps.*invalid int value: 'ten'"):
+        parse_recipe(["--config", path, "--max_steps", "ten"])
