@@ -161,18 +161,6 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
-def _until_stop(tokens: list[int], pad_id: int | None, eos_ids: tuple[int, ...]) -> list[int]:
-    """New tokens up to the first end-of-sequence (kept) or padding (dropped)."""
-    out = []
-    for tok in tokens:
-        if tok == pad_id and pad_id not in eos_ids:
-            break
-        out.append(tok)
-        if tok in eos_ids:
-            break
-    return out
-
-
 def _stop_criteria(tokenizer, stop_strings: Sequence[str], prompt_width: int):
     """A `StoppingCriteriaList` ending each row of `generate` once its new text holds a stop string. (Hugging Face's
     own `stop_strings` pre-processes the whole vocabulary and fails on some tokenizers, e.g. word-level ones.)"""
@@ -399,7 +387,7 @@ class LLM2DiffLM(TemplateLM):
         }
 
     def _generate_batch(self, prompts: list[list[int]], s: dict[str, Any], seed: int) -> list[str]:
-        from llm2diff.evaluation.exact_match import left_pad
+        from llm2diff.evaluation.exact_match import left_pad, until_stop
 
         tok = self.tokenizer
         ids, mask = left_pad(prompts, tok.pad_token_id)
@@ -412,7 +400,7 @@ class LLM2DiffLM(TemplateLM):
                 torch.manual_seed(seed)
                 kwargs.update(do_sample=True, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])
             sequences = self.dlm.ar_generate(ids, mask, max_new_tokens=s["max_gen_toks"], **kwargs).cpu()
-            rows = [_until_stop(row, tok.pad_token_id, self.dlm.eos_token_ids) for row in sequences[:, width:].tolist()]
+            rows = [until_stop(row, tok.pad_token_id, self.dlm.eos_token_ids) for row in sequences[:, width:].tolist()]
             self.stats["row_forwards"] += sum(len(r) for r in rows)
         else:
             out = self.dlm.generate(ids, mask, max_new_tokens=s["max_gen_toks"], temperature=s["temperature"],

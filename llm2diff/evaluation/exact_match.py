@@ -58,18 +58,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def _new_tokens(sequences: torch.Tensor, prompt_width: int, pad_id: int, eos_ids: tuple[int, ...]) -> list[list[int]]:
-    rows = []
-    for row in sequences[:, prompt_width:].tolist():
-        out = []
-        for tok in row:
-            if tok == pad_id and pad_id not in eos_ids:
-                break
-            out.append(tok)
-            if tok in eos_ids:
-                break
-        rows.append(out)
-    return rows
+def until_stop(tokens: list[int], pad_id: int | None, eos_ids: tuple[int, ...]) -> list[int]:
+    """Generated tokens up to the first end-of-sequence (kept) or padding (dropped)."""
+    out = []
+    for tok in tokens:
+        if tok == pad_id and pad_id not in eos_ids:
+            break
+        out.append(tok)
+        if tok in eos_ids:
+            break
+    return out
 
 
 def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = False, max_new_tokens: int = 96,
@@ -95,7 +93,8 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
                                threshold=threshold)
             sequences, forwards, row_forwards_batch = out.sequences, out.nfe, int(out.nfe_per_row.sum())
         nfe += forwards
-        for problem, tokens in zip(batch, _new_tokens(sequences.cpu(), ids.shape[1], tok.pad_token_id, dlm.eos_token_ids)):
+        rows = [until_stop(row, tok.pad_token_id, dlm.eos_token_ids) for row in sequences[:, ids.shape[1]:].tolist()]
+        for problem, tokens in zip(batch, rows):
             text = tok.decode(tokens, skip_special_tokens=True)
             ok = grade(text, problem["answer"])
             correct += ok

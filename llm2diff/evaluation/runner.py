@@ -204,7 +204,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 def _generate_records(task, dlm, batch, ids, cfg: EvalConfig, render: PromptRenderer, shots, transforms, seed):
     """Generate for a batch of rows (each under every augmentation when `transforms` is set) and grade them."""
-    from llm2diff.evaluation.exact_match import left_pad
+    from llm2diff.evaluation.exact_match import left_pad, until_stop
 
     tok = dlm.tokenizer
     views = transforms or [None]
@@ -223,7 +223,7 @@ def _generate_records(task, dlm, batch, ids, cfg: EvalConfig, render: PromptRend
         outputs, new, nfe = [], 0, 0
         for v in range(len(views)):
             j = k * len(views) + v
-            tokens = _until_stop(sequences[j, input_ids.shape[1]:].tolist(), tok.pad_token_id, dlm.eos_token_ids)
+            tokens = until_stop(sequences[j, input_ids.shape[1]:].tolist(), tok.pad_token_id, dlm.eos_token_ids)
             outputs.append(tok.decode(tokens, skip_special_tokens=True))
             new += len(tokens)
             nfe += len(tokens) if per_row_nfe is None else per_row_nfe[j]
@@ -241,17 +241,6 @@ def _score_record(task, dlm, row, row_id: str, cfg: EvalConfig, render: PromptRe
     return {"id": row_id, "prompt": dlm.tokenizer.decode(prompt), "output": None,
             "prediction": _jsonable(verdict.prediction), "correct": bool(verdict.correct), "metrics": verdict.metrics,
             "new_tokens": 0, "nfe": 0}
-
-
-def _until_stop(tokens: list[int], pad_id: int, eos_ids: tuple[int, ...]) -> list[int]:
-    out = []
-    for tok in tokens:
-        if tok == pad_id and pad_id not in eos_ids:
-            break
-        out.append(tok)
-        if tok in eos_ids:
-            break
-    return out
 
 
 def _jsonable(value: Any) -> Any:
