@@ -77,7 +77,8 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
 
     tok = dlm.tokenizer
     rule = f"threshold {threshold}" if threshold is not None else f"{tokens_per_step}/step"
-    name = "AR parent (greedy generate)" if use_parent else f"diffusion (block {dlm.config.block_size}, {rule})"
+    kind = "AR twin (block 1)" if dlm.config.block_size == 1 else f"diffusion (block {dlm.config.block_size}, {rule})"
+    name = "AR parent (greedy generate)" if use_parent else kind
     correct, new_tokens, nfe, row_forwards, samples = 0, 0, 0, 0, []
     start = time.perf_counter()
     for lo in tqdm(range(0, len(problems), batch_size), desc=f"eval {name}", leave=False):

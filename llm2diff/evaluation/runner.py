@@ -263,7 +263,8 @@ def summarize(cfg: EvalConfig, records: list[dict], seconds: float, new_tokens: 
     all_nfe = sum(r["nfe"] for r in records)
     return {
         "model": cfg.model, "evaluated": "AR parent (adapter off, greedy generate)" if cfg.ar_parent else
-        f"diffusion (block {dlm.config.block_size})", "task": cfg.task, "source": cfg.source, "split": cfg.split,
+        ("AR twin (block 1)" if dlm.config.block_size == 1 else f"diffusion (block {dlm.config.block_size})"),
+        "task": cfg.task, "source": cfg.source, "split": cfg.split,
         "num_examples": n, "correct": sum(r["correct"] for r in records), "metrics": metrics,
         "sampler": None if cfg.ar_parent else {"tokens_per_step": cfg.tokens_per_step, "threshold": cfg.threshold,
                                                "temperature": cfg.temperature, "block_size": dlm.config.block_size},
