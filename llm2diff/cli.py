@@ -31,6 +31,13 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--tokens-per-step", type=int, default=None, help="default: the model's saved sampler setting")
     p.add_argument("--threshold", type=float, default=None, help="commit every token above this confidence")
+    p.add_argument("--commit-rule", choices=("confidence", "coarse_to_fine"), default=None,
+                   help="which positions to commit first: the most confident, or (for a model trained with a "
+                        "semantic_scorer) the most significant predicted tokens weighed with confidence")
+    p.add_argument("--significance-weight", type=float, default=None,
+                   help="coarse_to_fine: priority = log(confidence) + weight * significance")
+    p.add_argument("--confidence-floor", type=float, default=None,
+                   help="do not commit predictions below this confidence (each step still commits one)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -63,7 +70,8 @@ def cmd_generate(argv: list[str]) -> int:
         temperature=c.temperature if args.temperature is None else args.temperature, top_k=args.top_k,
         top_p=args.top_p, threshold=c.threshold if args.threshold is None else args.threshold,
         tokens_per_step=c.tokens_per_step if args.tokens_per_step is None else args.tokens_per_step,
-        stop_strings=args.stop, use_cache=not args.no_cache, seed=args.seed,
+        stop_strings=args.stop, use_cache=not args.no_cache, seed=args.seed, commit_rule=args.commit_rule,
+        significance_weight=args.significance_weight, confidence_floor=args.confidence_floor,
     )
     parent = dlm.ar_generate(ids, mask, max_new_tokens=args.max_new_tokens) if args.ar_parent else None
     width = ids.shape[1]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
 from llm2diff import adapt
-from llm2diff.sampling.rules import choose_tokens, filter_top_k_top_p, select_commits
+from llm2diff.sampling.rules import choose_tokens, coarse_to_fine_priority, filter_top_k_top_p, select_commits
 
 PROMPTS = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 0, 5, 6, 7]])
 MASK = (PROMPTS != 0).long()
@@ -122,6 +124,52 @@ def test_select_commits_rules():
     assert select_commits(conf, todo, 5).tolist() == [[False, True, True, True]]
     with pytest.raises(ValueError, match="tokens_per_step must be >= 1"):
         select_commits(conf, todo, 0)
+
+
+def test_confidence_floor_and_priority():
+    conf = torch.tensor([[0.9, 0.2, 0.6, 0.4], [0.3, 0.2, 0.1, 0.25]])
+    todo = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    # two per step, but nothing under 0.5: row 0 keeps only 0.6; row 1 has nothing above, so its most confident
+    assert select_commits(conf, todo, 2, floor=0.5).tolist() == [[False, False, True, False],
+                                                                 [True, False, False, False]]
+    priority = torch.tensor([[0.0, 3.0, 1.0, 2.0], [0.0, 0.0, 5.0, 0.0]])
+    assert select_commits(conf, todo, 1, priority=priority).tolist() == [[False, True, False, False],
+                                                                         [False, False, True, False]]
+    # coarse-to-fine: log(confidence) + weight * significance[token]
+    significance = torch.tensor([0.0, 1.0, 0.5])
+    tokens = torch.tensor([[0, 1, 2]])
+    conf = torch.tensor([[0.8, 0.4, 0.5]])
+    prio = coarse_to_fine_priority(tokens, conf, significance, weight=2.0)
+    assert prio[0].tolist() == pytest.approx([math.log(0.8), math.log(0.4) + 2.0, math.log(0.5) + 1.0])
+    assert coarse_to_fine_priority(tokens, conf, significance, 0.0).argmax().item() == 0  # weight 0: confidence
+
+
+def test_coarse_to_fine_commits_significant_tokens_first(dlm, monkeypatch):
+    import llm2diff.sampling.sampler as sampler_module
+
+    with pytest.raises(ValueError, match="needs the token significance table"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=4, commit_rule="coarse_to_fine")
+    vocab = dlm.model.get_input_embeddings().weight.shape[0]
+    dlm.significance = torch.rand(vocab, generator=torch.Generator().manual_seed(0))
+    proposals, commits = [], []
+
+    def priority_spy(tokens, confidence, significance, weight):
+        proposals.append(tokens.clone())
+        return coarse_to_fine_priority(tokens, confidence, significance, weight)
+
+    def select_spy(confidence, todo, *args, **kwargs):
+        commit = select_commits(confidence, todo, *args, **kwargs)
+        commits.append((todo.clone(), commit.clone()))
+        return commit
+
+    monkeypatch.setattr(sampler_module, "coarse_to_fine_priority", priority_spy)
+    monkeypatch.setattr(sampler_module, "select_commits", select_spy)
+    dlm.generate(PROMPTS, MASK, max_new_tokens=8, commit_rule="coarse_to_fine", significance_weight=1000.0)
+    assert len(proposals) == len(commits) == 8  # 2 blocks x 4 steps, one token per step
+    for tokens, (todo, commit) in zip(proposals, commits):
+        sig = dlm.significance[tokens].masked_fill(~todo, -1.0)
+        most = sig == sig.max(-1, keepdim=True).values  # ties: the same token proposed at two positions
+        assert (commit <= most).all() and commit.sum(-1).tolist() == [1, 1]
 
 
 def test_top_k_top_p_and_confidence():

@@ -68,6 +68,33 @@ def test_train_learns_saves_and_reloads(workdir, capsys):
     assert "forward passes" in printed
 
 
+def test_semantic_noise_run_saves_its_significance_table_and_samples_coarse_to_fine(workdir, capsys):
+    cache = workdir / "score-cache"
+    recipe = _recipe(workdir, "semantic", noise_order="semantic", semantic_scorer="idf", semantic_temperature=0.3,
+                     t_sampling="stratified", semantic_cache_dir=str(cache), attention_anneal_steps=20)
+    assert main(["train", "--config", recipe]) == 0
+    assert "significance scores (idf): 16 examples" in capsys.readouterr().out
+    out = workdir / "semantic"
+    dlm = load(out)
+    config = json.loads((out / "diffusion_config.json").read_text())
+    assert config["noise"]["order"] == "semantic" and config["noise"]["semantic_temperature"] == 0.3
+    assert config["significance_scorer"] == "idf"
+    vocab = dlm.model.get_input_embeddings().weight.shape[0]
+    assert dlm.significance.shape == (vocab,)
+    tok = dlm.tokenizer
+    # "####" is in every answer (low IDF), each problem's own numbers are rarer
+    assert dlm.significance[tok.convert_tokens_to_ids("####")] < dlm.significance[tok.convert_tokens_to_ids("9")]
+    for problem in PROBLEMS:
+        ids = _prompt_ids(tok, problem["question"])
+        expected = tok(problem["answer"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        new = dlm.generate(ids, max_new_tokens=12, commit_rule="coarse_to_fine").sequences[0, ids.shape[1]:]
+        assert new[: len(expected)].tolist() == expected
+    # the same data and scorer again: the cached scores are reused, not recomputed
+    assert main(["train", "--config", recipe, "--max_steps", "1", "--output_dir", str(workdir / "semantic2")]) == 0
+    assert "significance scores (idf)" not in capsys.readouterr().out
+    assert len(list((cache / "scores").iterdir())) == 1
+
+
 def test_lora_run_saves_adapter_and_resumes(workdir):
     recipe = _recipe(workdir, "lora", use_lora=True, lora_r=4, max_steps=4, save_steps=2)
     assert main(["train", "--config", recipe]) == 0

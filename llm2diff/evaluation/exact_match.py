@@ -71,12 +71,15 @@ def until_stop(tokens: list[int], pad_id: int | None, eos_ids: tuple[int, ...]) 
 
 
 def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = False, max_new_tokens: int = 96,
-                     batch_size: int = 16, tokens_per_step: int = 1, threshold: float | None = None) -> EvalResult:
+                     batch_size: int = 16, tokens_per_step: int = 1, threshold: float | None = None,
+                     commit_rule: str | None = None) -> EvalResult:
     """Generate an answer for every problem and grade it. `use_parent`: the AR parent's greedy `generate`."""
     from llm2diff.training.data import render_example
 
     tok = dlm.tokenizer
     rule = f"threshold {threshold}" if threshold is not None else f"{tokens_per_step}/step"
+    if commit_rule and commit_rule != "confidence":
+        rule += f", {commit_rule}"
     kind = "AR twin (block 1)" if dlm.config.block_size == 1 else f"diffusion (block {dlm.config.block_size}, {rule})"
     name = "AR parent (greedy generate)" if use_parent else kind
     correct, new_tokens, nfe, row_forwards, samples = 0, 0, 0, 0, []
@@ -91,7 +94,7 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
             row_forwards_batch = None
         else:
             out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, tokens_per_step=tokens_per_step,
-                               threshold=threshold)
+                               threshold=threshold, commit_rule=commit_rule)
             sequences, forwards, row_forwards_batch = out.sequences, out.nfe, int(out.nfe_per_row.sum())
         nfe += forwards
         rows = [until_stop(row, tok.pad_token_id, dlm.eos_token_ids) for row in sequences[:, ids.shape[1]:].tolist()]

@@ -46,6 +46,11 @@ class EvalConfig:
     tokens_per_step: int = field(default=1, metadata={"help": "Sampler: tokens committed per step."})
     threshold: float | None = field(default=None, metadata={"help": "Sampler: commit every token above this."})
     temperature: float = field(default=0.0, metadata={"help": "Sampler temperature (0 = greedy)."})
+    commit_rule: str | None = field(default=None, metadata={
+        "help": "Sampler commit rule: 'confidence' or 'coarse_to_fine' (needs a semantically trained model); "
+                "default: the model's own."})
+    confidence_floor: float | None = field(default=None, metadata={
+        "help": "Sampler: do not commit predictions below this confidence (each step still commits one)."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampler and of any task randomness."})
     output_dir: str | None = field(default=None, metadata={
         "help": "Where results go; default eval/results/<task>-<split>-<model name>[-ar-parent]."})
@@ -216,7 +221,8 @@ def _generate_records(task, dlm, batch, ids, cfg: EvalConfig, render: PromptRend
         per_row_nfe = None
     else:
         gen = dlm.generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           threshold=cfg.threshold, tokens_per_step=cfg.tokens_per_step, seed=seed)
+                           threshold=cfg.threshold, tokens_per_step=cfg.tokens_per_step, seed=seed,
+                           commit_rule=cfg.commit_rule, confidence_floor=cfg.confidence_floor)
         sequences, per_row_nfe = gen.sequences, gen.nfe_per_row.tolist()
     records = []
     for k, (i, row) in enumerate(batch):
@@ -267,7 +273,9 @@ def summarize(cfg: EvalConfig, records: list[dict], seconds: float, new_tokens: 
         "task": cfg.task, "source": cfg.source, "split": cfg.split,
         "num_examples": n, "correct": sum(r["correct"] for r in records), "metrics": metrics,
         "sampler": None if cfg.ar_parent else {"tokens_per_step": cfg.tokens_per_step, "threshold": cfg.threshold,
-                                               "temperature": cfg.temperature, "block_size": dlm.config.block_size},
+                                               "temperature": cfg.temperature, "block_size": dlm.config.block_size,
+                                               "commit_rule": cfg.commit_rule or dlm.config.commit_rule,
+                                               "confidence_floor": cfg.confidence_floor},
         "max_new_tokens": cfg.max_new_tokens, "num_shots": cfg.num_shots,
         "tokens_per_second": round(new_tokens / seconds, 2) if seconds and new_tokens else None,
         "nfe_per_token": round(all_nfe / all_tokens, 4) if all_tokens else None,

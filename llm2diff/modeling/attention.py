@@ -74,3 +74,28 @@ def cached_block_mask(key_valid: torch.Tensor, query_len: int, dtype: torch.dtyp
     block = torch.ones(batch, query_len, dtype=torch.bool, device=key_valid.device)
     keys = torch.cat([key_valid.bool(), block], dim=1)
     return to_additive_mask(keys[:, None, :].expand(batch, query_len, keys.shape[1]), dtype)
+
+
+def anneal_block_mask(
+    allowed: torch.Tensor, segment: torch.Tensor, block: torch.Tensor, position_ids: torch.Tensor, fraction: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Attention annealing from causal to block attention (DiffuLLaMA, Gong et al. 2025, "Scaling Diffusion
+    Language Models via Adaptation from Autoregressive Models").
+
+    Inside a block (same segment, same block), a token sees a *later* position of its block only with probability
+    `fraction`, drawn independently per (query, key) pair; earlier positions and everything outside the block keep
+    `allowed`. At fraction 0 every block reads causally, as the AR parent did; at fraction 1 the mask is
+    `allowed` unchanged, the block mask the sampler uses, so the train/inference equality holds once annealing ends.
+    """
+    if fraction >= 1.0:
+        return allowed
+    response = (segment == CLEAN) | (segment == NOISY)
+    same = (response[:, :, None] & (segment[:, :, None] == segment[:, None, :])
+            & (block[:, :, None] == block[:, None, :]))
+    later = position_ids[:, None, :] > position_ids[:, :, None]
+    candidates = same & later
+    if fraction <= 0.0:
+        return allowed & ~candidates
+    u = torch.rand(allowed.shape, generator=generator, device=allowed.device)
+    return allowed & ~(candidates & (u >= fraction))

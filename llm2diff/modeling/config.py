@@ -34,8 +34,12 @@ class DiffusionConfig:
             of a block is predicted from the clean last position before the block.
         noise_schedule: name of the noise schedule ("linear": a token is masked with probability t).
         t_min, t_max: the window noise levels t are drawn from, per block.
-        loss_weighting: "elbo" (weight 1/t on masked tokens, normalised by the number of response tokens) or
-            "mean" (plain mean over masked tokens).
+        loss_weighting: "elbo" (the schedule's ELBO weight, 1/t for linear), "mean" (weight 1) or "cart" (Dream's
+            context-adaptive weights).
+        noise: the whole training noise recipe (`llm2diff.noise.masking.NoiseSpec` as a dict), if trained here.
+        significance_scorer: the scorer behind semantic noise and the `significance.safetensors` table the
+            coarse-to-fine commit rule reads, if any.
+        commit_rule, significance_weight, confidence_floor: sampler defaults for the commit rule.
         tokens_per_step, threshold, temperature: sampler defaults used when `generate` is not told otherwise.
         use_chat_template, system_prompt, prompt_template: how training prompts were rendered, so that
             `llm2diff generate` and evaluation render new prompts the same way.
@@ -54,7 +58,12 @@ class DiffusionConfig:
     t_min: float = 1e-3
     t_max: float = 1.0
     loss_weighting: str = "elbo"
+    noise: dict[str, Any] | None = None
+    significance_scorer: str | None = None
     tokens_per_step: int = 1
+    commit_rule: str = "confidence"
+    significance_weight: float = 2.0
+    confidence_floor: float | None = None
     threshold: float | None = None
     temperature: float = 0.0
     use_chat_template: bool = True
@@ -70,8 +79,8 @@ class DiffusionConfig:
         validate_block_size(self.block_size)
         if not 0.0 <= self.t_min <= self.t_max <= 1.0:
             raise ValueError(f"noise window must satisfy 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
-        if self.loss_weighting not in ("elbo", "mean"):
-            raise ValueError(f"loss_weighting must be 'elbo' or 'mean', got {self.loss_weighting!r}")
+        if self.loss_weighting not in ("elbo", "mean", "cart"):
+            raise ValueError(f"loss_weighting must be 'elbo', 'mean' or 'cart', got {self.loss_weighting!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

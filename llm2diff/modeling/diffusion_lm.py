@@ -35,10 +35,11 @@ class DiffusionLM:
         config: the `DiffusionConfig`.
     """
 
-    def __init__(self, model, tokenizer, config: DiffusionConfig):
+    def __init__(self, model, tokenizer, config: DiffusionConfig, significance: torch.Tensor | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        self.significance = significance  # (vocab,) token significance in [0, 1] for the coarse-to-fine rule
 
     # -- properties --------------------------------------------------------------------------------------------
     @property
@@ -100,9 +101,16 @@ class DiffusionLM:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, threshold: float | None = None,
         tokens_per_step: int = 1, stop_strings: list[str] | str | None = None, use_cache: bool = True,
-        seed: int | None = None,
+        seed: int | None = None, commit_rule: str | None = None, significance_weight: float | None = None,
+        confidence_floor: float | None = None,
     ) -> GenerateOutput:
         """Sample block by block (see `llm2diff.sampling.sampler`). Batches must be left-padded.
+
+        `commit_rule` "confidence" commits the most confident positions; "coarse_to_fine" the ones whose
+        predicted token is most significant (the table saved with a semantically trained model), weighed with the
+        confidence: priority = log(confidence) + significance_weight * significance. `confidence_floor` stops a
+        step from committing positions below that confidence (each step still commits its most confident one).
+        Unset options fall back on the model's `diffusion_config.json`.
 
         Returns a `GenerateOutput` with `sequences` (prompt plus new tokens, pad after a row stopped) and `nfe`.
         """
@@ -117,12 +125,23 @@ class DiffusionLM:
             )
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
+        commit_rule = commit_rule or self.config.commit_rule
+        significance = None
+        if commit_rule == "coarse_to_fine":
+            if self.significance is None:
+                raise ValueError("commit_rule 'coarse_to_fine' needs the token significance table "
+                                 f"({SIGNIFICANCE_NAME}), which models trained with a semantic_scorer save; this "
+                                 "model has none: use commit_rule 'confidence' or train with semantic_scorer set")
+            significance = self.significance.to(self.device)
         settings = SamplerSettings(
             block_size=self.config.block_size, mask_token_id=self.config.mask_token_id,
             eos_token_ids=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
             vocab_size=self.config.vocab_size, shift=self.config.shift, max_new_tokens=max_new_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p, threshold=threshold, tokens_per_step=tokens_per_step,
-            stop_strings=tuple(stop_strings or ()), use_cache=use_cache, seed=seed,
+            stop_strings=tuple(stop_strings or ()), use_cache=use_cache, seed=seed, commit_rule=commit_rule,
+            significance=significance,
+            significance_weight=self.config.significance_weight if significance_weight is None else significance_weight,
+            confidence_floor=self.config.confidence_floor if confidence_floor is None else confidence_floor,
         )
         was_training = self.model.training
         self.model.eval()
@@ -143,7 +162,34 @@ class DiffusionLM:
                 self.model.save_pretrained(tmp, **kwargs)  # transformers 5 always writes safetensors
             self.tokenizer.save_pretrained(tmp)
             self.config.save(tmp)
+            if self.significance is not None:
+                save_significance(tmp, self.significance)
         return directory
+
+
+SIGNIFICANCE_NAME = "significance.safetensors"
+
+
+def save_significance(directory: str | os.PathLike, table: torch.Tensor) -> Path:
+    """Write the `(vocab,)` token significance table beside a saved model (safetensors)."""
+    from safetensors.torch import save_file
+
+    path = Path(directory) / SIGNIFICANCE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"significance": table.detach().float().cpu().contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def load_significance(directory: str | os.PathLike) -> torch.Tensor | None:
+    """The token significance table saved beside a model, or None."""
+    path = Path(directory) / SIGNIFICANCE_NAME
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["significance"]
 
 
 def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,5 +283,5 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
         model.to(device)
     if not is_trainable:
         model.eval()
-    return DiffusionLM(model, tokenizer, config)
+    return DiffusionLM(model, tokenizer, config, significance=load_significance(path))
 

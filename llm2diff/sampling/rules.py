@@ -60,26 +60,51 @@ def choose_tokens(
     return tokens, confidence
 
 
+COMMIT_RULES = ("confidence", "coarse_to_fine")
+
+
+def coarse_to_fine_priority(
+    tokens: torch.Tensor, confidence: torch.Tensor, significance: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """Priority of committing each proposal under the coarse-to-fine rule, mirroring semantic noise.
+
+    priority = log(confidence) + weight * significance[token], with the table's significance in [0, 1] (1 = the
+    most meaningful tokens, which semantic noise masks last and the sampler therefore commits first). weight 0 is
+    the confidence rule; a large weight commits by significance alone.
+    """
+    return confidence.clamp(min=1e-30).log() + weight * significance[tokens]
+
+
 def select_commits(
-    confidence: torch.Tensor, todo: torch.Tensor, tokens_per_step: int = 1, threshold: float | None = None
+    confidence: torch.Tensor, todo: torch.Tensor, tokens_per_step: int = 1, threshold: float | None = None,
+    priority: torch.Tensor | None = None, floor: float | None = None,
 ) -> torch.Tensor:
     """Which masked positions to commit this step.
 
     Args:
         confidence: `(batch, n)` confidence of each proposal.
         todo: `(batch, n)` bool, positions still masked and eligible.
-        tokens_per_step: commit exactly this many (the most confident) per row; with `threshold`, the minimum.
+        tokens_per_step: commit exactly this many (the highest priority) per row; with `threshold`, the minimum.
         threshold: if set, also commit every eligible position whose confidence is above it.
+        priority: `(batch, n)` order of preference (default: the confidence).
+        floor: if set, positions whose confidence is below it are not committed this step, except that a row
+            whose choices all fall below commits its single most confident position (so every block finishes).
 
     Returns:
         `(batch, n)` bool, a subset of `todo`; every row with eligible positions commits at least one.
     """
     if tokens_per_step < 1:
         raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
-    scores = confidence.masked_fill(~todo, float("-inf"))
+    scores = (confidence if priority is None else priority).masked_fill(~todo, float("-inf"))
     k = min(tokens_per_step, scores.shape[-1])
     top = torch.topk(scores, k, dim=-1).indices
     commit = torch.zeros_like(todo).scatter(-1, top, True) & todo
     if threshold is not None:
         commit |= (confidence > threshold) & todo
+    if floor is not None:
+        commit &= confidence >= floor
+        empty = ~commit.any(-1) & todo.any(-1)
+        best = confidence.masked_fill(~todo, float("-inf")).argmax(-1)
+        fallback = torch.zeros_like(todo).scatter(-1, best[:, None], True) & todo
+        commit |= fallback & empty[:, None]
     return commit

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llm2diff.modeling.attention import CLEAN, NOISY, PAD, PROMPT, block_diffusion_mask, cached_block_mask, to_additive_mask
-from llm2diff.sampling.rules import choose_tokens, select_commits, suppress_ids
+from llm2diff.sampling.rules import COMMIT_RULES, choose_tokens, coarse_to_fine_priority, select_commits, suppress_ids
 
 
 @dataclass
@@ -66,6 +66,18 @@ class SamplerSettings:
     stop_strings: tuple[str, ...] = ()
     use_cache: bool = True
     seed: int | None = None
+    commit_rule: str = "confidence"
+    significance: torch.Tensor | None = None
+    significance_weight: float = 2.0
+    confidence_floor: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.commit_rule not in COMMIT_RULES:
+            raise ValueError(f"commit_rule must be one of {', '.join(COMMIT_RULES)}, got {self.commit_rule!r}")
+        if self.commit_rule == "coarse_to_fine" and self.significance is None:
+            raise ValueError("commit_rule 'coarse_to_fine' needs a token significance table")
+        if self.confidence_floor is not None and not 0.0 <= self.confidence_floor <= 1.0:
+            raise ValueError(f"confidence_floor must be in [0, 1], got {self.confidence_floor}")
 
 
 def _left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -216,7 +228,10 @@ class BlockSampler:
                 logits = ctx.block_logits(canvas)
             allowed = suppress_ids(logits, s.mask_token_id, s.vocab_size)
             tokens, confidence = choose_tokens(allowed, s.temperature, s.top_k, s.top_p, self.generator)
-            commit = select_commits(confidence, todo, s.tokens_per_step, s.threshold)
+            priority = None
+            if s.commit_rule == "coarse_to_fine":
+                priority = coarse_to_fine_priority(tokens, confidence, s.significance, s.significance_weight)
+            commit = select_commits(confidence, todo, s.tokens_per_step, s.threshold, priority, s.confidence_floor)
             canvas = torch.where(commit, tokens, canvas)
             todo &= ~commit
             self.step_counts.append(int((commit & ~finished[:, None]).sum()))

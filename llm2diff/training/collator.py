@@ -1,6 +1,8 @@
 """Collation into the training layout: pads each response with end-of-sequence to whole blocks, builds the batch.
 
-The collator is deterministic; noise is drawn in the trainer's `compute_loss`, under the trainer's seed.
+The collator is deterministic; noise is drawn in the trainer's `compute_loss`, under the trainer's seed. Rows with
+a `response_scores` column (semantic noise) carry their significance scores along; the end-of-sequence tokens
+added as block padding rank below every real token of the row (they are masked first and generated last).
 """
 
 from __future__ import annotations
@@ -27,5 +29,14 @@ class BlockDiffusionCollator:
                              f"(columns present: {sorted(features[0])})")
         prompts = [list(f["prompt_ids"]) for f in features]
         responses = [pad_response_to_blocks(f["response_ids"], self.block_size, self.eos_token_id) for f in features]
-        layout = build_layout(prompts, responses, self.block_size, self.pad_token_id, self.shift)
+        scores = None
+        if "response_scores" in features[0]:
+            scores = [_pad_scores(list(f["response_scores"]), len(r)) for f, r in zip(features, responses)]
+        layout = build_layout(prompts, responses, self.block_size, self.pad_token_id, self.shift, scores)
         return vars(layout)
+
+
+def _pad_scores(scores: list[float], length: int) -> list[float]:
+    """Extend a row's scores to its padded response: the added end-of-sequence tokens rank lowest."""
+    low = (min(scores) if scores else 0.0) - 1.0
+    return scores + [low] * (length - len(scores))

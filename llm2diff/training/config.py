@@ -5,12 +5,14 @@ Every field is a recipe key; see docs/recipes.md for the whole reference.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
 from llm2diff.modeling.config import validate_block_size
-from llm2diff.noise.schedule import check_schedule
+from llm2diff.noise.masking import NoiseSpec
+from llm2diff.noise.scorers import SCORERS
 
 
 @dataclass
@@ -21,14 +23,49 @@ class DiffusionSFTConfig(SFTConfig):
     shift: bool = field(default=True, metadata={"help": "Token shift: position i-1 predicts token i (keeps the AR head)."})
     mask_token: str | None = field(default=None, metadata={
         "help": "Force this mask token; default: the tokenizer's, a known unused special token, a spare row, a new one."})
-    noise_schedule: str = field(default="linear", metadata={"help": "Noise schedule; 'linear' masks with probability t."})
+    noise_schedule: str = field(default="linear", metadata={
+        "help": "Noise schedule p(t): 'linear' (p = t), 'cosine' (p = 1 - cos(pi t / 2)), 'loglinear' (MDLM; "
+                "p = (1 - 1e-3) t). The ELBO weight follows the schedule."})
     t_min: float = field(default=1e-3, metadata={
-        "help": "Lower end of the noise-level window t is drawn from (per block). The 1/t weight's variance diverges "
-                "as t_min -> 0."})
+        "help": "Lower end of the noise-level window t is drawn from. The 1/t weight's variance diverges as "
+                "t_min -> 0; BD3-LM's clipped window (e.g. 0.3-0.8) lowers it further."})
     t_max: float = field(default=1.0, metadata={"help": "Upper end of the noise-level window."})
+    t_sampling: str = field(default="uniform", metadata={
+        "help": "How t is drawn across the batch: 'uniform', 'stratified' (one draw per stratum) or 'antithetic' "
+                "(pairs t, 1 - t). All unbiased; the last two lower the loss variance."})
+    noise_unit: str = field(default="block", metadata={
+        "help": "'block': one noise level per block (and semantic ranking within a block); 'sequence': one per "
+                "response."})
+    noise_order: str = field(default="random", metadata={
+        "help": "'random': each token masked independently; 'semantic': least significant tokens first "
+                "(coarse-to-fine; needs semantic_scorer)."})
+    semantic_scorer: str | None = field(default=None, metadata={
+        "help": "Significance scorer for semantic noise and the coarse-to-fine sampler: 'idf', 'surprisal' "
+                "(frozen AR parent), 'parent_deletion' (AR parent representation), 'embedding_deletion' "
+                "(all-MiniLM-L6-v2). Scores are cached per dataset."})
+    semantic_temperature: float = field(default=0.0, metadata={
+        "help": "Mixes the semantic order with random order: 0 = pure significance order, inf = random."})
+    semantic_embedding_model: str | None = field(default=None, metadata={
+        "help": "Sentence-embedding model for 'embedding_deletion' (default: the bundled all-MiniLM-L6-v2)."})
+    semantic_batch_size: int = field(default=16, metadata={"help": "Examples per scoring batch."})
+    semantic_cache_dir: str | None = field(default=None, metadata={
+        "help": "Where significance scores are cached (default ~/.cache/llm2diff/scores)."})
+    position_masking_strength: float = field(default=0.0, metadata={
+        "help": "s > 0: position-dependent masking, later tokens of a block masked more (p_j = p(t)^g_j, "
+                "g_j = exp(s (1 - 2j/(B-1)))). 0 = off."})
+    complementary_masks: bool = field(default=False, metadata={
+        "help": "Train each example twice per step: the second copy masks exactly the tokens the first kept "
+                "(weight p'/(1-p), 1/(1-t) for linear)."})
     loss_weighting: str = field(default="elbo", metadata={
-        "help": "'elbo': 1/t on masked tokens, normalised by response tokens (unbiased); 'mean': plain mean over "
-                "masked tokens (biased, lower variance)."})
+        "help": "'elbo': the schedule's ELBO weight p'(t)/p(t) (1/t for linear); 'mean': weight 1; 'cart': "
+                "Dream's context-adaptive token weights."})
+    cart_p: float = field(default=0.1, metadata={"help": "Geometric kernel parameter p of 'cart' weighting."})
+    loss_normalization: str = field(default="auto", metadata={
+        "help": "'auto' (response for elbo/cart, masked for mean), 'response' (sum / response tokens), 'masked' "
+                "(sum / masked tokens), 'sequence' (per-sequence mean, averaged)."})
+    attention_anneal_steps: int = field(default=0, metadata={
+        "help": "Anneal attention from causal to block over this many steps (DiffuLLaMA): within a block a "
+                "token sees a later position with probability step / attention_anneal_steps. 0 = off."})
     loss_buckets: int = field(default=4, metadata={"help": "Log the loss in this many equal noise-level buckets."})
 
     def __post_init__(self):
@@ -41,13 +78,33 @@ class DiffusionSFTConfig(SFTConfig):
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.use_cpu
         super().__post_init__()
         validate_block_size(self.block_size, self.max_length)
-        check_schedule(self.noise_schedule)
-        if not 0.0 < self.t_max <= 1.0 or not 0.0 <= self.t_min <= self.t_max:
-            raise ValueError(f"noise window must satisfy 0 <= t_min <= t_max <= 1 and t_max > 0, got "
-                             f"t_min={self.t_min}, t_max={self.t_max}")
-        if self.loss_weighting == "elbo" and self.t_min == 0.0:
-            raise ValueError("loss_weighting 'elbo' needs t_min > 0 (the 1/t weight is infinite at t=0)")
-        if self.loss_weighting not in ("elbo", "mean"):
-            raise ValueError(f"loss_weighting must be 'elbo' or 'mean', got {self.loss_weighting!r}")
+        self.noise_spec().validate(self.block_size, self.shift)
         if self.loss_buckets < 1:
             raise ValueError(f"loss_buckets must be >= 1, got {self.loss_buckets}")
+        if self.noise_order == "semantic" and not self.semantic_scorer:
+            raise ValueError(f"noise_order 'semantic' needs semantic_scorer: one of {', '.join(SCORERS)}")
+        if self.semantic_scorer is not None and self.semantic_scorer not in SCORERS:
+            near = difflib.get_close_matches(self.semantic_scorer, SCORERS, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"unknown semantic_scorer {self.semantic_scorer!r}; available: {', '.join(SCORERS)}.{hint}")
+        if self.semantic_batch_size < 1:
+            raise ValueError(f"semantic_batch_size must be >= 1, got {self.semantic_batch_size}")
+        if self.attention_anneal_steps < 0:
+            raise ValueError(f"attention_anneal_steps must be >= 0, got {self.attention_anneal_steps}")
+        if self.attention_anneal_steps and self.block_size == 1:
+            raise ValueError("attention_anneal_steps needs block_size > 1: a block of one token has nothing to anneal")
+
+    def noise_spec(self) -> NoiseSpec:
+        """The `NoiseSpec` these fields describe."""
+        return NoiseSpec(
+            schedule=self.noise_schedule, t_min=self.t_min, t_max=self.t_max, t_sampling=self.t_sampling,
+            unit=self.noise_unit, order=self.noise_order, semantic_temperature=float(self.semantic_temperature),
+            position_strength=self.position_masking_strength, complementary=self.complementary_masks,
+            weighting=self.loss_weighting, cart_p=self.cart_p, normalization=self.loss_normalization,
+        )
+
+    def anneal_fraction(self, step: int) -> float | None:
+        """Fraction of within-block later positions visible at a training step (None when not annealing)."""
+        if not self.attention_anneal_steps:
+            return None
+        return min(1.0, step / self.attention_anneal_steps)

@@ -34,6 +34,8 @@ class Layout:
     target: `(batch, R)` response token j (-100 at padding).
     response_block: `(batch, R)` block of response token j (-1 at padding).
     noisy_copy: False for the AR-twin layout (block size 1 with shift), where nothing is noised.
+    block_size: the block size B the responses are padded to.
+    scores: optional `(batch, R)` significance of each response token (semantic noise); 0 at padding.
     """
 
     input_ids: torch.Tensor
@@ -45,6 +47,8 @@ class Layout:
     target: torch.Tensor
     response_block: torch.Tensor
     noisy_copy: bool
+    block_size: int = 0
+    scores: torch.Tensor | None = None
 
     @property
     def response_valid(self) -> torch.Tensor:
@@ -64,8 +68,12 @@ def pad_response_to_blocks(response: list[int], block_size: int, eos_id: int) ->
 
 def build_layout(
     prompts: list[list[int]], responses: list[list[int]], block_size: int, pad_id: int, shift: bool = True,
+    scores: list[list[float]] | None = None,
 ) -> Layout:
-    """Build the training layout for a batch. Responses must already be padded to whole blocks."""
+    """Build the training layout for a batch. Responses must already be padded to whole blocks.
+
+    `scores` (optional) gives each response token's significance, one list per response of the same length.
+    """
     if len(prompts) != len(responses) or not prompts:
         raise ValueError("build_layout needs the same, non-zero number of prompts and responses")
     noisy_copy = not (shift and block_size == 1)
@@ -115,4 +123,12 @@ def build_layout(
         noisy_index[b, :r], source_index[b, :r] = noisy_idx, source
         target[b, :r], response_block[b, :r] = resp, blocks
 
-    return Layout(input_ids, segment, block, position_ids, noisy_index, source_index, target, response_block, noisy_copy)
+    score_tensor = None
+    if scores is not None:
+        score_tensor = torch.zeros((batch, max_resp), dtype=torch.float)
+        for b, (row, response) in enumerate(zip(scores, responses)):
+            if len(row) != len(response):
+                raise ValueError(f"example {b}: {len(row)} significance scores for {len(response)} response tokens")
+            score_tensor[b, : len(row)] = torch.tensor(row, dtype=torch.float)
+    return Layout(input_ids, segment, block, position_ids, noisy_index, source_index, target, response_block,
+                  noisy_copy, block_size, score_tensor)

@@ -1,21 +1,24 @@
 """The block-diffusion training objective: noise a `Layout`, run one forward, take the weighted masked loss.
 
-    loss, stats = diffusion_loss(model, layout, mask_token_id, t_min=1e-3, t_max=1.0, weighting="elbo")
+    loss, stats = diffusion_loss(model, layout, mask_token_id, spec=NoiseSpec(schedule="cosine"))
 
 One forward over `[prompt ; clean response ; noisy response]` with the block-diffusion mask gives, at every masked
 position, the logits the cached sampler computes for the same noisy state. Only the positions that predict a masked
-token go through the LM head (`logits_to_keep`), which keeps the memory of the vocabulary projection small.
+token go through the LM head (`logits_to_keep`), which keeps the memory of the vocabulary projection small. The
+noise (schedule, window, order, complementary copies, weights and normalisation) is a `NoiseSpec`; see
+`llm2diff.noise.masking`. During attention annealing the mask inside a block is partly causal (see
+`llm2diff.modeling.attention.anneal_block_mask`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from llm2diff.modeling.attention import block_diffusion_mask, to_additive_mask
-from llm2diff.noise.schedule import masked_diffusion_loss, sample_noise_levels, sample_token_mask
+from llm2diff.modeling.attention import PROMPT, anneal_block_mask, block_diffusion_mask, to_additive_mask
+from llm2diff.noise.masking import Noise, NoiseSpec, cart_weights, draw_noise, reduce_loss, with_complement
 from llm2diff.training.layout import Layout
 
 
@@ -29,40 +32,75 @@ class LossStats:
     num_response_tokens: int
 
 
+def _repeat_layout(layout: Layout, times: int) -> Layout:
+    fields = {k: (torch.cat([v] * times) if isinstance(v, torch.Tensor) else v) for k, v in vars(layout).items()}
+    return Layout(**fields)
+
+
+def _block_size(layout: Layout) -> int:
+    if layout.block_size:
+        return layout.block_size
+    counts = (layout.response_block == 0).sum(1)  # layouts built without block_size: the first block's length
+    return int(counts.max())
+
+
+def apply_noise(
+    layout: Layout, mask_token_id: int, spec: NoiseSpec, generator: torch.Generator | None = None
+) -> tuple[Layout, torch.Tensor, Noise]:
+    """Draw the noise and write mask tokens into the noisy copy.
+
+    Returns the layout (rows doubled with complementary masks), its noisy input ids and the `Noise` (masks,
+    levels, per-token weights). For the AR-twin layout (no noisy copy) every response token is predicted from clean
+    context with weight 1 and t = 1.
+    """
+    valid = layout.response_valid
+    if not layout.noisy_copy:
+        ones = torch.ones(valid.shape, device=valid.device)
+        zeros = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
+        return layout, layout.input_ids, Noise(valid, ones, ones, valid.float(), valid, zeros)
+    block_size = _block_size(layout)
+    noise = draw_noise(layout.response_block, valid, block_size, spec, layout.scores, generator)
+    if spec.complementary:
+        noise = with_complement(noise, spec, block_size, layout.response_block)
+        layout = _repeat_layout(layout, 2)
+    if spec.weighting == "cart":
+        prompt_lengths = (layout.segment == PROMPT).sum(1)
+        noise.weight = cart_weights(noise.masked, noise.valid, block_size, prompt_lengths, spec.cart_p)
+    ids = layout.input_ids.clone()
+    rows, cols = noise.masked.nonzero(as_tuple=True)
+    ids[rows, layout.noisy_index[rows, cols]] = mask_token_id
+    return layout, ids, noise
+
+
 def noise_layout(
     layout: Layout, mask_token_id: int, t_min: float, t_max: float, schedule: str = "linear",
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw t per block and mask the noisy copy.
-
-    Returns:
-        noisy input ids `(batch, L)`, masked `(batch, R)` bool (where the loss is taken), t `(batch, R)`.
-        For the AR-twin layout (no noisy copy) every response token is "masked" with t = 1 (weight 1).
-    """
-    valid = layout.response_valid
-    if not layout.noisy_copy:
-        return layout.input_ids, valid, torch.ones(valid.shape, device=valid.device)
-    num_blocks = int(layout.response_block.max()) + 1
-    t_block = sample_noise_levels((valid.shape[0], num_blocks), t_min, t_max, generator, valid.device)
-    t = t_block.gather(1, layout.response_block.clamp(min=0))
-    masked = sample_token_mask(t, valid, schedule, generator)
-    ids = layout.input_ids.clone()
-    rows, cols = masked.nonzero(as_tuple=True)
-    ids[rows, layout.noisy_index[rows, cols]] = mask_token_id
-    return ids, masked, t
+    """Plain per-block random noise: (noisy input ids `(batch, L)`, masked `(batch, R)`, t `(batch, R)`)."""
+    spec = NoiseSpec(schedule=schedule, t_min=t_min, t_max=t_max, weighting="mean")
+    _, ids, noise = apply_noise(layout, mask_token_id, spec, generator)
+    return ids, noise.masked, noise.t
 
 
-def layout_logits(model, layout: Layout, input_ids: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+def layout_logits(
+    model, layout: Layout, input_ids: torch.Tensor, select: torch.Tensor, anneal: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Logits that predict the selected response tokens.
 
     Args:
         select: `(batch, R)` bool, which response tokens to return predictions for.
+        anneal: during attention annealing, the fraction of within-block later positions a token may see
+            (None or 1 = the full block mask).
 
     Returns:
         `(num_selected, vocab)` logits, in `select.nonzero()` order.
     """
     dtype = model.get_input_embeddings().weight.dtype
-    mask = to_additive_mask(block_diffusion_mask(layout.segment, layout.block), dtype)
+    allowed = block_diffusion_mask(layout.segment, layout.block)
+    if anneal is not None and anneal < 1.0:
+        allowed = anneal_block_mask(allowed, layout.segment, layout.block, layout.position_ids, anneal, generator)
+    mask = to_additive_mask(allowed, dtype)
     rows, cols = select.nonzero(as_tuple=True)
     sources = layout.source_index[rows, cols]
     keep = torch.unique(sources)
@@ -73,18 +111,26 @@ def layout_logits(model, layout: Layout, input_ids: torch.Tensor, select: torch.
 
 def diffusion_loss(
     model, layout: Layout, mask_token_id: int, t_min: float = 1e-3, t_max: float = 1.0, weighting: str = "elbo",
-    schedule: str = "linear", generator: torch.Generator | None = None,
+    schedule: str = "linear", generator: torch.Generator | None = None, spec: NoiseSpec | None = None,
+    anneal: float | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
-    """Noise the layout, run the model once, return the scalar loss and per-token statistics."""
+    """Noise the layout, run the model once, return the scalar loss and per-token statistics.
+
+    `spec` gives the whole noise recipe; without it, plain per-block random noise with the given schedule, window
+    and weighting.
+    """
+    if spec is None:
+        spec = NoiseSpec(schedule=schedule, t_min=t_min, t_max=t_max, weighting=weighting)
     device = model.get_input_embeddings().weight.device
-    layout = Layout(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(layout).items()})
-    ids, masked, t = noise_layout(layout, mask_token_id, t_min, t_max, schedule, generator)
-    logits = layout_logits(model, layout, ids, masked)
-    targets = layout.target[masked]
-    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    layout = replace(layout, **{k: v.to(device) for k, v in vars(layout).items() if isinstance(v, torch.Tensor)})
+    layout, ids, noise = apply_noise(layout, mask_token_id, spec, generator)
+    masked = noise.masked
+    logits = layout_logits(model, layout, ids, masked, anneal, generator)
+    ce = F.cross_entropy(logits.float(), layout.target[masked], reduction="none")
     token_loss = torch.zeros(masked.shape, device=device, dtype=ce.dtype)
     token_loss[masked] = ce
-    num_response = int(layout.response_valid.sum())
-    loss = masked_diffusion_loss(token_loss, masked, t, num_response, weighting, schedule)
-    stats = LossStats(t[masked].detach(), ce.detach(), int(masked.sum()), num_response)
+    normalization = spec.resolved_normalization() if layout.noisy_copy else "response"
+    weight = noise.weight if layout.noisy_copy else noise.valid.float()
+    loss = reduce_loss(token_loss, weight, masked, noise.valid, normalization)
+    stats = LossStats(noise.t[masked].detach(), ce.detach(), int(masked.sum()), int(noise.valid.sum()))
     return loss, stats

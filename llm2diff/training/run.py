@@ -80,6 +80,7 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
         t_min=train_args.t_min, t_max=train_args.t_max, loss_weighting=train_args.loss_weighting,
         base_model_name_or_path=model_args.model_name_or_path, use_chat_template=data_args.use_chat_template,
         system_prompt=data_args.system_prompt, prompt_template=data_args.prompt_template,
+        noise=train_args.noise_spec().to_dict(), significance_scorer=train_args.semantic_scorer,
     )
     dlm.config.training = provenance(recipe, train_args.seed)
     if source:  # e.g. the GGUF in a PyPI package that a built-in alias was converted from
@@ -89,9 +90,15 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
     if eval_ds is None and train_args.eval_strategy != "no":
         raise RecipeError(f"eval_strategy={train_args.eval_strategy!r} needs held-out data: set eval_split or "
                           "eval_fraction (the built-in task has its own test split)")
+    if eval_ds is not None and train_args.eval_strategy == "no":
+        eval_ds = None
+    significance = None
+    if train_args.semantic_scorer:
+        train_ds, eval_ds, significance = score_datasets(dlm, train_args, train_ds, eval_ds)
+        dlm.significance = significance
     trainer = DiffusionSFTTrainer(
         model=dlm.model, args=train_args, diffusion_config=dlm.config, processing_class=tokenizer,
-        train_dataset=train_ds, eval_dataset=eval_ds if train_args.eval_strategy != "no" else None,
+        train_dataset=train_ds, eval_dataset=eval_ds, significance=significance,
     )
     resume = train_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
@@ -102,6 +109,26 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
     if eval_args.final_eval_samples > 0 and trainer.accelerator.is_main_process:
         summary["final_eval"] = final_eval(dlm, data_args, eval_args, train_args.output_dir)
     return summary
+
+
+def score_datasets(dlm, train_args, train_ds, eval_ds):
+    """Attach cached significance scores (semantic noise) and build the token table the sampler reads."""
+    from llm2diff.noise.score_cache import add_significance_scores, significance_table
+    from llm2diff.noise.scorers import make_scorer
+
+    scorer = make_scorer(
+        train_args.semantic_scorer, dlm=dlm, tokenizer=dlm.tokenizer,
+        vocab_size=dlm.model.get_input_embeddings().weight.shape[0],
+        embedding_model=train_args.semantic_embedding_model, batch_size=train_args.semantic_batch_size,
+    )
+    show = not train_args.disable_tqdm
+    train_ds = add_significance_scores(train_ds, scorer, train_args.semantic_cache_dir,
+                                       train_args.semantic_batch_size, show_progress=show)
+    if eval_ds is not None:
+        eval_ds = add_significance_scores(eval_ds, scorer, train_args.semantic_cache_dir,
+                                          train_args.semantic_batch_size, show_progress=show)
+    table = significance_table(train_ds, dlm.model.get_input_embeddings().weight.shape[0])
+    return train_ds, eval_ds, table
 
 
 def final_eval(dlm, data_args, eval_args: FinalEvalArguments, output_dir: str) -> list[dict]:

@@ -15,6 +15,7 @@ import torch
 from trl import SFTTrainer
 
 from llm2diff.modeling.config import DiffusionConfig
+from llm2diff.modeling.diffusion_lm import save_significance
 from llm2diff.training.collator import BlockDiffusionCollator
 from llm2diff.training.config import DiffusionSFTConfig
 from llm2diff.training.layout import Layout
@@ -23,10 +24,17 @@ from llm2diff.training.objective import diffusion_loss
 
 class DiffusionSFTTrainer(SFTTrainer):
     def __init__(self, model, args: DiffusionSFTConfig, diffusion_config: DiffusionConfig, processing_class,
-                 train_dataset=None, eval_dataset=None, **kwargs):
+                 train_dataset=None, eval_dataset=None, significance: torch.Tensor | None = None, **kwargs):
         if diffusion_config.block_size != args.block_size:
             raise ValueError(f"block_size differs: model {diffusion_config.block_size}, recipe {args.block_size}")
         self.diffusion_config = diffusion_config
+        self.noise_spec = args.noise_spec()
+        self.significance = significance  # per-token significance table, saved for the coarse-to-fine sampler
+        if self.noise_spec.order == "semantic":
+            for name, ds in (("train", train_dataset), ("eval", eval_dataset)):
+                if ds is not None and "response_scores" not in ds.column_names:
+                    raise ValueError(f"noise_order 'semantic' needs a 'response_scores' column in the {name} dataset "
+                                     "(see llm2diff.noise.score_cache.add_significance_scores)")
         collator = BlockDiffusionCollator(
             block_size=args.block_size, eos_token_id=processing_class.eos_token_id,
             pad_token_id=processing_class.pad_token_id, shift=args.shift,
@@ -40,10 +48,12 @@ class DiffusionSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         args = self.args
         layout = Layout(**inputs)
-        loss, stats = diffusion_loss(
-            model, layout, self.diffusion_config.mask_token_id, t_min=args.t_min, t_max=args.t_max,
-            weighting=args.loss_weighting, schedule=args.noise_schedule,
-        )
+        # the eval loss is always taken under the final (block) attention mask
+        anneal = args.anneal_fraction(self.state.global_step) if mode == "train" else None
+        loss, stats = diffusion_loss(model, layout, self.diffusion_config.mask_token_id, spec=self.noise_spec,
+                                     anneal=anneal)
+        if anneal is not None:
+            self._metrics[mode]["attention_anneal"].append(anneal)
         self._log_loss_stats(mode, stats)
         if return_outputs:
             return loss, {"loss": loss}
@@ -66,3 +76,5 @@ class DiffusionSFTTrainer(SFTTrainer):
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
         self.diffusion_config.save(output_dir or self.args.output_dir)
+        if self.significance is not None:
+            save_significance(output_dir or self.args.output_dir, self.significance)
