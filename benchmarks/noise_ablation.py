@@ -99,7 +99,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {', '.join(SETTINGS)}")
     parser.add_argument("--steps", type=int, default=60, help="training steps per setting (batch 8)")
-    parser.add_argument("--train-examples", type=int, default=1000, help="built-in training problems (scored once)")
+    parser.add_argument("--train-examples", type=int, default=480,
+                        help="built-in training problems, scored once (60 steps x batch 8 see 480)")
     parser.add_argument("--problems", type=int, default=100, help="held-out problems graded per setting")
     parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold for the NFE column")
     parser.add_argument("--temperature", type=float, default=0.3, help="semantic_temperature of semantic settings")

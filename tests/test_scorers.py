@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import re
-import time
 
 import datasets
 import numpy as np
@@ -527,37 +526,3 @@ def test_embedding_deletion_scores_function_words_below_content_words_on_minilm(
     for sentence, (f, c) in zip(SENTENCES, groups):
         assert mean(f) < mean(c), sentence
     assert mean([s for f, _ in groups for s in f]) < 0.3 * mean([s for _, c in groups for s in c])
-
-
-@pytest.mark.slow
-def test_report_scorer_cost_per_1k_examples(smollm2, tmp_path, capsys):
-    """Prints (does not assert) each scorer's cost on 20 chat examples, 1 CPU thread (conftest), no cache reuse."""
-    model, tok = smollm2
-    sentences = SENTENCES + MORE_SENTENCES
-    rows = {"prompt_ids": [], "response_ids": []}
-    for i in range(20):
-        prompt = tok.apply_chat_template([{"role": "user", "content": f"Write two sentences (example {i})."}],
-                                         add_generation_prompt=True, tokenize=False)
-        response = f"{sentences[i]} {sentences[(i + 7) % 20]}" + tok.eos_token
-        rows["prompt_ids"].append(tok(prompt, add_special_tokens=False)["input_ids"])
-        rows["response_ids"].append(tok(response, add_special_tokens=False)["input_ids"])
-    data = datasets.Dataset.from_dict(rows)
-    lengths = [len(r) for r in rows["response_ids"]]
-    prompt_lengths = [len(p) for p in rows["prompt_ids"]]
-    report = [f"cost on {len(data)} examples: response tokens mean {mean(lengths):.1f} (min {min(lengths)}, "
-              f"max {max(lengths)}), prompt tokens mean {mean(prompt_lengths):.1f}, "
-              f"torch threads {torch.get_num_threads()}"]
-    for name in SCORERS:
-        scorer = {"idf": IDFScorer(len(tok)), "surprisal": SurprisalScorer(model, pad_token_id=tok.pad_token_id),
-                  "parent_deletion": ParentDeletionScorer(model, pad_token_id=tok.pad_token_id),
-                  "embedding_deletion": EmbeddingDeletionScorer(tok)}[name]
-        if name == "embedding_deletion":
-            scorer.encoder  # load outside the timing, like the models above
-        start = time.perf_counter()
-        out = add_significance_scores(data, scorer, cache_dir=tmp_path, show_progress=False)
-        seconds = time.perf_counter() - start
-        assert [len(s) for s in out["response_scores"]] == lengths
-        report.append(f"  {name:>18}: {seconds:6.2f} s total, {seconds / len(data) * 1000:8.1f} s per 1k examples")
-    captured = capsys.readouterr().out
-    with capsys.disabled():
-        print("\n" + captured + "\n".join(report))
