@@ -52,3 +52,25 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_jsonl_records(path: str | os.PathLike, key: str = "id") -> dict[str, dict]:
+    """Records of an append-only JSON Lines file, by `key`. A line cut short by an interruption is dropped (and
+    removed from the file, so appending starts on a fresh line); its record is produced again by the caller."""
+    path = Path(path)
+    done: dict[str, dict] = {}
+    if not path.is_file():
+        return done
+    text = path.read_text()
+    lines = text.splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[record[key]] = record
+        kept.append(line)
+    if len(kept) != len(lines) or (lines and not text.endswith("\n")):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return done

@@ -20,6 +20,7 @@ commands:
   train      fine-tune a stock causal LM into a block-diffusion LM from a YAML recipe (--config FILE)
   generate   sample from a saved model (--model DIR --prompt TEXT)
   eval       evaluate a saved model or its AR parent on a task (--config eval/gsm8k.yaml --model DIR [--ar-parent])
+  star       self-training rounds: sample, verify, rationalize, retrain, evaluate (--config recipes/quickstart-star.yaml)
 
 run `llm2diff <command> --help` for the options of a command."""
 
@@ -98,6 +99,19 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def cmd_star(argv: list[str]) -> int:
+    from llm2diff.recipe import parse_recipe
+    from llm2diff.star.config import star_dataclasses
+    from llm2diff.star.rounds import run_star
+
+    if "--config" not in argv and not any(a in ("-h", "--help") for a in argv):
+        raise ValueError("star needs a recipe: llm2diff star --config recipes/quickstart-star.yaml")
+    model_args, data_args, train_args, star_args, recipe = parse_recipe(argv, classes=star_dataclasses())
+    records = run_star(model_args, data_args, train_args, star_args, recipe)
+    print(f"{len(records) - 1} rounds done; report in {train_args.output_dir}/report.md")
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     from llm2diff.evaluation.runner import EvalConfig, run_eval, summary_markdown
     from llm2diff.recipe import parse_recipe
@@ -109,7 +123,7 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "star": cmd_star}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,13 +18,23 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_recipe_parses_and_names_its_launch_command(path):
-    model_args, data_args, train_args, eval_args, recipe = parse_recipe(["--config", str(path)])
+    from llm2diff.star.config import star_dataclasses
+
+    is_star = path.stem.endswith("star")
+    classes = star_dataclasses() if is_star else recipe_dataclasses()
+    model_args, data_args, train_args, *rest, recipe = parse_recipe(["--config", str(path)], classes=classes)
     assert model_args.model_name_or_path
     assert data_args.dataset_name
     assert train_args.block_size >= 1
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
-    assert any(f"--config {path.relative_to(ROOT)}" in line for line in header), "header must carry the launch command"
-    assert set(recipe) <= set(valid_keys(recipe_dataclasses()))
+    command = "llm2diff star" if is_star else "llm2diff train"
+    launch = [line for line in header if f"--config {path.relative_to(ROOT)}" in line]
+    assert launch and any(command in line for line in launch), "header must carry the launch command"
+    assert set(recipe) <= set(valid_keys(classes))
+    if is_star:
+        from llm2diff.star.rounds import check_task
+
+        check_task(rest[0])  # the task exists and has a grader
 
 
 def _write(tmp_path, text):
@@ -88,6 +98,16 @@ def test_missing_recipe_file():
 def test_recipe_must_be_a_mapping(tmp_path):
     with pytest.raises(RecipeError, match="must be a YAML mapping"):
         parse_recipe(["--config", _write(tmp_path, "- a\n- b\n")])
+
+
+def test_every_star_key_is_documented():
+    import dataclasses
+
+    from llm2diff.star.config import StarArguments
+
+    docs = (ROOT / "docs" / "star.md").read_text()
+    missing = [f.name for f in dataclasses.fields(StarArguments) if f"`{f.name}`" not in docs]
+    assert not missing, f"document these STaR keys in docs/star.md: {missing}"
 
 
 def test_every_llm2diff_recipe_key_is_documented():

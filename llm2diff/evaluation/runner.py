@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from llm2diff.atomic import write_json_atomic, write_text_atomic
+from llm2diff.atomic import read_jsonl_records, write_json_atomic, write_text_atomic
 from llm2diff.tasks.base import EvalTask, get_task
 
 
@@ -127,23 +127,7 @@ class PromptRenderer:
 
 
 def _read_done(path: Path) -> dict[str, dict]:
-    """Records already written. A line cut short by an interruption is dropped (and removed from the file, so
-    appending starts on a fresh line); its example runs again."""
-    done: dict[str, dict] = {}
-    if not path.is_file():
-        return done
-    lines = path.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        done[record["id"]] = record
-        kept.append(line)
-    if len(kept) != len(lines) or (lines and not path.read_text().endswith("\n")):
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
-    return done
+    return read_jsonl_records(path)
 
 
 def _check_resume(out: Path, cfg: EvalConfig) -> None:

@@ -249,6 +249,27 @@ def adapt(model, tokenizer, block_size: int = 32, lora=None, mask_token: str | N
     return DiffusionLM(model, tokenizer, config)
 
 
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer saved at `path`, exactly as its `tokenizer.json` defines it.
+
+    A directory whose `tokenizer_config.json` declares the generic `TokenizersBackend` / `PreTrainedTokenizerFast`
+    is loaded with that class: `AutoTokenizer` would otherwise pick the model type's own tokenizer class, which
+    rebuilds the pre-tokenizer and decoder and silently changes a custom tokenizer. Anything else goes through
+    `AutoTokenizer`.
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    directory = Path(path)
+    config = directory / "tokenizer_config.json"
+    if config.is_file() and (directory / "tokenizer.json").is_file():
+        declared = json.loads(config.read_text()).get("tokenizer_class")
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(directory)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: str | None = None,
          trust_remote_code: bool = False, is_trainable: bool = False) -> DiffusionLM:
     """Load a `DiffusionLM` saved with `save_pretrained`: base model plus adapter, or a full model.
@@ -256,7 +277,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
     The base checkpoint named in `diffusion_config.json` is loaded from safetensors (built-in aliases such as
     `smollm2-135m-instruct` resolve to their locally converted copy). `trust_remote_code` stays off unless asked.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from llm2diff.models.builtin import resolve_model_path
 
@@ -264,7 +285,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
     if not path.is_dir():
         raise FileNotFoundError(f"no saved model at {path}: expected a directory written by DiffusionLM.save_pretrained")
     config = DiffusionConfig.load(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

@@ -37,5 +37,8 @@ class ArithmeticEvalTask(EvalTask):
     def target(self, row: dict) -> str:
         return row["answer"]
 
+    def final_answer(self, row: dict) -> str | None:
+        return extract_answer(row["answer"])
+
     def grade(self, completion: str, row: dict) -> Grade:
         return Grade(correct=grade(completion, row["answer"]), prediction=extract_answer(completion))

@@ -48,6 +48,10 @@ class EvalTask:
     def grade(self, completion: str, row: dict) -> Grade:
         raise NotImplementedError
 
+    def final_answer(self, row: dict) -> str | None:
+        """The row's short final answer (e.g. "18"), given as a hint when rationalizing; None if the task has none."""
+        return None
+
     def row_id(self, row: dict, index: int) -> str:
         return str(row.get("id", index))
 

@@ -226,6 +226,9 @@ class GSM8KTask(EvalTask):
     def target(self, row: dict) -> str:
         return str(row["answer"]).strip()
 
+    def final_answer(self, row: dict) -> str | None:
+        return reference_answer(str(row["answer"]))
+
     def grade(self, completion: str, row: dict) -> Grade:
         correct = is_correct(completion, row["answer"], self.mode)
         return Grade(correct=correct, prediction=extract_answer(completion, self.mode), metrics={})

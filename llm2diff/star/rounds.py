@@ -1,0 +1,299 @@
+"""STaR-style self-training rounds for diffusion (or AR-twin) models: sample, verify, rationalize, retrain, evaluate.
+
+    llm2diff star --config recipes/quickstart-star.yaml
+    accelerate launch -m llm2diff star --config recipes/quickstart-star.yaml
+
+Round 0 is the starting model: `star_init_model`, or a model trained from the recipe's own data and steps. Each
+round r = 1..R then
+  1. samples k rationales per training problem with the round r-1 model (block sampler, temperature, seed per
+     round) and grades them with the task's grader                                  -> round-r/samples.jsonl
+  2. re-samples problems with no correct rationale with the answer given as a hint, keeping correct rationales
+     without the hint (rationalization)                                             -> round-r/rationalized.jsonl
+  3. builds the round's data: correct rationales, deduplicated, at most `star_max_per_problem` per problem, plus
+     `star_mix_sft` original rows                                                   -> round-r/data (datasets)
+  4. fine-tunes the round-0 model afresh (`star_restart: initial`, as in STaR) or the round r-1 model
+     (`previous`) for `star_train_steps`                                           -> round-r/model
+  5. grades held-out problems with the evaluation runner                            -> round-r/eval
+and writes round-r/round.json, then the report (report.md, report.json, accuracy.png) in the output directory.
+
+Every stage's output is written atomically, or appended record by record (samples), and a stage is skipped when
+its output exists, so re-running the same command after an interruption resumes where it stopped. Raising
+`star_rounds` continues a finished run. An output directory that holds a different recipe's run is refused.
+
+STaR: Zelikman et al. 2022, "STaR: Bootstrapping Reasoning With Reasoning".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from llm2diff.atomic import atomic_directory, write_json_atomic
+from llm2diff.recipe import RecipeError
+from llm2diff.star.config import StarArguments
+from llm2diff.star.sampling import SampleOptions, sample_and_grade
+
+logger = logging.getLogger("llm2diff")
+
+RUN_FILE = "star_run.json"
+# recipe keys that may change between invocations of the same run
+MUTABLE_KEYS = ("star_rounds", "report_to", "logging_steps", "dataloader_num_workers", "resume_from_checkpoint")
+
+
+def check_task(star: StarArguments):
+    """The task, which must have a grader (and a final answer when rationalizing)."""
+    from llm2diff.tasks.base import EvalTask, get_task
+
+    options = json.loads(star.star_task_options) if star.star_task_options else {}
+    task = get_task(star.star_task, **options)
+    if type(task).grade is EvalTask.grade:
+        raise RecipeError(f"task {star.star_task!r} has no grader, so its samples cannot be verified; STaR needs a "
+                          "task module that implements grade()")
+    return task
+
+
+def check_run_dir(root: Path, recipe: dict[str, Any]) -> None:
+    """Refuse an output directory holding a different recipe's run; record this recipe in a new one."""
+    from llm2diff.modeling.config import library_versions
+
+    key = {k: v for k, v in recipe.items() if k not in MUTABLE_KEYS}
+    path = root / RUN_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())["recipe"]
+        changed = sorted(k for k in set(previous) | set(key) if previous.get(k) != key.get(k))
+        if changed:
+            raise RecipeError(f"{root} holds a STaR run of a different recipe (it differs in {', '.join(changed)}); "
+                              "use another output_dir, or delete that one to start over")
+        return
+    if root.is_dir() and any(p.name.startswith("round-") for p in root.iterdir()):
+        raise RecipeError(f"{root} holds rounds but no {RUN_FILE}: not a STaR run of this recipe; use another "
+                          "output_dir")
+    write_json_atomic(path, {"recipe": key, "versions": library_versions(),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def _round_train_args(train_args, output_dir: Path, steps: int, seed: int):
+    args = copy.deepcopy(train_args)
+    args.output_dir = str(output_dir)
+    args.max_steps = steps
+    args.seed = seed
+    args.resume_from_checkpoint = None
+    return args
+
+
+def _last_checkpoint(directory: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(directory)) if directory.is_dir() else None
+
+
+def _train(model_args, data_args, train_args, recipe, out: Path, rows=None, init_model=None) -> dict:
+    """Train into out/model (resuming from its last checkpoint); out/train.json marks it done."""
+    from accelerate import PartialState
+
+    from llm2diff.recipe import FinalEvalArguments
+    from llm2diff.training.run import run_train
+
+    marker = out / "train.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    start = time.perf_counter()
+    model_dir = out / "model"
+    train_args.resume_from_checkpoint = _last_checkpoint(model_dir)
+    summary = run_train(model_args, data_args, train_args, FinalEvalArguments(), recipe, train_rows=rows,
+                        init_model=init_model)
+    record = {"seconds": round(time.perf_counter() - start, 2), "metrics": summary["train"],
+              "examples": None if rows is None else len(rows), "init_model": init_model,
+              "resumed_from": train_args.resume_from_checkpoint}
+    if PartialState().is_main_process:
+        write_json_atomic(marker, record)
+    PartialState().wait_for_everyone()
+    return record
+
+
+def _evaluate(star: StarArguments, model_dir: Path, out: Path, seed: int) -> dict:
+    from accelerate import PartialState
+
+    from llm2diff.evaluation.runner import EvalConfig, run_eval
+
+    state = PartialState()
+    path = out / "summary.json"
+    if state.is_main_process and not path.is_file():
+        cfg = EvalConfig(model=str(model_dir), task=star.star_task, source=star.star_source, split=star.star_eval_split,
+                         limit=star.star_eval_problems, task_options=star.star_task_options,
+                         max_new_tokens=star.star_max_new_tokens, batch_size=star.star_eval_batch_size,
+                         threshold=star.star_eval_threshold, seed=seed, output_dir=str(out))
+        start = time.perf_counter()
+        summary = run_eval(cfg)
+        summary["stage_seconds"] = round(time.perf_counter() - start, 2)
+        write_json_atomic(path, summary)
+    state.wait_for_everyone()
+    return json.loads(path.read_text())
+
+
+def build_round_data(samples: dict[str, dict], rationalized: dict[str, dict], star: StarArguments,
+                     sft_rows: list[dict], seed: int) -> tuple[list[dict], dict[str, int]]:
+    """The round's training rows: correct rationales (deduped, capped per problem) plus original SFT rows."""
+    rows, counts = [], {"kept": 0, "rationalized": 0, "problems_solved": 0, "sft": 0}
+    for problem_id, record in samples.items():
+        texts: list[tuple[str, str]] = []
+        for sample in record["samples"]:
+            if sample["correct"] and sample["text"] not in {t for t, _ in texts}:
+                texts.append((sample["text"], "sampled"))
+        if not texts and problem_id in rationalized:
+            for sample in rationalized[problem_id]["samples"]:
+                if sample["correct"] and sample["text"] not in {t for t, _ in texts}:
+                    texts.append((sample["text"], "rationalized"))
+        texts = texts[: star.star_max_per_problem]
+        if texts:
+            counts["problems_solved"] += 1
+        for text, origin in texts:
+            rows.append({"question": record["question"], "answer": text, "origin": origin, "problem_id": problem_id})
+            counts["kept" if origin == "sampled" else "rationalized"] += 1
+    if star.star_mix_sft and sft_rows:
+        pick = random.Random(seed).sample(range(len(sft_rows)), min(star.star_mix_sft, len(sft_rows)))
+        for i in pick:
+            rows.append({"question": sft_rows[i]["question"], "answer": sft_rows[i]["answer"], "origin": "sft",
+                         "problem_id": f"sft-{i}"})
+        counts["sft"] = len(pick)
+    return rows, counts
+
+
+def _sft_rows(data_args, star: StarArguments) -> list[dict]:
+    if not star.star_mix_sft:
+        return []
+    from llm2diff.training.data import load_raw_dataset
+
+    ds = load_raw_dataset(data_args, data_args.train_split)
+    if "question" not in ds.column_names or "answer" not in ds.column_names:
+        raise RecipeError(f"star_mix_sft needs question/answer rows in the recipe's dataset; it has "
+                          f"{sorted(ds.column_names)}")
+    return [{"question": r["question"], "answer": r["answer"]} for r in ds]
+
+
+def run_star(model_args, data_args, train_args, star: StarArguments, recipe: dict[str, Any]) -> list[dict]:
+    """Run (or resume) all rounds. Returns the per-round records (also in report.json)."""
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from llm2diff.modeling.diffusion_lm import load
+    from llm2diff.star.report import write_report
+
+    state = PartialState()
+    root = Path(train_args.output_dir)
+    task = check_task(star)
+    if state.is_main_process:
+        check_run_dir(root, recipe)
+    state.wait_for_everyone()
+    train_rows_all = task.load_rows(star.star_source, star.star_train_split, star.star_num_problems)
+    row_ids = [task.row_id(row, i) for i, row in enumerate(train_rows_all)]
+    records: list[dict] = []
+
+    # -- round 0: the starting model --------------------------------------------------------------------------------
+    r0 = root / "round-0"
+    if star.star_init_model:
+        initial = str(Path(star.star_init_model))
+        if not Path(initial).is_dir():
+            raise FileNotFoundError(f"star_init_model {initial!r} is not a directory written by llm2diff train")
+        train0 = {"seconds": 0.0, "init_model": initial}
+    else:
+        set_seed(train_args.seed)
+        train0 = _train(model_args, data_args, _round_train_args(train_args, r0 / "model", train_args.max_steps,
+                                                                 train_args.seed), recipe, r0)
+        initial = str(r0 / "model")
+    eval0 = _evaluate(star, Path(initial), r0 / "eval", train_args.seed)
+    records.append(_round_record(0, eval0, train0, None, None, None, None))
+    if state.is_main_process:
+        write_json_atomic(r0 / "round.json", records[-1])
+        write_report(root, records, star)
+
+    previous = initial
+    sft_rows = _sft_rows(data_args, star)
+    for r in range(1, star.star_rounds + 1):
+        out = root / f"round-{r}"
+        round_file = out / "round.json"
+        if round_file.is_file():
+            records.append(json.loads(round_file.read_text()))
+            previous = str(out / "model")
+            continue
+        seed = train_args.seed + 1000 * r
+        dlm = load(previous)
+        options = SampleOptions(max_new_tokens=star.star_max_new_tokens, temperature=star.star_temperature,
+                                top_p=star.star_top_p, tokens_per_step=star.star_tokens_per_step,
+                                threshold=star.star_threshold, batch_size=star.star_batch_size)
+        k = star.star_samples_per_problem
+        samples, sample_stats = sample_and_grade(dlm, task, train_rows_all, k, options, seed, out / "samples.jsonl",
+                                                 desc=f"round {r}: sampling")
+        unsolved = [i for i, row_id in enumerate(row_ids) if samples[row_id]["num_correct"] == 0]
+        rationalized, rat_stats = {}, None
+        if star.star_rationalize and unsolved:
+            hints = {i: task.final_answer(train_rows_all[i]) for i in unsolved}
+            usable = [i for i in unsolved if hints[i] is not None]
+            if len(usable) < len(unsolved):
+                logger.warning("task %s gives no final answer for %d problems: they are not rationalized",
+                               star.star_task, len(unsolved) - len(usable))
+            if usable:
+                # the rows keep their ids from the full list, so records line up with the samples
+                keyed = [{**train_rows_all[i], "id": row_ids[i]} for i in usable]
+                questions = [star.star_hint_template.format(question=task.question(train_rows_all[i]), answer=hints[i])
+                             for i in usable]
+                rationalized, rat_stats = sample_and_grade(dlm, task, keyed, k, options, seed + 500,
+                                                           out / "rationalized.jsonl", questions=questions,
+                                                           desc=f"round {r}: rationalizing")
+        del dlm
+        data_dir = out / "data"
+        data_rows, counts = build_round_data(samples, rationalized, star, sft_rows, seed)
+        if not data_rows:
+            raise RuntimeError(f"round {r}: no correct rationale among {len(samples)} problems x {k} samples; "
+                               "raise star_samples_per_problem or star_temperature, or start from a stronger model")
+        if state.is_main_process and not (data_dir / "dataset_info.json").is_file():
+            import datasets
+
+            with atomic_directory(data_dir) as tmp:
+                datasets.Dataset.from_list(data_rows).save_to_disk(str(tmp))
+        state.wait_for_everyone()
+        import datasets
+
+        round_data = datasets.load_from_disk(str(data_dir)).select_columns(["question", "answer"])
+        init = initial if star.star_restart == "initial" else previous
+        round_args = _round_train_args(train_args, out / "model", star.star_train_steps, seed)
+        set_seed(seed)
+        train = _train(model_args, data_args, round_args, recipe, out, rows=round_data, init_model=init)
+        evaluation = _evaluate(star, out / "model", out / "eval", train_args.seed)
+        pass_at_k = sum(1 for s in samples.values() if s["num_correct"] > 0) / max(len(samples), 1)
+        records.append(_round_record(r, evaluation, train, sample_stats, rat_stats, counts,
+                                     {"pass_at_k": pass_at_k, "k": k, "problems": len(samples),
+                                      "unsolved": len(unsolved)}))
+        if state.is_main_process:
+            write_json_atomic(round_file, records[-1])
+            write_report(root, records, star)
+        previous = str(out / "model")
+    return records
+
+
+def _round_record(r, evaluation, train, sample_stats, rat_stats, counts, train_metrics) -> dict:
+    return {
+        "round": r,
+        "accuracy": evaluation["metrics"].get("accuracy", evaluation["correct"] / max(evaluation["num_examples"], 1)),
+        "eval_examples": evaluation["num_examples"],
+        "eval_nfe_per_token": evaluation.get("nfe_per_token"),
+        "train_problems": None if train_metrics is None else train_metrics["problems"],
+        "pass_at_k": None if train_metrics is None else train_metrics["pass_at_k"],
+        "k": None if train_metrics is None else train_metrics["k"],
+        "kept": None if counts is None else counts["kept"],
+        "rationalized": None if counts is None else counts["rationalized"],
+        "sft_mixed": None if counts is None else counts["sft"],
+        "sampling": None if sample_stats is None else sample_stats.to_dict(),
+        "rationalizing": None if rat_stats is None else rat_stats.to_dict(),
+        "seconds": {"sample": None if sample_stats is None else round(sample_stats.seconds, 1),
+                    "rationalize": None if rat_stats is None else round(rat_stats.seconds, 1),
+                    "train": train.get("seconds"), "eval": evaluation.get("stage_seconds")},
+    }
+
+
+__all__ = ["run_star", "build_round_data", "check_task", "check_run_dir", "StarArguments"]

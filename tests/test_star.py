@@ -1,0 +1,189 @@
+"""STaR rounds end to end on a tiny model: artifacts, report, resume after an interruption, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import make_model, make_tokenizer
+
+from llm2diff.cli import main
+from llm2diff.star.config import StarArguments
+from llm2diff.star.rounds import build_round_data
+
+PROBLEMS = [
+    {"question": "tom has 3 apples . he buys 4 more . how many ?", "answer": "3 + 4 = 7\n#### 7"},
+    {"question": "ana has 9 pears . she eats 2 . how many ?", "answer": "9 - 2 = 7\n#### 7"},
+    {"question": "sam has 5 books . he finds 3 more . how many ?", "answer": "5 + 3 = 8\n#### 8"},
+    {"question": "lea has 8 cards . she loses 6 . how many ?", "answer": "8 - 6 = 2\n#### 2"},
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("star")
+    model_dir = root / "tiny-qwen2"
+    make_model("qwen2", layers=2).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    data = root / "problems.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    return root
+
+
+def _recipe(workdir, name, **overrides):
+    data = str(workdir / "problems.jsonl")
+    fields = dict(
+        model_name_or_path=str(workdir / "tiny-qwen2"), dataset_name=data, block_size=4, output_dir=str(workdir / name),
+        max_steps=120, per_device_train_batch_size=4, learning_rate=0.01, lr_scheduler_type="constant",
+        logging_steps=100, save_steps=1000, report_to="none", use_cpu=True, gradient_checkpointing=False,
+        use_lora=False, t_min=0.3, loss_weighting="mean", seed=0,
+        star_task="arithmetic", star_source=data, star_eval_split="test", star_num_problems=4, star_eval_problems=4,
+        star_rounds=2, star_samples_per_problem=2, star_temperature=1.0, star_max_new_tokens=12, star_batch_size=4,
+        star_train_steps=5, star_mix_sft=2, star_eval_batch_size=4,
+    )
+    fields.update(overrides)
+    path = workdir / f"{name}.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items()))
+    return str(path)
+
+
+def test_two_rounds_write_every_artifact_and_resume_without_redoing_work(workdir, capsys):
+    recipe = _recipe(workdir, "run")
+    assert main(["star", "--config", recipe]) == 0
+    out = workdir / "run"
+    printed = capsys.readouterr().out
+    assert "| round | held-out accuracy | pass@k (train)" in printed
+    for r in (0, 1, 2):
+        assert (out / f"round-{r}" / "round.json").is_file()
+        assert (out / f"round-{r}" / "eval" / "summary.json").is_file()
+    assert (out / "round-0" / "model" / "diffusion_config.json").is_file()
+    report = json.loads((out / "report.json").read_text())["rounds"]
+    assert [r["round"] for r in report] == [0, 1, 2]
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![accuracy by round](accuracy.png)" in (out / "report.md").read_text()
+
+    import datasets
+
+    from llm2diff.tasks.base import get_task
+
+    task = get_task("arithmetic")
+    for r in (1, 2):
+        lines = (out / f"round-{r}" / "samples.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert len(records) == 4 and all(len(rec["samples"]) == 2 for rec in records)
+        data = datasets.load_from_disk(str(out / f"round-{r}" / "data"))
+        by_question = {p["question"]: p for p in PROBLEMS}
+        sampled = [row for row in data if row["origin"] != "sft"]
+        # every kept rationale is graded correct for its own problem, and is stored without any hint
+        assert all(task.grade(row["answer"], by_question[row["question"]]).correct for row in sampled)
+        assert all("Hint" not in row["question"] for row in data)
+        assert sum(row["origin"] == "sft" for row in data) == 2
+        rec = report[r]
+        assert rec["kept"] + rec["rationalized"] == len(sampled)
+        assert rec["pass_at_k"] == sum(x["num_correct"] > 0 for x in records) / 4
+        assert rec["sampling"]["new_tokens"] > 0 and rec["seconds"]["train"] > 0
+    config = json.loads((out / "round-2" / "model" / "diffusion_config.json").read_text())
+    assert config["training"]["recipe"]["star_rounds"] == 2
+
+    # interrupt round 2 in the middle of sampling: half its records, then a line cut short
+    r2 = out / "round-2"
+    full = (r2 / "samples.jsonl").read_text()
+    keep = full.splitlines()[:2]
+    for name in ("round.json", "train.json", "rationalized.jsonl"):
+        (r2 / name).unlink(missing_ok=True)
+    for name in ("model", "eval", "data"):
+        shutil.rmtree(r2 / name, ignore_errors=True)
+    (r2 / "samples.jsonl").write_text("\n".join(keep) + "\n" + '{"id": "trunc')
+    round1 = {p: p.stat().st_mtime_ns for p in (out / "round-1").rglob("*") if p.is_file()}
+    assert main(["star", "--config", recipe]) == 0
+    # round 1 untouched; round 2 resumed at the first missing problem and drew what an uninterrupted run drew
+    assert {p: p.stat().st_mtime_ns for p in (out / "round-1").rglob("*") if p.is_file()} == round1
+    assert (r2 / "samples.jsonl").read_text() == full
+    assert (r2 / "round.json").is_file() and (r2 / "model" / "diffusion_config.json").is_file()
+
+    # raising star_rounds continues the finished run with round 3
+    assert main(["star", "--config", recipe, "--star_rounds", "3"]) == 0
+    assert [r["round"] for r in json.loads((out / "report.json").read_text())["rounds"]] == [0, 1, 2, 3]
+    assert json.loads((out / "round-1" / "round.json").read_text()) == report[1]
+
+
+def test_unsolved_problems_are_rationalized_with_the_answer_as_a_hint(workdir):
+    # the STaR problems carry other answers than the ones round 0 learned: every sample is graded wrong
+    other = workdir / "other-answers.jsonl"
+    other.write_text("".join(json.dumps({**p, "answer": "9 + 9 = 9\n#### 9"}) + "\n" for p in PROBLEMS))
+    recipe = _recipe(workdir, "hint", star_source=str(other), star_rounds=1)
+    assert main(["star", "--config", recipe]) == 0
+    r1 = workdir / "hint" / "round-1"
+    samples = [json.loads(line) for line in (r1 / "samples.jsonl").read_text().splitlines()]
+    assert all(rec["num_correct"] == 0 for rec in samples)
+    hinted = [json.loads(line) for line in (r1 / "rationalized.jsonl").read_text().splitlines()]
+    assert len(hinted) == 4
+    for rec in hinted:
+        assert rec["prompt_question"] == f"{rec['question']}\nHint: the final answer is 9."
+        assert "Hint" not in rec["question"]
+    report = json.loads((r1 / "round.json").read_text())
+    kept = sum(any(s["correct"] for s in rec["samples"]) for rec in hinted)  # one per solved problem
+    assert report["pass_at_k"] == 0.0 and report["rationalized"] == kept and report["kept"] == 0
+
+
+def test_continue_from_previous_round(workdir):
+    assert main(["star", "--config", _recipe(workdir, "prev", star_restart="previous", star_rounds=1,
+                                             star_rationalize=False, star_mix_sft=0)]) == 0
+    train = json.loads((workdir / "prev" / "round-1" / "train.json").read_text())
+    assert train["init_model"].endswith("round-0/model")
+
+
+def test_a_different_recipe_in_the_same_output_dir_is_refused(workdir, capsys):
+    recipe = _recipe(workdir, "guarded", star_rounds=1, max_steps=5, star_rationalize=False)
+    assert main(["star", "--config", recipe]) == 0
+    capsys.readouterr()
+    assert main(["star", "--config", recipe, "--star_samples_per_problem", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a STaR run of a different recipe" in err and "star_samples_per_problem" in err
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"star_samples_per_problem": 0}, "star_samples_per_problem must be >= 1"),
+    ({"star_task": "arithmetik"}, "unknown star_task 'arithmetik'"),
+    ({"star_restart": "base"}, "star_restart must be one of initial, previous"),
+    ({"star_hint_template": "{question} only"}, "must contain {question} and {answer}"),
+    ({"star_rounds_": 2}, "did you mean 'star_rounds'"),
+])
+def test_bad_star_recipes_fail_clearly(workdir, capsys, overrides, message):
+    assert main(["star", "--config", _recipe(workdir, "bad", **overrides)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (workdir / "bad").exists()
+
+
+def test_task_without_a_grader_is_refused(monkeypatch):
+    from llm2diff.recipe import RecipeError
+    from llm2diff.star.rounds import check_task
+    from llm2diff.tasks import base
+
+    class Ungraded(base.EvalTask):
+        name = "ungraded"
+
+    monkeypatch.setitem(base.TASKS, "ungraded", f"{__name__}:Ungraded")
+    monkeypatch.setattr(base.importlib, "import_module", lambda name: type("M", (), {"Ungraded": Ungraded}))
+    with pytest.raises(RecipeError, match="task 'ungraded' has no grader"):
+        check_task(StarArguments(star_task="ungraded"))
+
+
+def test_round_data_dedupes_caps_and_prefers_own_rationales():
+    samples = {
+        "a": {"question": "qa", "samples": [{"text": "x", "correct": True}, {"text": "x", "correct": True},
+                                            {"text": "y", "correct": True}]},
+        "b": {"question": "qb", "samples": [{"text": "z", "correct": False}]},
+        "c": {"question": "qc", "samples": [{"text": "w", "correct": False}]},
+    }
+    rationalized = {"b": {"samples": [{"text": "rb", "correct": True}]},
+                    "c": {"samples": [{"text": "rc", "correct": False}]}}
+    star = StarArguments(star_max_per_problem=2, star_mix_sft=1)
+    rows, counts = build_round_data(samples, rationalized, star, [{"question": "s", "answer": "t"}], seed=0)
+    assert [(r["question"], r["answer"], r["origin"]) for r in rows] == [
+        ("qa", "x", "sampled"), ("qa", "y", "sampled"), ("qb", "rb", "rationalized"), ("s", "t", "sft")]
+    assert counts == {"kept": 2, "rationalized": 1, "problems_solved": 2, "sft": 1}
+    rows, _ = build_round_data(samples, rationalized, StarArguments(star_max_per_problem=1), [], seed=0)
+    assert [r["answer"] for r in rows] == ["x", "rb"]
