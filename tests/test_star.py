@@ -187,3 +187,22 @@ def test_round_data_dedupes_caps_and_prefers_own_rationales():
     assert counts == {"kept": 2, "rationalized": 1, "problems_solved": 2, "sft": 1}
     rows, _ = build_round_data(samples, rationalized, StarArguments(star_max_per_problem=1), [], seed=0)
     assert [r["answer"] for r in rows] == ["x", "rb"]
+
+
+def test_star_under_accelerate_shards_sampling_across_two_processes(workdir):
+    import os
+    import subprocess
+    import sys
+
+    recipe = _recipe(workdir, "accel", star_rounds=1, star_batch_size=2, per_device_train_batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # `--cpu` would start one process; `--multi_gpu` starts torchrun, and use_cpu makes the job gloo over CPUs
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llm2diff", "star", "--config", recipe]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (workdir / "accel" / "round-1" / "samples.jsonl").read_text().splitlines()]
+    # one problem per batch (2 sequences, k = 2): each process sampled two problems, written once, by the main process
+    assert sorted(r["id"] for r in records) == ["train-0", "train-1", "train-2", "train-3"]
+    assert sorted(r["process"] for r in records) == [0, 0, 1, 1]
+    assert json.loads((workdir / "accel" / "report.json").read_text())["rounds"][1]["round"] == 1

@@ -184,7 +184,8 @@ def run_star(model_args, data_args, train_args, star: StarArguments, recipe: dic
     from llm2diff.modeling.diffusion_lm import load
     from llm2diff.star.report import write_report
 
-    state = PartialState()
+    # the trainer's process state: on CPUs, several processes are one job only when created with cpu=True
+    state = PartialState(cpu=train_args.use_cpu)
     root = Path(train_args.output_dir)
     task = check_task(star)
     if state.is_main_process:

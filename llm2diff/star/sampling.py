@@ -119,7 +119,7 @@ def sample_and_grade(
                         grade = task.grade(texts[n], rows[i])
                         samples.append({"text": texts[n], "correct": bool(grade.correct), "tokens": lengths[n]})
                     record = {"id": ids[i], "question": task.question(rows[i]), "samples": samples,
-                              "num_correct": sum(x["correct"] for x in samples)}
+                              "num_correct": sum(x["correct"] for x in samples), "process": state.process_index}
                     if questions[i] != record["question"]:
                         record["prompt_question"] = questions[i]  # e.g. with a rationalization hint
                     produced.append(record)

@@ -82,6 +82,11 @@ def noise_layout(
     return ids, noise.masked, noise.t
 
 
+def _embedding_weight(model) -> torch.Tensor:
+    """The input embedding matrix, also through a DistributedDataParallel wrapper (whose forward must be used)."""
+    return getattr(model, "module", model).get_input_embeddings().weight
+
+
 def layout_logits(
     model, layout: Layout, input_ids: torch.Tensor, select: torch.Tensor, anneal: float | None = None,
     generator: torch.Generator | None = None,
@@ -96,7 +101,7 @@ def layout_logits(
     Returns:
         `(num_selected, vocab)` logits, in `select.nonzero()` order.
     """
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = _embedding_weight(model).dtype
     allowed = block_diffusion_mask(layout.segment, layout.block)
     if anneal is not None and anneal < 1.0:
         allowed = anneal_block_mask(allowed, layout.segment, layout.block, layout.position_ids, anneal, generator)
@@ -121,7 +126,7 @@ def diffusion_loss(
     """
     if spec is None:
         spec = NoiseSpec(schedule=schedule, t_min=t_min, t_max=t_max, weighting=weighting)
-    device = model.get_input_embeddings().weight.device
+    device = _embedding_weight(model).device
     layout = replace(layout, **{k: v.to(device) for k, v in vars(layout).items() if isinstance(v, torch.Tensor)})
     layout, ids, noise = apply_noise(layout, mask_token_id, spec, generator)
     masked = noise.masked
