@@ -58,8 +58,10 @@ def test_two_rounds_write_every_artifact_and_resume_without_redoing_work(workdir
         assert (out / f"round-{r}" / "round.json").is_file()
         assert (out / f"round-{r}" / "eval" / "summary.json").is_file()
     assert (out / "round-0" / "model" / "diffusion_config.json").is_file()
-    report = json.loads((out / "report.json").read_text())["rounds"]
+    full_report = json.loads((out / "report.json").read_text())
+    report = full_report["rounds"]
     assert [r["round"] for r in report] == [0, 1, 2]
+    assert full_report["recipe"]["seed"] == 0 and "torch" in full_report["versions"]
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![accuracy by round](accuracy.png)" in (out / "report.md").read_text()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def write_report(root: Path, records: list[dict], star) -> str:
     table = report_table(records)
     title = f"STaR on {star.star_task}: {len(records) - 1} rounds, k={star.star_samples_per_problem}"
     write_text_atomic(root / "report.md", f"# {title}\n\n{table}\n\n![accuracy by round](accuracy.png)\n")
-    write_json_atomic(root / "report.json", {"rounds": records})
+    run_file = root / "star_run.json"  # the recipe (seed included) and library versions of this run
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    write_json_atomic(root / "report.json", {"rounds": records, **run})
     plot_accuracy(records, root / "accuracy.png", title)
     print(f"\n{title}\n{table}\n", flush=True)
     return table
