@@ -181,3 +181,33 @@ def test_top_k_top_p_and_confidence():
     assert tokens.item() == 0 and conf.item() == pytest.approx(0.5)
     tokens, conf = choose_tokens(logits, top_k=2)
     assert conf.item() == pytest.approx(0.5 / 0.8)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_continuing_from_a_response_prefix(dlm, use_cache):
+    full = dlm.generate(PROMPTS, MASK, max_new_tokens=12, use_cache=use_cache).sequences
+    start = PROMPTS.shape[1]
+    # a prefix of whole blocks: the later blocks see the same clean context, so the continuation is the same
+    cont = dlm.generate(PROMPTS, MASK, max_new_tokens=4, use_cache=use_cache,
+                        response_prefix=full[:, start : start + 8])
+    assert torch.equal(cont.sequences, full)
+    assert cont.num_new_tokens.tolist() == [4, 4]
+    # a prefix ending inside a block: the given tokens stay, denoising starts after them, and exactly
+    # max_new_tokens follow (the first block has 2 positions left, then a whole block, then one more)
+    prefix = full[:, start : start + 6]
+    out = dlm.generate(PROMPTS, MASK, max_new_tokens=7, use_cache=use_cache, response_prefix=prefix)
+    assert out.sequences.shape[1] == start + 6 + 7
+    assert torch.equal(out.sequences[:, : start + 6], full[:, : start + 6])
+    assert out.num_new_tokens.tolist() == [7, 7]
+
+
+def test_prefix_continuation_cache_equals_recompute(dlm):
+    prefix = torch.tensor([[11, 12, 13], [14, 15, 16]])
+    cached = dlm.generate(PROMPTS, MASK, max_new_tokens=9, response_prefix=prefix)
+    recomputed = dlm.generate(PROMPTS, MASK, max_new_tokens=9, response_prefix=prefix, use_cache=False)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    with pytest.raises(ValueError, match="response_prefix must be a \\(batch, P\\) tensor"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=4, response_prefix=prefix[:1])
+    with pytest.raises(ValueError, match="contains the mask token"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=4,
+                     response_prefix=torch.full((2, 2), dlm.config.mask_token_id))

@@ -102,7 +102,7 @@ class DiffusionLM:
         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, threshold: float | None = None,
         tokens_per_step: int = 1, stop_strings: list[str] | str | None = None, use_cache: bool = True,
         seed: int | None = None, commit_rule: str | None = None, significance_weight: float | None = None,
-        confidence_floor: float | None = None,
+        confidence_floor: float | None = None, response_prefix: torch.Tensor | None = None,
     ) -> GenerateOutput:
         """Sample block by block (see `llm2diff.sampling.sampler`). Batches must be left-padded.
 
@@ -110,17 +110,29 @@ class DiffusionLM:
         predicted token is most significant (the table saved with a semantically trained model), weighed with the
         confidence: priority = log(confidence) + significance_weight * significance. `confidence_floor` stops a
         step from committing positions below that confidence (each step still commits its most confident one).
-        Unset options fall back on the model's `diffusion_config.json`.
+        Unset options fall back on the model's `diffusion_config.json`. `response_prefix` (`(batch, P)`, the same
+        length for every row) continues responses whose first P tokens are given, also from inside a block (e.g.
+        rollouts from a reasoning step); `sequences` then holds prompt, prefix and the new tokens.
 
         Returns a `GenerateOutput` with `sequences` (prompt plus new tokens, pad after a row stopped) and `nfe`.
         """
         input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prefix_len = 0
+        if response_prefix is not None:
+            if not isinstance(response_prefix, torch.Tensor) or response_prefix.dim() != 2 \
+                    or response_prefix.shape[0] != input_ids.shape[0]:
+                raise ValueError("response_prefix must be a (batch, P) tensor of token ids, one row per prompt, all "
+                                 "rows of the same length (group rollouts by prefix length)")
+            if bool((response_prefix == self.config.mask_token_id).any()):
+                raise ValueError("response_prefix contains the mask token; give decided tokens only")
+            prefix_len = response_prefix.shape[1]
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+        if limit is not None and input_ids.shape[1] + prefix_len + max_new_tokens > limit:
             raise ValueError(
-                f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's maximum "
+                f"prompt length {input_ids.shape[1]}" + (f" + response prefix {prefix_len}" if prefix_len else "")
+                + f" + max_new_tokens {max_new_tokens} exceeds the model's maximum "
                 f"length {limit}; shorten the prompt or lower max_new_tokens"
             )
         if isinstance(stop_strings, str):
@@ -147,7 +159,7 @@ class DiffusionLM:
         self.model.eval()
         try:
             sampler = BlockSampler(self.model, settings, self.tokenizer)
-            return sampler.generate(input_ids.to(self.device), attention_mask.to(self.device))
+            return sampler.generate(input_ids.to(self.device), attention_mask.to(self.device), response_prefix)
         finally:
             self.model.train(was_training)
 

@@ -186,7 +186,14 @@ class BlockSampler:
             self.generator.seed()
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> GenerateOutput:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 response_prefix: torch.Tensor | None = None) -> GenerateOutput:
+        """Sample after the prompt, or after `response_prefix` (`(batch, P)` response tokens already decided).
+
+        The prefix's whole blocks are committed to the cache as clean blocks; a prefix that ends inside a block
+        fills that block's first positions, and denoising starts at the next one. `sequences` then holds prompt,
+        prefix and new tokens; `num_new_tokens` counts the new ones only.
+        """
         s = self.s
         batch = input_ids.shape[0]
         device = input_ids.device
@@ -194,12 +201,19 @@ class BlockSampler:
         new_tokens = torch.full((batch, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         num_new = torch.zeros(batch, dtype=torch.long, device=device)
+        prefix = input_ids[:, :0] if response_prefix is None else response_prefix.to(device)
+        whole, partial = divmod(prefix.shape[1], s.block_size)
+        for b in range(whole):
+            ctx.commit(prefix[:, b * s.block_size : (b + 1) * s.block_size], run_model=True)
+        start = prefix[:, whole * s.block_size :] if partial else None
 
         produced = 0
         while produced < s.max_new_tokens and not bool(finished.all()):
-            length = min(s.block_size, s.max_new_tokens - produced)
-            canvas = self._denoise_block(ctx, length, finished)
-            block_tokens = canvas[:, :length]
+            offset = start.shape[1] if start is not None else 0
+            length = min(s.block_size - offset, s.max_new_tokens - produced)
+            canvas = self._denoise_block(ctx, offset + length, finished, start)
+            start = None
+            block_tokens = canvas[:, offset : offset + length]
             new_tokens[:, produced : produced + length] = torch.where(
                 finished[:, None], torch.full_like(block_tokens, s.pad_token_id), block_tokens
             )
@@ -210,15 +224,23 @@ class BlockSampler:
             more = produced < s.max_new_tokens and not bool(finished.all())
             ctx.commit(canvas, run_model=more)
 
-        sequences = torch.cat([input_ids, new_tokens[:, :produced]], dim=1)
+        sequences = torch.cat([input_ids, prefix, new_tokens[:, :produced]], dim=1)
         return GenerateOutput(sequences, ctx.nfe, self.step_counts, num_new, ctx.nfe_per_row)
 
-    def _denoise_block(self, ctx: BlockContext, length: int, finished: torch.Tensor) -> torch.Tensor:
-        """Denoise one block from all-mask to clean. Returns the `(batch, B)` canvas (positions >= length stay masked)."""
+    def _denoise_block(self, ctx: BlockContext, length: int, finished: torch.Tensor,
+                       start: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise one block from all-mask to clean. Returns the `(batch, B)` canvas (positions >= length stay masked).
+
+        `start` (`(batch, j)`) fixes the block's first j tokens (a response prefix ending inside the block).
+        """
         s = self.s
         batch, size, device = finished.shape[0], s.block_size, finished.device
         canvas = torch.full((batch, size), s.mask_token_id, dtype=torch.long, device=device)
-        todo = (torch.arange(size, device=device) < length)[None, :].expand(batch, size).clone()
+        positions = torch.arange(size, device=device)
+        fixed = 0 if start is None else start.shape[1]
+        if start is not None:
+            canvas[:, :fixed] = start
+        todo = ((positions < length) & (positions >= fixed))[None, :].expand(batch, size).clone()
         while bool(todo.any()):
             first = ctx.first_position_logits()
             if first is not None and not bool(todo[:, 1:].any()):
