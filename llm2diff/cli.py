@@ -21,6 +21,7 @@ commands:
   generate   sample from a saved model (--model DIR --prompt TEXT)
   eval       evaluate a saved model or its AR parent on a task (--config eval/gsm8k.yaml --model DIR [--ar-parent])
   star       self-training rounds: sample, verify, rationalize, retrain, evaluate (--config recipes/quickstart-star.yaml)
+  prm        label reasoning steps with rollouts, train a process reward model (--config recipes/quickstart-prm.yaml)
 
 run `llm2diff <command> --help` for the options of a command."""
 
@@ -112,6 +113,18 @@ def cmd_star(argv: list[str]) -> int:
     return 0
 
 
+def cmd_prm(argv: list[str]) -> int:
+    from llm2diff.prm.pipeline import prm_dataclasses, run_prm
+    from llm2diff.recipe import parse_recipe
+
+    if "--config" not in argv and not any(a in ("-h", "--help") for a in argv):
+        raise ValueError("prm needs a recipe: llm2diff prm --config recipes/quickstart-prm.yaml")
+    prm_args, train_args, recipe = parse_recipe(argv, classes=prm_dataclasses())
+    run_prm(prm_args, train_args, recipe)
+    print(f"process reward model in {train_args.output_dir}/prm; report in {train_args.output_dir}/prm_report.json")
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     from llm2diff.evaluation.runner import EvalConfig, run_eval, summary_markdown
     from llm2diff.recipe import parse_recipe
@@ -123,7 +136,7 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "star": cmd_star}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "star": cmd_star, "prm": cmd_prm}
 
 
 def main(argv: list[str] | None = None) -> int:

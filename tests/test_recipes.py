@@ -16,7 +16,20 @@ def test_there_are_recipes():
     assert any(p.name == "quickstart.yaml" for p in RECIPES)
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+PRM_RECIPES = [p for p in RECIPES if p.stem.endswith("prm")]
+
+
+@pytest.mark.parametrize("path", PRM_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_prm_recipe_parses_and_names_its_launch_command(path):
+    from llm2diff.prm.pipeline import prm_dataclasses
+
+    prm_args, train_args, recipe = parse_recipe(["--config", str(path)], classes=prm_dataclasses())
+    assert prm_args.prm_policy and train_args.output_dir
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(f"llm2diff prm --config {path.relative_to(ROOT)}" in line for line in header)
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p not in PRM_RECIPES], ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_recipe_parses_and_names_its_launch_command(path):
     from llm2diff.star.config import star_dataclasses
 
@@ -108,6 +121,16 @@ def test_every_star_key_is_documented():
     docs = (ROOT / "docs" / "star.md").read_text()
     missing = [f.name for f in dataclasses.fields(StarArguments) if f"`{f.name}`" not in docs]
     assert not missing, f"document these STaR keys in docs/star.md: {missing}"
+
+
+def test_every_prm_key_is_documented():
+    import dataclasses
+
+    from llm2diff.prm.pipeline import PRMArguments
+
+    docs = (ROOT / "docs" / "prm.md").read_text()
+    missing = [f.name for f in dataclasses.fields(PRMArguments) if f"`{f.name}`" not in docs]
+    assert not missing, f"document these PRM keys in docs/prm.md: {missing}"
 
 
 def test_every_llm2diff_recipe_key_is_documented():
