@@ -18,7 +18,7 @@ COMPLETION_MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
 
 
 def make_dlm(block_size: int = 4, arch: str = "qwen3", perturb: bool = True):
-    """A tiny adapted model; `perturb` gives the LoRA and the mask-token row non-initial values (a 'trained' adapter)."""
+    """A tiny adapted model; `perturb` moves the LoRA and the mask-token row off their initial values ('trained')."""
     from peft import LoraConfig
 
     dlm = adapt(make_model(arch), make_tokenizer(), block_size=block_size,

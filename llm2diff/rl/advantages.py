@@ -37,7 +37,7 @@ def process_advantages(
     s_{b,k}):
 
         A[b, j] = m[b, j] * ( (r_b - mean_g r) / (std_g r + 1e-4)
-                              + process_weight * sum_{k : start_k <= j <= end_k} (s_{b,k} - mean_g s) / (std_g s + 1e-4) )
+                    + process_weight * sum_{k: start_k <= j <= end_k} (s_{b,k} - mean_g s) / (std_g s + 1e-4) )
 
     where mean_g r, std_g r are over the group's outcome rewards, mean_g s, std_g s over *all* step scores of all the
     group's completions, std is the sample (Bessel-corrected) standard deviation as in TRL (0 for fewer than two

@@ -296,5 +296,5 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         group = self.num_generations if mode == "train" else self.num_generations_eval
         advantages = process_advantages(rewards, gather_object(list(spans)), gather_object(list(scores)), group,
                                         self.args.process_weight, all_mask)
-        local = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
-        return advantages[local, : mask.shape[1]].to(mask.device)
+        start = self.accelerator.process_index * len(prompts)
+        return advantages[start: start + len(prompts), : mask.shape[1]].to(mask.device)

@@ -26,8 +26,9 @@ generator per row: the draw then depends on the row's content only, not on its p
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
+import numbers
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -62,7 +63,7 @@ def row_seeds(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = Non
 
 
 def _generators(seed: int | Sequence[int], batch: int) -> list[torch.Generator]:
-    if isinstance(seed, (int,)) or (isinstance(seed, torch.Tensor) and seed.dim() == 0):
+    if isinstance(seed, numbers.Integral) or (isinstance(seed, torch.Tensor) and seed.dim() == 0):
         gen = torch.Generator().manual_seed(int(seed))
         return [gen] * batch  # one generator, rows drawn in order
     seeds = [int(s) for s in seed]
