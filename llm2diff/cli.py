@@ -22,6 +22,7 @@ commands:
   eval       evaluate a saved model or its AR parent on a task (--config eval/gsm8k.yaml --model DIR [--ar-parent])
   star       self-training rounds: sample, verify, rationalize, retrain, evaluate (--config recipes/quickstart-star.yaml)
   prm        label reasoning steps with rollouts, train a process reward model (--config recipes/quickstart-prm.yaml)
+  rl         GRPO with outcome and process rewards on a diffusion policy (--config recipes/quickstart-rl.yaml)
 
 run `llm2diff <command> --help` for the options of a command."""
 
@@ -125,6 +126,19 @@ def cmd_prm(argv: list[str]) -> int:
     return 0
 
 
+def cmd_rl(argv: list[str]) -> int:
+    from llm2diff.recipe import parse_recipe
+    from llm2diff.rl.pipeline import rl_dataclasses, run_rl
+
+    if "--config" not in argv and not any(a in ("-h", "--help") for a in argv):
+        raise ValueError("rl needs a recipe: llm2diff rl --config recipes/quickstart-rl.yaml")
+    rl_args, grpo_args, recipe = parse_recipe(argv, classes=rl_dataclasses())
+    report = run_rl(rl_args, grpo_args, recipe)
+    accuracy = report.get("accuracy")
+    print(f"policy saved to {grpo_args.output_dir}/model" + ("" if accuracy is None else f"; held-out accuracy {accuracy:.1%}"))
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     from llm2diff.evaluation.runner import EvalConfig, run_eval, summary_markdown
     from llm2diff.recipe import parse_recipe
@@ -136,7 +150,8 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "star": cmd_star, "prm": cmd_prm}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "star": cmd_star, "prm": cmd_prm,
+            "rl": cmd_rl}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,17 +16,20 @@ def test_there_are_recipes():
     assert any(p.name == "quickstart.yaml" for p in RECIPES)
 
 
-PRM_RECIPES = [p for p in RECIPES if p.stem.endswith("prm")]
+PRM_RECIPES = [p for p in RECIPES if p.stem.endswith(("prm", "rl"))]
 
 
 @pytest.mark.parametrize("path", PRM_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_shipped_prm_recipe_parses_and_names_its_launch_command(path):
+def test_shipped_prm_and_rl_recipes_parse_and_name_their_launch_command(path):
     from llm2diff.prm.pipeline import prm_dataclasses
+    from llm2diff.rl.pipeline import rl_dataclasses
 
-    prm_args, train_args, recipe = parse_recipe(["--config", str(path)], classes=prm_dataclasses())
-    assert prm_args.prm_policy and train_args.output_dir
+    command = "prm" if path.stem.endswith("prm") else "rl"
+    classes = prm_dataclasses() if command == "prm" else rl_dataclasses()
+    args, trainer_args, recipe = parse_recipe(["--config", str(path)], classes=classes)
+    assert (args.prm_policy if command == "prm" else args.rl_policy) and trainer_args.output_dir
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
-    assert any(f"llm2diff prm --config {path.relative_to(ROOT)}" in line for line in header)
+    assert any(f"llm2diff {command} --config {path.relative_to(ROOT)}" in line for line in header)
 
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if p not in PRM_RECIPES], ids=lambda p: str(p.relative_to(ROOT)))
@@ -123,14 +126,20 @@ def test_every_star_key_is_documented():
     assert not missing, f"document these STaR keys in docs/star.md: {missing}"
 
 
-def test_every_prm_key_is_documented():
+def test_every_prm_and_rl_key_is_documented():
     import dataclasses
 
     from llm2diff.prm.pipeline import PRMArguments
+    from llm2diff.rl.grpo import DiffusionGRPOConfig
+    from llm2diff.rl.pipeline import RLArguments
+    from trl import GRPOConfig
 
     docs = (ROOT / "docs" / "prm.md").read_text()
-    missing = [f.name for f in dataclasses.fields(PRMArguments) if f"`{f.name}`" not in docs]
-    assert not missing, f"document these PRM keys in docs/prm.md: {missing}"
+    own = [f.name for f in dataclasses.fields(PRMArguments) + dataclasses.fields(RLArguments)]
+    own += [f.name for f in dataclasses.fields(DiffusionGRPOConfig) if f.name not in
+            {g.name for g in dataclasses.fields(GRPOConfig)}]
+    missing = [k for k in own if f"`{k}`" not in docs]
+    assert not missing, f"document these keys in docs/prm.md: {missing}"
 
 
 def test_every_llm2diff_recipe_key_is_documented():
