@@ -176,104 +176,125 @@ def _sft_rows(data_args, star: StarArguments) -> list[dict]:
     return [{"question": r["question"], "answer": r["answer"]} for r in ds]
 
 
-def run_star(model_args, data_args, train_args, star: StarArguments, recipe: dict[str, Any]) -> list[dict]:
-    """Run (or resume) all rounds. Returns the per-round records (also in report.json)."""
-    from accelerate import PartialState
-    from transformers import set_seed
+class StarRun:
+    """One STaR run's state: round 0, then one round at a time (`llm2diff rounds` interleaves other stages)."""
 
-    from llm2diff.modeling.diffusion_lm import load
-    from llm2diff.star.report import write_report
+    def __init__(self, model_args, data_args, train_args, star: StarArguments, recipe: dict[str, Any],
+                 root: Path | None = None, check_dir: bool = True):
+        from accelerate import PartialState
 
-    # the trainer's process state: on CPUs, several processes are one job only when created with cpu=True
-    state = PartialState(cpu=train_args.use_cpu)
-    root = Path(train_args.output_dir)
-    task = check_task(star)
-    if state.is_main_process:
-        check_run_dir(root, recipe)
-    state.wait_for_everyone()
-    train_rows_all = task.load_rows(star.star_source, star.star_train_split, star.star_num_problems)
-    row_ids = [task.row_id(row, i) for i, row in enumerate(train_rows_all)]
-    records: list[dict] = []
+        # the trainer's process state: on CPUs, several processes are one job only when created with cpu=True
+        self.state = PartialState(cpu=train_args.use_cpu)
+        self.model_args, self.data_args, self.train_args, self.star, self.recipe = (
+            model_args, data_args, train_args, star, recipe)
+        self.root = Path(root or train_args.output_dir)
+        self.task = check_task(star)
+        if check_dir and self.state.is_main_process:
+            check_run_dir(self.root, recipe)
+        self.state.wait_for_everyone()
+        self.rows = self.task.load_rows(star.star_source, star.star_train_split, star.star_num_problems)
+        self.row_ids = [self.task.row_id(row, i) for i, row in enumerate(self.rows)]
+        self.sft_rows = _sft_rows(data_args, star)
+        self.initial: str | None = None
 
-    # -- round 0: the starting model --------------------------------------------------------------------------------
-    r0 = root / "round-0"
-    if star.star_init_model:
-        initial = str(Path(star.star_init_model))
-        if not Path(initial).is_dir():
-            raise FileNotFoundError(f"star_init_model {initial!r} is not a directory written by llm2diff train")
-        train0 = {"seconds": 0.0, "init_model": initial}
-    else:
-        set_seed(train_args.seed)
-        train0 = _train(model_args, data_args, _round_train_args(train_args, r0 / "model", train_args.max_steps,
-                                                                 train_args.seed), recipe, r0)
-        initial = str(r0 / "model")
-    eval0 = _evaluate(star, Path(initial), r0 / "eval", train_args.seed)
-    records.append(_round_record(0, eval0, train0, None, None, None, None))
-    if state.is_main_process:
-        write_json_atomic(r0 / "round.json", records[-1])
-        write_report(root, records, star)
+    def round_zero(self) -> dict:
+        """Train (or take) the starting model and grade it. Sets `self.initial`."""
+        from transformers import set_seed
 
-    previous = initial
-    sft_rows = _sft_rows(data_args, star)
-    for r in range(1, star.star_rounds + 1):
-        out = root / f"round-{r}"
+        star, train_args = self.star, self.train_args
+        r0 = self.root / "round-0"
+        if star.star_init_model:
+            self.initial = str(Path(star.star_init_model))
+            if not Path(self.initial).is_dir():
+                raise FileNotFoundError(f"star_init_model {self.initial!r} is not a directory written by llm2diff train")
+            train0 = {"seconds": 0.0, "init_model": self.initial}
+        else:
+            set_seed(train_args.seed)
+            train0 = _train(self.model_args, self.data_args, _round_train_args(train_args, r0 / "model",
+                                                                               train_args.max_steps, train_args.seed),
+                            self.recipe, r0)
+            self.initial = str(r0 / "model")
+        eval0 = _evaluate(star, Path(self.initial), r0 / "eval", train_args.seed)
+        record = _round_record(0, eval0, train0, None, None, None, None)
+        if self.state.is_main_process:
+            write_json_atomic(r0 / "round.json", record)
+        return record
+
+    def round(self, r: int, previous: str, out: Path | None = None) -> dict:
+        """One round sampled with the `previous` model; the round's model goes to `out/model`. Resumable."""
+        from transformers import set_seed
+
+        from llm2diff.modeling.diffusion_lm import load
+
+        star, train_args, task = self.star, self.train_args, self.task
+        out = out or self.root / f"round-{r}"
         round_file = out / "round.json"
         if round_file.is_file():
-            records.append(json.loads(round_file.read_text()))
-            previous = str(out / "model")
-            continue
+            return json.loads(round_file.read_text())
         seed = train_args.seed + 1000 * r
         dlm = load(previous)
         options = SampleOptions(max_new_tokens=star.star_max_new_tokens, temperature=star.star_temperature,
                                 top_p=star.star_top_p, tokens_per_step=star.star_tokens_per_step,
                                 threshold=star.star_threshold, batch_size=star.star_batch_size)
         k = star.star_samples_per_problem
-        samples, sample_stats = sample_and_grade(dlm, task, train_rows_all, k, options, seed, out / "samples.jsonl",
+        samples, sample_stats = sample_and_grade(dlm, task, self.rows, k, options, seed, out / "samples.jsonl",
                                                  desc=f"round {r}: sampling")
-        unsolved = [i for i, row_id in enumerate(row_ids) if samples[row_id]["num_correct"] == 0]
+        unsolved = [i for i, row_id in enumerate(self.row_ids) if samples[row_id]["num_correct"] == 0]
         rationalized, rat_stats = {}, None
         if star.star_rationalize and unsolved:
-            hints = {i: task.final_answer(train_rows_all[i]) for i in unsolved}
+            hints = {i: task.final_answer(self.rows[i]) for i in unsolved}
             usable = [i for i in unsolved if hints[i] is not None]
             if len(usable) < len(unsolved):
                 logger.warning("task %s gives no final answer for %d problems: they are not rationalized",
                                star.star_task, len(unsolved) - len(usable))
             if usable:
                 # the rows keep their ids from the full list, so records line up with the samples
-                keyed = [{**train_rows_all[i], "id": row_ids[i]} for i in usable]
-                questions = [star.star_hint_template.format(question=task.question(train_rows_all[i]), answer=hints[i])
+                keyed = [{**self.rows[i], "id": self.row_ids[i]} for i in usable]
+                questions = [star.star_hint_template.format(question=task.question(self.rows[i]), answer=hints[i])
                              for i in usable]
                 rationalized, rat_stats = sample_and_grade(dlm, task, keyed, k, options, seed + 500,
                                                            out / "rationalized.jsonl", questions=questions,
                                                            desc=f"round {r}: rationalizing")
         del dlm
         data_dir = out / "data"
-        data_rows, counts = build_round_data(samples, rationalized, star, sft_rows, seed)
+        data_rows, counts = build_round_data(samples, rationalized, star, self.sft_rows, seed)
         if not data_rows:
             raise RuntimeError(f"round {r}: no correct rationale among {len(samples)} problems x {k} samples; "
                                "raise star_samples_per_problem or star_temperature, or start from a stronger model")
-        if state.is_main_process and not (data_dir / "dataset_info.json").is_file():
-            import datasets
-
-            with atomic_directory(data_dir) as tmp:
-                datasets.Dataset.from_list(data_rows).save_to_disk(str(tmp))
-        state.wait_for_everyone()
         import datasets
 
+        if self.state.is_main_process and not (data_dir / "dataset_info.json").is_file():
+            with atomic_directory(data_dir) as tmp:
+                datasets.Dataset.from_list(data_rows).save_to_disk(str(tmp))
+        self.state.wait_for_everyone()
         round_data = datasets.load_from_disk(str(data_dir)).select_columns(["question", "answer"])
-        init = initial if star.star_restart == "initial" else previous
+        init = self.initial if star.star_restart == "initial" else previous
         round_args = _round_train_args(train_args, out / "model", star.star_train_steps, seed)
         set_seed(seed)
-        train = _train(model_args, data_args, round_args, recipe, out, rows=round_data, init_model=init)
+        train = _train(self.model_args, self.data_args, round_args, self.recipe, out, rows=round_data, init_model=init)
         evaluation = _evaluate(star, out / "model", out / "eval", train_args.seed)
         pass_at_k = sum(1 for s in samples.values() if s["num_correct"] > 0) / max(len(samples), 1)
-        records.append(_round_record(r, evaluation, train, sample_stats, rat_stats, counts,
-                                     {"pass_at_k": pass_at_k, "k": k, "problems": len(samples),
-                                      "unsolved": len(unsolved)}))
-        if state.is_main_process:
-            write_json_atomic(round_file, records[-1])
-            write_report(root, records, star)
-        previous = str(out / "model")
+        record = _round_record(r, evaluation, train, sample_stats, rat_stats, counts,
+                               {"pass_at_k": pass_at_k, "k": k, "problems": len(samples), "unsolved": len(unsolved)})
+        if self.state.is_main_process:
+            write_json_atomic(round_file, record)
+        return record
+
+
+def run_star(model_args, data_args, train_args, star: StarArguments, recipe: dict[str, Any]) -> list[dict]:
+    """Run (or resume) all rounds. Returns the per-round records (also in report.json)."""
+    from llm2diff.star.report import write_report
+
+    run = StarRun(model_args, data_args, train_args, star, recipe)
+    records = [run.round_zero()]
+    if run.state.is_main_process:
+        write_report(run.root, records, star)
+    previous = run.initial
+    for r in range(1, star.star_rounds + 1):
+        records.append(run.round(r, previous))
+        if run.state.is_main_process:
+            write_report(run.root, records, star)
+        previous = str(run.root / f"round-{r}" / "model")
     return records
 
 
@@ -297,4 +318,4 @@ def _round_record(r, evaluation, train, sample_stats, rat_stats, counts, train_m
     }
 
 
-__all__ = ["run_star", "build_round_data", "check_task", "check_run_dir", "StarArguments"]
+__all__ = ["run_star", "StarRun", "build_round_data", "check_task", "check_run_dir", "StarArguments"]
