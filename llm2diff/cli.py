@@ -23,6 +23,7 @@ commands:
   star       self-training rounds: sample, verify, rationalize, retrain, evaluate (--config recipes/quickstart-star.yaml)
   prm        label reasoning steps with rollouts, train a process reward model (--config recipes/quickstart-prm.yaml)
   rl         GRPO with outcome and process rewards on a diffusion policy (--config recipes/quickstart-rl.yaml)
+  rounds     STaR -> PRM -> RL, round after round (--config recipes/quickstart-rounds.yaml)
 
 run `llm2diff <command> --help` for the options of a command."""
 
@@ -139,6 +140,19 @@ def cmd_rl(argv: list[str]) -> int:
     return 0
 
 
+def cmd_rounds(argv: list[str]) -> int:
+    from llm2diff.recipe import parse_recipe
+    from llm2diff.rl.rounds import rounds_dataclasses, run_rounds
+
+    if "--config" not in argv and not any(a in ("-h", "--help") for a in argv):
+        raise ValueError("rounds needs a recipe: llm2diff rounds --config recipes/quickstart-rounds.yaml")
+    model_args, data_args, train_args, star_args, prm_args, rounds_args, recipe = parse_recipe(
+        argv, classes=rounds_dataclasses())
+    records = run_rounds(model_args, data_args, train_args, star_args, prm_args, rounds_args, recipe)
+    print(f"{len(records) - 1} rounds done; report in {train_args.output_dir}/report.md")
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     from llm2diff.evaluation.runner import EvalConfig, run_eval, summary_markdown
     from llm2diff.recipe import parse_recipe
@@ -151,7 +165,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "star": cmd_star, "prm": cmd_prm,
-            "rl": cmd_rl}
+            "rl": cmd_rl, "rounds": cmd_rounds}
 
 
 def main(argv: list[str] | None = None) -> int:

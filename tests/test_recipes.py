@@ -32,7 +32,21 @@ def test_shipped_prm_and_rl_recipes_parse_and_name_their_launch_command(path):
     assert any(f"llm2diff {command} --config {path.relative_to(ROOT)}" in line for line in header)
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if p not in PRM_RECIPES], ids=lambda p: str(p.relative_to(ROOT)))
+ROUNDS_RECIPES = [p for p in RECIPES if p.stem.endswith("rounds")]
+
+
+@pytest.mark.parametrize("path", ROUNDS_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_rounds_recipe_parses_and_names_its_launch_command(path):
+    from llm2diff.rl.rounds import rounds_dataclasses
+
+    *_, rounds_args, recipe = parse_recipe(["--config", str(path)], classes=rounds_dataclasses())
+    assert rounds_args.rounds >= 1
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(f"llm2diff rounds --config {path.relative_to(ROOT)}" in line for line in header)
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p not in PRM_RECIPES + ROUNDS_RECIPES],
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_recipe_parses_and_names_its_launch_command(path):
     from llm2diff.star.config import star_dataclasses
 
@@ -135,7 +149,10 @@ def test_every_prm_and_rl_key_is_documented():
     from trl import GRPOConfig
 
     docs = (ROOT / "docs" / "prm.md").read_text()
-    own = [f.name for f in dataclasses.fields(PRMArguments) + dataclasses.fields(RLArguments)]
+    from llm2diff.rl.rounds import RoundsArguments
+
+    own = [f.name for f in dataclasses.fields(PRMArguments) + dataclasses.fields(RLArguments)
+           + dataclasses.fields(RoundsArguments)]
     own += [f.name for f in dataclasses.fields(DiffusionGRPOConfig) if f.name not in
             {g.name for g in dataclasses.fields(GRPOConfig)}]
     missing = [k for k in own if f"`{k}`" not in docs]

@@ -111,3 +111,33 @@ def test_a_prm_with_another_tokenizer_is_refused(root, capsys):
     recipe = _recipe(root, "mismatch", rl_prm=str(root / "prm-other"), process_weight=0.5)
     assert main(["rl", "--config", recipe]) == 2
     assert "the PRM was trained with a different tokenizer" in capsys.readouterr().err
+
+
+def test_one_round_of_star_prm_and_rl_runs_end_to_end_and_resumes(root):
+    data = str(root / "problems.jsonl")
+    fields = dict(model_name_or_path=str(root / "tiny"), dataset_name=data, block_size=4, output_dir=str(root / "rounds"),
+                  max_steps=30, per_device_train_batch_size=2, learning_rate=0.01, lr_scheduler_type="constant",
+                  logging_steps=100, save_steps=1000, report_to="none", use_cpu=True, use_lora=True, lora_r=4,
+                  t_min=0.3, loss_weighting="mean", seed=0,
+                  star_task="arithmetic", star_source=data, star_eval_split="test", star_num_problems=2,
+                  star_eval_problems=2, star_samples_per_problem=2, star_temperature=1.0, star_max_new_tokens=8,
+                  star_batch_size=4, star_train_steps=2, star_mix_sft=2, star_eval_batch_size=2,
+                  prm_samples_per_problem=1, prm_num_rollouts=2, prm_steps="blocks", prm_lora_r=4, prm_batch_size=4,
+                  rounds=1, rounds_prm_max_steps=2, rounds_prm_batch_size=2, rounds_rl_max_steps=1,
+                  rounds_rl_num_generations=2, rounds_rl_batch_size=2, rounds_rl_num_problems=2,
+                  rounds_rl_process_weight=0.5)
+    path = root / "rounds.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items()))
+    assert main(["rounds", "--config", str(path)]) == 0
+    out = root / "rounds"
+    record = json.loads((out / "round-1" / "round.json").read_text())
+    assert record["policy"].endswith("round-1/rl/model")
+    for stage in ("star/model", "prm/prm", "rl/model"):
+        assert (out / "round-1" / stage).is_dir(), stage
+    assert record["star_accuracy"] is not None and record["rl_accuracy"] is not None
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [0, 1] and report["recipe"]["rounds"] == 1
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    before = (out / "round-1" / "round.json").stat().st_mtime_ns
+    assert main(["rounds", "--config", str(path)]) == 0  # finished: nothing is redone
+    assert (out / "round-1" / "round.json").stat().st_mtime_ns == before
