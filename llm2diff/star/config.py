@@ -45,6 +45,8 @@ class StarArguments:
         "help": "'initial': fine-tune the round-0 model afresh each round (as in STaR); 'previous': continue from "
                 "the last round's model."})
     star_train_steps: int = field(default=60, metadata={"help": "Training steps per round."})
+    star_learning_rate: float | None = field(default=None, metadata={
+        "help": "Learning rate of the rounds' fine-tuning (default: the recipe's learning_rate, used by round 0)."})
     star_init_model: str | None = field(default=None, metadata={
         "help": "A saved llm2diff model to start from (round 0); default: train round 0 from the recipe."})
     star_eval_batch_size: int = field(default=25, metadata={"help": "Prompts per generate call when grading."})
@@ -68,6 +70,8 @@ class StarArguments:
         if self.star_rationalize and not all(k in self.star_hint_template for k in ("{question}", "{answer}")):
             raise ValueError("star_hint_template must contain {question} and {answer}, got "
                              f"{self.star_hint_template!r}")
+        if self.star_learning_rate is not None and self.star_learning_rate <= 0:
+            raise ValueError(f"star_learning_rate must be > 0, got {self.star_learning_rate}")
         if self.star_temperature < 0:
             raise ValueError(f"star_temperature must be >= 0, got {self.star_temperature}")
 

@@ -270,6 +270,8 @@ class StarRun:
         round_data = datasets.load_from_disk(str(data_dir)).select_columns(["question", "answer"])
         init = self.initial if star.star_restart == "initial" else previous
         round_args = _round_train_args(train_args, out / "model", star.star_train_steps, seed)
+        if star.star_learning_rate is not None:
+            round_args.learning_rate = star.star_learning_rate
         set_seed(seed)
         train = _train(self.model_args, self.data_args, round_args, self.recipe, out, rows=round_data, init_model=init)
         evaluation = _evaluate(star, out / "model", out / "eval", train_args.seed)
