@@ -90,12 +90,16 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
+def _require_recipe(argv: list[str], command: str, example: str) -> None:
+    if "--config" not in argv and not any(a in ("-h", "--help") for a in argv):
+        raise ValueError(f"{command} needs a recipe: llm2diff {command} --config {example}")
+
+
 def cmd_train(argv: list[str]) -> int:
     from llm2diff.recipe import parse_recipe
     from llm2diff.training.run import run_train
 
-    if "--config" not in argv and not any(a in ("-h", "--help") for a in argv):
-        raise ValueError("train needs a recipe: llm2diff train --config recipes/quickstart.yaml")
+    _require_recipe(argv, "train", "recipes/quickstart.yaml")
     model_args, data_args, train_args, eval_args, recipe = parse_recipe(argv)
     summary = run_train(model_args, data_args, train_args, eval_args, recipe)
     print(f"saved to {summary['output_dir']}")
@@ -107,8 +111,7 @@ def cmd_star(argv: list[str]) -> int:
     from llm2diff.star.config import star_dataclasses
     from llm2diff.star.rounds import run_star
 
-    if "--config" not in argv and not any(a in ("-h", "--help") for a in argv):
-        raise ValueError("star needs a recipe: llm2diff star --config recipes/quickstart-star.yaml")
+    _require_recipe(argv, "star", "recipes/quickstart-star.yaml")
     model_args, data_args, train_args, star_args, recipe = parse_recipe(argv, classes=star_dataclasses())
     records = run_star(model_args, data_args, train_args, star_args, recipe)
     print(f"{len(records) - 1} rounds done; report in {train_args.output_dir}/report.md")
@@ -119,8 +122,7 @@ def cmd_prm(argv: list[str]) -> int:
     from llm2diff.prm.pipeline import prm_dataclasses, run_prm
     from llm2diff.recipe import parse_recipe
 
-    if "--config" not in argv and not any(a in ("-h", "--help") for a in argv):
-        raise ValueError("prm needs a recipe: llm2diff prm --config recipes/quickstart-prm.yaml")
+    _require_recipe(argv, "prm", "recipes/quickstart-prm.yaml")
     prm_args, train_args, recipe = parse_recipe(argv, classes=prm_dataclasses())
     run_prm(prm_args, train_args, recipe)
     print(f"process reward model in {train_args.output_dir}/prm; report in {train_args.output_dir}/prm_report.json")
@@ -131,8 +133,7 @@ def cmd_rl(argv: list[str]) -> int:
     from llm2diff.recipe import parse_recipe
     from llm2diff.rl.pipeline import rl_dataclasses, run_rl
 
-    if "--config" not in argv and not any(a in ("-h", "--help") for a in argv):
-        raise ValueError("rl needs a recipe: llm2diff rl --config recipes/quickstart-rl.yaml")
+    _require_recipe(argv, "rl", "recipes/quickstart-rl.yaml")
     rl_args, grpo_args, recipe = parse_recipe(argv, classes=rl_dataclasses())
     report = run_rl(rl_args, grpo_args, recipe)
     accuracy = report.get("accuracy")
@@ -144,8 +145,7 @@ def cmd_rounds(argv: list[str]) -> int:
     from llm2diff.recipe import parse_recipe
     from llm2diff.rl.rounds import rounds_dataclasses, run_rounds
 
-    if "--config" not in argv and not any(a in ("-h", "--help") for a in argv):
-        raise ValueError("rounds needs a recipe: llm2diff rounds --config recipes/quickstart-rounds.yaml")
+    _require_recipe(argv, "rounds", "recipes/quickstart-rounds.yaml")
     model_args, data_args, train_args, star_args, prm_args, rounds_args, recipe = parse_recipe(
         argv, classes=rounds_dataclasses())
     records = run_rounds(model_args, data_args, train_args, star_args, prm_args, rounds_args, recipe)

@@ -73,13 +73,6 @@ def test_prm_command_labels_trains_and_reports(policy, capsys):
     assert (out / "labels-train.jsonl").stat().st_mtime_ns == before
 
 
-def test_line_steps_on_the_builtin_format_record_exact_labels(policy):
-    assert main(["prm", "--config", _recipe(policy, "lines", prm_steps="lines", prm_eval_problems=1)]) == 0
-    labels = [json.loads(line) for line in (policy / "lines" / "labels-train.jsonl").read_text().splitlines()]
-    # the word-level test tokenizer has no newline token, so a solution is one step ending at its last token
-    assert all(len(r["step_ends"]) == len(r.get("exact_labels", r["step_ends"])) for r in labels)
-
-
 @pytest.mark.parametrize("overrides,message", [
     ({"prm_policy": None}, "prm_policy is required"),
     ({"prm_policy": "./nowhere"}, "is not a directory written by llm2diff train"),
