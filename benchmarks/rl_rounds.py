@@ -34,7 +34,7 @@ def stage(name: str, command: str, recipe: str, overrides: dict, threads: int) -
         argv += [f"--{key}", str(value)]
     print(f"[{name}] {' '.join(argv[1:])}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True)
+    proc = subprocess.run(argv, check=False, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"[{name}] failed (exit {proc.returncode})")
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--prm-problems", type=int, default=30)
     parser.add_argument("--rl-steps", type=int, default=20)
     parser.add_argument("--eval-problems", type=int, default=50)
+    parser.add_argument("--round0-from", default=None,
+                        help="a saved round-0 model of the quickstart-star recipe to start from (skips round-0 training)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="outputs/rl-bench")
@@ -58,7 +60,7 @@ def main() -> None:
     out = Path(args.out)
     print(f"RL benchmark: quickstart recipe, round 0 {args.round0_steps} steps, 1 STaR round on {args.problems} "
           f"problems, PRM on {args.prm_problems} problems, {args.rl_steps} GRPO steps on {args.problems} prompts, "
-          f"{args.eval_problems} held-out problems, seed {args.seed}, {args.threads} threads, "
+          f"{args.eval_problems} held-out problems, round 0 from {args.round0_from or 'this run'}, seed {args.seed}, {args.threads} threads, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}", flush=True)
     star_dir, prm_dir = out / "star", out / "prm"
     policy = star_dir / "round-1" / "model"
@@ -66,7 +68,8 @@ def main() -> None:
     times = {"star": stage("star", "star", "quickstart-star.yaml", {
         **common, "output_dir": star_dir, "max_steps": args.round0_steps, "star_rounds": 1,
         "star_num_problems": args.problems, "star_eval_problems": args.eval_problems, "star_train_steps": 20,
-        "star_mix_sft": args.problems}, args.threads)}
+        "star_mix_sft": args.problems,
+        **({"star_init_model": args.round0_from} if args.round0_from else {})}, args.threads)}
     times["prm"] = stage("prm", "prm", "quickstart-prm.yaml", {
         **common, "output_dir": prm_dir, "prm_policy": policy, "prm_num_problems": args.prm_problems,
         "prm_eval_problems": max(10, args.prm_problems // 2)}, args.threads)

@@ -31,14 +31,17 @@ def run(name: str, block_size: int, args, out: Path) -> list[dict]:
         "output_dir": str(out / name), "block_size": block_size, "max_steps": args.round0_steps,
         "star_rounds": args.rounds, "star_num_problems": args.problems, "star_eval_problems": args.eval_problems,
         "star_samples_per_problem": args.k, "star_train_steps": args.round_steps, "star_mix_sft": args.mix_sft,
-        "seed": args.seed,
+        "seed": args.seed, "star_learning_rate": args.star_lr,
     }
+    if args.round0_from:
+        # Reuse a round-0 model trained with the same recipe and steps (e.g. by an earlier run of this benchmark).
+        fields["star_init_model"] = str(Path(args.round0_from) / name / "round-0" / "model")
     command = [sys.executable, "-m", "llm2diff", "star", "--config", str(ROOT / "recipes" / "quickstart-star.yaml")]
     for key, value in fields.items():
         command += [f"--{key}", str(value)]
     print(f"[{name}] {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+    proc = subprocess.run(command, check=False, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
                           capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -56,6 +59,9 @@ def main() -> None:
     parser.add_argument("--round0-steps", type=int, default=60, help="round-0 training steps (batch 8)")
     parser.add_argument("--round-steps", type=int, default=30, help="training steps per round")
     parser.add_argument("--mix-sft", type=int, default=60, help="original SFT rows mixed into each round")
+    parser.add_argument("--star-lr", type=float, default=2e-4, help="learning rate of the rounds' fine-tuning")
+    parser.add_argument("--round0-from", default=None,
+                        help="an earlier --out whose {diffusion,ar-twin}/round-0/model to start from (skips round-0 training)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="outputs/star-bench")
@@ -65,8 +71,8 @@ def main() -> None:
 
     out = Path(args.out)
     print(f"STaR benchmark: quickstart recipe, round 0 {args.round0_steps} steps, {args.rounds} rounds x "
-          f"{args.problems} problems x k={args.k}, {args.round_steps} steps per round (+{args.mix_sft} SFT rows), "
-          f"{args.eval_problems} held-out problems, seed {args.seed}, {args.threads} threads, "
+          f"{args.problems} problems x k={args.k}, {args.round_steps} steps per round at lr {args.star_lr} (+{args.mix_sft} SFT rows), "
+          f"{args.eval_problems} held-out problems, round 0 from {args.round0_from or 'this run'}, seed {args.seed}, {args.threads} threads, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}", flush=True)
     results = {"diffusion (block 4)": run("diffusion", 4, args, out), "AR twin (block 1)": run("ar-twin", 1, args, out)}
 
