@@ -60,7 +60,8 @@ class ModelArguments:
 
 @dataclass
 class FinalEvalArguments:
-    """After training: exact-match accuracy on held-out problems, diffusion model next to its AR parent."""
+    """After training: exact-match accuracy on held-out problems, diffusion model next to its AR parent; and the
+    sampler defaults saved with the model (`sampler_*`)."""
 
     final_eval_samples: int = field(default=0, metadata={
         "help": "Held-out problems to grade after training (0 = skip). Uses the eval split, else the built-in task."})
@@ -71,6 +72,28 @@ class FinalEvalArguments:
         "help": "If set, grade the diffusion model a second time committing every token above this confidence."})
     final_eval_compare_parent: bool = field(default=True, metadata={
         "help": "Also grade the untuned AR parent (adapter off, greedy generate) on the same problems."})
+    # the sampler defaults saved with the model (diffusion_config.json); unset keys keep the library's defaults
+    sampler_commit_rule: str | None = field(default=None, metadata={
+        "help": "Saved default commit rule: confidence, threshold, margin, entropy, random or coarse_to_fine."})
+    sampler_tokens_per_step: int | None = field(default=None, metadata={
+        "help": "Saved default: tokens committed per step (the minimum under a threshold)."})
+    sampler_threshold: float | None = field(default=None, metadata={
+        "help": "Saved default: commit every token whose confidence (margin, for the margin rule) exceeds this."})
+    sampler_entropy_bound: float | None = field(default=None, metadata={
+        "help": "Saved default for the entropy rule: summed entropy (nats) committed per step."})
+    sampler_sub_block_size: int | None = field(default=None, metadata={
+        "help": "Saved default: decode each block left to right in sub-blocks of this size (divides block_size)."})
+    sampler_max_steps_per_block: int | None = field(default=None, metadata={
+        "help": "Saved default: cap on denoising steps per block (the last step commits what is left)."})
+    sampler_remask_threshold: float | None = field(default=None, metadata={
+        "help": "Saved default for correction: remask committed tokens whose probability fell below this."})
+    sampler_remask_budget: int | None = field(default=None, metadata={
+        "help": "Saved default for correction: remasks allowed per block and row."})
+
+    def sampler_defaults(self) -> dict[str, Any]:
+        """The `sampler_*` keys that are set, as `DiffusionConfig` field names."""
+        return {f.name.removeprefix("sampler_"): getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name.startswith("sampler_") and getattr(self, f.name) is not None}
 
 
 def recipe_dataclasses() -> tuple[type, ...]:

@@ -72,8 +72,11 @@ def until_stop(tokens: list[int], pad_id: int | None, eos_ids: tuple[int, ...]) 
 
 def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = False, max_new_tokens: int = 96,
                      batch_size: int = 16, tokens_per_step: int = 1, threshold: float | None = None,
-                     commit_rule: str | None = None) -> EvalResult:
-    """Generate an answer for every problem and grade it. `use_parent`: the AR parent's greedy `generate`."""
+                     commit_rule: str | None = None, name: str | None = None, **sampler) -> EvalResult:
+    """Generate an answer for every problem and grade it. `use_parent`: the AR parent's greedy `generate`.
+
+    Further keyword arguments go to `DiffusionLM.generate` (other commit rules, correction, `lossless=True`).
+    """
     from llm2diff.training.data import render_example
 
     tok = dlm.tokenizer
@@ -81,7 +84,7 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
     if commit_rule and commit_rule != "confidence":
         rule += f", {commit_rule}"
     kind = "AR twin (block 1)" if dlm.config.block_size == 1 else f"diffusion (block {dlm.config.block_size}, {rule})"
-    name = "AR parent (greedy generate)" if use_parent else kind
+    name = name or ("AR parent (greedy generate)" if use_parent else kind)
     correct, new_tokens, nfe, row_forwards, samples = 0, 0, 0, 0, []
     start = time.perf_counter()
     for lo in tqdm(range(0, len(problems), batch_size), desc=f"eval {name}", leave=False):
@@ -94,8 +97,11 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
             row_forwards_batch = None
         else:
             out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, tokens_per_step=tokens_per_step,
-                               threshold=threshold, commit_rule=commit_rule)
-            sequences, forwards, row_forwards_batch = out.sequences, out.nfe, int(out.nfe_per_row.sum())
+                               threshold=threshold, commit_rule=commit_rule, **sampler)
+            sequences = out.sequences
+            forwards = out.nfe if hasattr(out, "nfe") else out.nfe_draft + out.nfe_verify  # lossless: both models
+            row_forwards_batch = int(out.nfe_per_row.sum()) if getattr(out, "nfe_per_row", None) is not None \
+                else None
         nfe += forwards
         rows = [until_stop(row, tok.pad_token_id, dlm.eos_token_ids) for row in sequences[:, ids.shape[1]:].tolist()]
         for problem, tokens in zip(batch, rows):

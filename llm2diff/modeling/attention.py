@@ -60,20 +60,27 @@ def to_additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return additive.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def cached_block_mask(key_valid: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """Mask for a block run against a KV cache: every query sees every valid cached key and the whole block.
+def cached_block_mask(key_valid: torch.Tensor, query_len: int, dtype: torch.dtype,
+                      block_size: int | None = None) -> torch.Tensor:
+    """Mask for new blocks run against a KV cache: every query sees every valid cached key, its own block whole,
+    and the new blocks before its own (block-causal across the new blocks).
 
     Args:
         key_valid: `(batch, past_len)` bool, False at left padding in the cache.
-        query_len: the block length.
+        query_len: the number of new positions.
+        block_size: the new positions form consecutive blocks of this size (default: one block of `query_len`).
+            The sampler's fused pass runs [just-finished clean block ; next noisy block]: the clean block must
+            not see the noisy one (clean never sees noisy), the noisy one sees the clean one.
 
     Returns:
         `(batch, 1, query_len, past_len + query_len)` additive float mask.
     """
-    batch = key_valid.shape[0]
-    block = torch.ones(batch, query_len, dtype=torch.bool, device=key_valid.device)
-    keys = torch.cat([key_valid.bool(), block], dim=1)
-    return to_additive_mask(keys[:, None, :].expand(batch, query_len, keys.shape[1]), dtype)
+    batch, device = key_valid.shape[0], key_valid.device
+    block_id = torch.arange(query_len, device=device) // (block_size or query_len)
+    new = block_id[None, :] <= block_id[:, None]  # (query, key) among the new positions
+    past = key_valid.bool()[:, None, :].expand(batch, query_len, key_valid.shape[1])
+    allowed = torch.cat([past, new[None].expand(batch, -1, -1)], dim=-1)
+    return to_additive_mask(allowed, dtype)
 
 
 def anneal_block_mask(

@@ -41,6 +41,8 @@ class DiffusionConfig:
             coarse-to-fine commit rule reads, if any.
         commit_rule, significance_weight, confidence_floor: sampler defaults for the commit rule.
         tokens_per_step, threshold, temperature: sampler defaults used when `generate` is not told otherwise.
+        entropy_bound, sub_block_size, max_steps_per_block, remask_threshold, remask_budget: the same for the
+            entropy rule, sub-blocks, the cap on steps per block and correction (see `llm2diff.sampling`).
         use_chat_template, system_prompt, prompt_template: how training prompts were rendered, so that
             `llm2diff generate` and evaluation render new prompts the same way.
         base_model_name_or_path: the base checkpoint (hub id, local path or built-in alias) the adapter sits on.
@@ -66,6 +68,11 @@ class DiffusionConfig:
     confidence_floor: float | None = None
     threshold: float | None = None
     temperature: float = 0.0
+    entropy_bound: float = 1.0
+    sub_block_size: int | None = None
+    max_steps_per_block: int | None = None
+    remask_threshold: float | None = None
+    remask_budget: int = 0
     use_chat_template: bool = True
     system_prompt: str | None = None
     prompt_template: str = "Question: {question}\nAnswer: "

@@ -99,26 +99,47 @@ class DiffusionLM:
     @torch.no_grad()
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
-        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, threshold: float | None = None,
-        tokens_per_step: int = 1, stop_strings: list[str] | str | None = None, use_cache: bool = True,
-        seed: int | None = None, commit_rule: str | None = None, significance_weight: float | None = None,
+        temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+        threshold: float | None = None, tokens_per_step: int | None = None,
+        stop_strings: list[str] | str | None = None, use_cache: bool = True, seed: int | None = None,
+        commit_rule: str | None = None, significance_weight: float | None = None,
         confidence_floor: float | None = None, response_prefix: torch.Tensor | None = None,
+        entropy_bound: float | None = None, sub_block_size: int | None = None, max_steps_per_block: int | None = None,
+        remask_threshold: float | None = None, remask_budget: int | None = None, fuse_commit: bool = True,
+        drop_finished: bool = True, streamer=None, record_trajectory: bool = False, lossless: bool = False,
     ) -> GenerateOutput:
         """Sample block by block (see `llm2diff.sampling.sampler`). Batches must be left-padded.
 
-        `commit_rule` "confidence" commits the most confident positions; "coarse_to_fine" the ones whose
-        predicted token is most significant (the table saved with a semantically trained model), weighed with the
-        confidence: priority = log(confidence) + significance_weight * significance. `confidence_floor` stops a
-        step from committing positions below that confidence (each step still commits its most confident one).
-        Unset options fall back on the model's `diffusion_config.json`. `response_prefix` (`(batch, P)`, the same
-        length for every row) continues responses whose first P tokens are given, also from inside a block (e.g.
-        rollouts from a reasoning step); `sequences` then holds prompt, prefix and the new tokens.
+        Commit rules (`commit_rule`, see `llm2diff.sampling.rules`): "confidence" (the `tokens_per_step` most
+        confident positions per step, plus every one above `threshold` if set), "threshold" (the same, threshold
+        0.9 unless given), "margin" (top-1 minus top-2; `threshold` applies to the margin), "entropy" (the
+        lowest-entropy positions while their summed entropy stays under `entropy_bound`), "random", and
+        "coarse_to_fine" (confidence weighed with the significance table a semantically trained model saves:
+        priority = log(confidence) + significance_weight * significance). `confidence_floor` stops a step from
+        committing positions below that confidence (each step still commits its most confident one).
+        `sub_block_size` decodes each block left to right in sub-blocks; `max_steps_per_block` caps the steps
+        (the last commits everything left). Correction: with `remask_threshold`, committed tokens of the open
+        block whose probability falls below it are masked again, at most `remask_budget` per block and row.
+        Unset options fall back on the model's `diffusion_config.json`.
+
+        `response_prefix` (`(batch, P)`, the same length for every row) continues responses whose first P tokens
+        are given, also from inside a block (e.g. rollouts from a reasoning step); `sequences` then holds prompt,
+        prefix and the new tokens. `streamer` (transformers' `TextStreamer` and the like, batch of one) receives
+        each block as soon as it is finished; `record_trajectory` keeps every step's canvas and confidences in
+        `output.trajectory`. `fuse_commit` and `drop_finished` switch off two speed-ups (same tokens either way).
+        `lossless=True` returns exactly the AR parent's greedy output, drafted by the diffusion model and checked
+        by the parent (`llm2diff.sampling.lossless`); the other sampling options do not apply then.
 
         Returns a `GenerateOutput` with `sequences` (prompt plus new tokens, pad after a row stopped) and `nfe`.
         """
         input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if lossless:
+            from llm2diff.sampling.lossless import lossless_generate
+
+            return lossless_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                     stop_strings=stop_strings)
         prefix_len = 0
         if response_prefix is not None:
             if not isinstance(response_prefix, torch.Tensor) or response_prefix.dim() != 2 \
@@ -137,7 +158,12 @@ class DiffusionLM:
             )
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
-        commit_rule = commit_rule or self.config.commit_rule
+        c = self.config
+
+        def default(value, name):
+            return getattr(c, name) if value is None else value
+
+        commit_rule = default(commit_rule, "commit_rule")
         significance = None
         if commit_rule == "coarse_to_fine":
             if self.significance is None:
@@ -145,20 +171,33 @@ class DiffusionLM:
                                  f"({SIGNIFICANCE_NAME}), which models trained with a semantic_scorer save; this "
                                  "model has none: use commit_rule 'confidence' or train with semantic_scorer set")
             significance = self.significance.to(self.device)
+        remask_threshold = default(remask_threshold, "remask_threshold")
+        remask_budget = default(remask_budget, "remask_budget")
+        if remask_threshold is not None and not remask_budget:
+            remask_budget = 2  # correction asked for without a budget: a small one
         settings = SamplerSettings(
-            block_size=self.config.block_size, mask_token_id=self.config.mask_token_id,
-            eos_token_ids=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
-            vocab_size=self.config.vocab_size, shift=self.config.shift, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, threshold=threshold, tokens_per_step=tokens_per_step,
+            block_size=c.block_size, mask_token_id=c.mask_token_id, eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.tokenizer.pad_token_id, vocab_size=c.vocab_size, shift=c.shift,
+            max_new_tokens=max_new_tokens, temperature=default(temperature, "temperature"), top_k=top_k, top_p=top_p,
+            threshold=default(threshold, "threshold"), tokens_per_step=default(tokens_per_step, "tokens_per_step"),
             stop_strings=tuple(stop_strings or ()), use_cache=use_cache, seed=seed, commit_rule=commit_rule,
-            significance=significance,
-            significance_weight=self.config.significance_weight if significance_weight is None else significance_weight,
-            confidence_floor=self.config.confidence_floor if confidence_floor is None else confidence_floor,
+            significance=significance, significance_weight=default(significance_weight, "significance_weight"),
+            confidence_floor=default(confidence_floor, "confidence_floor"),
+            entropy_bound=default(entropy_bound, "entropy_bound"), sub_block_size=default(sub_block_size, "sub_block_size"),
+            max_steps_per_block=default(max_steps_per_block, "max_steps_per_block"),
+            remask_threshold=remask_threshold, remask_budget=remask_budget, fuse_commit=fuse_commit,
+            drop_finished=drop_finished,
         )
+        trajectory = None
+        if record_trajectory:
+            from llm2diff.sampling.trajectory import Trajectory
+
+            trajectory = Trajectory(block_size=c.block_size, mask_token_id=c.mask_token_id,
+                                    prompt_width=input_ids.shape[1])
         was_training = self.model.training
         self.model.eval()
         try:
-            sampler = BlockSampler(self.model, settings, self.tokenizer)
+            sampler = BlockSampler(self.model, settings, self.tokenizer, streamer=streamer, trajectory=trajectory)
             return sampler.generate(input_ids.to(self.device), attention_mask.to(self.device), response_prefix)
         finally:
             self.model.train(was_training)

@@ -1,7 +1,19 @@
 """Token choice and commit rules of the block sampler (pure functions).
 
-`choose_tokens` turns logits into a proposed token and its confidence at every position; `select_commits`
-decides which still-masked positions are committed this step.
+`choose_tokens` turns logits into a proposed token and its confidence at every position; `commit_priority` ranks
+the proposals by the chosen rule; `select_commits` decides which still-masked positions are committed this step;
+`sub_block_window` and `select_remasks` restrict and revise those choices (semi-autoregressive sub-blocks inside a
+block, ReMDM-style correction).
+
+Rules (`commit_rule`):
+  confidence      the most confident `tokens_per_step` positions; with `threshold`, also every position whose
+                  confidence exceeds it (Fast-dLLM's parallel decoding)
+  threshold       the same with a threshold always set (0.9 unless given)
+  margin          ranked by top-1 minus top-2 probability; `threshold` applies to the margin
+  entropy         entropy-bounded (EB-sampler, Ben-Hamu et al. 2025): the lowest-entropy positions, as many as
+                  keep their summed entropy under `entropy_bound` (nats), at least `tokens_per_step`
+  random          `tokens_per_step` positions in random order (the order MDLM/LLaDA sampling assumes)
+  coarse_to_fine  confidence weighed with each proposed token's significance (semantic noise in reverse)
 """
 
 from __future__ import annotations
@@ -35,8 +47,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None = None, top_p: fl
 
 def choose_tokens(
     logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    generator: torch.Generator | None = None, return_probs: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Propose a token per position and its confidence.
 
     Args:
@@ -47,6 +59,7 @@ def choose_tokens(
         tokens `(batch, n)` and confidence `(batch, n)`: the probability of the chosen token under the adjusted
         distribution (temperature, top-k and top-p applied). At temperature 0 that distribution is the top-k/top-p
         filtered softmax at temperature 1, so the threshold rule still has a meaningful confidence.
+        With `return_probs`, also that distribution `(batch, n, vocab)` (for the margin and entropy rules).
     """
     logits = filter_top_k_top_p(logits.float(), top_k, top_p)
     if temperature and temperature > 0:
@@ -57,10 +70,79 @@ def choose_tokens(
         probs = logits.softmax(-1)
         tokens = probs.argmax(-1)
     confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
-    return tokens, confidence
+    return (tokens, confidence, probs) if return_probs else (tokens, confidence)
 
 
-COMMIT_RULES = ("confidence", "coarse_to_fine")
+COMMIT_RULES = ("confidence", "threshold", "margin", "entropy", "random", "coarse_to_fine")
+DEFAULT_THRESHOLD = 0.9
+
+
+def margin_scores(probs: torch.Tensor) -> torch.Tensor:
+    """`(batch, n)` top-1 minus top-2 probability of `(batch, n, vocab)` distributions (Kim et al. 2025)."""
+    top2 = torch.topk(probs, 2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def entropy_scores(probs: torch.Tensor) -> torch.Tensor:
+    """`(batch, n)` entropy in nats of `(batch, n, vocab)` distributions."""
+    return -(probs * probs.clamp(min=1e-30).log()).sum(-1)
+
+
+def entropy_bounded_commits(entropy: torch.Tensor, todo: torch.Tensor, bound: float, minimum: int = 1) -> torch.Tensor:
+    """Commit the lowest-entropy eligible positions while their summed entropy stays within `bound`.
+
+    Positions are taken in increasing entropy; the first `minimum` are always taken (so every step progresses),
+    then the next ones as long as the running sum is <= `bound`. Returns a `(batch, n)` bool subset of `todo`.
+    """
+    scores = entropy.masked_fill(~todo, float("inf"))
+    order = scores.argsort(-1)
+    sorted_scores = scores.gather(-1, order)
+    running = sorted_scores.masked_fill(torch.isinf(sorted_scores), 0.0).cumsum(-1)
+    rank = torch.arange(scores.shape[-1], device=scores.device)
+    take_sorted = ((running <= bound) | (rank < minimum)) & ~torch.isinf(sorted_scores)
+    return torch.zeros_like(todo).scatter(-1, order, take_sorted) & todo
+
+
+def random_priority(shape: tuple[int, ...], device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform random priorities: committing the top k of them is a uniformly random order of unmasking."""
+    return torch.rand(shape, device=device, generator=generator)
+
+
+def sub_block_window(todo: torch.Tensor, sub_block_size: int | None) -> torch.Tensor:
+    """Restrict `todo` to the first sub-block of each row that still has masked positions.
+
+    A block of B positions is decoded as B / sub_block_size consecutive sub-blocks, left to right, each
+    bidirectional inside (semi-autoregressive decoding inside the block, as Fast-dLLM v2's sub-blocks).
+    None (or a size >= B) leaves `todo` as it is.
+    """
+    size = todo.shape[-1]
+    if not sub_block_size or sub_block_size >= size:
+        return todo
+    sub = torch.arange(size, device=todo.device) // sub_block_size
+    first = torch.where(todo, sub, sub.max() + 1).min(-1, keepdim=True).values
+    return todo & (sub == first)
+
+
+def select_remasks(
+    current_prob: torch.Tensor, revisable: torch.Tensor, threshold: float, budget: torch.Tensor
+) -> torch.Tensor:
+    """ReMDM-style correction: which committed positions to mask again (Wang et al. 2025, "Remasking Discrete
+    Diffusion Models with Inference-Time Scaling").
+
+    Args:
+        current_prob: `(batch, n)` the model's present probability of each committed token, re-read from the
+            latest forward pass (which now sees the tokens committed since).
+        revisable: `(batch, n)` bool, committed positions that may still be retracted (not given by the user).
+        threshold: a committed token whose present probability is below it is a candidate.
+        budget: `(batch,)` remasks each row may still make in this block.
+
+    Returns:
+        `(batch, n)` bool: per row, the lowest-probability candidates, at most `budget` of them.
+    """
+    candidates = revisable & (current_prob < threshold)
+    scores = current_prob.masked_fill(~candidates, float("inf"))
+    rank = scores.argsort(-1).argsort(-1)
+    return candidates & (rank < budget[:, None])
 
 
 def coarse_to_fine_priority(

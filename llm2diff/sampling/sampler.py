@@ -3,15 +3,21 @@
 For each block of B positions:
   1. start from B mask tokens;
   2. run the block against the cache (bidirectional inside the block), propose a token and a confidence at every
-     masked position, commit some of them (the `tokens_per_step` most confident, or every one above `threshold`,
-     at least `tokens_per_step`), crop the block's keys/values off the cache again; repeat until the block is clean;
-  3. run the clean block once more and keep its keys/values: they are exactly what the training layout's clean
-     copy computes, and its last position's output predicts the next block's first token (token shift).
-Rows stop independently at end-of-sequence or a stop string; `max_new_tokens` is honoured exactly (a last,
-partial block commits only its first positions). With `use_cache=False` every step recomputes the whole
-sequence with the block-diffusion mask instead; both give the same tokens.
+     masked position, commit some of them by the commit rule (`llm2diff.sampling.rules`: most confident k, above a
+     threshold, margin, entropy-bounded, random, coarse-to-fine; optionally left to right by sub-blocks, with a cap
+     on steps per block), optionally remask committed tokens the model no longer believes (correction), crop the
+     block's keys/values off the cache again; repeat until the block is clean;
+  3. append the clean block's keys/values to the cache: they are exactly what the training layout's clean copy
+     computes, and its last position's output predicts the next block's first token (token shift). This pass is
+     fused with the next block's first denoising step (one forward over [clean block ; noisy block] with a
+     block-causal mask), so committing costs no forward of its own.
+Rows stop independently at end-of-sequence or a stop string, and finished rows leave the batch (their cache rows
+are dropped); `max_new_tokens` is honoured exactly (a last, partial block commits only its first positions). With
+`use_cache=False` every step recomputes the whole sequence with the block-diffusion mask instead; both give the
+same tokens. Work is proportional to the new tokens: the prompt is encoded once and only the last position's
+logits of a prefill are computed.
 
-NFE counts every forward pass of the model for the batch, prefill and commit passes included.
+NFE counts every forward pass of the model for the batch, prefill included.
 """
 
 from __future__ import annotations
@@ -20,8 +26,29 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llm2diff.modeling.attention import CLEAN, NOISY, PAD, PROMPT, block_diffusion_mask, cached_block_mask, to_additive_mask
-from llm2diff.sampling.rules import COMMIT_RULES, choose_tokens, coarse_to_fine_priority, select_commits, suppress_ids
+from llm2diff.modeling.attention import (
+    CLEAN,
+    NOISY,
+    PAD,
+    PROMPT,
+    block_diffusion_mask,
+    cached_block_mask,
+    to_additive_mask,
+)
+from llm2diff.sampling.rules import (
+    COMMIT_RULES,
+    DEFAULT_THRESHOLD,
+    choose_tokens,
+    coarse_to_fine_priority,
+    entropy_bounded_commits,
+    entropy_scores,
+    margin_scores,
+    random_priority,
+    select_commits,
+    select_remasks,
+    sub_block_window,
+    suppress_ids,
+)
 
 
 @dataclass
@@ -29,11 +56,13 @@ class GenerateOutput:
     """What `DiffusionLM.generate` returns.
 
     sequences: `(batch, prompt_len + new)` prompt plus generated tokens, pad after a row stopped.
-    nfe: forward passes of the model for the whole batch (prefill and commit passes included).
+    nfe: forward passes of the model for the whole batch (prefill included).
     tokens_per_step: tokens committed (summed over rows still running) at each denoising step.
     num_new_tokens: `(batch,)` tokens generated per row, end-of-sequence included, padding excluded.
-    nfe_per_row: `(batch,)` forward passes made while each row was still generating (a finished row rides along
-        in the batch without counting), so `num_new_tokens / nfe_per_row` is the row's tokens per forward.
+    nfe_per_row: `(batch,)` forward passes made while each row was still generating, so
+        `num_new_tokens / nfe_per_row` is the row's tokens per forward.
+    remasked: tokens retracted by correction (summed over rows).
+    trajectory: the recorded denoising steps (`record_trajectory=True`), a `llm2diff.sampling.trajectory.Trajectory`.
     """
 
     sequences: torch.Tensor
@@ -41,6 +70,8 @@ class GenerateOutput:
     tokens_per_step: list[int] = field(default_factory=list)
     num_new_tokens: torch.Tensor | None = None
     nfe_per_row: torch.Tensor | None = None
+    remasked: int = 0
+    trajectory: object | None = None
 
     @property
     def steps(self) -> int:
@@ -70,14 +101,36 @@ class SamplerSettings:
     significance: torch.Tensor | None = None
     significance_weight: float = 2.0
     confidence_floor: float | None = None
+    entropy_bound: float = 1.0
+    sub_block_size: int | None = None
+    max_steps_per_block: int | None = None
+    remask_threshold: float | None = None
+    remask_budget: int = 0
+    fuse_commit: bool = True
+    drop_finished: bool = True
 
     def __post_init__(self) -> None:
         if self.commit_rule not in COMMIT_RULES:
             raise ValueError(f"commit_rule must be one of {', '.join(COMMIT_RULES)}, got {self.commit_rule!r}")
         if self.commit_rule == "coarse_to_fine" and self.significance is None:
             raise ValueError("commit_rule 'coarse_to_fine' needs a token significance table")
+        if self.commit_rule == "threshold" and self.threshold is None:
+            self.threshold = DEFAULT_THRESHOLD
         if self.confidence_floor is not None and not 0.0 <= self.confidence_floor <= 1.0:
             raise ValueError(f"confidence_floor must be in [0, 1], got {self.confidence_floor}")
+        if self.entropy_bound < 0:
+            raise ValueError(f"entropy_bound must be >= 0 (nats), got {self.entropy_bound}")
+        if self.sub_block_size is not None and (self.sub_block_size < 1 or self.block_size % self.sub_block_size):
+            raise ValueError(f"sub_block_size must divide the block size {self.block_size}, got {self.sub_block_size}")
+        if self.max_steps_per_block is not None and self.max_steps_per_block < 1:
+            raise ValueError(f"max_steps_per_block must be >= 1, got {self.max_steps_per_block}")
+        if self.remask_threshold is not None and not 0.0 < self.remask_threshold < 1.0:
+            raise ValueError(f"remask_threshold must be in (0, 1), got {self.remask_threshold}")
+        if self.remask_budget < 0:
+            raise ValueError(f"remask_budget must be >= 0, got {self.remask_budget}")
+        if self.remask_threshold is not None and self.remask_budget == 0:
+            raise ValueError("remask_threshold is set but remask_budget is 0: give a budget of remasks per block "
+                             "(e.g. 2), or unset remask_threshold")
 
 
 def _left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -85,68 +138,132 @@ def _left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
+def uses_flash_attention(model) -> bool:
+    """True when the model runs a FlashAttention kernel (no 4D masks: blocks attend through `is_causal=False`)."""
+    implementation = getattr(model.config, "_attn_implementation", None) or ""
+    return "flash" in implementation
+
+
 class BlockContext:
     """The prompt and the committed blocks, as seen by the block being denoised.
 
     With a cache, the prompt is prefilled once and each committed block appends its exact keys/values; a denoising
-    forward appends the noisy block's keys/values and crops them off again. Without a cache, every call recomputes
-    the whole sequence with the block-diffusion mask. Both give the same predictions.
+    forward appends the noisy block's keys/values and crops them off again. A committed block waits (`pending`)
+    and rides along with the next denoising forward (`fuse=True`), or runs alone when nothing follows it. Without
+    a cache, every call recomputes the whole sequence with the block-diffusion mask. All give the same predictions.
+
+    On FlashAttention the block passes use no 4D mask: the new block attends to the whole (unpadded) cache and to
+    itself with `is_causal=False`, which is exactly the block rule; fusion is then off (it needs a block-causal mask).
     """
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, block_size: int,
-                 shift: bool = True, use_cache: bool = True):
+                 shift: bool = True, use_cache: bool = True, fuse: bool = True):
         self.model, self.block_size, self.shift, self.use_cache = model, block_size, shift, use_cache
+        self.flash = uses_flash_attention(model)
+        self.fuse = fuse and use_cache and not self.flash
         self.input_ids, self.attention_mask = input_ids, attention_mask
         self.prompt_lens = attention_mask.long().sum(-1)
         self.dtype = model.get_input_embeddings().weight.dtype
         self.nfe = 0
-        self.active = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        self.rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # original row of each batch row
+        self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # finished, riding
         self.nfe_per_row = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         self.num_blocks = 0
         self.generated = input_ids[:, :0]
         self.key_valid = attention_mask.bool()
         self.cache = None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (clean block, its positions), not yet run
         self.last_logits = None  # the clean position before the current block predicts its first token (shift)
         if use_cache:
             from transformers import DynamicCache
 
             self.cache = DynamicCache(config=model.config)
             positions = _left_padded_positions(attention_mask)
-            self.last_logits = self._forward(input_ids, attention_mask, positions, self.cache)[:, -1]
+            self.last_logits = self._forward(input_ids, attention_mask, positions, self.cache, keep=1)[:, -1]
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache=None) -> torch.Tensor:
+    @property
+    def batch_size(self) -> int:
+        return self.rows.shape[0]
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache=None, keep: int = 0, **kwargs) -> torch.Tensor:
+        """One model pass; `keep` > 0 computes the LM head on the last `keep` positions only."""
         self.nfe += 1
-        self.nfe_per_row += self.active.long()
+        self.nfe_per_row[self.rows[~self.done]] += 1
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=cache, use_cache=cache is not None).logits
+                          past_key_values=cache, use_cache=cache is not None, logits_to_keep=keep, **kwargs).logits
+
+    def _block_forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: int, blocks: int = 1) -> torch.Tensor:
+        """Run `blocks` consecutive new blocks against the cache (block-causal among them); keys/values appended."""
+        if self.flash:
+            keys = torch.cat([self.key_valid, torch.ones_like(ids, dtype=torch.bool)], dim=1).long()
+            return self._forward(ids, keys, positions, self.cache, keep=keep, is_causal=False)
+        mask = cached_block_mask(self.key_valid, ids.shape[1], self.dtype, block_size=ids.shape[1] // blocks)
+        return self._forward(ids, mask, positions, self.cache, keep=keep)
 
     def _block_positions(self) -> torch.Tensor:
         offsets = self.num_blocks * self.block_size + torch.arange(self.block_size, device=self.prompt_lens.device)
         return self.prompt_lens[:, None] + offsets
 
+    def flush(self) -> None:
+        """Run a pending committed block on its own (appends its keys/values, sets the next first-token logits)."""
+        if self.pending is None:
+            return
+        block, positions = self.pending
+        self.pending = None
+        self.last_logits = self._block_forward(block, positions, keep=1)[:, -1]
+        self.key_valid = torch.cat([self.key_valid, torch.ones_like(block, dtype=torch.bool)], dim=1)
+
     def first_position_logits(self) -> torch.Tensor | None:
-        """With shift and a cache: the logits predicting the current block's first token (no forward needed)."""
-        return self.last_logits if (self.shift and self.use_cache) else None
+        """With shift and a cache: the logits predicting the current block's first token (runs a pending commit)."""
+        if not (self.shift and self.use_cache):
+            return None
+        self.flush()
+        return self.last_logits
 
     def block_logits(self, canvas: torch.Tensor) -> torch.Tensor:
         """`(batch, B, vocab)` predictions for every position of the current block, given its noisy `canvas`."""
         if not self.use_cache:
             return self._recompute(canvas)
-        mask = cached_block_mask(self.key_valid, self.block_size, self.dtype)
-        logits = self._forward(canvas, mask, self._block_positions(), self.cache)
-        self.cache.crop(-self.block_size)
+        size = self.block_size
+        if self.pending is not None:  # fused: [pending clean block ; this noisy block] in one pass
+            block, positions = self.pending
+            self.pending = None
+            logits = self._block_forward(torch.cat([block, canvas], dim=1),
+                                         torch.cat([positions, self._block_positions()], dim=1),
+                                         keep=size + 1, blocks=2)
+            self.cache.crop(-size)
+            self.key_valid = torch.cat([self.key_valid, torch.ones_like(block, dtype=torch.bool)], dim=1)
+            self.last_logits, logits = logits[:, 0], logits[:, 1:]
+        else:
+            logits = self._block_forward(canvas, self._block_positions(), keep=size)
+            self.cache.crop(-size)
         if self.shift:
             return torch.cat([self.last_logits[:, None], logits[:, :-1]], dim=1)
         return logits
 
     def commit(self, block: torch.Tensor, run_model: bool = True) -> None:
-        """Append a clean block. With a cache, one forward stores its keys/values (skip it after the last block)."""
+        """Append a clean block. With a cache its keys/values are stored by one forward: right away, or (with
+        fusion) together with the next block's first denoising step. `run_model=False` skips it (the last block)."""
         if self.use_cache and run_model:
-            mask = cached_block_mask(self.key_valid, self.block_size, self.dtype)
-            self.last_logits = self._forward(block, mask, self._block_positions(), self.cache)[:, -1]
-            self.key_valid = torch.cat([self.key_valid, torch.ones_like(block, dtype=torch.bool)], dim=1)
+            self.flush()
+            self.pending = (block, self._block_positions())
+            if not self.fuse:
+                self.flush()
         self.generated = torch.cat([self.generated, block], dim=1)
         self.num_blocks += 1
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the batch rows `keep` (indices into the current batch): finished rows leave the batch."""
+        if self.cache is not None:
+            self.cache.batch_select_indices(keep)
+        self.rows, self.done = self.rows[keep], self.done[keep]
+        self.prompt_lens, self.key_valid = self.prompt_lens[keep], self.key_valid[keep]
+        self.input_ids, self.attention_mask, self.generated = (
+            self.input_ids[keep], self.attention_mask[keep], self.generated[keep])
+        if self.last_logits is not None:
+            self.last_logits = self.last_logits[keep]
+        if self.pending is not None:
+            self.pending = (self.pending[0][keep], self.pending[1][keep])
 
     def _recompute(self, canvas: torch.Tensor) -> torch.Tensor:
         batch, prompt_len = self.input_ids.shape
@@ -165,19 +282,27 @@ class BlockContext:
             self.prompt_lens[:, None] + torch.arange(done + size, device=device),
         ], dim=1)
         mask = to_additive_mask(block_diffusion_mask(segment, block), self.dtype)
-        logits = self._forward(ids, mask, positions)
-        start = prompt_len + done
-        return logits[:, start - 1 : start + size - 1] if self.shift else logits[:, start : start + size]
+        logits = self._forward(ids, mask, positions, keep=size + 1)
+        return logits[:, :-1] if self.shift else logits[:, 1:]
 
 
 class BlockSampler:
-    """Runs the block-diffusion sampling loop for one batch. Use through `DiffusionLM.generate`."""
+    """Runs the block-diffusion sampling loop for one batch. Use through `DiffusionLM.generate`.
 
-    def __init__(self, model: torch.nn.Module, settings: SamplerSettings, tokenizer=None):
+    `streamer` (transformers' `BaseStreamer`: `put`/`end`, e.g. `TextStreamer`) receives the prompt, then each
+    finished block's kept tokens as soon as the block is clean (batch size 1). `trajectory` (a
+    `llm2diff.sampling.trajectory.Trajectory`) records every denoising step's canvas and confidences.
+    """
+
+    def __init__(self, model: torch.nn.Module, settings: SamplerSettings, tokenizer=None, streamer=None,
+                 trajectory=None):
         self.model = model
         self.s = settings
         self.tokenizer = tokenizer
+        self.streamer = streamer
+        self.trajectory = trajectory
         self.step_counts: list[int] = []
+        self.remasked = 0
         device = model.get_input_embeddings().weight.device
         self.generator = torch.Generator(device=device)
         if settings.seed is not None:
@@ -197,7 +322,11 @@ class BlockSampler:
         s = self.s
         batch = input_ids.shape[0]
         device = input_ids.device
-        ctx = BlockContext(self.model, input_ids, attention_mask, s.block_size, s.shift, s.use_cache)
+        if self.streamer is not None:
+            if batch != 1:
+                raise ValueError(f"streaming needs a batch of one prompt, got {batch}")
+            self.streamer.put(input_ids.cpu())
+        ctx = BlockContext(self.model, input_ids, attention_mask, s.block_size, s.shift, s.use_cache, s.fuse_commit)
         new_tokens = torch.full((batch, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         num_new = torch.zeros(batch, dtype=torch.long, device=device)
@@ -209,55 +338,113 @@ class BlockSampler:
 
         produced = 0
         while produced < s.max_new_tokens and not bool(finished.all()):
+            rows = ctx.rows
             offset = start.shape[1] if start is not None else 0
             length = min(s.block_size - offset, s.max_new_tokens - produced)
-            canvas = self._denoise_block(ctx, offset + length, finished, start)
+            canvas = self.denoise_block(ctx, offset + length, start=start)
             start = None
-            block_tokens = canvas[:, offset : offset + length]
-            new_tokens[:, produced : produced + length] = torch.where(
-                finished[:, None], torch.full_like(block_tokens, s.pad_token_id), block_tokens
-            )
-            num_new += (~finished).long() * length
+            running = ~ctx.done
+            new_tokens[rows[running], produced : produced + length] = canvas[running, offset : offset + length]
+            num_new[rows[running]] += length
+            before = produced
             produced += length
             finished = self._apply_stops(new_tokens, produced, finished, num_new)
-            ctx.active = ~finished
+            if self.streamer is not None:
+                self.streamer.put(new_tokens[0, before : min(produced, int(num_new[0]))].cpu())
             more = produced < s.max_new_tokens and not bool(finished.all())
             ctx.commit(canvas, run_model=more)
+            ctx.done = finished[ctx.rows]
+            if more and s.drop_finished and bool(ctx.done.any()):
+                ctx.select((~ctx.done).nonzero().squeeze(-1))
+        if self.streamer is not None:
+            self.streamer.end()
 
         sequences = torch.cat([input_ids, prefix, new_tokens[:, :produced]], dim=1)
-        return GenerateOutput(sequences, ctx.nfe, self.step_counts, num_new, ctx.nfe_per_row)
+        return GenerateOutput(sequences, ctx.nfe, self.step_counts, num_new, ctx.nfe_per_row, self.remasked,
+                              self.trajectory)
 
-    def _denoise_block(self, ctx: BlockContext, length: int, finished: torch.Tensor,
-                       start: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoise one block from all-mask to clean. Returns the `(batch, B)` canvas (positions >= length stay masked).
+    def denoise_block(self, ctx: BlockContext, length: int, start: torch.Tensor | None = None,
+                      draft: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise the context's current block from all-mask to clean. Returns the `(batch, B)` canvas (positions
+        >= length stay masked).
 
         `start` (`(batch, j)`) fixes the block's first j tokens (a response prefix ending inside the block).
+        `draft` (`(batch, B)`, the mask id where undecided) pre-commits tokens that correction may still retract.
         """
         s = self.s
-        batch, size, device = finished.shape[0], s.block_size, finished.device
+        batch, size, device = ctx.batch_size, s.block_size, ctx.key_valid.device
         canvas = torch.full((batch, size), s.mask_token_id, dtype=torch.long, device=device)
         positions = torch.arange(size, device=device)
         fixed = 0 if start is None else start.shape[1]
         if start is not None:
             canvas[:, :fixed] = start
         todo = ((positions < length) & (positions >= fixed))[None, :].expand(batch, size).clone()
+        if draft is not None:
+            drafted = todo & (draft != s.mask_token_id)
+            canvas = torch.where(drafted, draft, canvas)
+            todo &= ~drafted
+        revisable = (positions >= fixed)[None, :].expand(batch, size) & (positions < length) & ~todo
+        budget = torch.full((batch,), s.remask_budget, dtype=torch.long, device=device)
+        step = 0
         while bool(todo.any()):
-            first = ctx.first_position_logits()
-            if first is not None and not bool(todo[:, 1:].any()):
-                # only first positions left: the clean position before the block predicts them, no forward needed
+            last_step = s.max_steps_per_block is not None and step + 1 >= s.max_steps_per_block
+            only_first = s.shift and s.use_cache and not bool(todo[:, 1:].any())
+            if only_first and not (s.remask_threshold is not None and bool(revisable.any())):
+                # only first positions left: the clean position before the block predicts them, no block forward
+                first = ctx.first_position_logits()
                 logits = first[:, None].expand(-1, size, -1)
+                checked = False
             else:
                 logits = ctx.block_logits(canvas)
+                checked = True
             allowed = suppress_ids(logits, s.mask_token_id, s.vocab_size)
-            tokens, confidence = choose_tokens(allowed, s.temperature, s.top_k, s.top_p, self.generator)
-            priority = None
-            if s.commit_rule == "coarse_to_fine":
-                priority = coarse_to_fine_priority(tokens, confidence, s.significance, s.significance_weight)
-            commit = select_commits(confidence, todo, s.tokens_per_step, s.threshold, priority, s.confidence_floor)
+            tokens, confidence, probs = choose_tokens(allowed, s.temperature, s.top_k, s.top_p, self.generator,
+                                                      return_probs=True)
+            remask = torch.zeros_like(todo)
+            if s.remask_threshold is not None and checked and not last_step:
+                current = allowed.float().softmax(-1).gather(-1, canvas[..., None]).squeeze(-1)
+                remask = select_remasks(current, revisable, s.remask_threshold, budget)
+                canvas = torch.where(remask, s.mask_token_id, canvas)
+                budget -= remask.sum(-1)
+                revisable &= ~remask
+                self.remasked += int(remask.sum())
+            eligible = todo if last_step else sub_block_window(todo, s.sub_block_size)
+            commit = todo.clone() if last_step else self._select(tokens, confidence, probs, eligible)
             canvas = torch.where(commit, tokens, canvas)
-            todo &= ~commit
-            self.step_counts.append(int((commit & ~finished[:, None]).sum()))
+            todo = (todo & ~commit) | remask
+            revisable |= commit
+            self.step_counts.append(int((commit & ~ctx.done[:, None]).sum()))
+            if self.trajectory is not None:
+                self._record(ctx, canvas, confidence, commit, remask)
+            step += 1
         return canvas
+
+    def _record(self, ctx: BlockContext, canvas, confidence, commit, remask) -> None:
+        """Record a step for every original row (rows that left the batch show a masked, idle block)."""
+        total = ctx.nfe_per_row.shape[0]
+
+        def full(values, fill):
+            out = torch.full((total, values.shape[1]), fill, dtype=values.dtype, device=values.device)
+            out[ctx.rows] = values
+            return out
+
+        self.trajectory.record(block=ctx.num_blocks, canvas=full(canvas, self.s.mask_token_id),
+                               confidence=full(confidence, 0.0), committed=full(commit, False),
+                               remasked=full(remask, False) if bool(remask.any()) else None)
+
+    def _select(self, tokens, confidence, probs, eligible) -> torch.Tensor:
+        """The commit rule: which eligible positions to commit this step."""
+        s = self.s
+        if s.commit_rule == "entropy":
+            return entropy_bounded_commits(entropy_scores(probs), eligible, s.entropy_bound, s.tokens_per_step)
+        value, priority, threshold = confidence, None, s.threshold
+        if s.commit_rule == "margin":
+            value = margin_scores(probs)
+        elif s.commit_rule == "random":
+            priority, threshold = random_priority(confidence.shape, confidence.device, self.generator), None
+        elif s.commit_rule == "coarse_to_fine":
+            priority = coarse_to_fine_priority(tokens, confidence, s.significance, s.significance_weight)
+        return select_commits(value, eligible, s.tokens_per_step, threshold, priority, s.confidence_floor)
 
     # -- stopping ----------------------------------------------------------------------------------------------
     def _apply_stops(self, new_tokens, produced, finished, num_new) -> torch.Tensor:

@@ -84,6 +84,8 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
         dlm = adapt_base(model_args, data_args, train_args)
     tokenizer = dlm.tokenizer
     dlm.config.training = provenance(recipe, train_args.seed)
+    for name, value in eval_args.sampler_defaults().items():  # how `generate` samples this model by default
+        setattr(dlm.config, name, value)
     logger.info("adapted: %s", dlm)
     if train_rows is not None:
         train_ds = tokenize_dataset(train_rows, tokenizer, data_args, train_args.max_length)

@@ -1,0 +1,247 @@
+"""Commit rules, sub-blocks, the step cap, correction, the fused commit pass, dropping finished rows, streaming."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, make_model, make_tokenizer
+
+from llm2diff import adapt
+from llm2diff.sampling.rules import (
+    entropy_bounded_commits,
+    entropy_scores,
+    margin_scores,
+    select_remasks,
+    sub_block_window,
+)
+from llm2diff.sampling.sampler import BlockContext, BlockSampler, SamplerSettings
+
+PROMPTS = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 0, 5, 6, 7]])
+MASK = (PROMPTS != 0).long()
+
+
+def _dlm(arch="qwen3", block_size=4):
+    model = adapt(make_model(arch), make_tokenizer(), block_size=block_size)
+    model.model.generation_config.eos_token_id = None
+    model.tokenizer.eos_token = "<|im_start|>"  # a token this random model never picks: nothing stops early
+    return model
+
+
+@pytest.fixture
+def dlm():
+    return _dlm()
+
+
+# -- pure rules -------------------------------------------------------------------------------------------------
+def test_margin_and_entropy_by_hand():
+    probs = torch.tensor([[[0.7, 0.2, 0.1], [0.4, 0.4, 0.2]]])
+    assert torch.allclose(margin_scores(probs), torch.tensor([[0.5, 0.0]]))
+    expected = [-(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1)),
+                -(2 * 0.4 * math.log(0.4) + 0.2 * math.log(0.2))]
+    assert torch.allclose(entropy_scores(probs), torch.tensor([expected]))
+
+
+def test_entropy_bounded_commits_takes_lowest_entropies_within_the_bound():
+    entropy = torch.tensor([[0.5, 0.1, 2.0, 0.3, 0.2]])
+    todo = torch.tensor([[True, True, True, True, False]])  # position 4 is not eligible
+    # increasing entropy among eligible: 0.1 (1), 0.3 (3), 0.5 (0), 2.0 (2); running sums 0.1, 0.4, 0.9, 2.9
+    assert entropy_bounded_commits(entropy, todo, bound=0.4).tolist() == [[False, True, False, True, False]]
+    assert entropy_bounded_commits(entropy, todo, bound=1.0).tolist() == [[True, True, False, True, False]]
+    # a bound below the smallest entropy still commits `minimum` positions
+    assert entropy_bounded_commits(entropy, todo, bound=0.0, minimum=1).tolist() == [[False, True, False, False, False]]
+    assert entropy_bounded_commits(entropy, todo, bound=0.0, minimum=2).tolist() == [[False, True, False, True, False]]
+
+
+def test_sub_block_window_is_the_first_unfinished_sub_block():
+    todo = torch.tensor([[True] * 8, [False, False, True, True, True, True, True, True], [False] * 6 + [True, False]])
+    assert sub_block_window(todo, 2).tolist() == [
+        [True, True] + [False] * 6, [False, False, True, True] + [False] * 4, [False] * 6 + [True, False]]
+    assert sub_block_window(todo, 4).tolist() == [[True] * 4 + [False] * 4, [False, False, True, True] + [False] * 4,
+                                                  [False] * 6 + [True, False]]
+    assert torch.equal(sub_block_window(todo, None), todo)
+
+
+def test_select_remasks_lowest_within_budget():
+    prob = torch.tensor([[0.05, 0.5, 0.01, 0.2], [0.01, 0.02, 0.9, 0.9]])
+    revisable = torch.tensor([[True, True, True, True], [False, True, True, True]])
+    out = select_remasks(prob, revisable, threshold=0.3, budget=torch.tensor([1, 5]))
+    assert out.tolist() == [[False, False, True, False], [False, True, False, False]]
+    out = select_remasks(prob, revisable, threshold=0.3, budget=torch.tensor([2, 0]))
+    assert out.tolist() == [[True, False, True, False], [False, False, False, False]]
+
+
+# -- rules in the sampler ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rule", ["confidence", "threshold", "margin", "entropy", "random"])
+def test_every_rule_fills_every_position_and_respects_max_new_tokens(dlm, rule):
+    out = dlm.generate(PROMPTS, MASK, max_new_tokens=10, commit_rule=rule, seed=0)
+    assert out.num_new_tokens.tolist() == [10, 10]
+    assert sum(out.tokens_per_step) == 20
+    assert not (out.sequences[:, 6:] == dlm.config.mask_token_id).any()
+
+
+def test_random_rule_commits_k_per_step_in_seeded_order(dlm):
+    a = dlm.generate(PROMPTS, MASK, max_new_tokens=8, commit_rule="random", tokens_per_step=2, seed=3)
+    b = dlm.generate(PROMPTS, MASK, max_new_tokens=8, commit_rule="random", tokens_per_step=2, seed=3)
+    assert a.tokens_per_step == [4] * 4
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_margin_threshold_commits_by_margin(dlm):
+    """Threshold 0 on the margin commits every position whose top two differ (all, for these logits)."""
+    out = dlm.generate(PROMPTS, MASK, max_new_tokens=8, commit_rule="margin", threshold=0.0)
+    assert out.tokens_per_step == [8, 8]
+
+
+def test_entropy_bound_zero_is_one_token_per_step_and_huge_is_one_step(dlm):
+    slow = dlm.generate(PROMPTS, MASK, max_new_tokens=8, commit_rule="entropy", entropy_bound=0.0)
+    fast = dlm.generate(PROMPTS, MASK, max_new_tokens=8, commit_rule="entropy", entropy_bound=1e9)
+    assert slow.tokens_per_step == [2] * 8
+    assert fast.tokens_per_step == [8, 8]
+    # one token per step in increasing entropy order is the confidence rule's greedy order up to ties: same text
+    # is not guaranteed, but the whole-block step is exactly one argmax per position, as threshold 0 does
+    assert torch.equal(fast.sequences, dlm.generate(PROMPTS, MASK, max_new_tokens=8, threshold=0.0).sequences)
+
+
+def test_sub_blocks_decode_left_to_right(dlm):
+    out = dlm.generate(PROMPTS[:1], MASK[:1], max_new_tokens=8, sub_block_size=2, threshold=0.0,
+                       record_trajectory=True)
+    # threshold 0 commits a whole sub-block per step: 2 sub-blocks per block
+    assert out.tokens_per_step == [2, 2, 2, 2]
+    committed = [step_committed_positions(step) for step in out.trajectory.steps]
+    assert committed == [[0, 1], [2, 3], [0, 1], [2, 3]]
+
+
+def step_committed_positions(step) -> list[int]:
+    return [i for i, flag in enumerate(step.committed[0]) if flag]
+
+
+def test_step_cap_finishes_each_block_in_at_most_that_many_steps(dlm):
+    out = dlm.generate(PROMPTS, MASK, max_new_tokens=8, max_steps_per_block=2)
+    assert out.tokens_per_step == [2, 6, 2, 6]  # one token, then the rest, per block (2 rows)
+
+
+def test_bad_sampler_options_are_rejected(dlm):
+    with pytest.raises(ValueError, match="sub_block_size must divide the block size 4"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=4, sub_block_size=3)
+    with pytest.raises(ValueError, match="commit_rule must be one of"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=4, commit_rule="confident")
+    with pytest.raises(ValueError, match="remask_threshold must be in"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=4, remask_threshold=1.5)
+    with pytest.raises(ValueError, match="max_steps_per_block must be >= 1"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=4, max_steps_per_block=0)
+
+
+# -- correction --------------------------------------------------------------------------------------------------
+def _settings(dlm, **kwargs):
+    c = dlm.config
+    return SamplerSettings(block_size=c.block_size, mask_token_id=c.mask_token_id, eos_token_ids=(),
+                           pad_token_id=dlm.tokenizer.pad_token_id, vocab_size=c.vocab_size, shift=c.shift,
+                           max_new_tokens=8, **kwargs)
+
+
+def test_correction_retracts_a_planted_wrong_token(dlm):
+    prompt, mask = PROMPTS[:1], MASK[:1]
+    with torch.no_grad():
+        ctx = BlockContext(dlm.model, prompt, mask, 4)
+        logits = ctx.block_logits(torch.full((1, 4), dlm.config.mask_token_id))
+    probs = logits[0, 2, : dlm.config.vocab_size].softmax(-1)
+    probs[dlm.config.mask_token_id] = 1.0
+    wrong = int(probs.argmin())  # the token the model believes least at position 2
+    draft = torch.full((1, 4), dlm.config.mask_token_id)
+    draft[0, 2] = wrong
+
+    def run(**kwargs):
+        sampler = BlockSampler(dlm.model, _settings(dlm, **kwargs))
+        with torch.no_grad():
+            ctx = BlockContext(dlm.model, prompt, mask, 4)
+            return sampler.denoise_block(ctx, 4, draft=draft), sampler
+
+    kept, _ = run()
+    assert int(kept[0, 2]) == wrong  # without correction the planted token stays
+    fixed, sampler = run(remask_threshold=float(probs[wrong]) * 1.5 + 1e-6, remask_budget=1)
+    assert sampler.remasked == 1
+    assert int(fixed[0, 2]) != wrong
+    assert fixed[0, 2] != dlm.config.mask_token_id
+
+
+def test_correction_budget_bounds_remasks_and_output_is_clean(dlm):
+    out = dlm.generate(PROMPTS, MASK, max_new_tokens=12, remask_threshold=0.99, remask_budget=2)
+    # every committed token is below 0.99 for a random model: each block retracts exactly its budget per row
+    assert out.remasked == 2 * 2 * 3
+    assert not (out.sequences[:, 6:] == dlm.config.mask_token_id).any()
+    assert out.num_new_tokens.tolist() == [12, 12]
+
+
+# -- the fused commit pass and dropping finished rows are pure speed-ups -------------------------------------------
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("block_size", [1, 2, 4])
+def test_fused_commit_and_dropping_rows_change_no_token(arch, block_size):
+    dlm = _dlm(arch, block_size)
+    free = dlm.generate(PROMPTS, MASK, max_new_tokens=9, fuse_commit=False, drop_finished=False).sequences[:, 6:]
+    eos_id = int(free[0, 3])  # make a token row 0 emits early the end-of-sequence token
+    dlm.tokenizer.eos_token = dlm.tokenizer.convert_ids_to_tokens(eos_id)
+    reference = dlm.generate(PROMPTS, MASK, max_new_tokens=9, fuse_commit=False, drop_finished=False, threshold=0.5)
+    for fuse in (True, False):
+        for drop in (True, False):
+            out = dlm.generate(PROMPTS, MASK, max_new_tokens=9, fuse_commit=fuse, drop_finished=drop, threshold=0.5)
+            assert torch.equal(out.sequences, reference.sequences), (fuse, drop)
+            assert out.num_new_tokens.tolist() == reference.num_new_tokens.tolist()
+            assert out.tokens_per_step == reference.tokens_per_step
+    assert reference.num_new_tokens[0] <= 4
+
+
+def test_fused_commit_saves_one_forward_per_block(dlm):
+    fused = dlm.generate(PROMPTS, MASK, max_new_tokens=16, threshold=0.0)
+    unfused = dlm.generate(PROMPTS, MASK, max_new_tokens=16, threshold=0.0, fuse_commit=False)
+    assert unfused.nfe == 1 + 4 + 3  # prefill, 4 one-step blocks, 3 commits
+    assert fused.nfe == 1 + 4
+
+
+# -- streaming ---------------------------------------------------------------------------------------------------
+class Collect:
+    def __init__(self):
+        self.parts, self.ended = [], False
+
+    def put(self, value):
+        self.parts.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_gets_prompt_then_each_block(dlm):
+    streamer = Collect()
+    out = dlm.generate(PROMPTS[:1], MASK[:1], max_new_tokens=10, streamer=streamer)
+    assert streamer.ended
+    assert streamer.parts[0] == PROMPTS[0].tolist()
+    assert [len(p) for p in streamer.parts[1:]] == [4, 4, 2]
+    assert sum(streamer.parts[1:], []) == out.sequences[0, 6:].tolist()
+    with pytest.raises(ValueError, match="batch of one"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=4, streamer=Collect())
+
+
+def test_streamer_stops_at_end_of_sequence(dlm):
+    free = dlm.generate(PROMPTS[:1], MASK[:1], max_new_tokens=12).sequences[0, 6:]
+    eos_id = int(free[5])
+    stop = free.tolist().index(eos_id) + 1
+    dlm.tokenizer.eos_token = dlm.tokenizer.convert_ids_to_tokens(eos_id)
+    streamer = Collect()
+    dlm.generate(PROMPTS[:1], MASK[:1], max_new_tokens=12, streamer=streamer)
+    assert sum(streamer.parts[1:], []) == free[:stop].tolist()
+
+
+# -- trajectories ------------------------------------------------------------------------------------------------
+def test_trajectory_matches_the_output_and_survives_rows_leaving(dlm):
+    free = dlm.generate(PROMPTS, MASK, max_new_tokens=12).sequences[:, 6:]
+    eos_id = int(free[0, 1])
+    dlm.tokenizer.eos_token = dlm.tokenizer.convert_ids_to_tokens(eos_id)
+    out = dlm.generate(PROMPTS, MASK, max_new_tokens=12, record_trajectory=True)
+    assert out.num_new_tokens[0] <= 2 < out.num_new_tokens[1]  # row 0 left the batch after its first block
+    assert out.trajectory.num_steps == len(out.tokens_per_step)
+    for row in range(2):
+        n = int(out.num_new_tokens[row])
+        history = out.trajectory.history(row)
+        assert [h["token"] for h in history][:n] == out.sequences[row, 6 : 6 + n].tolist()
+        assert sum(sum(step.committed[row]) for step in out.trajectory.steps) == len(history)
