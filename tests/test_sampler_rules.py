@@ -245,3 +245,23 @@ def test_trajectory_matches_the_output_and_survives_rows_leaving(dlm):
         history = out.trajectory.history(row)
         assert [h["token"] for h in history][:n] == out.sequences[row, 6 : 6 + n].tolist()
         assert sum(sum(step.committed[row]) for step in out.trajectory.steps) == len(history)
+
+
+def test_merging_the_trained_mask_row_for_inference_is_exact_and_reversible():
+    from peft import LoraConfig
+
+    dlm = adapt(make_model("llama"), make_tokenizer(), block_size=4,
+                lora=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    layer = next(m for m in dlm.model.modules() if type(m).__name__ == "TrainableTokensLayer")
+    with torch.no_grad():
+        layer.trainable_tokens_delta["default"].normal_()  # a trained mask row, unlike the base row
+    before = layer.base_layer.weight.detach().clone()
+    canvas = torch.tensor([[5, 6, 7, dlm.config.mask_token_id, dlm.config.mask_token_id]])
+    with torch.no_grad():
+        reference = dlm.model(input_ids=canvas).logits
+        with dlm.trained_token_rows_merged():
+            assert layer.merged
+            merged = dlm.model(input_ids=canvas).logits
+    assert torch.allclose(merged, reference, atol=1e-6)
+    assert not layer.merged
+    assert torch.equal(layer.base_layer.weight, before)  # the original rows are back, bit for bit

@@ -81,18 +81,69 @@ class DiffusionLM:
         with self.model.disable_adapter():
             yield self.model
 
+    @contextlib.contextmanager
+    def lora_off(self) -> Iterator[torch.nn.Module]:
+        """Context in which the LoRA layers are off but trained token rows stay as they are (merged or not).
+
+        For inputs without the mask token this is the AR parent exactly, except for the mask token's own logit
+        (tied embeddings), which every caller suppresses. Unlike `ar_parent` (PEFT's `disable_adapter`, which also
+        unmerges the trained rows), switching back costs nothing: lossless mode alternates the two every round.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        if not self.has_adapter:
+            raise RuntimeError("this DiffusionLM has no adapter, so there is no AR parent to switch to")
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and not m.disable_adapters]
+        for layer in layers:
+            layer._disable_adapters = True  # PEFT's own flag; enable_adapters() would also touch requires_grad
+        try:
+            yield self.model
+        finally:
+            for layer in layers:
+                layer._disable_adapters = False
+
+    @contextlib.contextmanager
+    def trained_token_rows_merged(self) -> Iterator[None]:
+        """Context for inference in which the trained mask-token row sits in the embedding matrix itself.
+
+        PEFT's trainable-token wrapper otherwise rebuilds the whole embedding matrix (and, with tied embeddings,
+        the LM head) on every forward pass to swap in the trained rows: about 110 ms per pass for SmolLM2's
+        49152 x 576 matrix on one CPU thread, more than the transformer layers of a small block. Merging copies
+        the rows in once; leaving restores the original rows exactly (PEFT keeps them). Gradients are not
+        affected: use it only around inference. No-op without trainable tokens.
+        """
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, TrainableTokensLayer) and not m.merged
+                  and not m.disable_adapters]
+        for layer in layers:
+            layer.merge()
+        try:
+            yield
+        finally:
+            for layer in layers:
+                if layer.merged:
+                    layer.unmerge()
+
     @torch.no_grad()
     def ar_generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     max_new_tokens: int = 256, **kwargs) -> torch.Tensor:
-        """Greedy `generate` of the AR parent (adapter off), with the mask token suppressed. Returns sequences."""
+        """Greedy `generate` of the AR parent (adapter off). Returns sequences.
+
+        The mask token and spare embedding rows are suppressed and generation stops at `eos_token_ids`, as the
+        block sampler and lossless mode do, so the three are comparable token for token.
+        """
+        from llm2diff.sampling.lossless import parent_suppressed_ids
+
         input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
         kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("eos_token_id", list(self.eos_token_ids) or None)
         with self.ar_parent() as parent:
             parent.eval()
             return parent.generate(
                 input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                 max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                suppress_tokens=[self.config.mask_token_id], **kwargs,
+                suppress_tokens=parent_suppressed_ids(self), **kwargs,
             )
 
     # -- sampling -----------------------------------------------------------------------------------------------
@@ -198,7 +249,8 @@ class DiffusionLM:
         self.model.eval()
         try:
             sampler = BlockSampler(self.model, settings, self.tokenizer, streamer=streamer, trajectory=trajectory)
-            return sampler.generate(input_ids.to(self.device), attention_mask.to(self.device), response_prefix)
+            with self.trained_token_rows_merged():
+                return sampler.generate(input_ids.to(self.device), attention_mask.to(self.device), response_prefix)
         finally:
             self.model.train(was_training)
 

@@ -141,6 +141,21 @@ class DataArguments:
             "shuffle (separate from the trainer's `seed`)."
         },
     )
+    # -- self-distillation (llm2diff.training.self_distill; applied by `llm2diff train`, which has the model) --
+    self_distill: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace every training response by the AR parent's own greedy output for the rendered "
+            "prompt (cached), so the adapter learns what the parent writes: lossless decoding then accepts "
+            "more of its drafts. Needs use_lora: true."
+        },
+    )
+    self_distill_max_new_tokens: int = field(
+        default=128, metadata={"help": "self_distill: most tokens the parent generates per response."}
+    )
+    self_distill_batch_size: int = field(
+        default=16, metadata={"help": "self_distill: prompts per parent generate call."}
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -154,6 +169,11 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer or unset, got {value}.")
+        if self.self_distill_max_new_tokens < 1 or self.self_distill_batch_size < 1:
+            raise ValueError(
+                f"self_distill_max_new_tokens and self_distill_batch_size must be >= 1, got "
+                f"{self.self_distill_max_new_tokens} and {self.self_distill_batch_size}."
+            )
         if self.builtin_num_train < 1 or self.builtin_num_eval < 0:
             raise ValueError(
                 f"builtin_num_train must be >= 1 and builtin_num_eval >= 0, got "

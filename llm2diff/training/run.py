@@ -92,6 +92,12 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
         eval_ds = None
     else:
         train_ds, eval_ds = load_train_eval(data_args, tokenizer, max_length=train_args.max_length)
+    if data_args.self_distill:  # train on the AR parent's own greedy outputs (for lossless decoding; cached)
+        from llm2diff.training.self_distill import self_distill_dataset
+
+        train_ds = self_distill_dataset(
+            dlm, train_ds, data_args.self_distill_max_new_tokens, data_args.self_distill_batch_size,
+            max_length=train_args.max_length, device=train_args.device, show_progress=not train_args.disable_tqdm)
     if eval_ds is None and train_args.eval_strategy != "no":
         raise RecipeError(f"eval_strategy={train_args.eval_strategy!r} needs held-out data: set eval_split or "
                           "eval_fraction (the built-in task has its own test split)")

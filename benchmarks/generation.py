@@ -1,0 +1,152 @@
+"""Benchmark: generation speed of the block sampler against the AR parent, each row with its accuracy.
+
+On the quickstart model and the built-in task, one thread, the same prompts for every row, at batch size 1 and 8:
+  - the AR parent's greedy `generate` (adapter off, same weights): the baseline tokens/s;
+  - the AR twin (the quickstart recipe with `block_size: 1`), for the accuracy comparison;
+  - the block sampler under each commit rule at a few settings: tokens/s, forward passes (NFE) per token, ratio;
+  - lossless mode (a self-distilled adapter, `--lossless-model`): tokens/s, ratio, mean accepted draft length, and
+    whether every output equals the parent's greedy output;
+  - time for 128, 256 and 512 new tokens (end-of-sequence ignored), to show cost grows with the new tokens only.
+Prints one table; asserts nothing.
+
+    python benchmarks/generation.py                                   # outputs/quickstart, outputs/quickstart-ar-twin
+    python benchmarks/generation.py --problems 20 --skip-lengths      # a quick look
+    python benchmarks/generation.py --lossless-model outputs/quickstart-selfdistill
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+# (name, sampler settings): each row of the diffusion part of the table
+SETTINGS = [
+    ("confidence, 1/step", {"tokens_per_step": 1}),
+    ("confidence, 2/step", {"tokens_per_step": 2}),
+    ("threshold 0.9", {"commit_rule": "threshold", "threshold": 0.9}),
+    ("threshold 0.7", {"commit_rule": "threshold", "threshold": 0.7}),
+    ("threshold 0.5", {"commit_rule": "threshold", "threshold": 0.5}),
+    ("margin 0.5", {"commit_rule": "margin", "threshold": 0.5}),
+    ("entropy 0.5", {"commit_rule": "entropy", "entropy_bound": 0.5}),
+    ("entropy 2.0", {"commit_rule": "entropy", "entropy_bound": 2.0}),
+    ("random, 2/step", {"commit_rule": "random", "tokens_per_step": 2, "seed": 0}),
+    ("threshold 0.7 + correction", {"commit_rule": "threshold", "threshold": 0.7, "remask_threshold": 0.3,
+                                    "remask_budget": 1}),
+    ("one step per block", {"max_steps_per_block": 1}),
+]
+
+
+def problems_for(dlm, count: int):
+    from llm2diff.training.data import DataArguments, load_raw_dataset
+
+    c = dlm.config
+    recipe = (c.training or {}).get("recipe", {})
+    data_args = DataArguments(
+        dataset_name="builtin:arithmetic", builtin_num_eval=count, system_prompt=c.system_prompt,
+        builtin_max_operand=recipe.get("builtin_max_operand", 10), builtin_operations=recipe.get("builtin_operations", "+-"),
+        builtin_min_steps=recipe.get("builtin_min_steps", 1), builtin_max_steps=recipe.get("builtin_max_steps", 2),
+        use_chat_template=c.use_chat_template, prompt_template=c.prompt_template)
+    return list(load_raw_dataset(data_args, "test")), data_args
+
+
+def length_scaling(dlm, data_args, problem, lengths, settings) -> list[tuple[int, float, float]]:
+    """Seconds for each length with end-of-sequence ignored, for the AR parent and the sampler."""
+    import torch
+
+    from llm2diff.evaluation.exact_match import left_pad
+    from llm2diff.training.data import render_example
+
+    ids, mask = left_pad([render_example({"question": problem["question"], "answer": ""}, dlm.tokenizer,
+                                         data_args)[0]], dlm.tokenizer.pad_token_id)
+    eos = type(dlm).eos_token_ids
+    rows = []
+    try:
+        type(dlm).eos_token_ids = property(lambda self: ())  # ignore end-of-sequence: always the full length
+        for n in lengths:
+            start = time.perf_counter()
+            dlm.ar_generate(ids, mask, max_new_tokens=n, min_new_tokens=n)
+            ar = time.perf_counter() - start
+            start = time.perf_counter()
+            out = dlm.generate(ids, mask, max_new_tokens=n, **settings)
+            dif = time.perf_counter() - start
+            assert int(out.num_new_tokens[0]) == n
+            rows.append((n, ar, dif))
+    finally:
+        type(dlm).eos_token_ids = eos
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="outputs/quickstart")
+    parser.add_argument("--twin", default="outputs/quickstart-ar-twin", help="the AR twin (block size 1); skipped if absent")
+    parser.add_argument("--lossless-model", default=None, help="a self-distilled adapter for lossless mode "
+                        "(default: --model)")
+    parser.add_argument("--problems", type=int, default=40)
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", default=None, help="comma-separated setting names to run (default: all)")
+    parser.add_argument("--skip-lengths", action="store_true")
+    parser.add_argument("--skip-lossless", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from llm2diff import load
+    from llm2diff.evaluation.exact_match import evaluate_answers
+
+    torch.set_num_threads(args.threads)
+    dlm = load(args.model)
+    problems, data_args = problems_for(dlm, args.problems)
+    print(f"model {args.model} (block size {dlm.config.block_size}), {len(problems)} built-in problems, "
+          f"max_new_tokens {args.max_new_tokens}, {args.threads} thread(s), "
+          f"{platform.processor() or platform.machine()}, torch {torch.__version__}", flush=True)
+    settings = SETTINGS if not args.only else [s for s in SETTINGS if s[0] in args.only.split(",")]
+    table = []
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        common = {"max_new_tokens": args.max_new_tokens, "batch_size": batch}
+        base = evaluate_answers(dlm, problems, data_args, use_parent=True, name="AR parent (greedy generate)", **common)
+        table.append((batch, base, base))
+        if Path(args.twin).is_dir():
+            twin = load(args.twin)
+            table.append((batch, evaluate_answers(twin, problems, data_args, name="AR twin (block 1)", **common), base))
+            del twin
+        for name, kwargs in settings:
+            result = evaluate_answers(dlm, problems, data_args, name=f"diffusion: {name}", **{**common, **kwargs})
+            table.append((batch, result, base))
+            print(f"  batch {batch} {name}: {result.tokens_per_second:.1f} tokens/s, accuracy {result.accuracy:.0%}",
+                  flush=True)
+        if batch == 1 and not args.skip_lossless:
+            lossless = load(args.lossless_model) if args.lossless_model else dlm
+            result = evaluate_answers(lossless, problems, data_args, name="lossless (draft + parent check)",
+                                      lossless=True, **common)
+            table.append((batch, result, base))
+            parent = evaluate_answers(lossless, problems, data_args, use_parent=True, name="its AR parent", **common)
+            same = [a["output"] == b["output"] for a, b in zip(result.samples, parent.samples)]
+            print(f"  lossless: first {len(same)} outputs equal the parent's: {all(same)}", flush=True)
+
+    print("\n| batch | sampler | accuracy | tokens/s | ratio to AR parent | NFE/token |")
+    print("|---|---|---|---|---|---|")
+    for batch, r, base in table:
+        ratio = r.tokens_per_second / base.tokens_per_second if base.tokens_per_second else float("nan")
+        nfe = 1 / r.tokens_per_forward if r.tokens_per_forward else float("nan")
+        print(f"| {batch} | {r.name} | {r.accuracy:.0%} | {r.tokens_per_second:.1f} | {ratio:.2f}x | {nfe:.3f} |")
+
+    if not args.skip_lengths:
+        best = dict(SETTINGS)["threshold 0.7"]
+        rows = length_scaling(dlm, data_args, problems[0], (128, 256, 512), best)
+        print("\n| new tokens (eos ignored) | AR parent s | diffusion (threshold 0.7) s | diffusion time / previous |")
+        print("|---|---|---|---|")
+        previous = None
+        for n, ar, dif in rows:
+            growth = "-" if previous is None else f"{dif / previous:.2f}x"
+            print(f"| {n} | {ar:.2f} | {dif:.2f} | {growth} |")
+            previous = dif
+
+
+if __name__ == "__main__":
+    main()

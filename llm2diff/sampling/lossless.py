@@ -1,0 +1,341 @@
+"""Lossless (self-speculative) decoding: the diffusion adapter drafts, its own AR parent verifies.
+
+    from llm2diff import load
+    from llm2diff.sampling.lossless import lossless_generate
+
+    dlm = load("outputs/quickstart-selfdistill")
+    out = lossless_generate(dlm, input_ids, attention_mask, max_new_tokens=128)
+    out.sequences               # token for token what dlm.ar_generate(input_ids, attention_mask, 128) returns
+    out.mean_accepted_length    # draft tokens the parent accepted per verification pass
+
+A LoRA-adapted `DiffusionLM` carries its AR parent for free: the same weights with the adapter off. Each round:
+
+  1. draft: the adapted model (adapter on) fills the rest of the open block by block diffusion, against its own
+     block-causal KV cache of the prompt and the finished blocks (`BlockContext`, token shift included). The
+     block's positions already accepted stay fixed; the others start as mask tokens and are filled in
+     `draft_steps` passes (1: all at once by argmax; k: the most confident ones first, over k passes);
+  2. verify: the parent (adapter off) runs once over the drafted tokens on top of its causal KV cache of prompt
+     and accepted tokens. The longest draft prefix equal to the parent's greedy choices is accepted, then the
+     parent's own choice at the first mismatch (or after the last draft token) is appended: the "bonus" token,
+     free from the same pass. The parent's cache is cropped to what was accepted;
+  3. a block whose positions are all accepted is committed to the diffusion cache (one adapter-on forward, fused
+     with the next block's first draft pass), and the next draft starts where acceptance stopped, mid-block.
+
+Every emitted token is the parent's greedy choice given the tokens before it, so `sequences` is the parent's
+greedy output; the draft only decides how many tokens each parent pass yields. (As in any speculative decoding,
+"identical" holds up to floating-point differences between a one-token and a many-token forward, which can flip
+an exact tie between two logits.) The parent's choices are made as `generate` makes them: logits in float32, the
+mask token and spare embedding rows suppressed, the `repetition_penalty` of the parent's generation config
+applied; stopping at end-of-sequence (`dlm.eos_token_ids`) or a stop string (transformers' `StopStringCriteria`)
+after the token that completes it, the rest of the row padded, `max_new_tokens` honoured exactly.
+
+Rows run one at a time (each its own caches, without padding); the batch comes back left-padded in, right-padded
+out, shaped as `generate` shapes it. NFE counts every forward pass, summed over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from llm2diff.sampling.rules import suppress_ids
+from llm2diff.sampling.sampler import BlockContext
+
+NO_PARENT = ("lossless mode needs a LoRA-adapted model: its AR parent is the same model with the adapter off. "
+             "This DiffusionLM has no adapter (full fine-tuning or a merged adapter), so there is no free AR parent "
+             "to verify drafts; load an adapter saved with use_lora: true, or decode with dlm.generate()")
+
+# Generation-config options that would change `generate`'s greedy choice and that lossless mode does not replay.
+UNSUPPORTED_GENERATION_OPTIONS = ("sequence_bias", "no_repeat_ngram_size", "bad_words_ids", "min_length",
+                                  "min_new_tokens", "forced_bos_token_id", "forced_eos_token_id",
+                                  "exponential_decay_length_penalty", "begin_suppress_tokens", "guidance_scale",
+                                  "watermarking_config")
+
+
+@dataclass
+class LosslessOutput:
+    """What `lossless_generate` returns.
+
+    sequences: `(batch, prompt_len + new)` prompt plus the parent's greedy tokens, pad after a row stopped: the
+        same tensor `dlm.ar_generate` returns for the same inputs.
+    nfe_draft: forward passes of the adapted model (prefills, draft passes, block commits), summed over rows.
+    nfe_verify: forward passes of the AR parent, summed over rows: one per verification round (the first round's
+        pass also encodes the prompt).
+    num_new_tokens: `(batch,)` tokens generated per row, end-of-sequence included, padding excluded.
+    accepted_lengths: per verification round (rows in order), the draft tokens accepted and kept, not counting
+        the parent's bonus token. A round yields `accepted + 1` tokens unless the row stops inside it.
+    """
+
+    sequences: torch.Tensor
+    nfe_draft: int
+    nfe_verify: int
+    num_new_tokens: torch.Tensor
+    accepted_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def nfe(self) -> int:
+        """All forward passes, drafts and verifications."""
+        return self.nfe_draft + self.nfe_verify
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Mean accepted draft tokens per verification round (0.0 when there was none)."""
+        if not self.accepted_lengths:
+            return 0.0
+        return sum(self.accepted_lengths) / len(self.accepted_lengths)
+
+
+def parent_suppressed_ids(dlm) -> list[int]:
+    """Ids the parent never emits here: the mask token and embedding rows beyond the tokenizer (spare rows)."""
+    head = dlm.model.get_output_embeddings()
+    rows = (head if head is not None else dlm.model.get_input_embeddings()).weight.shape[0]
+    first_spare = dlm.config.vocab_size if dlm.config.vocab_size is not None else rows
+    return sorted({dlm.config.mask_token_id, *range(first_spare, rows)})
+
+
+def parent_logits_processors(dlm):
+    """The logits processors greedy `generate` applies for the parent, as a transformers `LogitsProcessorList`.
+
+    The parent's `repetition_penalty` (Qwen2.5-Instruct ships 1.05-1.1) and the suppressed ids. Other options of
+    its generation config that move a greedy choice are refused, naming them, rather than silently diverging.
+    """
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+    )
+
+    config = dlm.model.generation_config
+    active = [name for name in UNSUPPORTED_GENERATION_OPTIONS if _changes_greedy_choice(name, getattr(config, name, None))]
+    if active:
+        raise ValueError(f"the AR parent's generation_config sets {', '.join(active)}, which lossless mode does not "
+                         "replay; unset them (e.g. dlm.model.generation_config.min_new_tokens = None) to decode "
+                         "losslessly")
+    processors = LogitsProcessorList()
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    processors.append(SuppressTokensLogitsProcessor(parent_suppressed_ids(dlm), device=dlm.device))
+    return processors
+
+
+def _changes_greedy_choice(name: str, value) -> bool:
+    """Whether a generation-config option at this value changes `generate`'s greedy choice (its defaults do not)."""
+    if value is None:
+        return False
+    if name == "guidance_scale":
+        return value != 1
+    if name in ("no_repeat_ngram_size", "min_length", "min_new_tokens"):
+        return value > 0
+    return True
+
+
+class BlockDrafter:
+    """The adapted model's side: the prompt and finished blocks in its block-causal cache, the open block drafted.
+
+    `block` holds the open block's accepted tokens (fewer than the block size); `draft(n)` fills its next n
+    positions; `accept(tokens)` extends it and commits every block that becomes full.
+    """
+
+    def __init__(self, dlm, prompt: torch.Tensor, draft_steps: int = 1):
+        config = dlm.config
+        self.block_size, self.shift, self.steps = config.block_size, config.shift, draft_steps
+        self.mask_token_id, self.vocab_size = config.mask_token_id, config.vocab_size
+        self.device = prompt.device
+        self.ctx = BlockContext(dlm.model, prompt, torch.ones_like(prompt), config.block_size, shift=config.shift)
+        self.block: list[int] = []
+        self.accepted = 0  # response tokens accepted so far
+
+    @property
+    def nfe(self) -> int:
+        return self.ctx.nfe
+
+    @property
+    def open_positions(self) -> int:
+        return self.block_size - len(self.block)
+
+    def draft(self, length: int) -> torch.Tensor:
+        """`(length,)` draft tokens for the open block's next `length` positions (1 <= length <= open_positions)."""
+        size, fixed, device = self.block_size, len(self.block), self.device
+        canvas = torch.full((1, size), self.mask_token_id, dtype=torch.long, device=device)
+        canvas[0, :fixed] = torch.tensor(self.block, dtype=torch.long, device=device)
+        todo = torch.zeros(size, dtype=torch.bool, device=device)
+        todo[fixed : fixed + length] = True
+        passes = min(self.steps, length)
+        for step in range(passes):
+            if self.shift and bool(todo[0]) and not bool(todo[1:].any()):
+                # only the block's first position: the clean position before the block predicts it, no block pass
+                logits = self.ctx.first_position_logits()[:, None].expand(-1, size, -1)
+            else:
+                logits = self.ctx.block_logits(canvas)
+            confidence, tokens = suppress_ids(logits[0], self.mask_token_id, self.vocab_size).float().softmax(-1).max(-1)
+            left = int(todo.sum())
+            count = -(-left // (passes - step))  # spread the remaining positions evenly over the remaining passes
+            chosen = confidence.masked_fill(~todo, -1.0).topk(count).indices
+            canvas[0, chosen] = tokens[chosen]
+            todo[chosen] = False
+        return canvas[0, fixed : fixed + length]
+
+    def accept(self, tokens: list[int]) -> None:
+        """Append accepted tokens; every block they fill is committed (its forward rides on the next draft pass)."""
+        self.block += tokens
+        self.accepted += len(tokens)
+        while len(self.block) >= self.block_size:
+            full, self.block = self.block[: self.block_size], self.block[self.block_size :]
+            self.ctx.commit(torch.tensor([full], dtype=torch.long, device=self.device), run_model=True)
+
+
+class ParentVerifier:
+    """The AR parent's side (adapter off): a causal cache over prompt and accepted tokens, one pass per round.
+
+    The cache lags one token behind: `pending` (first the whole prompt, later the last bonus token) is fed with
+    the next draft, so the first round's pass is also the prompt's prefill.
+    """
+
+    def __init__(self, dlm, prompt: torch.Tensor, processors):
+        from transformers import DynamicCache
+
+        self.dlm, self.processors = dlm, processors
+        self.cache = DynamicCache(config=dlm.model.config)
+        self.pending = prompt  # (1, n) tokens not yet in the cache
+        self.history = prompt  # (1, L) every decided token, what the logits processors see
+        self.nfe = 0
+
+    def verify(self, draft: torch.Tensor) -> tuple[int, int]:
+        """(k, token): the draft's first k tokens are the parent's greedy choices, `token` its choice after them."""
+        count = draft.shape[0]
+        ids = torch.cat([self.pending, draft[None]], dim=1)
+        with self.dlm.lora_off() as parent:  # the parent: no mask token among its inputs, its logit suppressed
+            logits = parent(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                            logits_to_keep=count + 1).logits[0].float()
+        self.nfe += 1
+        seen = torch.cat([self.history, draft[None]], dim=1)
+        start = self.history.shape[1]
+        choices = torch.cat([self.processors(seen[:, : start + j], logits[j : j + 1]).argmax(-1)
+                             for j in range(count + 1)])
+        accepted = int((choices[:count] == draft).long().cumprod(0).sum())
+        if accepted < count:
+            self.cache.crop(-(count - accepted))
+        return accepted, int(choices[accepted])
+
+    def advance(self, tokens: list[int]) -> None:
+        """Record the round's tokens (accepted draft plus bonus); the bonus waits to be fed with the next draft."""
+        new = torch.tensor([tokens], dtype=torch.long, device=self.history.device)
+        self.history = torch.cat([self.history, new], dim=1)
+        self.pending = new[:, -1:]
+
+
+class StopRule:
+    """Where `generate` would stop a row: after end-of-sequence, or after the token completing a stop string.
+
+    Stop strings are matched by transformers' own `StopStringCriteria` on the padded prompt plus the new tokens,
+    as `generate(stop_strings=..., tokenizer=...)` matches them. For a tokenizer it cannot read (it needs to map
+    every vocabulary entry to text; `generate` itself fails then), the row stops after the first token at which
+    the decoded new tokens contain a stop string, as the block sampler does.
+    """
+
+    def __init__(self, eos_token_ids, stop_strings, tokenizer):
+        self.eos = {int(i) for i in eos_token_ids}
+        self.strings, self.tokenizer, self.criteria = tuple(stop_strings or ()), tokenizer, None
+        if self.strings:
+            from transformers import StopStringCriteria
+
+            try:
+                self.criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(self.strings))
+            except ValueError:
+                self.criteria = None
+
+    def first_stop(self, row: torch.Tensor, new: list[int], start: int) -> int | None:
+        """Smallest n > start such that generation stops after `new[:n]`, or None. `row` is the padded prompt."""
+        for n in range(start + 1, len(new) + 1):
+            if new[n - 1] in self.eos or self._completes_string(row, new[:n]):
+                return n
+        return None
+
+    def _completes_string(self, row: torch.Tensor, new: list[int]) -> bool:
+        if not self.strings:
+            return False
+        if self.criteria is not None:
+            ids = torch.cat([row, torch.tensor(new, dtype=torch.long, device=row.device)])[None]
+            return bool(self.criteria(ids, None)[0])
+        text = self.tokenizer.decode(new, skip_special_tokens=False)
+        return any(stop in text for stop in self.strings)
+
+
+@torch.no_grad()
+def lossless_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      max_new_tokens: int = 256, stop_strings: list[str] | str | None = None, draft_steps: int = 1,
+                      tokenizer=None) -> LosslessOutput:
+    """Exactly the AR parent's greedy output, drafted by the diffusion adapter and verified by the parent.
+
+    Args:
+        dlm: a LoRA-adapted `DiffusionLM` (the parent is the adapter switched off).
+        input_ids: `(batch, prompt_len)` left-padded prompts (or one `(prompt_len,)` prompt).
+        attention_mask: 0 at left padding; default all ones.
+        max_new_tokens: most tokens generated per row (honoured exactly).
+        stop_strings: stop a row after the token that completes one of these strings (as `generate` does).
+        draft_steps: denoising passes per draft (1: fill every drafted position at once).
+        tokenizer: for the stop strings; default `dlm.tokenizer`.
+
+    Returns:
+        a `LosslessOutput`: `sequences` equal to `dlm.ar_generate(input_ids, attention_mask, max_new_tokens)`
+        (with `stop_strings=..., tokenizer=...` passed on when given), forward-pass counts and accepted lengths.
+    """
+    if not dlm.has_adapter:
+        raise ValueError(NO_PARENT)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if draft_steps < 1:
+        raise ValueError(f"draft_steps must be >= 1, got {draft_steps}")
+    input_ids = torch.as_tensor(input_ids)
+    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
+    attention_mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
+    device = dlm.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    stops = StopRule(dlm.eos_token_ids, stop_strings, tokenizer or dlm.tokenizer)
+    processors = parent_logits_processors(dlm)
+
+    was_training = dlm.model.training
+    dlm.model.eval()
+    rows, nfe_draft, nfe_verify, accepted_lengths = [], 0, 0, []
+    try:
+        with dlm.trained_token_rows_merged():  # the mask row in place once, not rebuilt every pass
+            for row, keep in zip(input_ids, attention_mask.bool()):
+                drafter = BlockDrafter(dlm, row[keep][None], draft_steps)
+                verifier = ParentVerifier(dlm, row[keep][None], processors)
+                new = _decode_row(drafter, verifier, stops, row, max_new_tokens, accepted_lengths)
+                rows.append(new)
+                nfe_draft += drafter.nfe
+                nfe_verify += verifier.nfe
+    finally:
+        dlm.model.train(was_training)
+
+    width = max(len(new) for new in rows)
+    tail = torch.full((len(rows), width), dlm.tokenizer.pad_token_id, dtype=torch.long, device=device)
+    for i, new in enumerate(rows):
+        tail[i, : len(new)] = torch.tensor(new, dtype=torch.long, device=device)
+    num_new = torch.tensor([len(new) for new in rows], dtype=torch.long, device=device)
+    return LosslessOutput(torch.cat([input_ids, tail], dim=1), nfe_draft, nfe_verify, num_new, accepted_lengths)
+
+
+def _decode_row(drafter: BlockDrafter, verifier: ParentVerifier, stops: StopRule, row: torch.Tensor,
+                max_new_tokens: int, accepted_lengths: list[int]) -> list[int]:
+    """Draft-verify rounds for one prompt until it stops; returns its new tokens, appends its accepted lengths."""
+    new: list[int] = []
+    while True:
+        draft = drafter.draft(min(drafter.open_positions, max_new_tokens - len(new)))
+        accepted, bonus = verifier.verify(draft)
+        tokens = draft[:accepted].tolist() + [bonus]
+        start = len(new)
+        new += tokens[: max_new_tokens - start]
+        stop = stops.first_stop(row, new, start)
+        if stop is not None:
+            new = new[:stop]
+        accepted_lengths.append(min(accepted, len(new) - start))
+        if stop is not None or len(new) >= max_new_tokens:
+            return new
+        verifier.advance(tokens)
+        drafter.accept(tokens)
