@@ -2,9 +2,15 @@
 
     llm2diff train --config recipes/quickstart.yaml [--learning_rate 1e-4 ...]
     llm2diff generate --model outputs/quickstart --prompt "Tom has 12 apples. ..." [--tokens-per-step 2]
+    llm2diff generate --model outputs/quickstart --prompt "..." --stream            # each block as it is finished
+    llm2diff generate --model outputs/quickstart --prompt "..." --show-steps [--save-trajectory out/steps.html]
+    llm2diff generate --model outputs/quickstart --prompt "..." --lossless          # the AR parent's greedy output
+    llm2diff chat --model outputs/quickstart [--system TEXT] [--max-new-tokens 256]
     llm2diff eval --config eval/gsm8k.yaml --model outputs/quickstart [--ar-parent] [--limit 100]
     accelerate launch -m llm2diff train --config recipes/quickstart.yaml
 
+`generate` and `chat` take the same sampler flags (commit rule, threshold, sub-blocks, step cap, correction, ...);
+each one left out falls back on the model's saved `diffusion_config.json`.
 Bad input (unknown recipe keys, missing files, impossible settings) ends with a one-line error, not a traceback.
 """
 
@@ -13,12 +19,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 USAGE = """usage: llm2diff <command> [options]
 
 commands:
   train      fine-tune a stock causal LM into a block-diffusion LM from a YAML recipe (--config FILE)
-  generate   sample from a saved model (--model DIR --prompt TEXT)
+  generate   sample from a saved model (--model DIR --prompt TEXT [--stream] [--show-steps] [--lossless])
+  chat       talk with a saved model in the terminal, replies printed block by block (--model DIR)
   eval       evaluate a saved model or its AR parent on a task (--config eval/gsm8k.yaml --model DIR [--ar-parent])
   star       self-training rounds: sample, verify, rationalize, retrain, evaluate (--config recipes/quickstart-star.yaml)
   prm        label reasoning steps with rollouts, train a process reward model (--config recipes/quickstart-prm.yaml)
@@ -27,36 +35,125 @@ commands:
 
 run `llm2diff <command> --help` for the options of a command."""
 
+# sampler flags (argparse dests) that only the diffusion sampler reads, passed to `DiffusionLM.generate` as they are
+DIFFUSION_FLAGS = ("tokens_per_step", "threshold", "commit_rule", "significance_weight", "confidence_floor",
+                   "entropy_bound", "sub_block_size", "max_steps_per_block", "remask_threshold", "remask_budget",
+                   "temperature", "top_k", "top_p")
+
+
+def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """The sampling options shared by `generate` and `chat`; each defaults to None: the model's saved setting."""
+    from llm2diff.sampling.rules import COMMIT_RULES
+
+    s = p.add_argument_group("sampler (left out: the model's saved setting)")
+    s.add_argument("--tokens-per-step", type=int, default=None, help="tokens committed per denoising step")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="also commit every token above this confidence (margin rule: above this margin)")
+    s.add_argument("--commit-rule", choices=COMMIT_RULES, default=None,
+                   help="which positions to commit first: the most confident; confident above a threshold (0.9 "
+                        "unless given); the largest top-1 minus top-2 margin; the lowest entropy within "
+                        "--entropy-bound; random; or (for a model trained with a semantic_scorer) the most "
+                        "significant predicted tokens weighed with confidence")
+    s.add_argument("--significance-weight", type=float, default=None,
+                   help="coarse_to_fine: priority = log(confidence) + weight * significance")
+    s.add_argument("--confidence-floor", type=float, default=None,
+                   help="do not commit predictions below this confidence (each step still commits one)")
+    s.add_argument("--entropy-bound", type=float, default=None,
+                   help="entropy rule: commit the lowest-entropy positions while their summed entropy (nats) stays "
+                        "under this bound")
+    s.add_argument("--sub-block-size", type=int, default=None,
+                   help="decode each block left to right in sub-blocks of this size (must divide the block size)")
+    s.add_argument("--max-steps-per-block", type=int, default=None,
+                   help="at most this many denoising steps per block; the last one commits every position left")
+    s.add_argument("--remask-threshold", type=float, default=None,
+                   help="correction: mask committed tokens of the open block again when their probability falls "
+                        "below this")
+    s.add_argument("--remask-budget", type=int, default=None,
+                   help="correction: at most this many remasks per block and row (2 when only --remask-threshold "
+                        "is given)")
+    s.add_argument("--temperature", type=float, default=None)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
+    s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--lossless", action="store_true",
+                   help="exactly the AR parent's greedy output, drafted by the diffusion model and verified by the "
+                        "parent (needs a LoRA model; the diffusion sampler flags above do not apply)")
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    """`DiffusionLM.generate` keyword arguments from the sampler flags (None: the model's saved default)."""
+    if args.lossless:
+        given = [f"--{name.replace('_', '-')}" for name in DIFFUSION_FLAGS if getattr(args, name) is not None]
+        given += ["--no-cache"] if args.no_cache else []
+        if given:
+            raise ValueError(f"--lossless returns the AR parent's greedy output, so {', '.join(given)} "
+                             f"{'does' if len(given) == 1 else 'do'} not apply: leave {'it' if len(given) == 1 else 'them'} out")
+        return {"lossless": True, "stop_strings": args.stop}
+    return {**{name: getattr(args, name) for name in DIFFUSION_FLAGS}, "stop_strings": args.stop,
+            "use_cache": not args.no_cache, "seed": args.seed}
+
 
 def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm2diff generate", description="Sample from a saved block-diffusion model.")
     p.add_argument("--model", required=True, help="directory written by training (or DiffusionLM.save_pretrained)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--tokens-per-step", type=int, default=None, help="default: the model's saved sampler setting")
-    p.add_argument("--threshold", type=float, default=None, help="commit every token above this confidence")
-    p.add_argument("--commit-rule", choices=("confidence", "coarse_to_fine"), default=None,
-                   help="which positions to commit first: the most confident, or (for a model trained with a "
-                        "semantic_scorer) the most significant predicted tokens weighed with confidence")
-    p.add_argument("--significance-weight", type=float, default=None,
-                   help="coarse_to_fine: priority = log(confidence) + weight * significance")
-    p.add_argument("--confidence-floor", type=float, default=None,
-                   help="do not commit predictions below this confidence (each step still commits one)")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
+    _add_sampler_flags(p)
     p.add_argument("--no-chat-template", action="store_true",
                    help="render the prompt with the model's plain prompt_template instead of the chat template")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--ar-parent", action="store_true", help="also show the AR parent's greedy answer (adapter off)")
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None)
+    shown = p.add_argument_group("showing the decoding")
+    shown.add_argument("--stream", action="store_true", help="print each block as soon as it is finished (one prompt)")
+    shown.add_argument("--show-steps", action="store_true",
+                       help="replay the denoising step by step after each answer, then the answer with every token "
+                            "coloured by (with --no-color: followed by) the step that committed it")
+    shown.add_argument("--no-color", action="store_true", help="--show-steps without terminal colours")
+    shown.add_argument("--save-trajectory", metavar="PATH", default=None,
+                       help="save the denoising trajectory as .html (interactive page), .gif (animation), .png "
+                            "(final canvas) or .json (every step, all prompts in one file); with several prompts "
+                            "PATH gets -0, -1, ... before the suffix")
     return p
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """Refuse impossible combinations before the model is loaded."""
+    if args.stream and len(args.prompt) > 1:
+        raise ValueError(f"--stream prints one answer as it is decoded: give one --prompt (got {len(args.prompt)})")
+    if args.lossless and (args.stream or args.show_steps or args.save_trajectory):
+        raise ValueError("--lossless decodes with the AR parent's verification, not by denoising steps: it cannot "
+                         "--stream, --show-steps or --save-trajectory")
+    if args.save_trajectory is not None:
+        from llm2diff.sampling.trajectory import SUPPORTED_SUFFIXES
+
+        suffix = Path(args.save_trajectory).suffix.lower()
+        if suffix not in SUPPORTED_SUFFIXES:
+            raise ValueError(f"--save-trajectory {args.save_trajectory}: cannot save a trajectory as "
+                             f"{suffix or 'a file without suffix'!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+        if suffix in (".gif", ".png"):
+            import importlib.util
+
+            if importlib.util.find_spec("PIL") is None:
+                raise ImportError(f"--save-trajectory {args.save_trajectory} needs Pillow: pip install Pillow "
+                                  f"(or save as .html or .json)")
+
+
+def _trajectory_paths(path: str, rows: int) -> list[Path]:
+    """Where each prompt's trajectory goes: PATH itself for one prompt (or a .json, which holds every row),
+    otherwise PATH with -0, -1, ... before the suffix."""
+    path = Path(path)
+    if rows == 1 or path.suffix.lower() == ".json":
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(rows)]
 
 
 def cmd_generate(argv: list[str]) -> int:
     args = _generate_parser().parse_args(argv)
+    sampling = _sampling_kwargs(args)
+    _check_generate_args(args)
+    from llm2diff.chat import BlockPrinter
     from llm2diff.evaluation.exact_match import left_pad
     from llm2diff.modeling.diffusion_lm import load
     from llm2diff.training.data import DataArguments, render_example
@@ -69,25 +166,77 @@ def cmd_generate(argv: list[str]) -> int:
     # rendered exactly as the training prompts were (chat template, system prompt, template)
     prompts = [render_example({"question": text, "answer": ""}, tok, data_args)[0] for text in args.prompt]
     ids, mask = left_pad(prompts, tok.pad_token_id)
-    out = dlm.generate(
-        ids, mask, max_new_tokens=args.max_new_tokens,
-        temperature=c.temperature if args.temperature is None else args.temperature, top_k=args.top_k,
-        top_p=args.top_p, threshold=c.threshold if args.threshold is None else args.threshold,
-        tokens_per_step=c.tokens_per_step if args.tokens_per_step is None else args.tokens_per_step,
-        stop_strings=args.stop, use_cache=not args.no_cache, seed=args.seed, commit_rule=args.commit_rule,
-        significance_weight=args.significance_weight, confidence_floor=args.confidence_floor,
-    )
-    parent = dlm.ar_generate(ids, mask, max_new_tokens=args.max_new_tokens) if args.ar_parent else None
     width = ids.shape[1]
+    if args.stream:
+        print(f"### prompt 0: {args.prompt[0]}", flush=True)
+    out = dlm.generate(ids, mask, max_new_tokens=args.max_new_tokens, streamer=BlockPrinter(tok) if args.stream else None,
+                       record_trajectory=args.show_steps or args.save_trajectory is not None, **sampling)
+    parent = dlm.ar_generate(ids, mask, max_new_tokens=args.max_new_tokens) if args.ar_parent else None
+
+    def kept(i: int) -> list[int]:  # the row's generated tokens, end-of-sequence included, no padding
+        return out.sequences[i, width: width + int(out.num_new_tokens[i])].tolist()
+
     for i, text in enumerate(args.prompt):
-        print(f"### prompt {i}: {text}")
-        print(tok.decode(out.sequences[i, width:], skip_special_tokens=True).strip())
+        if not args.stream:  # streamed: already printed
+            print(f"### prompt {i}: {text}")
+            print(tok.decode(kept(i), skip_special_tokens=True).strip())
         if parent is not None:
             print(f"--- AR parent:\n{tok.decode(parent[i, width:], skip_special_tokens=True).strip()}")
-    new, row_passes = int(out.num_new_tokens.sum()), int(out.nfe_per_row.sum())
-    print(f"\n[{new} new tokens in {len(args.prompt)} rows, {out.nfe} forward passes of the batch, "
-          f"{new / max(row_passes, 1):.2f} tokens per forward per row, block size {c.block_size}]")
+        if args.show_steps:
+            _show_steps(out.trajectory, tok, i, kept(i), color=not args.no_color)
+    new = int(out.num_new_tokens.sum())
+    if args.lossless:
+        print(f"\n[{new} new tokens in {len(args.prompt)} rows, lossless: {out.mean_accepted_length:.2f} draft "
+              f"tokens accepted per verification, {out.nfe_draft} draft + {out.nfe_verify} verify forward passes, "
+              f"block size {c.block_size}]")
+    else:
+        row_passes = int(out.nfe_per_row.sum())
+        print(f"\n[{new} new tokens in {len(args.prompt)} rows, {out.nfe} forward passes of the batch, "
+              f"{new / max(row_passes, 1):.2f} tokens per forward per row, block size {c.block_size}]")
+    if args.save_trajectory is not None:
+        from llm2diff.sampling.trajectory import save_trajectory
+
+        for i, path in enumerate(_trajectory_paths(args.save_trajectory, len(args.prompt))):
+            save_trajectory(out.trajectory, tok, path, row=i, final_tokens=kept(i))
+            print(f"[trajectory {'of every prompt' if path.suffix.lower() == '.json' else f'of prompt {i}'} "
+                  f"saved to {path}]")
     return 0
+
+
+def _show_steps(trajectory, tokenizer, row: int, final_tokens: list[int], color: bool) -> None:
+    """Replay how `row` was denoised (a frame per step), then its tokens by the step that committed them."""
+    from llm2diff.sampling.trajectory import render_terminal, replay_terminal
+
+    print("--- denoising, step by step:", flush=True)
+    replay_terminal(trajectory, tokenizer, row=row, stream=sys.stdout, final_tokens=final_tokens, color=color)
+    print("--- each token and the step that committed it:")
+    print(render_terminal(trajectory, tokenizer, row=row, color=color, final_tokens=final_tokens))
+
+
+def _chat_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llm2diff chat", description="Chat with a saved block-diffusion model in the terminal, each reply "
+        "printed block by block. Commands: /reset (forget the conversation), /help, /exit (or Ctrl-D).")
+    p.add_argument("--model", required=True, help="directory written by training (or DiffusionLM.save_pretrained)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply, in tokens")
+    p.add_argument("--system", default=None, help="system prompt (default: the model's saved one; '' for none)")
+    p.add_argument("--no-stream", action="store_true", help="print each reply whole, once it is finished")
+    p.add_argument("--device", default=None)
+    _add_sampler_flags(p)
+    return p
+
+
+def cmd_chat(argv: list[str]) -> int:
+    args = _chat_parser().parse_args(argv)
+    sampling = _sampling_kwargs(args)
+    from llm2diff.chat import run_chat
+    from llm2diff.modeling.diffusion_lm import load
+
+    dlm = load(args.model, device=args.device)
+    # a terminal is read with line editing (input()); piped input line by line
+    input_stream = None if sys.stdin.isatty() else sys.stdin
+    return run_chat(dlm, input_stream, sys.stdout, max_new_tokens=args.max_new_tokens, system_prompt=args.system,
+                    sampling=sampling, stream=not args.no_stream)
 
 
 def _require_recipe(argv: list[str], command: str, example: str) -> None:
@@ -164,8 +313,8 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "star": cmd_star, "prm": cmd_prm,
-            "rl": cmd_rl, "rounds": cmd_rounds}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "star": cmd_star,
+            "prm": cmd_prm, "rl": cmd_rl, "rounds": cmd_rounds}
 
 
 def main(argv: list[str] | None = None) -> int:
