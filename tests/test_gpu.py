@@ -39,3 +39,36 @@ def test_bf16_cache_equals_recompute_on_cuda():
     a = dlm.generate(ids, max_new_tokens=8, threshold=0.0)
     b = dlm.generate(ids, max_new_tokens=8, threshold=0.0, use_cache=False)
     assert torch.equal(a.sequences, b.sequences)
+
+
+def _flash_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _flash_available(), reason="needs flash-attn")
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_flash_attention_block_steps_match_sdpa(arch):
+    """On flash-attn the block passes use no mask (is_causal=False over cache + block): same tokens as sdpa."""
+    from llm2diff.sampling.sampler import uses_flash_attention
+
+    sdpa = adapt(make_model(arch).to("cuda", torch.bfloat16), make_tokenizer(), block_size=4)
+    flash = adapt(make_model(arch, attn="flash_attention_2").to("cuda", torch.bfloat16), make_tokenizer(),
+                  block_size=4)
+    assert uses_flash_attention(flash.model) and not uses_flash_attention(sdpa.model)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]], device="cuda")
+    for kwargs in ({"threshold": 0.0}, {"tokens_per_step": 1}):
+        a = sdpa.generate(ids, max_new_tokens=12, **kwargs)
+        b = flash.generate(ids, max_new_tokens=12, **kwargs)
+        assert torch.equal(a.sequences, b.sequences), kwargs
+
+
+def test_static_cache_with_torch_compile_matches_eager_on_cuda():
+    dlm = adapt(make_model("qwen3").to("cuda", torch.bfloat16), make_tokenizer(), block_size=4)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]], device="cuda")
+    eager = dlm.generate(ids, max_new_tokens=12, threshold=0.5)
+    compiled = dlm.generate(ids, max_new_tokens=12, threshold=0.5, static_cache=True, compile=True)
+    assert torch.equal(eager.sequences, compiled.sequences)

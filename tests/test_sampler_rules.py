@@ -265,3 +265,29 @@ def test_merging_the_trained_mask_row_for_inference_is_exact_and_reversible():
     assert torch.allclose(merged, reference, atol=1e-6)
     assert not layer.merged
     assert torch.equal(layer.base_layer.weight, before)  # the original rows are back, bit for bit
+
+
+# -- the static cache (the torch.compile / GPU path) gives the same tokens ---------------------------------------------
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_static_cache_equals_dynamic_cache(arch):
+    dlm = _dlm(arch, 4)
+    prefix = torch.tensor([[11, 12, 13, 14, 15, 16]])[:, :5].expand(2, -1)
+    for kwargs in ({}, {"threshold": 0.3}, {"fuse_commit": False}, {"response_prefix": prefix},
+                   {"remask_threshold": 0.5, "remask_budget": 1}):
+        dynamic = dlm.generate(PROMPTS, MASK, max_new_tokens=10, **kwargs)
+        static = dlm.generate(PROMPTS, MASK, max_new_tokens=10, static_cache=True, **kwargs)
+        assert torch.equal(static.sequences, dynamic.sequences), kwargs
+        assert static.tokens_per_step == dynamic.tokens_per_step
+
+
+def test_static_cache_crop_moves_the_write_position_back(dlm):
+    from llm2diff.sampling.static_cache import BlockStaticCache
+
+    cache = BlockStaticCache(config=dlm.model.config, max_cache_len=16)
+    with torch.no_grad():
+        dlm.model(input_ids=PROMPTS[:1], past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 6
+    cache.crop(-2)
+    assert cache.get_seq_length() == 4
+    with pytest.raises(ValueError, match="negative"):
+        cache.crop(3)

@@ -158,6 +158,7 @@ class DiffusionLM:
         entropy_bound: float | None = None, sub_block_size: int | None = None, max_steps_per_block: int | None = None,
         remask_threshold: float | None = None, remask_budget: int | None = None, fuse_commit: bool = True,
         drop_finished: bool = True, streamer=None, record_trajectory: bool = False, lossless: bool = False,
+        static_cache: bool = False, compile: bool = False,
     ) -> GenerateOutput:
         """Sample block by block (see `llm2diff.sampling.sampler`). Batches must be left-padded.
 
@@ -178,6 +179,9 @@ class DiffusionLM:
         prefix and the new tokens. `streamer` (transformers' `TextStreamer` and the like, batch of one) receives
         each block as soon as it is finished; `record_trajectory` keeps every step's canvas and confidences in
         `output.trajectory`. `fuse_commit` and `drop_finished` switch off two speed-ups (same tokens either way).
+        `static_cache` preallocates the KV cache (fixed shapes; `llm2diff.sampling.static_cache`) and `compile`
+        runs the model through `torch.compile` (compiled once per DiffusionLM, reused by later calls): the GPU
+        options for steady-state speed; on FlashAttention models the block passes need no mask at all.
         `lossless=True` returns exactly the AR parent's greedy output, drafted by the diffusion model and checked
         by the parent (`llm2diff.sampling.lossless`); the other sampling options do not apply then.
 
@@ -237,7 +241,7 @@ class DiffusionLM:
             entropy_bound=default(entropy_bound, "entropy_bound"), sub_block_size=default(sub_block_size, "sub_block_size"),
             max_steps_per_block=default(max_steps_per_block, "max_steps_per_block"),
             remask_threshold=remask_threshold, remask_budget=remask_budget, fuse_commit=fuse_commit,
-            drop_finished=drop_finished,
+            drop_finished=drop_finished, static_cache=static_cache,
         )
         trajectory = None
         if record_trajectory:
@@ -248,11 +252,18 @@ class DiffusionLM:
         was_training = self.model.training
         self.model.eval()
         try:
-            sampler = BlockSampler(self.model, settings, self.tokenizer, streamer=streamer, trajectory=trajectory)
+            model = self._compiled_model() if compile else self.model
+            sampler = BlockSampler(model, settings, self.tokenizer, streamer=streamer, trajectory=trajectory)
             with self.trained_token_rows_merged():
                 return sampler.generate(input_ids.to(self.device), attention_mask.to(self.device), response_prefix)
         finally:
             self.model.train(was_training)
+
+    def _compiled_model(self):
+        """`torch.compile` of the model, made once and kept (recompiles only for new input shapes)."""
+        if getattr(self, "_compiled", None) is None:
+            self._compiled = torch.compile(self.model, dynamic=False)
+        return self._compiled
 
     # -- saving -------------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> Path:

@@ -108,6 +108,7 @@ class SamplerSettings:
     remask_budget: int = 0
     fuse_commit: bool = True
     drop_finished: bool = True
+    static_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.commit_rule not in COMMIT_RULES:
@@ -128,6 +129,10 @@ class SamplerSettings:
             raise ValueError(f"remask_threshold must be in (0, 1), got {self.remask_threshold}")
         if self.remask_budget < 0:
             raise ValueError(f"remask_budget must be >= 0, got {self.remask_budget}")
+        if self.static_cache and not self.use_cache:
+            raise ValueError("static_cache needs use_cache=True")
+        if self.static_cache:
+            self.drop_finished = False  # a static cache keeps its batch shape
         if self.remask_threshold is not None and self.remask_budget == 0:
             raise ValueError("remask_threshold is set but remask_budget is 0: give a budget of remasks per block "
                              "(e.g. 2), or unset remask_threshold")
@@ -157,9 +162,10 @@ class BlockContext:
     """
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, block_size: int,
-                 shift: bool = True, use_cache: bool = True, fuse: bool = True):
+                 shift: bool = True, use_cache: bool = True, fuse: bool = True, static_length: int | None = None):
         self.model, self.block_size, self.shift, self.use_cache = model, block_size, shift, use_cache
-        self.flash = uses_flash_attention(model)
+        self.flash = uses_flash_attention(model) and static_length is None
+        self.static_length = static_length  # a fixed-size cache of this many slots (masks padded to it)
         self.fuse = fuse and use_cache and not self.flash
         self.input_ids, self.attention_mask = input_ids, attention_mask
         self.prompt_lens = attention_mask.long().sum(-1)
@@ -177,7 +183,12 @@ class BlockContext:
         if use_cache:
             from transformers import DynamicCache
 
-            self.cache = DynamicCache(config=model.config)
+            if static_length is not None:
+                from llm2diff.sampling.static_cache import BlockStaticCache
+
+                self.cache = BlockStaticCache(config=model.config, max_cache_len=static_length)
+            else:
+                self.cache = DynamicCache(config=model.config)
             positions = _left_padded_positions(attention_mask)
             self.last_logits = self._forward(input_ids, attention_mask, positions, self.cache, keep=1)[:, -1]
 
@@ -198,6 +209,9 @@ class BlockContext:
             keys = torch.cat([self.key_valid, torch.ones_like(ids, dtype=torch.bool)], dim=1).long()
             return self._forward(ids, keys, positions, self.cache, keep=keep, is_causal=False)
         mask = cached_block_mask(self.key_valid, ids.shape[1], self.dtype, block_size=ids.shape[1] // blocks)
+        if self.static_length is not None:  # attention spans every slot; the unwritten and stale ones are masked
+            mask = torch.nn.functional.pad(mask, (0, self.static_length - mask.shape[-1]),
+                                           value=torch.finfo(self.dtype).min)
         return self._forward(ids, mask, positions, self.cache, keep=keep)
 
     def _block_positions(self) -> torch.Tensor:
@@ -326,7 +340,12 @@ class BlockSampler:
             if batch != 1:
                 raise ValueError(f"streaming needs a batch of one prompt, got {batch}")
             self.streamer.put(input_ids.cpu())
-        ctx = BlockContext(self.model, input_ids, attention_mask, s.block_size, s.shift, s.use_cache, s.fuse_commit)
+        static = None
+        if s.static_cache:  # prompt, prefix, every block (the last one whole) and a fused pass's extra block
+            blocks = -(-((0 if response_prefix is None else response_prefix.shape[1]) + s.max_new_tokens) // s.block_size)
+            static = input_ids.shape[1] + (blocks + 2) * s.block_size
+        ctx = BlockContext(self.model, input_ids, attention_mask, s.block_size, s.shift, s.use_cache, s.fuse_commit,
+                           static_length=static)
         new_tokens = torch.full((batch, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         num_new = torch.zeros(batch, dtype=torch.long, device=device)
