@@ -141,3 +141,27 @@ def test_one_round_of_star_prm_and_rl_runs_end_to_end_and_resumes(root):
     before = (out / "round-1" / "round.json").stat().st_mtime_ns
     assert main(["rounds", "--config", str(path)]) == 0  # finished: nothing is redone
     assert (out / "round-1" / "round.json").stat().st_mtime_ns == before
+
+
+def test_rl_under_accelerate_with_two_processes(root):
+    """GRPO on a diffusion policy under a 2-process accelerate launch (DDP over gloo on CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = _recipe(root, "accel", per_device_train_batch_size=4, num_generations=4, max_steps=2,
+                     rl_eval_problems=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # `--cpu` would start one process; `--multi_gpu` starts torchrun, and use_cpu makes the job gloo over CPUs
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llm2diff", "rl", "--config", recipe]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((root / "accel" / "rl_report.json").read_text())
+    assert report["num_processes"] == 2
+    assert report["train"]["train_runtime"] > 0 and len(report["rewards"]) == 2  # one logged step each
+    assert 0.0 <= report["accuracy"] <= 1.0
+    from llm2diff import load
+
+    trained = load(root / "accel" / "model")
+    assert trained.has_adapter and trained.config.training["stage"] == "rl"

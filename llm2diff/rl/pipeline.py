@@ -147,6 +147,7 @@ def run_rl(rl_args: RLArguments, grpo_args, recipe: dict[str, Any]) -> dict[str,
     result = trainer.train(resume_from_checkpoint=grpo_args.resume_from_checkpoint or None)
     seconds = time.perf_counter() - start
     report: dict[str, Any] = {"recipe": recipe, "train": result.metrics, "train_seconds": round(seconds, 1),
+                              "num_processes": trainer.accelerator.num_processes,
                               "rewards": [e for e in trainer.state.log_history if "reward" in e]}
     if trainer.accelerator.is_main_process:
         dlm.config.training = {"recipe": recipe, "seed": grpo_args.seed, "stage": "rl",
