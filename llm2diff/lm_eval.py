@@ -328,13 +328,16 @@ class LLM2DiffLM(TemplateLM):
 
     @torch.no_grad()
     def _ar_is_greedy(self, context_ids: list[int], continuation_ids: list[int]) -> bool:
-        """Whether the parent's greedy choice (mask token suppressed, as in `ar_generate`) is the continuation."""
+        """Whether the parent's greedy choice (mask token and spare rows suppressed, as in `ar_generate`) is the
+        continuation."""
         n = len(continuation_ids)
         with self.dlm.ar_parent() as parent:
             ids = torch.tensor([context_ids + continuation_ids], device=self.dlm.device)
             logits = parent(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
                             logits_to_keep=n + 1).logits[0, -(n + 1):-1].float()
-        logits[:, self.dlm.config.mask_token_id] = float("-inf")
+        from llm2diff.sampling.lossless import parent_suppressed_ids
+
+        logits[:, parent_suppressed_ids(self.dlm)] = float("-inf")
         return bool((logits.argmax(-1).cpu() == torch.tensor(continuation_ids)).all())
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
