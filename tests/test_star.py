@@ -103,6 +103,9 @@ def test_two_rounds_write_every_artifact_and_resume_without_redoing_work(workdir
     assert {p: p.stat().st_mtime_ns for p in (out / "round-1").rglob("*") if p.is_file()} == round1
     assert (r2 / "samples.jsonl").read_text() == full
     assert (r2 / "round.json").is_file() and (r2 / "model" / "diffusion_config.json").is_file()
+    # the sampling cost counts the batches drawn before the interruption too (kept beside the records)
+    drawn = sum(len(json.loads(line)["samples"]) for line in full.splitlines())
+    assert json.loads((r2 / "round.json").read_text())["sampling"]["sequences"] == drawn
 
     # raising star_rounds continues the finished run with round 3
     assert main(["star", "--config", recipe, "--star_rounds", "3"]) == 0

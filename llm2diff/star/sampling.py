@@ -32,7 +32,7 @@ class SampleOptions:
 
 @dataclass
 class SamplingStats:
-    """Throughput of one sampling stage (this session's share when it was resumed)."""
+    """Throughput of one sampling stage, batches sampled before an interruption included (`samples.jsonl.stats`)."""
 
     seconds: float = 0.0
     new_tokens: int = 0
@@ -46,6 +46,12 @@ class SamplingStats:
     @property
     def nfe_per_token(self) -> float:
         return self.row_forwards / self.new_tokens if self.new_tokens else 0.0
+
+    def add(self, seconds: float, tokens: int, forwards: int, sequences: int) -> None:
+        self.seconds += seconds
+        self.new_tokens += tokens
+        self.row_forwards += forwards
+        self.sequences += sequences
 
     def to_dict(self) -> dict:
         return {"seconds": round(self.seconds, 2), "new_tokens": self.new_tokens, "row_forwards": self.row_forwards,
@@ -94,9 +100,16 @@ def sample_and_grade(
     per_batch = max(1, options.batch_size // k)
     batches = [list(range(lo, min(lo + per_batch, len(rows)))) for lo in range(0, len(rows), per_batch)]
     stats = SamplingStats()
+    # per-batch cost, beside the records, so a resumed stage still reports its whole sampling time and throughput
+    stats_path = out.with_name(out.name + ".stats")
     out.parent.mkdir(parents=True, exist_ok=True)
     todo = [(b, idx) for b, idx in enumerate(batches) if not all(ids[i] in done for i in idx)]
+    pending = {b for b, _ in todo}
+    for b, previous in read_jsonl_records(stats_path, key="batch").items():
+        if b not in pending:  # a batch drawn again now reports its new cost instead
+            stats.add(previous["seconds"], previous["tokens"], previous["forwards"], previous["sequences"])
     sink = out.open("a") if state.is_main_process else None
+    stats_sink = stats_path.open("a") if state.is_main_process else None
     bar = tqdm(total=len(rows), initial=len(rows) - sum(len(i) for _, i in todo), desc=desc,
                disable=not state.is_main_process)
     try:
@@ -123,15 +136,16 @@ def sample_and_grade(
                     if questions[i] != record["question"]:
                         record["prompt_question"] = questions[i]  # e.g. with a rationalization hint
                     produced.append(record)
-                produced.append({"_stats": [seconds, sum(lengths), sum(forwards), len(texts)]})
+                produced.append({"_stats": [seconds, sum(lengths), sum(forwards), len(texts)], "batch": b})
             for item in gather_object([produced]) if step > 1 else [produced]:
                 for record in item:
                     if "_stats" in record:
                         seconds, tokens, forwards, sequences = record["_stats"]
-                        stats.seconds += seconds / step  # processes run side by side
-                        stats.new_tokens += tokens
-                        stats.row_forwards += forwards
-                        stats.sequences += sequences
+                        seconds /= step  # processes run side by side
+                        stats.add(seconds, tokens, forwards, sequences)
+                        if stats_sink is not None:
+                            stats_sink.write(json.dumps({"batch": record["batch"], "seconds": seconds, "tokens": tokens,
+                                                         "forwards": forwards, "sequences": sequences}) + "\n")
                         continue
                     done[record["id"]] = record
                     if sink is not None:
@@ -139,8 +153,10 @@ def sample_and_grade(
                         bar.update(1)
             if sink is not None:
                 sink.flush()
+                stats_sink.flush()
     finally:
         bar.close()
         if sink is not None:
             sink.close()
+            stats_sink.close()
     return {i: done[i] for i in ids if i in done}, stats
