@@ -18,12 +18,18 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text to a temporary file beside `path`, then rename it into place."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to a temporary file beside `path`, then rename it into place (parents created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

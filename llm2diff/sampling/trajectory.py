@@ -22,7 +22,6 @@ A row that stopped early (end-of-sequence, stop string) keeps being denoised in 
 from __future__ import annotations
 
 import colorsys
-import contextlib
 import html
 import io
 import json
@@ -31,7 +30,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,7 @@ from typing import Any, TextIO
 
 import torch
 
-from llm2diff.atomic import write_json_atomic, write_text_atomic
+from llm2diff.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 FORMAT = "llm2diff.trajectory"
 FORMAT_VERSION = 1
@@ -351,21 +349,8 @@ def save_trajectory(trajectory: Trajectory, tokenizer, path: str | os.PathLike, 
     elif suffix == ".html":
         write_text_atomic(path, _html_page(trajectory, tokenizer, row, final_tokens))
     else:
-        _write_bytes_atomic(path, _image_bytes(trajectory, tokenizer, row, final_tokens, animated=suffix == ".gif"))
+        write_bytes_atomic(path, _image_bytes(trajectory, tokenizer, row, final_tokens, animated=suffix == ".gif"))
     return path
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _confidence_hue(confidence: float) -> int:
