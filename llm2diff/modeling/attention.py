@@ -13,26 +13,37 @@ sampler uses when it recomputes without a cache, so training and inference agree
 
 Masks are boolean `(batch, q_len, kv_len)` (True = may attend); `to_additive_mask` turns one into the float
 `(batch, 1, q, kv)` form with 0 / dtype-min entries, which both `sdpa` and `eager` attention honour (eager
-silently ignores boolean 4D masks).
+silently ignores boolean 4D masks). For `flex_attention`, `flex_block_mask` builds the same visibility as a
+`torch.nn.attention.flex_attention.BlockMask` from a `mask_mod` over the segment and block tensors (a dense float
+mask with flex crashed the process on CPU, so flex only ever gets a BlockMask).
+
+Packed rows (several examples in one row) also carry a *document* index per position: attention never crosses
+documents, on top of the rules above.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 PROMPT, CLEAN, NOISY, PAD = 0, 1, 2, 3
+ATTN_BACKENDS = ("auto", "sdpa", "eager", "flex")
 
 
-def block_diffusion_mask(segment: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+def block_diffusion_mask(segment: torch.Tensor, block: torch.Tensor,
+                         document: torch.Tensor | None = None) -> torch.Tensor:
     """Visibility of a block-diffusion sequence.
 
     Args:
         segment: `(batch, L)` int, one of PROMPT, CLEAN, NOISY, PAD per position.
         block: `(batch, L)` int, the response block index of each position (ignored for PROMPT and PAD).
+        document: optional `(batch, L)` int, the example each position belongs to in a packed row; attention stays
+            inside a document. None = one example per row.
 
     Returns:
         `(batch, L, L)` bool, entry `[b, i, j]` True when position i may attend to position j. Causality inside the
-        prompt follows the sequence order, so prompt tokens must come first, in order.
+        prompt follows the sequence order, so prompt tokens must come first, in order (within each document).
     """
     if segment.shape != block.shape or segment.dim() != 2:
         raise ValueError(f"segment and block must both be (batch, L); got {tuple(segment.shape)} and {tuple(block.shape)}")
@@ -49,7 +60,93 @@ def block_diffusion_mask(segment: torch.Tensor, block: torch.Tensor) -> torch.Te
         k_prompt | ((k_seg == CLEAN) & (k_blk < q_blk)) | ((k_seg == NOISY) & (k_blk == q_blk))
     )
     pad_rows = (q_seg == PAD) & (idx[None, :, None] == idx[None, None, :])
-    return prompt_rows | clean_rows | noisy_rows | pad_rows
+    allowed = prompt_rows | clean_rows | noisy_rows | pad_rows
+    if document is not None:
+        allowed = allowed & (document[:, :, None] == document[:, None, :])
+    return allowed
+
+
+def block_diffusion_mask_mod(segment: torch.Tensor, block: torch.Tensor,
+                             document: torch.Tensor | None = None) -> Callable:
+    """`block_diffusion_mask` as a flex_attention `mask_mod(b, h, q_idx, kv_idx) -> bool` closure.
+
+    The same rules, read per (query, key) pair from the `(batch, L)` tensors, so flex never needs the dense mask.
+    Evaluated on the full index grid (`torch.nn.attention.flex_attention.create_mask`) it equals
+    `block_diffusion_mask(segment, block, document)[:, None]`.
+    """
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_seg, k_seg = segment[b, q_idx], segment[b, kv_idx]
+        q_blk, k_blk = block[b, q_idx], block[b, kv_idx]
+        k_prompt = k_seg == PROMPT
+        prompt_rows = (q_seg == PROMPT) & k_prompt & (q_idx >= kv_idx)
+        clean_rows = (q_seg == CLEAN) & (k_prompt | ((k_seg == CLEAN) & (k_blk <= q_blk)))
+        noisy_rows = (q_seg == NOISY) & (
+            k_prompt | ((k_seg == CLEAN) & (k_blk < q_blk)) | ((k_seg == NOISY) & (k_blk == q_blk))
+        )
+        pad_rows = (q_seg == PAD) & (q_idx == kv_idx)
+        allowed = prompt_rows | clean_rows | noisy_rows | pad_rows
+        if document is not None:
+            allowed = allowed & (document[b, q_idx] == document[b, kv_idx])
+        return allowed
+
+    return mask_mod
+
+
+def dense_mask_mod(allowed: torch.Tensor) -> Callable:
+    """A flex `mask_mod` that reads a precomputed `(batch, L, L)` bool mask (e.g. during attention annealing)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed[b, q_idx, kv_idx]
+
+    return mask_mod
+
+
+def flex_block_mask(mask_mod: Callable, batch: int, length: int, device: torch.device):
+    """A `BlockMask` (flex_attention's sparse mask) for `(batch, length, length)` attention from a `mask_mod`.
+
+    The mask is the same for every head. Built eagerly (no compile): the dense boolean grid is evaluated once per
+    batch, as the SDPA path builds its 4D mask, but the attention kernel then skips the fully masked tiles.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=length, KV_LEN=length, device=device)
+
+
+def flex_available(device: torch.device | str) -> bool:
+    """Whether flex_attention can train on this device: it needs a CUDA device (torch has no flex backward on CPU)
+    and a torch with `torch.nn.attention.flex_attention`."""
+    if torch.device(device).type != "cuda":
+        return False
+    from transformers.utils import is_torch_flex_attn_available
+
+    return bool(is_torch_flex_attn_available())
+
+
+def resolve_attn_backend(choice: str, device: torch.device | str, current: str | None = None) -> str:
+    """The transformers attention implementation the training forward runs with, for a recipe's `attn_backend`.
+
+    Args:
+        choice: "auto" | "sdpa" | "eager" | "flex".
+        device: the training device.
+        current: the model's attention implementation as loaded (`config._attn_implementation`).
+
+    Returns:
+        "flex_attention", "sdpa" or "eager". `auto` = flex_attention on a CUDA device whose torch has it, otherwise
+        the loaded implementation when it is sdpa or eager, otherwise sdpa (FlashAttention cannot express the
+        training mask).
+    """
+    if choice not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {', '.join(ATTN_BACKENDS)}, got {choice!r}")
+    if choice == "flex":
+        if not flex_available(device):
+            raise ValueError(f"attn_backend 'flex' needs a CUDA device with torch flex_attention (training on "
+                             f"{torch.device(device).type}: torch has no flex_attention backward there); use 'auto', "
+                             "'sdpa' or 'eager'")
+        return "flex_attention"
+    if choice in ("sdpa", "eager"):
+        return choice
+    if flex_available(device):
+        return "flex_attention"
+    return current if current in ("sdpa", "eager") else "sdpa"
 
 
 def to_additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -3,6 +3,9 @@
 The collator is deterministic; noise is drawn in the trainer's `compute_loss`, under the trainer's seed. Rows with
 a `response_scores` column (semantic noise) carry their significance scores along; the end-of-sequence tokens
 added as block padding rank below every real token of the row (they are masked first and generated last).
+
+With `packing`, the batch's examples are packed into as few layout rows as fit `max_length` tokens each (see
+`llm2diff.training.layout.pack_rows`); the batch still holds the same examples, so the loss is unchanged.
 """
 
 from __future__ import annotations
@@ -10,7 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llm2diff.training.layout import build_layout, pad_response_to_blocks
+from llm2diff.training.layout import (
+    build_layout,
+    layout_length,
+    pack_rows,
+    pad_response_to_blocks,
+)
 
 
 @dataclass
@@ -21,6 +29,8 @@ class BlockDiffusionCollator:
     eos_token_id: int
     pad_token_id: int
     shift: bool = True
+    packing: bool = False
+    max_length: int | None = None  # layout tokens per packed row (a longer example keeps a row to itself)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         missing = [k for k in ("prompt_ids", "response_ids") if k not in features[0]]
@@ -32,8 +42,14 @@ class BlockDiffusionCollator:
         scores = None
         if "response_scores" in features[0]:
             scores = [_pad_scores(list(f["response_scores"]), len(r)) for f, r in zip(features, responses)]
-        layout = build_layout(prompts, responses, self.block_size, self.pad_token_id, self.shift, scores)
-        return vars(layout)
+        rows = None
+        if self.packing:
+            lengths = [layout_length(len(p), len(r), self.block_size, self.shift) for p, r in zip(prompts, responses)]
+            rows = pack_rows(lengths, self.max_length or max(lengths))
+        layout = build_layout(prompts, responses, self.block_size, self.pad_token_id, self.shift, scores, rows)
+        fields = vars(layout)
+        # A per-example tensor first: the Trainer reads the batch size off the first tensor (eval loss averaging).
+        return {"target": fields.pop("target"), **fields}
 
 
 def _pad_scores(scores: list[float], length: int) -> list[float]:

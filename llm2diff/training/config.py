@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from llm2diff.modeling.attention import ATTN_BACKENDS
 from llm2diff.modeling.config import validate_block_size
 from llm2diff.noise.masking import NoiseSpec
 from llm2diff.noise.scorers import SCORERS
@@ -67,6 +68,14 @@ class DiffusionSFTConfig(SFTConfig):
         "help": "Anneal attention from causal to block over this many steps (DiffuLLaMA): within a block a "
                 "token sees a later position with probability step / attention_anneal_steps. 0 = off."})
     loss_buckets: int = field(default=4, metadata={"help": "Log the loss in this many equal noise-level buckets."})
+    attn_backend: str = field(default="auto", metadata={
+        "help": "Attention for the training forward: 'auto' (flex_attention with a BlockMask on a CUDA device whose "
+                "torch has it, else the model's sdpa/eager), 'sdpa', 'eager' or 'flex' (CUDA only). Sampling keeps "
+                "the model's attn_implementation."})
+    packing: bool = field(default=False, metadata={
+        "help": "Pack each batch's examples into as few layout rows as fit max_length tokens ([prompt ; clean ; "
+                "noisy] per example, attention kept inside each example, position ids restarting). Same examples, "
+                "noise and loss per batch; less padding. Not TRL's dataset packing (packing_strategy is ignored)."})
 
     def __post_init__(self):
         # The trainer consumes pre-tokenized prompt/response ids through its own collator.
@@ -79,6 +88,16 @@ class DiffusionSFTConfig(SFTConfig):
         super().__post_init__()
         validate_block_size(self.block_size, self.max_length)
         self.noise_spec().validate(self.block_size, self.shift)
+        if self.attn_backend not in ATTN_BACKENDS:
+            near = difflib.get_close_matches(self.attn_backend, ATTN_BACKENDS, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"unknown attn_backend {self.attn_backend!r}; available: {', '.join(ATTN_BACKENDS)}.{hint}")
+        if self.padding_free:
+            raise ValueError("padding_free needs FlashAttention, which cannot express the block-diffusion training "
+                             "mask; use packing: true instead")
+        if self.eval_packing is not None and self.eval_packing != self.packing:
+            raise ValueError("eval_packing cannot differ from packing here: one collator packs train and eval batches "
+                             "(packing does not change the loss); leave eval_packing unset")
         if self.loss_buckets < 1:
             raise ValueError(f"loss_buckets must be >= 1, got {self.loss_buckets}")
         if self.noise_order == "semantic" and not self.semantic_scorer:

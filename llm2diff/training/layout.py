@@ -12,6 +12,12 @@ prompt token), because at inference that logit comes from the committed clean bl
 
 With `block_size == 1` and shift, every token is the first of its block: the noisy copy is dropped and the layout
 is the plain `[prompt ; response]` causal sequence, i.e. causal-LM SFT (the AR twin).
+
+Packing (`pack_rows`): several examples' layouts side by side in one row, each `[prompt ; clean ; noisy]` whole.
+Position ids restart at 0 for every example, `block` ids count on across the row (unique per row) and a `document`
+index keeps attention inside each example. The per-response tensors (`target`, `noisy_index`, ...) keep one row per
+*example*, in the original order, with `example_row` naming the packed row each example sits in; so the noise drawn
+for a packed batch and its loss (normalisation included) are those of the same batch unpacked.
 """
 
 from __future__ import annotations
@@ -25,17 +31,22 @@ from llm2diff.modeling.attention import CLEAN, NOISY, PAD, PROMPT
 
 @dataclass
 class Layout:
-    """A batch in the training layout (right-padded). Shapes: L = longest layout, R = longest response.
+    """A batch in the training layout (right-padded). Shapes: L = longest layout row, R = longest response;
+    `rows` = layout rows, `batch` = examples (the same unless packed).
 
-    input_ids: `(batch, L)` clean tokens everywhere (the noisy copy holds the clean response until noised).
-    segment, block, position_ids: `(batch, L)`.
-    noisy_index: `(batch, R)` layout index of response token j in the copy that gets noised (-1 at padding).
-    source_index: `(batch, R)` layout index whose output predicts response token j (0 at padding).
+    input_ids: `(rows, L)` clean tokens everywhere (the noisy copy holds the clean response until noised).
+    segment, block, position_ids: `(rows, L)`. `block` is unique within a row (it counts on across packed examples).
+    noisy_index: `(batch, R)` layout index, in the example's row, of response token j in the copy that gets noised
+        (-1 at padding).
+    source_index: `(batch, R)` layout index, in the example's row, whose output predicts response token j (0 at
+        padding).
     target: `(batch, R)` response token j (-100 at padding).
-    response_block: `(batch, R)` block of response token j (-1 at padding).
+    response_block: `(batch, R)` block of response token j within its response, from 0 (-1 at padding).
     noisy_copy: False for the AR-twin layout (block size 1 with shift), where nothing is noised.
     block_size: the block size B the responses are padded to.
     scores: optional `(batch, R)` significance of each response token (semantic noise); 0 at padding.
+    document: `(rows, L)` example index within its row (-1 at padding), or None when every row holds one example.
+    example_row: `(batch,)` the row each example sits in, or None when example i is row i.
     """
 
     input_ids: torch.Tensor
@@ -49,10 +60,25 @@ class Layout:
     noisy_copy: bool
     block_size: int = 0
     scores: torch.Tensor | None = None
+    document: torch.Tensor | None = None
+    example_row: torch.Tensor | None = None
 
     @property
     def response_valid(self) -> torch.Tensor:
         return self.target != -100
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """`(batch,)` the layout row of each example."""
+        if self.example_row is not None:
+            return self.example_row
+        return torch.arange(self.target.shape[0], device=self.target.device)
+
+    @property
+    def prompt_lengths(self) -> torch.Tensor:
+        """`(batch,)` prompt length of each example (the position id of its first response token)."""
+        first = self.noisy_index[:, 0].clamp(min=0)
+        return self.position_ids[self.rows, first]
 
 
 def pad_response_to_blocks(response: list[int], block_size: int, eos_id: int) -> list[int]:
@@ -66,13 +92,34 @@ def pad_response_to_blocks(response: list[int], block_size: int, eos_id: int) ->
     return response
 
 
+def layout_length(prompt_len: int, response_len: int, block_size: int, shift: bool = True) -> int:
+    """Tokens one example takes in the layout: P + 2R, or P + R for the AR twin (no noisy copy)."""
+    return prompt_len + (1 if shift and block_size == 1 else 2) * response_len
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[int]:
+    """Assign examples to packed rows, first-fit decreasing: each row holds whole examples whose layout lengths add
+    up to at most `capacity`; an example longer than `capacity` gets a row to itself. Returns each example's row."""
+    rows, room = [0] * len(lengths), []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if fit is None:
+            fit = len(room)
+            room.append(max(capacity, lengths[i]))
+        room[fit] -= lengths[i]
+        rows[i] = fit
+    return rows
+
+
 def build_layout(
     prompts: list[list[int]], responses: list[list[int]], block_size: int, pad_id: int, shift: bool = True,
-    scores: list[list[float]] | None = None,
+    scores: list[list[float]] | None = None, rows: list[int] | None = None,
 ) -> Layout:
     """Build the training layout for a batch. Responses must already be padded to whole blocks.
 
     `scores` (optional) gives each response token's significance, one list per response of the same length.
+    `rows` (optional) packs the batch: example i goes into layout row `rows[i]`, after the earlier examples of that
+    row (see `pack_rows`). Without it every example has its own row.
     """
     if len(prompts) != len(responses) or not prompts:
         raise ValueError("build_layout needs the same, non-zero number of prompts and responses")
@@ -83,38 +130,54 @@ def build_layout(
         if len(r) % block_size:
             raise ValueError(f"response length {len(r)} is not a multiple of block_size={block_size}")
     copies = 2 if noisy_copy else 1
-    length = max(len(p) + copies * len(r) for p, r in zip(prompts, responses))
+    packed = rows is not None
+    if rows is None:
+        rows = list(range(len(prompts)))
+    if len(rows) != len(prompts) or min(rows) < 0:
+        raise ValueError(f"rows must give a row >= 0 for each of the {len(prompts)} examples, got {rows}")
+    num_rows = max(rows) + 1
+    starts, used, blocks_used = [], [0] * num_rows, [0] * num_rows
+    for row, p, r in zip(rows, prompts, responses):
+        starts.append((used[row], blocks_used[row]))
+        used[row] += len(p) + copies * len(r)
+        blocks_used[row] += len(r) // block_size
+    length = max(used)
     max_resp = max(len(r) for r in responses)
     batch = len(prompts)
 
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
-    segment = torch.full((batch, length), PAD, dtype=torch.long)
-    block = torch.full((batch, length), -1, dtype=torch.long)
-    position_ids = torch.zeros((batch, length), dtype=torch.long)
+    input_ids = torch.full((num_rows, length), pad_id, dtype=torch.long)
+    segment = torch.full((num_rows, length), PAD, dtype=torch.long)
+    block = torch.full((num_rows, length), -1, dtype=torch.long)
+    position_ids = torch.zeros((num_rows, length), dtype=torch.long)
+    document = torch.full((num_rows, length), -1, dtype=torch.long)
     noisy_index = torch.full((batch, max_resp), -1, dtype=torch.long)
     source_index = torch.zeros((batch, max_resp), dtype=torch.long)
     target = torch.full((batch, max_resp), -100, dtype=torch.long)
     response_block = torch.full((batch, max_resp), -1, dtype=torch.long)
+    docs_in_row = [0] * num_rows
 
     for b, (prompt, response) in enumerate(zip(prompts, responses)):
+        row, (start, first_block) = rows[b], starts[b]
         p, r = len(prompt), len(response)
         resp = torch.tensor(response, dtype=torch.long)
         j = torch.arange(r)
         blocks = j // block_size
-        input_ids[b, :p] = torch.tensor(prompt, dtype=torch.long)
-        segment[b, :p] = PROMPT
-        position_ids[b, :p] = torch.arange(p)
-        clean = slice(p, p + r)
-        input_ids[b, clean], segment[b, clean], block[b, clean] = resp, CLEAN, blocks
-        position_ids[b, clean] = p + j
-        clean_idx = p + j
+        input_ids[row, start:start + p] = torch.tensor(prompt, dtype=torch.long)
+        segment[row, start:start + p] = PROMPT
+        position_ids[row, start:start + p] = torch.arange(p)
+        clean = slice(start + p, start + p + r)
+        input_ids[row, clean], segment[row, clean], block[row, clean] = resp, CLEAN, first_block + blocks
+        position_ids[row, clean] = p + j
+        clean_idx = start + p + j
         if noisy_copy:
-            noisy = slice(p + r, p + 2 * r)
-            input_ids[b, noisy], segment[b, noisy], block[b, noisy] = resp, NOISY, blocks
-            position_ids[b, noisy] = p + j
-            noisy_idx = p + r + j
+            noisy = slice(start + p + r, start + p + 2 * r)
+            input_ids[row, noisy], segment[row, noisy], block[row, noisy] = resp, NOISY, first_block + blocks
+            position_ids[row, noisy] = p + j
+            noisy_idx = start + p + r + j
         else:
             noisy_idx = clean_idx
+        document[row, start:start + p + copies * r] = docs_in_row[row]
+        docs_in_row[row] += 1
         if shift:
             first_of_block = (j % block_size) == 0
             source = torch.where(first_of_block, clean_idx - 1, noisy_idx - 1)
@@ -126,9 +189,10 @@ def build_layout(
     score_tensor = None
     if scores is not None:
         score_tensor = torch.zeros((batch, max_resp), dtype=torch.float)
-        for b, (row, response) in enumerate(zip(scores, responses)):
-            if len(row) != len(response):
-                raise ValueError(f"example {b}: {len(row)} significance scores for {len(response)} response tokens")
-            score_tensor[b, : len(row)] = torch.tensor(row, dtype=torch.float)
+        for b, (values, response) in enumerate(zip(scores, responses)):
+            if len(values) != len(response):
+                raise ValueError(f"example {b}: {len(values)} significance scores for {len(response)} response tokens")
+            score_tensor[b, : len(values)] = torch.tensor(values, dtype=torch.float)
     return Layout(input_ids, segment, block, position_ids, noisy_index, source_index, target, response_block,
-                  noisy_copy, block_size, score_tensor)
+                  noisy_copy, block_size, score_tensor, document=document if packed else None,
+                  example_row=torch.tensor(rows, dtype=torch.long) if packed else None)

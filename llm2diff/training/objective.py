@@ -8,17 +8,36 @@ token go through the LM head (`logits_to_keep`), which keeps the memory of the v
 noise (schedule, window, order, complementary copies, weights and normalisation) is a `NoiseSpec`; see
 `llm2diff.noise.masking`. During attention annealing the mask inside a block is partly causal (see
 `llm2diff.modeling.attention.anneal_block_mask`).
+
+The mask takes the form the model's current attention implementation needs: a float additive 4D mask for `sdpa`
+and `eager`, a flex_attention `BlockMask` for `flex_attention` (switch with `attention_implementation`). Packed
+layouts (several examples per row) run the same way; logits and loss are read per example.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from llm2diff.modeling.attention import PROMPT, anneal_block_mask, block_diffusion_mask, to_additive_mask
-from llm2diff.noise.masking import Noise, NoiseSpec, cart_weights, draw_noise, reduce_loss, with_complement
+from llm2diff.modeling.attention import (
+    anneal_block_mask,
+    block_diffusion_mask,
+    block_diffusion_mask_mod,
+    dense_mask_mod,
+    flex_block_mask,
+    to_additive_mask,
+)
+from llm2diff.noise.masking import (
+    Noise,
+    NoiseSpec,
+    cart_weights,
+    draw_noise,
+    reduce_loss,
+    with_complement,
+)
 from llm2diff.training.layout import Layout
 
 
@@ -34,6 +53,9 @@ class LossStats:
 
 def _repeat_layout(layout: Layout, times: int) -> Layout:
     fields = {k: (torch.cat([v] * times) if isinstance(v, torch.Tensor) else v) for k, v in vars(layout).items()}
+    if layout.example_row is not None:  # copy c of a packed example sits in copy c of its row
+        num_rows = layout.input_ids.shape[0]
+        fields["example_row"] = torch.cat([layout.example_row + c * num_rows for c in range(times)])
     return Layout(**fields)
 
 
@@ -64,11 +86,10 @@ def apply_noise(
         noise = with_complement(noise, spec, block_size, layout.response_block)
         layout = _repeat_layout(layout, 2)
     if spec.weighting == "cart":
-        prompt_lengths = (layout.segment == PROMPT).sum(1)
-        noise.weight = cart_weights(noise.masked, noise.valid, block_size, prompt_lengths, spec.cart_p)
+        noise.weight = cart_weights(noise.masked, noise.valid, block_size, layout.prompt_lengths, spec.cart_p)
     ids = layout.input_ids.clone()
     rows, cols = noise.masked.nonzero(as_tuple=True)
-    ids[rows, layout.noisy_index[rows, cols]] = mask_token_id
+    ids[layout.rows[rows], layout.noisy_index[rows, cols]] = mask_token_id
     return layout, ids, noise
 
 
@@ -87,6 +108,48 @@ def _embedding_weight(model) -> torch.Tensor:
     return getattr(model, "module", model).get_input_embeddings().weight
 
 
+def attn_implementation(model) -> str | None:
+    """The attention implementation the model runs now (`config._attn_implementation`), through DDP/PEFT wrappers."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+@contextmanager
+def attention_implementation(model, name: str | None):
+    """Run `model` with the transformers attention implementation `name` ("sdpa", "eager", "flex_attention")
+    inside the block, and restore the previous one after. None or the current one: nothing changes.
+
+    Keep the whole backward pass inside the block: with gradient checkpointing the layers re-run their forward
+    during backward, and must meet the same implementation the mask was built for.
+    """
+    base = getattr(model, "module", model)
+    previous = attn_implementation(base)
+    if name is None or name == previous:
+        yield model
+        return
+    base.set_attn_implementation(name)  # PEFT models forward this to the wrapped transformers model
+    try:
+        yield model
+    finally:
+        base.set_attn_implementation(previous)
+
+
+def layout_attention_mask(layout: Layout, implementation: str | None, dtype: torch.dtype,
+                          anneal: float | None = None, generator: torch.Generator | None = None):
+    """The layout's attention mask in the form `implementation` needs: a flex `BlockMask` for "flex_attention",
+    else a float additive `(rows, 1, L, L)` mask (honoured by sdpa and eager alike)."""
+    annealing = anneal is not None and anneal < 1.0
+    if implementation == "flex_attention" and not annealing:
+        mask_mod = block_diffusion_mask_mod(layout.segment, layout.block, layout.document)
+        return flex_block_mask(mask_mod, layout.segment.shape[0], layout.segment.shape[1], layout.segment.device)
+    allowed = block_diffusion_mask(layout.segment, layout.block, layout.document)
+    if annealing:
+        allowed = anneal_block_mask(allowed, layout.segment, layout.block, layout.position_ids, anneal, generator)
+    if implementation == "flex_attention":  # the random annealed mask, read from the dense grid
+        return flex_block_mask(dense_mask_mod(allowed), allowed.shape[0], allowed.shape[1], allowed.device)
+    return to_additive_mask(allowed, dtype)
+
+
 def layout_logits(
     model, layout: Layout, input_ids: torch.Tensor, select: torch.Tensor, anneal: float | None = None,
     generator: torch.Generator | None = None,
@@ -101,17 +164,14 @@ def layout_logits(
     Returns:
         `(num_selected, vocab)` logits, in `select.nonzero()` order.
     """
-    dtype = _embedding_weight(model).dtype
-    allowed = block_diffusion_mask(layout.segment, layout.block)
-    if anneal is not None and anneal < 1.0:
-        allowed = anneal_block_mask(allowed, layout.segment, layout.block, layout.position_ids, anneal, generator)
-    mask = to_additive_mask(allowed, dtype)
+    mask = layout_attention_mask(layout, attn_implementation(model), _embedding_weight(model).dtype, anneal,
+                                 generator)
     rows, cols = select.nonzero(as_tuple=True)
     sources = layout.source_index[rows, cols]
     keep = torch.unique(sources)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=layout.position_ids, logits_to_keep=keep,
                 use_cache=False)
-    return out.logits[rows, torch.searchsorted(keep, sources)]
+    return out.logits[layout.rows[rows], torch.searchsorted(keep, sources)]
 
 
 def diffusion_loss(

@@ -7,6 +7,10 @@
 Rows are pre-tokenized `prompt_ids` / `response_ids` (see `llm2diff.training.data`). Logging goes through the
 trainer's `report_to`; besides the loss it logs the masked fraction and the loss by noise-level bucket.
 Checkpoints (adapter + tokenizer + diffusion_config.json) and `resume_from_checkpoint` are the trainer's own.
+
+`train`, `evaluate` and `predict` run the model with the attention implementation the recipe's `attn_backend`
+resolves to (flex_attention on CUDA under `auto`) and restore the loaded one afterwards, so sampling after training
+is unaffected. `packing` packs each batch in the collator (TRL's own dataset packing stays off).
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
+from llm2diff.modeling.attention import resolve_attn_backend
 from llm2diff.modeling.config import DiffusionConfig
 from llm2diff.modeling.diffusion_lm import save_significance
 from llm2diff.training.collator import BlockDiffusionCollator
 from llm2diff.training.config import DiffusionSFTConfig
 from llm2diff.training.layout import Layout
-from llm2diff.training.objective import diffusion_loss
+from llm2diff.training.objective import (
+    attention_implementation,
+    attn_implementation,
+    diffusion_loss,
+)
 
 
 class DiffusionSFTTrainer(SFTTrainer):
@@ -37,12 +46,33 @@ class DiffusionSFTTrainer(SFTTrainer):
                                      "(see llm2diff.noise.score_cache.add_significance_scores)")
         collator = BlockDiffusionCollator(
             block_size=args.block_size, eos_token_id=processing_class.eos_token_id,
-            pad_token_id=processing_class.pad_token_id, shift=args.shift,
+            pad_token_id=processing_class.pad_token_id, shift=args.shift, packing=args.packing,
+            max_length=args.max_length,
         )
-        super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        # TRL's `packing` packs the tokenized dataset for padding-free FlashAttention; ours is the collator's.
+        packing, args.packing = args.packing, False
+        try:
+            super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        finally:
+            args.packing = packing
         # The loss is normalised per micro-batch, so let the Trainer average over gradient-accumulation steps.
         self.model_accepts_loss_kwargs = False
+        # the transformers attention implementation of the training forward ("flex_attention", "sdpa", "eager")
+        self.attn_implementation = resolve_attn_backend(args.attn_backend, self.args.device,
+                                                        attn_implementation(self.model))
+
+    def train(self, *args, **kwargs):
+        with attention_implementation(self.model, self.attn_implementation):
+            return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with attention_implementation(self.model, self.attn_implementation):
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with attention_implementation(self.model, self.attn_implementation):
+            return super().predict(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
