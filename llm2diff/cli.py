@@ -7,6 +7,8 @@
     llm2diff generate --model outputs/quickstart --prompt "..." --lossless          # the AR parent's greedy output
     llm2diff chat --model outputs/quickstart [--system TEXT] [--max-new-tokens 256]
     llm2diff eval --config eval/gsm8k.yaml --model outputs/quickstart [--ar-parent] [--limit 100]
+    llm2diff push outputs/quickstart --repo-id user/arith-dlm [--private]     # to the Hugging Face Hub, with a card
+    llm2diff export outputs/quickstart --merge --out outputs/quickstart-merged # adapter merged: a full model
     accelerate launch -m llm2diff train --config recipes/quickstart.yaml
 
 `generate` and `chat` take the same sampler flags (commit rule, threshold, sub-blocks, step cap, correction, ...);
@@ -32,6 +34,8 @@ commands:
   prm        label reasoning steps with rollouts, train a process reward model (--config recipes/quickstart-prm.yaml)
   rl         GRPO with outcome and process rewards on a diffusion policy (--config recipes/quickstart-rl.yaml)
   rounds     STaR -> PRM -> RL, round after round (--config recipes/quickstart-rounds.yaml)
+  push       upload a saved model with a generated model card to the Hugging Face Hub (DIR --repo-id OWNER/NAME)
+  export     write a standalone model with the LoRA adapter merged in (DIR --merge --out DIR2)
 
 run `llm2diff <command> --help` for the options of a command."""
 
@@ -313,8 +317,66 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def _push_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llm2diff push", description="Upload a saved llm2diff model (adapter or full weights, tokenizer, "
+        "diffusion_config.json) with a generated model card to the Hugging Face Hub, in one commit. Checkpoints, "
+        "optimizer states and training_args.bin stay behind.")
+    p.add_argument("model", help="directory written by training (or DiffusionLM.save_pretrained)")
+    p.add_argument("--repo-id", required=True, help="the Hub repository, owner/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--token", default=None,
+                   help="a Hub token with write access (default: HF_TOKEN or the login of `hf auth login`)")
+    p.add_argument("--revision", default=None, help="branch to commit to (created if missing; default: main)")
+    p.add_argument("--commit-message", default=None)
+    p.add_argument("--base-model", default=None, metavar="OWNER/NAME",
+                   help="record this Hub id as the base model (when training loaded the base from a local copy)")
+    return p
+
+
+def cmd_push(argv: list[str]) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from llm2diff.hub import push_to_hub
+
+    args = _push_parser().parse_args(argv)
+    try:
+        info = push_to_hub(args.model, args.repo_id, private=args.private, token=args.token, revision=args.revision,
+                           commit_message=args.commit_message, base_model=args.base_model)
+    except HfHubHTTPError as err:  # refused by the Hub: no write access, bad token, name taken by another type, ...
+        print(f"llm2diff push: error: the Hub refused the upload to {args.repo_id}: {err}", file=sys.stderr)
+        return 1
+    print(f"pushed {args.model} to {getattr(info, 'commit_url', None) or args.repo_id}")
+    return 0
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llm2diff export", description="Write a standalone model: the LoRA adapter merged into the base "
+        "weights (config.json + model.safetensors), with the tokenizer and diffusion_config.json; `load` reads it "
+        "without PEFT and gives the same logits.")
+    p.add_argument("model", help="directory of a saved model with a LoRA adapter (or a Hub id owner/name)")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights (required)")
+    p.add_argument("--out", required=True, help="directory to write the merged model to")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="weights dtype of the merged model (default: the base checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p
+
+
+def cmd_export(argv: list[str]) -> int:
+    args = _export_parser().parse_args(argv)
+    if not args.merge:
+        raise ValueError("export writes a merged model only: add --merge")
+    from llm2diff.export import merge_model
+
+    out = merge_model(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged model saved to {out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "star": cmd_star,
-            "prm": cmd_prm, "rl": cmd_rl, "rounds": cmd_rounds}
+            "prm": cmd_prm, "rl": cmd_rl, "rounds": cmd_rounds, "push": cmd_push, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

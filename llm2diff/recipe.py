@@ -38,12 +38,53 @@ class ModelArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(default="all-linear", metadata={
         "help": "Modules to adapt: 'all-linear' or a comma-separated list such as 'q_proj,k_proj,v_proj,o_proj'."})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the base weights quantized to 4 bits (bitsandbytes) and train the LoRA on top of them. "
+                "Needs use_lora: true and the qlora extra (pip install 'llm2diff[qlora]')."})
+    load_in_8bit: bool = field(default=False, metadata={
+        "help": "Load the base weights quantized to 8 bits (bitsandbytes LLM.int8) and train the LoRA on top of them. "
+                "Needs use_lora: true and the qlora extra; not together with load_in_4bit."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={
+        "help": "load_in_4bit: the 4-bit data type, nf4 (NormalFloat, the QLoRA default) or fp4."})
+    bnb_4bit_compute_dtype: str = field(default="auto", metadata={
+        "help": "load_in_4bit: dtype the 4-bit layers compute in: auto (the `dtype` key; float32 when that is auto), "
+                "float32, bfloat16 or float16."})
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata={
+        "help": "load_in_4bit: also quantize the quantization constants (about 0.4 bits per weight saved)."})
+    bnb_4bit_quant_storage: str | None = field(default=None, metadata={
+        "help": "load_in_4bit: dtype the packed 4-bit weights are stored in (default uint8). Under FSDP set it to the "
+                "weights dtype (e.g. bfloat16) so the quantized layers can be sharded."})
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise RecipeError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise RecipeError(f"attn_implementation must be sdpa or eager, got {self.attn_implementation!r}")
+        self._check_quantization()
+
+    def _check_quantization(self) -> None:
+        """Refuse quantization settings that cannot work, before anything loads."""
+        if not (self.load_in_4bit or self.load_in_8bit):
+            return
+        if self.load_in_4bit and self.load_in_8bit:
+            raise RecipeError("load_in_4bit and load_in_8bit are both set: choose one")
+        flag = "load_in_4bit" if self.load_in_4bit else "load_in_8bit"
+        if not self.use_lora:
+            raise RecipeError(f"{flag} freezes the base weights in quantized form, so only a LoRA can be trained on "
+                              "them (QLoRA): set use_lora: true, or drop the quantization for full fine-tuning")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise RecipeError(f"bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}")
+        if self.bnb_4bit_compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise RecipeError("bnb_4bit_compute_dtype must be auto, float32, bfloat16 or float16, got "
+                              f"{self.bnb_4bit_compute_dtype!r}")
+        if self.bnb_4bit_quant_storage not in (None, "uint8", "float32", "bfloat16", "float16"):
+            raise RecipeError("bnb_4bit_quant_storage must be uint8, float32, bfloat16 or float16, got "
+                              f"{self.bnb_4bit_quant_storage!r}")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError(f"{flag} needs bitsandbytes, which is not installed: install the qlora extra: "
+                              "pip install 'llm2diff[qlora]'")
 
     def lora_config(self):
         """The PEFT `LoraConfig`, or None for full fine-tuning."""
@@ -56,6 +97,36 @@ class ModelArguments:
             targets = [t.strip() for t in targets.split(",") if t.strip()]
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=targets, task_type="CAUSAL_LM")
+
+    def quantization_config(self):
+        """The transformers `BitsAndBytesConfig` for `load_in_4bit` / `load_in_8bit`, or None."""
+        if not (self.load_in_4bit or self.load_in_8bit):
+            return None
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if self.load_in_8bit:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        storage = {} if self.bnb_4bit_quant_storage is None else {
+            "bnb_4bit_quant_storage": getattr(torch, self.bnb_4bit_quant_storage)}
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+                                  bnb_4bit_compute_dtype=getattr(torch, self._compute_dtype()),
+                                  bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant, **storage)
+
+    def quantization_record(self) -> dict[str, Any] | None:
+        """What `diffusion_config.json` records about the quantized base (None when it was not quantized)."""
+        if not (self.load_in_4bit or self.load_in_8bit):
+            return None
+        if self.load_in_8bit:
+            return {"method": "bitsandbytes", "load_in_8bit": True}
+        return {"method": "bitsandbytes", "load_in_4bit": True,
+                **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("bnb_4bit_")},
+                "bnb_4bit_compute_dtype": self._compute_dtype()}
+
+    def _compute_dtype(self) -> str:
+        if self.bnb_4bit_compute_dtype != "auto":
+            return self.bnb_4bit_compute_dtype
+        return self.dtype if self.dtype != "auto" else "float32"
 
 
 @dataclass

@@ -76,7 +76,8 @@ class DiffusionLM:
         if not self.has_adapter:
             raise RuntimeError(
                 "this DiffusionLM has no adapter (full fine-tuning or a merged adapter), so the AR parent is not "
-                "available for free: load the parent checkpoint separately"
+                "available for free: load the parent separately from its recorded base "
+                f"{self.config.base_model_name_or_path!r} (llm2diff.export.load_parent(dlm.config))"
             )
         with self.model.disable_adapter():
             yield self.model
@@ -385,22 +386,31 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
 
 
 def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: str | None = None,
-         trust_remote_code: bool = False, is_trainable: bool = False) -> DiffusionLM:
+         trust_remote_code: bool = False, is_trainable: bool = False, revision: str | None = None,
+         token: str | None = None) -> DiffusionLM:
     """Load a `DiffusionLM` saved with `save_pretrained`: base model plus adapter, or a full model.
 
-    The base checkpoint named in `diffusion_config.json` is loaded from safetensors (built-in aliases such as
-    `smollm2-135m-instruct` resolve to their locally converted copy). `trust_remote_code` stays off unless asked.
+    `path` is a local directory or, when no such directory exists, a Hub model id (`owner/name`, as
+    `llm2diff push` uploads it): its files are downloaded (`revision`, `token`; cached by huggingface_hub) and
+    loaded the same way. The base checkpoint named in `diffusion_config.json` is loaded from safetensors (built-in
+    aliases such as `smollm2-135m-instruct` resolve to their locally converted copy). `trust_remote_code` stays
+    off unless asked.
     """
     from transformers import AutoModelForCausalLM
 
     from llm2diff.models.builtin import resolve_model_path
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no saved model at {path}: expected a directory written by DiffusionLM.save_pretrained")
+    if not Path(path).expanduser().is_dir():
+        from llm2diff.hub import download_model, looks_like_repo_id
+
+        if not looks_like_repo_id(path):
+            raise FileNotFoundError(f"no saved model at {path}: expected a directory written by "
+                                    "DiffusionLM.save_pretrained, or a Hub model id owner/name")
+        path = download_model(str(path), revision=revision, token=token)
+    path = Path(path).expanduser()
     config = DiffusionConfig.load(path)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if (path / "adapter_config.json").is_file():

