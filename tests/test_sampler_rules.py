@@ -291,3 +291,11 @@ def test_static_cache_crop_moves_the_write_position_back(dlm):
     assert cache.get_seq_length() == 4
     with pytest.raises(ValueError, match="negative"):
         cache.crop(3)
+
+
+def test_saved_sampler_defaults_apply_and_no_threshold_overrides_them(dlm):
+    from llm2diff.sampling.rules import NO_THRESHOLD
+
+    dlm.config.threshold = 0.0  # as a recipe's `sampler_threshold: 0.0` saves it
+    assert dlm.generate(PROMPTS, MASK, max_new_tokens=8).tokens_per_step == [8, 8]
+    assert dlm.generate(PROMPTS, MASK, max_new_tokens=8, threshold=NO_THRESHOLD).tokens_per_step == [2] * 8

@@ -75,6 +75,7 @@ def choose_tokens(
 
 COMMIT_RULES = ("confidence", "threshold", "margin", "entropy", "random", "coarse_to_fine")
 DEFAULT_THRESHOLD = 0.9
+NO_THRESHOLD = float("inf")  # pass as `threshold` to override a model's saved threshold: no position exceeds it
 
 
 def margin_scores(probs: torch.Tensor) -> torch.Tensor:
