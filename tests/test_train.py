@@ -168,3 +168,15 @@ def test_held_out_loss_is_logged_by_noise_bucket(workdir):
     assert sum("eval_loss" in entry for entry in logs) == 2  # steps 2 and 4
     assert any(key.startswith("eval_loss_t") for entry in logs for key in entry)
     assert any(key in ("loss_t0.00-0.50", "loss_t0.50-1.00") for entry in logs for key in entry)
+
+
+def test_sampler_keys_become_the_saved_model_defaults(workdir):
+    from llm2diff.cli import main
+    from llm2diff.modeling.config import DiffusionConfig
+
+    recipe = _recipe(workdir, "sampler-defaults", max_steps=2, sampler_commit_rule="threshold", sampler_threshold=0.7,
+                     sampler_remask_threshold=0.3, sampler_remask_budget=1)
+    assert main(["train", "--config", recipe]) == 0
+    saved = DiffusionConfig.load(workdir / "sampler-defaults")
+    assert (saved.commit_rule, saved.threshold, saved.remask_threshold, saved.remask_budget) == ("threshold", 0.7, 0.3, 1)
+    assert saved.tokens_per_step == 1 and saved.sub_block_size is None  # unset keys keep the library defaults
