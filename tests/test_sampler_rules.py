@@ -299,3 +299,11 @@ def test_saved_sampler_defaults_apply_and_no_threshold_overrides_them(dlm):
     dlm.config.threshold = 0.0  # as a recipe's `sampler_threshold: 0.0` saves it
     assert dlm.generate(PROMPTS, MASK, max_new_tokens=8).tokens_per_step == [8, 8]
     assert dlm.generate(PROMPTS, MASK, max_new_tokens=8, threshold=NO_THRESHOLD).tokens_per_step == [2] * 8
+
+
+def test_library_defaults_instead_of_saved_ones(dlm):
+    dlm.config.tokens_per_step, dlm.config.remask_threshold, dlm.config.remask_budget = 2, 0.99, 2
+    saved = dlm.generate(PROMPTS, MASK, max_new_tokens=8)
+    plain = dlm.generate(PROMPTS, MASK, max_new_tokens=8, use_saved_defaults=False)
+    assert saved.remasked > 0 and saved.tokens_per_step[0] == 4
+    assert plain.remasked == 0 and plain.tokens_per_step == [2] * 8  # 1 token per step, no correction

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from llm2diff.sampling.rules import NO_THRESHOLD
 from llm2diff.tasks.arithmetic import grade
 
 
@@ -97,10 +96,9 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
             forwards = sequences.shape[1] - ids.shape[1]  # one pass per generated position
             row_forwards_batch = None
         else:
-            # exactly the rule named in the row: not a threshold or rule the model saved as its default
+            # exactly the rule named in the row, not the sampler defaults the model saved
             out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, tokens_per_step=tokens_per_step,
-                               threshold=NO_THRESHOLD if threshold is None else threshold,
-                               commit_rule=commit_rule or "confidence", **sampler)
+                               threshold=threshold, commit_rule=commit_rule, use_saved_defaults=False, **sampler)
             sequences = out.sequences
             forwards = out.nfe if hasattr(out, "nfe") else out.nfe_draft + out.nfe_verify  # lossless: both models
             row_forwards_batch = int(out.nfe_per_row.sum()) if getattr(out, "nfe_per_row", None) is not None \

@@ -159,7 +159,7 @@ class DiffusionLM:
         entropy_bound: float | None = None, sub_block_size: int | None = None, max_steps_per_block: int | None = None,
         remask_threshold: float | None = None, remask_budget: int | None = None, fuse_commit: bool = True,
         drop_finished: bool = True, streamer=None, record_trajectory: bool = False, lossless: bool = False,
-        static_cache: bool = False, compile: bool = False,
+        static_cache: bool = False, compile: bool = False, use_saved_defaults: bool = True,
     ) -> GenerateOutput:
         """Sample block by block (see `llm2diff.sampling.sampler`). Batches must be left-padded.
 
@@ -173,7 +173,8 @@ class DiffusionLM:
         `sub_block_size` decodes each block left to right in sub-blocks; `max_steps_per_block` caps the steps
         (the last commits everything left). Correction: with `remask_threshold`, committed tokens of the open
         block whose probability falls below it are masked again, at most `remask_budget` per block and row.
-        Unset options fall back on the model's `diffusion_config.json`.
+        Unset options fall back on the model's `diffusion_config.json` (`use_saved_defaults=False`: on the
+        library's defaults instead, e.g. to grade exactly the rule a report names).
 
         `response_prefix` (`(batch, P)`, the same length for every row) continues responses whose first P tokens
         are given, also from inside a block (e.g. rollouts from a reasoning step); `sequences` then holds prompt,
@@ -217,7 +218,9 @@ class DiffusionLM:
         c = self.config
 
         def default(value, name):
-            return getattr(c, name) if value is None else value
+            if value is not None:
+                return value
+            return getattr(c, name) if use_saved_defaults else DiffusionConfig.__dataclass_fields__[name].default
 
         commit_rule = default(commit_rule, "commit_rule")
         significance = None
