@@ -67,3 +67,17 @@ def make_model(arch: str, attn: str = "sdpa", seed: int = 0, vocab_size: int = M
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
+
+
+def adapted_with_saved_base(root, arch: str = "qwen3", block_size: int = 4, **adapt_kwargs):
+    """A LoRA-adapted tiny model whose base is saved under `root / "base"` (as a recipe names it), not yet saved."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from llm2diff import adapt
+
+    make_model(arch).save_pretrained(root / "base")
+    make_tokenizer().save_pretrained(root / "base")
+    lora = adapt_kwargs.pop("lora", None) or LoraConfig(r=4, target_modules="all-linear")
+    return adapt(AutoModelForCausalLM.from_pretrained(root / "base"), make_tokenizer(), block_size=block_size,
+                 lora=lora, base_model_name_or_path=str(root / "base"), **adapt_kwargs)

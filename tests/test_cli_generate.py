@@ -9,9 +9,8 @@ import re
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import adapted_with_saved_base
 
-from llm2diff import adapt
 from llm2diff.cli import main
 from llm2diff.modeling.diffusion_lm import DiffusionLM, load
 from llm2diff.sampling.trajectory import render_terminal, replay_terminal
@@ -23,15 +22,8 @@ NEW = 12  # three blocks of 4
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A LoRA-adapted tiny Qwen3 (block size 4) saved with its base, as training saves it."""
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("generate")
-    make_model("qwen3").save_pretrained(root / "base")
-    make_tokenizer().save_pretrained(root / "base")
-    dlm = adapt(AutoModelForCausalLM.from_pretrained(root / "base"), make_tokenizer(), block_size=4,
-                lora=LoraConfig(r=4, target_modules="all-linear"), base_model_name_or_path=str(root / "base"))
-    dlm.save_pretrained(root / "dlm")
+    adapted_with_saved_base(root).save_pretrained(root / "dlm")
     return root / "dlm"
 
 

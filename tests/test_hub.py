@@ -16,10 +16,10 @@ import huggingface_hub
 import pytest
 import torch
 import yaml
-from conftest import make_model, make_tokenizer
+from conftest import adapted_with_saved_base, make_tokenizer
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-from llm2diff import adapt, load
+from llm2diff import load
 from llm2diff.cli import main
 from llm2diff.hub import DOWNLOAD_PATTERNS, looks_like_repo_id
 
@@ -37,14 +37,10 @@ FINAL_EVAL = {"results": [{"name": "diffusion (block 4, 1/step)", "accuracy": 0.
 def model_dir(tmp_path_factory):
     """A LoRA-adapted tiny Qwen3 saved as a training run leaves it: checkpoints, pickles and a final_eval.json."""
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("hub")
-    make_model("qwen3").save_pretrained(root / "base")
-    make_tokenizer().save_pretrained(root / "base")
-    dlm = adapt(AutoModelForCausalLM.from_pretrained(root / "base"), make_tokenizer(), block_size=4,
-                lora=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
-                base_model_name_or_path=str(root / "base"), system_prompt="Solve the problem step by step.")
+    dlm = adapted_with_saved_base(root, lora=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+                                  system_prompt="Solve the problem step by step.")
     with torch.no_grad():  # a trained-looking mask-token row
         for name, param in dlm.model.named_parameters():
             if "trainable_tokens_delta" in name:
