@@ -8,8 +8,10 @@ the significance table and `final_eval.json` when the source has them) that `llm
 that gives the same logits. PEFT's `merge_and_unload` folds the LoRA deltas into the linear layers and writes the
 trained mask-token row into the embedding matrix (and into the LM head when the two are tied).
 
-A merged model carries no AR parent: `dlm.ar_parent()`, `ar_generate`, lossless decoding and AR-parent
-comparisons need the parent loaded separately from the recorded base (`load_parent`).
+A merged model carries no free AR parent: `dlm.ar_parent()` (and with it `ar_generate`, lossless decoding, AR-parent
+comparisons and the parent-based noise scorers) loads the parent separately from the recorded base
+(`load_parent`), a second copy of the weights. An adapter trained on a quantized base (QLoRA) is merged into the
+full-precision base; `diffusion_config.json` records that under `base_model_source.merged_from`.
 """
 
 from __future__ import annotations
@@ -36,28 +38,35 @@ def merge_model(source: str | os.PathLike, out: str | os.PathLike, dtype=None, o
     """
     from importlib import metadata
 
-    from llm2diff.modeling.diffusion_lm import load, save_significance
+    from llm2diff.modeling.config import DiffusionConfig
+    from llm2diff.modeling.diffusion_lm import load, save_significance, saved_model_directory
 
     out = Path(out).expanduser()
     if Path(source).expanduser().resolve() == out.resolve():
         raise ValueError(f"--out {out} is the source directory: write the merged model somewhere else")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists: choose another --out, or pass --overwrite to replace it")
-    dlm = load(source, dtype=dtype, revision=revision)
+    local = saved_model_directory(source, revision=revision)
+    # a QLoRA adapter is merged into the full-precision base: quantized weights cannot hold the merged deltas
+    trained_on = DiffusionConfig.load(local).base_model_source
+    dlm = load(local, dtype=dtype, quantize=False)
     if not dlm.has_adapter:
         raise ValueError(f"{source} is already a full model (no LoRA adapter): there is nothing to merge")
     config = dlm.config
     model = dlm.model.merge_and_unload()  # LoRA deltas and the trained token rows, folded into the base weights
-    config.base_model_source = {**(config.base_model_source or {}),
-                                "merged_from": {"adapter": str(source), "peft": metadata.version("peft")}}
+    merged_from = {"adapter": str(source), "peft": metadata.version("peft")}
+    quantization = (trained_on or {}).get("quantization")
+    if quantization:
+        merged_from["adapter_trained_on_quantized_base"] = quantization
+    config.base_model_source = {**(config.base_model_source or {}), "merged_from": merged_from}
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)  # transformers 5 writes safetensors
         dlm.tokenizer.save_pretrained(tmp)
         config.save(tmp)
         if dlm.significance is not None:
             save_significance(tmp, dlm.significance)
-        if Path(source).is_dir() and (Path(source) / FINAL_EVAL_FILE).is_file():
-            shutil.copyfile(Path(source) / FINAL_EVAL_FILE, tmp / FINAL_EVAL_FILE)
+        if (local / FINAL_EVAL_FILE).is_file():
+            shutil.copyfile(local / FINAL_EVAL_FILE, tmp / FINAL_EVAL_FILE)
     return out
 
 

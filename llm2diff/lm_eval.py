@@ -214,9 +214,6 @@ class LLM2DiffLM(TemplateLM):
             device = _resolve_device(device)
             self.dlm = load(str(pretrained), dtype=_as_dtype(dtype), device=device,
                             trust_remote_code=_as_bool("trust_remote_code", trust_remote_code))
-        if self.ar_parent and not self.dlm.has_adapter:
-            raise ValueError(f"ar_parent=true needs a model with a LoRA adapter; {pretrained} has none (full fine-tune "
-                             "or merged adapter): evaluate the parent checkpoint with lm-eval's `hf` model instead")
         self.tokenizer = self.dlm.tokenizer
         self._device = self.dlm.device
         limit = getattr(self.dlm.model.config, "max_position_embeddings", None)

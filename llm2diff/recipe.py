@@ -128,6 +128,14 @@ class ModelArguments:
             return self.bnb_4bit_compute_dtype
         return self.dtype if self.dtype != "auto" else "float32"
 
+    @classmethod
+    def from_quantization_record(cls, record: dict[str, Any]) -> ModelArguments:
+        """The quantization fields back from what `quantization_record` wrote (checked as a recipe would be)."""
+        if record.get("method") != "bitsandbytes":
+            raise RecipeError(f"unknown quantization method {record.get('method')!r} recorded (expected bitsandbytes)")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(use_lora=True, **{k: v for k, v in record.items() if k in known})
+
 
 @dataclass
 class FinalEvalArguments:

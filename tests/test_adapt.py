@@ -76,11 +76,14 @@ def test_lora_trains_the_mask_row():
     assert any("trainable_tokens_delta" in n for n in trainable)
 
 
-def test_full_finetune_has_no_free_parent():
+def test_full_finetune_parent_is_the_weights_until_trained_then_the_recorded_base():
     dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4)
-    with pytest.raises(RuntimeError, match="no adapter"):
-        with dlm.ar_parent():
-            pass
+    with dlm.ar_parent() as parent:
+        assert parent is dlm.model
+    dlm.weights_are_parent = False  # what training does; this model records no base
+    with pytest.raises(RuntimeError, match="no adapter .* recorded base None") as error, dlm.ar_parent():
+        pass
+    assert "use_lora: true" in str(error.value)
 
 
 def test_import_is_light():

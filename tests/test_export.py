@@ -1,6 +1,7 @@
 """`llm2diff export --merge`: the merged full model gives the adapted model's logits and tokens without PEFT (the
-trained mask-token row included, tied or untied embeddings), carries no AR parent (the error names the recorded
-base, and `load_parent` loads it), pushes as a full model; bad input fails clearly."""
+trained mask-token row included, tied or untied embeddings), loads its AR parent separately from the recorded base
+(parent logits, `ar_generate` and lossless mode as the adapted model's), pushes as a full model; bad input fails
+clearly."""
 
 from __future__ import annotations
 
@@ -77,24 +78,40 @@ def test_merged_model_reproduces_logits_and_tokens(exported):
         assert torch.equal(x.sequences, y.sequences)
 
 
-def test_merged_model_has_no_ar_parent(exported):
+def test_merged_model_loads_its_ar_parent_from_the_recorded_base(exported, caplog, tmp_path):
     source, merged = exported
-    full = load(merged)
-    base = full.config.base_model_name_or_path
-    with pytest.raises(RuntimeError, match="load the parent separately from its recorded base") as err, \
+    full, adapted = load(merged), load(source)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with caplog.at_level("WARNING", logger="llm2diff"):
+        with full.ar_parent() as parent, adapted.ar_parent() as reference, torch.no_grad():
+            assert parent is not full.model  # a separate copy: the merged weights are not the parent's
+            assert torch.allclose(parent(ids).logits, reference(ids).logits, atol=1e-5)
+    assert "not free" in caplog.text and repr(full.config.base_model_name_or_path) in caplog.text
+    with full.ar_parent() as again:
+        assert again is parent  # loaded once
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    expected = adapted.ar_generate(prompt, max_new_tokens=6)
+    assert torch.equal(full.ar_generate(prompt, max_new_tokens=6), expected)
+    # lossless mode: drafted by the merged model, verified by the separately loaded parent: the parent's output
+    out = full.generate(prompt, max_new_tokens=6, lossless=True)
+    assert torch.equal(out.sequences[:, : expected.shape[1]], expected)
+    # the standalone helper gives the same parent
+    with adapted.ar_parent() as reference, torch.no_grad():
+        assert torch.allclose(load_parent(full.config)(ids).logits, reference(ids).logits, atol=1e-5)
+
+
+def test_merged_model_whose_base_is_gone_says_what_to_do(exported, tmp_path):
+    import shutil
+
+    _, merged = exported
+    moved = tmp_path / "merged"
+    shutil.copytree(merged, moved)
+    full = load(moved)
+    full.config.base_model_name_or_path = str(tmp_path / "no-such-base")
+    with pytest.raises(RuntimeError, match="its AR parent must be loaded from the recorded base") as err, \
             full.ar_parent():
         pass
-    assert repr(base) in str(err.value)
-    with pytest.raises(RuntimeError, match="recorded base"):
-        full.ar_generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
-    with pytest.raises(ValueError, match="lossless mode needs a LoRA-adapted model"):
-        full.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, lossless=True)
-    # the parent loaded from the recorded base is the adapted model's parent
-    parent = load_parent(full.config)
-    adapted = load(source)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    with adapted.ar_parent() as reference, torch.no_grad():
-        assert torch.allclose(parent(ids).logits, reference(ids).logits, atol=1e-5)
+    assert repr(str(tmp_path / "no-such-base")) in str(err.value) and "use_lora: true" in str(err.value)
 
 
 def test_push_of_a_merged_model(exported, capsys, monkeypatch, tmp_path):

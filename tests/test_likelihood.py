@@ -127,6 +127,7 @@ def test_bad_input():
         elbo_loglikelihood(dlm, CONTEXT, CONTINUATION, num_samples=0)
     with pytest.raises(ValueError, match="noise window"):
         elbo_loglikelihood(dlm, CONTEXT, CONTINUATION, t_min=0.5, t_max=0.2)
+    dlm.weights_are_parent = False  # as after full fine-tuning; no base is recorded to load the parent from
     with pytest.raises(RuntimeError, match="no adapter"):
         loglikelihood(dlm, CONTEXT, CONTINUATION, use_parent=True)
 

@@ -259,9 +259,8 @@ def test_model_args_are_parsed_and_checked(model_dir):
         LLM2DiffLM(pretrained=str(model_dir), ar_parent="maybe")
     with pytest.raises(ValueError, match="pretrained is required"):
         LLM2DiffLM()
-    no_adapter = adapt(make_model("qwen2"), make_tokenizer(), block_size=4)
-    with pytest.raises(ValueError, match="ar_parent=true needs a model with a LoRA adapter"):
-        LLM2DiffLM(pretrained=no_adapter, ar_parent=True)
+    no_adapter = adapt(make_model("qwen2"), make_tokenizer(), block_size=4)  # untrained: the weights are the parent
+    assert LLM2DiffLM(pretrained=no_adapter, ar_parent=True).ar_parent is True
 
 
 def test_chat_template_hooks(lm):

@@ -228,11 +228,16 @@ def test_generation_options_it_cannot_replay_are_refused():
         lossless_generate(dlm, PROMPTS, MASK, max_new_tokens=4)
 
 
-def test_without_adapter_there_is_no_free_parent():
-    dlm = adapt(make_model("qwen2"), make_tokenizer(), block_size=4)
-    with pytest.raises(ValueError, match="needs a LoRA-adapted model") as error:
+def test_without_adapter_the_parent_is_the_weights_before_training_else_the_recorded_base():
+    dlm = adapt(make_model("qwen2"), make_tokenizer(), block_size=4)  # full fine-tuning, not trained yet
+    set_eos(dlm, None)
+    with dlm.ar_parent() as parent:
+        assert parent is dlm.model
+    out = lossless_generate(dlm, PROMPTS, MASK, max_new_tokens=NEW)
+    assert torch.equal(out.sequences, dlm.ar_generate(PROMPTS, MASK, max_new_tokens=NEW))
+    dlm.weights_are_parent = False  # as after training; this model records no base to load its parent from
+    with pytest.raises(RuntimeError, match="its AR parent must be loaded from the recorded base None"):
         lossless_generate(dlm, PROMPTS, MASK, max_new_tokens=4)
-    assert "no free AR parent" in str(error.value)
 
 
 def test_train_mode_restored_and_bad_arguments():
@@ -296,12 +301,15 @@ def test_self_distilled_answers_are_the_parents_greedy_outputs_and_cached(tmp_pa
         self_distill_dataset(dlm, data, max_new_tokens=5, cache_dir=tmp_path, show_progress=False)
 
 
-def test_self_distill_needs_an_adapter(tmp_path):
+def test_self_distill_before_full_fine_tuning_distils_the_weights_themselves(tmp_path):
     from llm2diff.training.self_distill import self_distill_dataset
 
-    dlm = adapt(make_model("qwen2"), make_tokenizer(), block_size=4)
-    with pytest.raises(ValueError, match="self_distill needs a LoRA-adapted model"):
-        self_distill_dataset(dlm, _distill_data(dlm.tokenizer), cache_dir=tmp_path)
+    full = adapt(make_model("qwen2"), make_tokenizer(), block_size=4)
+    data = _distill_data(full.tokenizer)
+    distilled = self_distill_dataset(full, data, max_new_tokens=6, cache_dir=tmp_path, show_progress=False)
+    for prompt, response in zip(data["prompt_ids"], distilled["response_ids"]):
+        new = full.ar_generate(torch.tensor([prompt]), max_new_tokens=6)[0, len(prompt):].tolist()
+        assert response == new[: len(response)] and len(response) >= 1
 
 
 def test_train_with_self_distill(tmp_path, monkeypatch, capsys):

@@ -333,11 +333,67 @@ def test_qlora_trains_on_the_quantized_base_saves_and_reloads(workdir, monkeypat
             if "lora_" in n or "trainable_tokens" in n:
                 p.data = p.data.to(torch.bfloat16)
         assert torch.equal(requantized(input_ids=ids).logits, trained)
-        # `load` puts the adapter on the unquantized base: the logits move by the quantization error
+        # `load` re-quantizes the base as recorded and keeps the adapter in its saved dtype: the trained logits
         dlm = load(out)
-        assert not any(isinstance(m, quantized) for m in dlm.model.modules())
-        assert not torch.allclose(dlm.model(input_ids=ids).logits, trained, atol=1e-3)
+        assert any(isinstance(m, quantized) for m in dlm.model.modules())
+        assert torch.equal(dlm.model(input_ids=ids).logits, trained)
+        assert dlm.config.base_model_source["quantization"] == recorded
+        # quantize=False puts the adapter on the full-precision base: the logits move by the quantization error
+        full = load(out, quantize=False)
+        assert not any(isinstance(m, quantized) for m in full.model.modules())
+        assert not torch.allclose(full.model(input_ids=ids).logits, trained, atol=1e-3)
+        assert "quantization" not in full.config.base_model_source
     assert dlm.generate(ids, max_new_tokens=4).sequences.shape == (1, ids.shape[1] + 4)
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed (pip install 'llm2diff[qlora]')")
+def test_qlora_model_continues_training_on_its_quantized_base(workdir, monkeypatch):
+    """What the self-training rounds do with a QLoRA recipe: continue the saved adapter on the 4-bit base."""
+    import bitsandbytes as bnb
+
+    from llm2diff import load
+    from llm2diff.cli import main
+    from llm2diff.recipe import parse_recipe
+    from llm2diff.training.run import run_train
+    from llm2diff.training.trainer import DiffusionSFTTrainer
+
+    first = workdir / "qlora-first"
+    assert main(["train", "--config", _recipe(workdir, "qlora-first", load_in_4bit=True, max_steps=2)]) == 0
+    trainers = []
+    train = DiffusionSFTTrainer.train
+    monkeypatch.setattr(DiffusionSFTTrainer, "train", lambda self, *a, **k: trainers.append(self) or train(self, *a, **k))
+    args = parse_recipe(["--config", _recipe(workdir, "qlora-next", load_in_4bit=True, max_steps=2)])
+    before = {n: p.detach().float().clone() for n, p in load(first).model.named_parameters() if "lora_B" in n}
+    run_train(*args, init_model=str(first))
+    model = trainers[0].model
+    assert isinstance(model.base_model.model.model.layers[0].mlp.up_proj.base_layer, bnb.nn.Linear4bit)
+    after = {n: p.detach().float() for n, p in load(workdir / "qlora-next").model.named_parameters() if "lora_B" in n}
+    assert after.keys() == before.keys() and any(not torch.equal(after[n], before[n]) for n in before)
+    saved = json.loads((workdir / "qlora-next" / "diffusion_config.json").read_text())["base_model_source"]
+    assert saved["quantization"]["load_in_4bit"] is True
+    # export merges a QLoRA adapter into the full-precision base and says so
+    from llm2diff.export import merge_model
+
+    merged = merge_model(first, workdir / "qlora-merged")
+    record = json.loads((merged / "diffusion_config.json").read_text())["base_model_source"]
+    assert "quantization" not in record
+    assert record["merged_from"]["adapter_trained_on_quantized_base"]["load_in_4bit"] is True
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in load(merged).model.modules())
+
+
+def test_continuing_a_full_precision_adapter_under_a_4bit_recipe_warns(workdir, caplog):
+    if not HAS_BNB:
+        pytest.skip("bitsandbytes is not installed")
+    from llm2diff.cli import main
+    from llm2diff.recipe import parse_recipe
+    from llm2diff.training.run import continue_from
+
+    assert main(["train", "--config", _recipe(workdir, "fp-first", max_steps=1)]) == 0
+    model_args, _, train_args, *_ = parse_recipe(["--config", _recipe(workdir, "fp-next", load_in_4bit=True)])
+    with caplog.at_level("WARNING", logger="llm2diff"):
+        dlm = continue_from(workdir / "fp-first", model_args, train_args)
+    assert "trained on a full-precision base; the recipe continues on a 4-bit base" in caplog.text
+    assert dlm.config.base_model_source["quantization"]["load_in_4bit"] is True
 
 
 # -- the probe, run by `accelerate launch` in test_two_cpu_processes_train_as_one_job_and_save_one_adapter ----------

@@ -145,9 +145,10 @@ def test_make_scorer_runs_the_dlm_parent():
     for g, e in zip(scorer.score_batch(PROMPTS, RESPONSES), base_scores):
         np.testing.assert_allclose(g, e, atol=1e-5, rtol=0)
     assert isinstance(make_scorer("parent_deletion", dlm=dlm), ParentDeletionScorer)
-    full = adapt(make_model("qwen2"), make_tokenizer(), block_size=4)  # no adapter: the model as is is the parent
-    assert make_scorer("parent_deletion", dlm=full).parent_context is None
-    assert make_scorer("surprisal", dlm=full).model is full.model
+    full = adapt(make_model("qwen2"), make_tokenizer(), block_size=4)  # no adapter, untrained: the weights are the parent
+    assert make_scorer("parent_deletion", dlm=full).parent_context == full.ar_parent
+    for g, e in zip(make_scorer("surprisal", dlm=full).score_batch(PROMPTS, RESPONSES), base_scores):
+        np.testing.assert_allclose(g, e, atol=1e-5, rtol=0)
     # The parent's identity is the base weights: a LoRA-wrapped model and its base fingerprint alike.
     assert scorer.fingerprint()["model"] == model_fingerprint(make_model("qwen2"))
 

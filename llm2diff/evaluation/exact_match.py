@@ -127,7 +127,7 @@ def compare_with_parent(dlm, problems: list[dict], data_args, compare_parent: bo
     results = [evaluate_answers(dlm, problems, data_args, **kwargs)]
     if threshold is not None:
         results.append(evaluate_answers(dlm, problems, data_args, threshold=threshold, **kwargs))
-    if compare_parent and dlm.has_adapter:
+    if compare_parent:  # without an adapter the parent is loaded from the recorded base (`dlm.ar_parent`)
         results.append(evaluate_answers(dlm, problems, data_args, use_parent=True, **kwargs))
     return results
 

@@ -185,7 +185,7 @@ def ar_loglikelihood(model, context_ids: list[int], continuation_ids: list[int])
     """Exact `sum_j log p(continuation_j | context, continuation_<j)` under a plain causal forward (nats).
 
     One forward over `context + continuation` (shape `(1, P + n)`); the logits at positions `P-1 .. P+n-2` predict
-    the continuation (only those `n` go through the LM head). For the AR parent of a LoRA model use
+    the continuation (only those `n` go through the LM head). For the AR parent of a `DiffusionLM` use
     `with dlm.ar_parent() as parent: ar_loglikelihood(parent, ...)` (or `loglikelihood(..., use_parent=True)`).
     """
     context, continuation = _check_ids(context_ids, continuation_ids)
@@ -208,7 +208,7 @@ def _as_ids(tokenizer, value: str | Sequence[int]) -> list[int]:
 def loglikelihood(dlm, context: str | Sequence[int], continuation: str | Sequence[int], use_parent: bool = False,
                   **kwargs) -> float:
     """log p(continuation | context): the ELBO estimate of the diffusion model, or (`use_parent`) the exact
-    log-likelihood of its AR parent (adapter disabled; needs a LoRA adapter).
+    log-likelihood of its AR parent (`dlm.ar_parent()`: adapter disabled, or loaded from the recorded base).
 
     `context` and `continuation` are token ids or strings (tokenized separately, no special tokens added).
     `kwargs` go to `elbo_loglikelihood` (num_samples, seed, batch_size, t_min, t_max, stratified); the exact AR

@@ -154,8 +154,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     rows = task.load_rows(cfg.source, cfg.split, cfg.limit)
     shots = task.load_rows(cfg.source, cfg.shots_split, cfg.num_shots) if cfg.num_shots else []
     dlm = load(cfg.model)
-    if cfg.ar_parent and not dlm.has_adapter:
-        raise ValueError(f"{cfg.model} has no adapter, so its AR parent is not available (--ar-parent)")
     render = PromptRenderer(dlm)
     out = cfg.resolved_output_dir()
     out.mkdir(parents=True, exist_ok=True)

@@ -7,12 +7,14 @@
 
 `adapt` works in place: it may add the mask token (resizing embeddings only when no spare row exists) and attaches
 the LoRA (PEFT), with the mask token's embedding row trainable. With a LoRA, the AR parent is the same model with
-the adapter disabled (`dlm.ar_parent()`).
+the adapter disabled (`dlm.ar_parent()`). Without one (full fine-tuning, a merged adapter) the parent is loaded
+separately from the base recorded in `diffusion_config.json`, once, when something first asks for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,8 @@ from llm2diff.modeling.mask_token import choose_mask_token
 from llm2diff.atomic import atomic_directory
 from llm2diff.sampling.sampler import BlockSampler, GenerateOutput, SamplerSettings
 
+logger = logging.getLogger(__name__)
+
 
 class DiffusionLM:
     """A causal LM (optionally PEFT-wrapped) plus the diffusion settings that make it a block-diffusion LM.
@@ -33,13 +37,19 @@ class DiffusionLM:
         model: the underlying (PEFT) model.
         tokenizer: its tokenizer, holding the mask token.
         config: the `DiffusionConfig`.
+        weights_are_parent: without an adapter, whether `model`'s weights are still the AR parent's (True from
+            `adapt` without LoRA, before training; training clears it). Then `ar_parent()` is the model itself;
+            otherwise it is loaded separately from the recorded base.
     """
 
-    def __init__(self, model, tokenizer, config: DiffusionConfig, significance: torch.Tensor | None = None):
+    def __init__(self, model, tokenizer, config: DiffusionConfig, significance: torch.Tensor | None = None,
+                 weights_are_parent: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.significance = significance  # (vocab,) token significance in [0, 1] for the coarse-to-fine rule
+        self.weights_are_parent = weights_are_parent
+        self._separate_parent = None  # the AR parent loaded from the recorded base (models without an adapter)
 
     # -- properties --------------------------------------------------------------------------------------------
     @property
@@ -72,15 +82,39 @@ class DiffusionLM:
     # -- the AR parent ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def ar_parent(self) -> Iterator[torch.nn.Module]:
-        """Context in which `self.model` behaves as the AR parent (adapter disabled). Needs a LoRA adapter."""
-        if not self.has_adapter:
-            raise RuntimeError(
-                "this DiffusionLM has no adapter (full fine-tuning or a merged adapter), so the AR parent is not "
-                "available for free: load the parent separately from its recorded base "
-                f"{self.config.base_model_name_or_path!r} (llm2diff.export.load_parent(dlm.config))"
-            )
-        with self.model.disable_adapter():
+        """Context yielding the AR parent.
+
+        With a LoRA adapter: `self.model` with the adapter disabled (free). Without one (full fine-tuning or a
+        merged adapter) there is no free parent: unless the weights are still the parent's (`weights_are_parent`),
+        it is loaded separately from the recorded base (`config.base_model_name_or_path`) on first use, in this
+        model's dtype and device, and kept: a second copy of the weights in memory.
+        """
+        if self.has_adapter:
+            with self.model.disable_adapter():
+                yield self.model
+        elif self.weights_are_parent:
             yield self.model
+        else:
+            yield self.separate_parent()
+
+    def separate_parent(self) -> torch.nn.Module:
+        """The AR parent of a model without an adapter, loaded once from the recorded base (see `ar_parent`)."""
+        if self._separate_parent is None:
+            from llm2diff.export import load_parent
+
+            base = self.config.base_model_name_or_path
+            logger.warning("this model has no adapter (full fine-tuning or a merged adapter), so its AR parent is "
+                           "not free: loading it separately from the recorded base %r (a second copy of the "
+                           "weights in memory)", base)
+            try:
+                self._separate_parent = load_parent(self.config, dtype=self.model.dtype, device=self.device)
+            except (OSError, ValueError) as error:
+                raise RuntimeError(
+                    f"this model has no adapter (full fine-tuning or a merged adapter), so its AR parent must be "
+                    f"loaded from the recorded base {base!r}, which failed: {error}. Make the base available "
+                    "(download it, or set base_model_name_or_path in diffusion_config.json to a local copy), or "
+                    "use a model saved with its LoRA adapter (use_lora: true)") from error
+        return self._separate_parent
 
     @contextlib.contextmanager
     def lora_off(self) -> Iterator[torch.nn.Module]:
@@ -364,7 +398,7 @@ def adapt(model, tokenizer, block_size: int = 32, lora=None, mask_token: str | N
         indices["embed_tokens"] = sorted(rows)
         lora.trainable_token_indices = indices
         model = get_peft_model(model, lora)
-    return DiffusionLM(model, tokenizer, config)
+    return DiffusionLM(model, tokenizer, config, weights_are_parent=lora is None)
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
@@ -388,9 +422,26 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+def saved_model_directory(path: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:
+    """The local directory of a saved model: `path` itself, or a Hub model id's downloaded files."""
+    if Path(path).expanduser().is_dir():
+        return Path(path).expanduser()
+    from llm2diff.hub import download_model, looks_like_repo_id
+
+    if not looks_like_repo_id(str(path)):
+        raise FileNotFoundError(f"no saved model at {path}: expected a directory written by "
+                                "DiffusionLM.save_pretrained, or a Hub model id owner/name")
+    return Path(download_model(str(path), revision=revision, token=token))
+
+
+def recorded_quantization(path: str | os.PathLike) -> dict | None:
+    """How the base under the adapter saved at `path` was quantized in training (QLoRA), or None."""
+    return (DiffusionConfig.load(path).base_model_source or {}).get("quantization")
+
+
 def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: str | None = None,
          trust_remote_code: bool = False, is_trainable: bool = False, revision: str | None = None,
-         token: str | None = None) -> DiffusionLM:
+         token: str | None = None, quantize: bool | dict | None = None) -> DiffusionLM:
     """Load a `DiffusionLM` saved with `save_pretrained`: base model plus adapter, or a full model.
 
     `path` is a local directory or, when no such directory exists, a Hub model id (`owner/name`, as
@@ -398,25 +449,33 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
     loaded the same way. The base checkpoint named in `diffusion_config.json` is loaded from safetensors (built-in
     aliases such as `smollm2-135m-instruct` resolve to their locally converted copy). `trust_remote_code` stays
     off unless asked.
+
+    An adapter trained on a quantized base (QLoRA, `load_in_4bit` / `load_in_8bit`) is put back on that base
+    quantized the same way (bitsandbytes, placed on `device`, default the current GPU or the CPU), with the
+    adapter in the dtype it was saved in, so the model computes what it computed in training. `quantize`: None
+    follows the record; False loads the base in full precision (logits move by the quantization error); a
+    quantization record (as `ModelArguments.quantization_record()` writes it) quantizes that way instead.
     """
     from transformers import AutoModelForCausalLM
 
     from llm2diff.models.builtin import resolve_model_path
 
-    if not Path(path).expanduser().is_dir():
-        from llm2diff.hub import download_model, looks_like_repo_id
-
-        if not looks_like_repo_id(path):
-            raise FileNotFoundError(f"no saved model at {path}: expected a directory written by "
-                                    "DiffusionLM.save_pretrained, or a Hub model id owner/name")
-        path = download_model(str(path), revision=revision, token=token)
-    path = Path(path).expanduser()
+    path = saved_model_directory(path, revision=revision, token=token)
     config = DiffusionConfig.load(path)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    if (path / "adapter_config.json").is_file():
+    adapter = (path / "adapter_config.json").is_file()
+    quantization = _quantization_to_apply(path, config, quantize, adapter)
+    if quantization is not None:
+        from llm2diff.recipe import ModelArguments
+
+        kwargs["quantization_config"] = ModelArguments.from_quantization_record(quantization).quantization_config()
+        if device is None:
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        kwargs["device_map"] = {"": str(device)}
+    if adapter:
         from peft import PeftModel
 
         base_path = resolve_model_path(config.base_model_name_or_path)
@@ -424,12 +483,69 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
         rows = (config.base_model_source or {}).get("embedding_rows")
         if rows and rows != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(rows)
+        if quantization is not None and is_trainable:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
+        if quantization is not None:
+            _adapter_to_saved_dtype(model, path)
+        config.base_model_source = {**(config.base_model_source or {}), "quantization": quantization}
+        if quantization is None:  # what this model now runs on
+            config.base_model_source.pop("quantization")
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if device is not None:
+    if device is not None and quantization is None:
         model.to(device)
     if not is_trainable:
         model.eval()
     return DiffusionLM(model, tokenizer, config, significance=load_significance(path))
+
+
+def _quantization_to_apply(path: Path, config: DiffusionConfig, quantize: bool | dict | None,
+                           adapter: bool) -> dict | None:
+    """The quantization record `load` applies to the base, after checking the request against the saved model."""
+    recorded = (config.base_model_source or {}).get("quantization")
+    if isinstance(quantize, dict):
+        wanted = quantize
+    elif quantize is None:
+        wanted = recorded
+    elif quantize:
+        if not recorded:
+            raise ValueError(f"quantize=True re-applies the quantization an adapter was trained on, but {path} "
+                             "records none (it was trained on full-precision weights): pass a quantization "
+                             "record, e.g. ModelArguments(load_in_4bit=True).quantization_record()")
+        wanted = recorded
+    else:
+        wanted = None
+    if wanted and not adapter:
+        raise ValueError(f"{path} holds full weights (no adapter): quantizing them on load is not supported here; "
+                         "load it unquantized (quantize=False)")
+    if recorded and not wanted:
+        logger.warning("the adapter at %s was trained on a quantized base (%s); it is loaded on the full-precision "
+                       "base, so its logits move by the quantization error", path, recorded)
+    return wanted or None
+
+
+def _adapter_to_saved_dtype(model, path: Path) -> None:
+    """Cast the adapter's parameters to the dtype its file stores them in.
+
+    PEFT loads adapter weights into float32 layers; under QLoRA TRL trains them in bfloat16, so without this cast
+    the reloaded model would compute in another precision than the trained one.
+    """
+    from safetensors import safe_open
+
+    file = path / "adapter_model.safetensors"
+    if not file.is_file():
+        return
+    with safe_open(str(file), framework="pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    if len(dtypes) != 1:
+        return
+    dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtypes.pop())
+    if dtype is None:
+        return
+    for name, param in model.named_parameters():
+        if ("lora_" in name or "trainable_tokens" in name) and "lora_magnitude_vector" not in name:
+            param.data = param.data.to(dtype)
 

@@ -398,8 +398,8 @@ def make_scorer(name: str, *, dlm=None, tokenizer=None, vocab_size: int | None =
 
     Args:
         name: "idf", "surprisal", "parent_deletion" or "embedding_deletion".
-        dlm: the `DiffusionLM`; needed by the parent scorers, which run `dlm.model` inside `dlm.ar_parent()` when it
-            has a LoRA adapter, else the model as is (before full fine-tuning it is the parent).
+        dlm: the `DiffusionLM`; needed by the parent scorers, which run the model `dlm.ar_parent()` yields: the
+            adapter off, or without one the model itself before full fine-tuning, else the recorded base.
         tokenizer: for "embedding_deletion" (default `dlm.tokenizer`) and the IDF vocabulary size.
         vocab_size: for "idf"; default `len(tokenizer)` (or of `dlm.tokenizer`).
         embedding_model: sentence-transformers model for "embedding_deletion" (default: bundled all-MiniLM-L6-v2).
@@ -422,7 +422,7 @@ def make_scorer(name: str, *, dlm=None, tokenizer=None, vocab_size: int | None =
         return EmbeddingDeletionScorer(tokenizer, model_name_or_path=embedding_model)
     if dlm is None:
         raise ValueError(f"the {name} scorer runs the AR parent: pass dlm= (the DiffusionLM being trained)")
-    context = dlm.ar_parent if dlm.has_adapter else None
+    context = dlm.ar_parent  # adapter off; without an adapter, the model itself or the parent from the recorded base
     pad = dlm.tokenizer.pad_token_id if dlm.tokenizer.pad_token_id is not None else 0
     if name == "surprisal":
         return SurprisalScorer(dlm.model, parent_context=context, pad_token_id=pad, batch_size=batch_size)

@@ -42,10 +42,6 @@ import torch
 from llm2diff.sampling.rules import suppress_ids
 from llm2diff.sampling.sampler import BlockContext
 
-NO_PARENT = ("lossless mode needs a LoRA-adapted model: its AR parent is the same model with the adapter off. "
-             "This DiffusionLM has no adapter (full fine-tuning or a merged adapter), so there is no free AR parent "
-             "to verify drafts; load an adapter saved with use_lora: true, or decode with dlm.generate()")
-
 # Generation-config options that would change `generate`'s greedy choice and that lossless mode does not replay.
 UNSUPPORTED_GENERATION_OPTIONS = ("sequence_bias", "no_repeat_ngram_size", "bad_words_ids", "min_length",
                                   "min_new_tokens", "forced_bos_token_id", "forced_eos_token_id",
@@ -205,7 +201,10 @@ class ParentVerifier:
         """(k, token): the draft's first k tokens are the parent's greedy choices, `token` its choice after them."""
         count = draft.shape[0]
         ids = torch.cat([self.pending, draft[None]], dim=1)
-        with self.dlm.lora_off() as parent:  # the parent: no mask token among its inputs, its logit suppressed
+        # the parent: no mask token among its inputs, its logit suppressed. With an adapter, the LoRA layers off;
+        # without one (full fine-tuning, merged adapter), the parent loaded separately from the recorded base
+        switch = self.dlm.lora_off if self.dlm.has_adapter else self.dlm.ar_parent
+        with switch() as parent:
             logits = parent(input_ids=ids, past_key_values=self.cache, use_cache=True,
                             logits_to_keep=count + 1).logits[0].float()
         self.nfe += 1
@@ -269,7 +268,9 @@ def lossless_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """Exactly the AR parent's greedy output, drafted by the diffusion adapter and verified by the parent.
 
     Args:
-        dlm: a LoRA-adapted `DiffusionLM` (the parent is the adapter switched off).
+        dlm: a `DiffusionLM`. With a LoRA adapter the parent is free (the adapter switched off); without one
+            (full fine-tuning or a merged adapter) it is loaded separately from the recorded base (`dlm.ar_parent()`,
+            a second copy of the weights).
         input_ids: `(batch, prompt_len)` left-padded prompts (or one `(prompt_len,)` prompt).
         attention_mask: 0 at left padding; default all ones.
         max_new_tokens: most tokens generated per row (honoured exactly).
@@ -281,8 +282,6 @@ def lossless_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
         a `LosslessOutput`: `sequences` equal to `dlm.ar_generate(input_ids, attention_mask, max_new_tokens)`
         (with `stop_strings=..., tokenizer=...` passed on when given), forward-pass counts and accepted lengths.
     """
-    if not dlm.has_adapter:
-        raise ValueError(NO_PARENT)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if draft_steps < 1:

@@ -159,6 +159,7 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
         resume = resume.lower() == "true"
     result = trainer.train(resume_from_checkpoint=resume or None)
+    dlm.weights_are_parent = False  # a fully fine-tuned model's parent now comes from the recorded base
     trainer.save_model(train_args.output_dir)
     summary: dict[str, Any] = {"output_dir": train_args.output_dir, "train": result.metrics}
     if eval_args.final_eval_samples > 0 and trainer.accelerator.is_main_process:
@@ -189,15 +190,23 @@ def adapt_base(model_args: ModelArguments, data_args, train_args):
 
 
 def continue_from(path: str | os.PathLike, model_args: ModelArguments, train_args):
-    """Load a saved llm2diff model for further training (adapter trainable). Block size and shift must agree."""
-    from llm2diff.modeling.diffusion_lm import load
+    """Load a saved llm2diff model for further training (adapter trainable). Block size and shift must agree.
+
+    The base is loaded as the recipe says: quantized under `load_in_4bit` / `load_in_8bit` (QLoRA: the self-training
+    rounds of a QLoRA recipe go on on the quantized base), else in full precision, with a warning when that differs
+    from the base the adapter was trained on.
+    """
+    from llm2diff.modeling.diffusion_lm import load, recorded_quantization
 
     check_launch(train_args)
-    if model_args.quantization_record():
-        raise RecipeError(f"load_in_4bit / load_in_8bit apply to a fresh adapter on the base model only: continuing "
-                          f"from the saved model {path} would reload its base unquantized (`load` does not quantize)")
+    wanted = model_args.quantization_record()
+    recorded = recorded_quantization(path) if Path(path).is_dir() else None
+    if wanted != recorded:
+        logger.warning("%s was trained on a %s base; the recipe continues on a %s base",
+                       path, _describe_quantization(recorded), _describe_quantization(wanted))
     dlm = load(path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation,
-               trust_remote_code=train_args.trust_remote_code, is_trainable=True)
+               trust_remote_code=train_args.trust_remote_code, is_trainable=True, quantize=wanted or False,
+               device="cpu" if train_args.use_cpu else None)
     if dlm.config.block_size != train_args.block_size or dlm.config.shift != train_args.shift:
         raise RecipeError(f"{path} was trained with block_size={dlm.config.block_size}, shift={dlm.config.shift}; "
                           f"the recipe says block_size={train_args.block_size}, shift={train_args.shift}")
@@ -206,6 +215,12 @@ def continue_from(path: str | os.PathLike, model_args: ModelArguments, train_arg
     dlm.config.noise = train_args.noise_spec().to_dict()
     dlm.config.significance_scorer = train_args.semantic_scorer
     return dlm
+
+
+def _describe_quantization(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "full-precision"
+    return "4-bit" if record.get("load_in_4bit") else "8-bit"
 
 
 def score_datasets(dlm, train_args, train_ds, eval_ds):

@@ -49,7 +49,8 @@ def self_distill_dataset(dlm, dataset: datasets.Dataset, max_new_tokens: int = 1
     """`dataset` with every `response_ids` replaced by the AR parent's greedy continuation of its `prompt_ids`.
 
     Args:
-        dlm: a LoRA-adapted `DiffusionLM` (its parent is the adapter switched off).
+        dlm: the `DiffusionLM` about to be trained; its parent is `dlm.ar_parent()` (the adapter switched off, or
+            the weights themselves before full fine-tuning).
         dataset: tokenized rows with `prompt_ids` and `response_ids` (`llm2diff.training.data`).
         max_new_tokens: the most tokens generated per response.
         batch_size: prompts per `generate` call (grouped by length to limit padding).
@@ -61,9 +62,6 @@ def self_distill_dataset(dlm, dataset: datasets.Dataset, max_new_tokens: int = 1
     """
     from accelerate import PartialState
 
-    if not dlm.has_adapter:
-        raise ValueError("self_distill needs a LoRA-adapted model (use_lora: true): the responses come from the AR "
-                         "parent, which is the adapter switched off, and lossless decoding needs that parent too")
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"self_distill_max_new_tokens and self_distill_batch_size must be >= 1, got "
                          f"{max_new_tokens} and {batch_size}")
