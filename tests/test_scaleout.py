@@ -440,3 +440,25 @@ def probe(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(probe(sys.argv[1:]))
+
+
+def test_loading_a_qlora_adapter_without_bitsandbytes_names_the_extra(tmp_path, monkeypatch):
+    from conftest import adapted_with_saved_base
+
+    from llm2diff import load
+    from llm2diff.recipe import ModelArguments
+
+    dlm = adapted_with_saved_base(tmp_path)
+    record = ModelArguments(load_in_4bit=True).quantization_record() if HAS_BNB else {
+        "method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    dlm.config.base_model_source = {**dlm.config.base_model_source, "quantization": record}
+    dlm.save_pretrained(tmp_path / "qlora")
+    dlm.config.base_model_source.pop("quantization")
+    dlm.save_pretrained(tmp_path / "dlm")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ImportError, match=r"load_in_4bit needs bitsandbytes.*pip install 'llm2diff\[qlora\]'"):
+        load(tmp_path / "qlora")
+    assert not load(tmp_path / "qlora", quantize=False).config.base_model_source.get("quantization")
+    with pytest.raises(ValueError, match="records none"):
+        load(tmp_path / "dlm", quantize=True)
