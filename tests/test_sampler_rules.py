@@ -256,11 +256,15 @@ def test_merging_the_trained_mask_row_for_inference_is_exact_and_reversible():
     with torch.no_grad():
         layer.trainable_tokens_delta["default"].normal_()  # a trained mask row, unlike the base row
     before = layer.base_layer.weight.detach().clone()
+    before_ptr = layer.base_layer.weight.data_ptr()
     canvas = torch.tensor([[5, 6, 7, dlm.config.mask_token_id, dlm.config.mask_token_id]])
     with torch.no_grad():
         reference = dlm.model(input_ids=canvas).logits
         with dlm.trained_token_rows_merged():
             assert layer.merged
+            assert layer.base_layer.weight.data_ptr() == before_ptr  # written in place, the matrix not copied
+            assert torch.equal(layer.base_layer.weight[dlm.config.mask_token_id],
+                               layer.trainable_tokens_delta["default"][0])
             merged = dlm.model(input_ids=canvas).logits
     assert torch.allclose(merged, reference, atol=1e-6)
     assert not layer.merged

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llm2diff.sampling.rules import suppress_ids
-from llm2diff.sampling.sampler import BlockContext
+from llm2diff.sampling.sampler import BlockContext, embedding_weight, stored_weight
 
 # Generation-config options that would change `generate`'s greedy choice and that lossless mode does not replay.
 UNSUPPORTED_GENERATION_OPTIONS = ("sequence_bias", "no_repeat_ngram_size", "bad_words_ids", "min_length",
@@ -85,7 +85,7 @@ class LosslessOutput:
 def parent_suppressed_ids(dlm) -> list[int]:
     """Ids the parent never emits here: the mask token and embedding rows beyond the tokenizer (spare rows)."""
     head = dlm.model.get_output_embeddings()
-    rows = (head if head is not None else dlm.model.get_input_embeddings()).weight.shape[0]
+    rows = (stored_weight(head) if head is not None else embedding_weight(dlm.model)).shape[0]
     first_spare = dlm.config.vocab_size if dlm.config.vocab_size is not None else rows
     return sorted({dlm.config.mask_token_id, *range(first_spare, rows)})
 

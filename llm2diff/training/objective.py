@@ -104,8 +104,11 @@ def noise_layout(
 
 
 def _embedding_weight(model) -> torch.Tensor:
-    """The input embedding matrix, also through a DistributedDataParallel wrapper (whose forward must be used)."""
-    return getattr(model, "module", model).get_input_embeddings().weight
+    """The input embedding matrix as stored (for its dtype and device), also through a DistributedDataParallel
+    wrapper (whose forward must be used) and PEFT's trainable-token wrapper (whose `.weight` builds a copy)."""
+    from llm2diff.sampling.sampler import embedding_weight
+
+    return embedding_weight(getattr(model, "module", model))
 
 
 def attn_implementation(model) -> str | None:
