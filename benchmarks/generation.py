@@ -35,6 +35,8 @@ SETTINGS = [
     ("threshold 0.7 + correction", {"commit_rule": "threshold", "threshold": 0.7, "remask_threshold": 0.3,
                                     "remask_budget": 1}),
     ("one step per block", {"max_steps_per_block": 1}),
+    ("threshold 0.7 + correction, LoRA merged", {"commit_rule": "threshold", "threshold": 0.7, "remask_threshold": 0.3,
+                                                 "remask_budget": 1, "merge_lora": True}),
 ]
 
 

@@ -81,9 +81,13 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
     s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--merge-lora", action="store_true",
+                   help="fold the LoRA into the base weights while sampling (faster passes; a second copy of the "
+                        "adapted weights in memory; not on a quantized base)")
     s.add_argument("--lossless", action="store_true",
                    help="exactly the AR parent's greedy output, drafted by the diffusion model and verified by the "
-                        "parent (needs a LoRA model; the diffusion sampler flags above do not apply)")
+                        "parent (without an adapter the parent is loaded from the recorded base; the diffusion "
+                        "sampler flags above do not apply)")
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -91,12 +95,13 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     if args.lossless:
         given = [f"--{name.replace('_', '-')}" for name in DIFFUSION_FLAGS if getattr(args, name) is not None]
         given += ["--no-cache"] if args.no_cache else []
+        given += ["--merge-lora"] if args.merge_lora else []
         if given:
             raise ValueError(f"--lossless returns the AR parent's greedy output, so {', '.join(given)} "
                              f"{'does' if len(given) == 1 else 'do'} not apply: leave {'it' if len(given) == 1 else 'them'} out")
         return {"lossless": True, "stop_strings": args.stop}
     return {**{name: getattr(args, name) for name in DIFFUSION_FLAGS}, "stop_strings": args.stop,
-            "use_cache": not args.no_cache, "seed": args.seed}
+            "use_cache": not args.no_cache, "seed": args.seed, "merge_lora": args.merge_lora}
 
 
 def _generate_parser() -> argparse.ArgumentParser:

@@ -131,10 +131,16 @@ def test_sampler_flags_reach_generate(model_dir, capsys, monkeypatch):
     for name in ("commit_rule", "entropy_bound", "sub_block_size", "max_steps_per_block", "remask_threshold",
                  "remask_budget", "threshold", "tokens_per_step", "temperature"):
         assert defaults[name] is None, name  # left out: the model's saved setting
-    code, _, _ = generate(model_dir, capsys, "--commit-rule", "entropy", "--entropy-bound", "0.5", "--sub-block-size",
-                          "2", "--max-steps-per-block", "3", "--remask-threshold", "0.25", "--remask-budget", "1")
+    assert defaults["merge_lora"] is False
+    code, out, _ = generate(model_dir, capsys, "--commit-rule", "entropy", "--entropy-bound", "0.5", "--sub-block-size",
+                            "2", "--max-steps-per-block", "3", "--remask-threshold", "0.25", "--remask-budget", "1")
     assert code == 0
     given = seen.pop()
+    code, merged_out, _ = generate(model_dir, capsys, "--commit-rule", "entropy", "--entropy-bound", "0.5",
+                                   "--sub-block-size", "2", "--max-steps-per-block", "3", "--remask-threshold", "0.25",
+                                   "--remask-budget", "1", "--merge-lora")
+    assert code == 0 and seen.pop()["merge_lora"] is True
+    assert merged_out == out  # the same answer with the LoRA folded in
     assert {name: given[name] for name in ("commit_rule", "entropy_bound", "sub_block_size", "max_steps_per_block",
                                            "remask_threshold", "remask_budget")} == {
         "commit_rule": "entropy", "entropy_bound": 0.5, "sub_block_size": 2, "max_steps_per_block": 3,
@@ -182,9 +188,10 @@ def test_lossless_prints_the_parent_greedy_answer(model_dir, dlm, capsys):
 
 
 def test_lossless_refuses_diffusion_flags(model_dir, capsys):
-    code, _, err = generate(model_dir, capsys, "--lossless", "--temperature", "0.7", "--max-steps-per-block", "1")
+    code, _, err = generate(model_dir, capsys, "--lossless", "--temperature", "0.7", "--max-steps-per-block", "1",
+                            "--merge-lora")
     assert code == 2
-    assert ("--lossless returns the AR parent's greedy output, so --max-steps-per-block, --temperature do not "
-            "apply: leave them out") in err
+    assert ("--lossless returns the AR parent's greedy output, so --max-steps-per-block, --temperature, "
+            "--merge-lora do not apply: leave them out") in err
     code, _, err = generate(model_dir, capsys, "--lossless", "--stream")
     assert code == 2 and "it cannot --stream, --show-steps or --save-trajectory" in err

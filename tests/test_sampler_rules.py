@@ -311,3 +311,29 @@ def test_library_defaults_instead_of_saved_ones(dlm):
     plain = dlm.generate(PROMPTS, MASK, max_new_tokens=8, use_saved_defaults=False)
     assert saved.remasked > 0 and saved.tokens_per_step[0] == 4
     assert plain.remasked == 0 and plain.tokens_per_step == [2] * 8  # 1 token per step, no correction
+
+
+def test_generating_with_the_lora_merged_gives_the_same_tokens_and_restores_the_weights_exactly():
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4,
+                lora=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    before = {n: p.detach().clone() for n, p in dlm.model.named_parameters()}
+    for kwargs in ({}, {"threshold": 0.3}, {"commit_rule": "entropy", "entropy_bound": 1.0}):
+        plain = dlm.generate(PROMPTS, MASK, max_new_tokens=10, **kwargs)
+        merged = dlm.generate(PROMPTS, MASK, max_new_tokens=10, merge_lora=True, **kwargs)
+        assert torch.equal(merged.sequences, plain.sequences), kwargs
+        assert merged.nfe == plain.nfe
+    canvas = torch.tensor([[5, 6, 7, dlm.config.mask_token_id, dlm.config.mask_token_id]])
+    with torch.no_grad():
+        reference = dlm.model(input_ids=canvas).logits
+        with dlm.lora_merged():
+            layers = [m for m in dlm.model.modules() if isinstance(m, LoraLayer)]
+            assert layers and all(m.merged for m in layers)
+            assert (dlm.model(input_ids=canvas).logits - reference).abs().max() < 1e-5
+    assert not any(m.merged for m in layers)
+    for name, param in dlm.model.named_parameters():  # bit for bit: the AR parent is untouched
+        assert torch.equal(param, before[name]), name
+    with dlm.ar_parent() as parent, torch.no_grad():
+        assert not torch.allclose(parent(input_ids=canvas).logits, reference, atol=1e-3)
