@@ -129,7 +129,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", default=None, help="comma-separated setting names to run (default: all)")
+    parser.add_argument("--only", default=None,
+                        help="setting names to run, separated by ';' (names hold commas), e.g. "
+                             "'threshold 0.7;one step per block' (default: all)")
     parser.add_argument("--skip-lengths", action="store_true")
     parser.add_argument("--skip-lossless", action="store_true")
     args = parser.parse_args()
@@ -145,7 +147,11 @@ def main() -> None:
     print(f"model {args.model} (block size {dlm.config.block_size}), {len(problems)} built-in problems, "
           f"max_new_tokens {args.max_new_tokens}, {args.threads} thread(s), "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}", flush=True)
-    settings = SETTINGS if not args.only else [s for s in SETTINGS if s[0] in args.only.split(",")]
+    wanted = [name.strip() for name in (args.only or "").split(";") if name.strip()]
+    unknown = [name for name in wanted if name not in dict(SETTINGS)]
+    if unknown:
+        parser.error(f"unknown setting(s) {unknown}; known: {'; '.join(name for name, _ in SETTINGS)}")
+    settings = [s for s in SETTINGS if s[0] in wanted] if wanted else SETTINGS
     table, lossless_rows = [], []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         common = {"max_new_tokens": args.max_new_tokens, "batch_size": batch}
