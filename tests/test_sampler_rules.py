@@ -337,3 +337,15 @@ def test_generating_with_the_lora_merged_gives_the_same_tokens_and_restores_the_
         assert torch.equal(param, before[name]), name
     with dlm.ar_parent() as parent, torch.no_grad():
         assert not torch.allclose(parent(input_ids=canvas).logits, reference, atol=1e-3)
+    # the merged weights are kept and swapped in again; an adapter change (a training step) rebuilds them
+    with dlm.lora_merged():
+        kept = {id(m): m.get_base_layer().weight.data_ptr() for m in layers}
+    with dlm.lora_merged():
+        assert all(m.get_base_layer().weight.data_ptr() == kept[id(m)] for m in layers)
+    with torch.no_grad():
+        layers[0].lora_B["default"].weight.add_(1.0)
+        moved = dlm.model(input_ids=canvas).logits
+        with dlm.lora_merged():
+            assert layers[0].get_base_layer().weight.data_ptr() != kept[id(layers[0])]
+            assert all(m.get_base_layer().weight.data_ptr() == kept[id(m)] for m in layers[1:])
+            assert (dlm.model(input_ids=canvas).logits - moved).abs().max() < 1e-4

@@ -170,13 +170,16 @@ class DiffusionLM:
 
     @contextlib.contextmanager
     def lora_merged(self) -> Iterator[None]:
-        """Context for inference in which the LoRA deltas are folded into the base weights (PEFT's `merge`).
+        """Context for inference in which the LoRA deltas are folded into the base weights.
 
         A merged layer runs one matrix product instead of three (base, A, B), which at small batches is a large
-        share of a forward pass. The base weights are copied first and put back on leaving, so the AR parent
-        (adapter off) stays exactly the parent: PEFT's own `unmerge` subtracts the delta again, which leaves
-        float rounding behind. Costs a second copy of the adapted weights while it runs. Not for training, and
-        not on a quantized base (the quantized weights cannot hold the deltas). No-op without an adapter.
+        share of a forward pass. The merged weights are built once (PEFT's `merge(safe_merge=True)`, which writes a
+        new tensor and leaves the original alone) and kept, so later calls only swap tensors in and out; they are
+        rebuilt when an adapter weight has changed since (e.g. training in between). On leaving, the original
+        weights are put back untouched, so the AR parent (adapter off) stays exactly the parent (PEFT's `unmerge`
+        would subtract the delta again and leave float rounding behind). Costs a second copy of the adapted weights
+        for as long as this `DiffusionLM` lives. Not on a quantized base (its weights cannot hold the deltas); no-op
+        without an adapter.
         """
         from peft.tuners.lora import LoraLayer
 
@@ -186,16 +189,29 @@ class DiffusionLM:
                              "(llm2diff export --merge)")
         layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and not m.merged
                   and not m.disable_adapters]
-        originals = []
+        if not hasattr(self, "_merged_lora"):
+            self._merged_lora: dict[int, tuple] = {}
+        swapped = []
         try:
             for layer in layers:
                 base = layer.get_base_layer()
-                bias = base.bias.data.clone() if getattr(base, "bias", None) is not None else None  # lora_bias
-                originals.append((base.weight.data.clone(), bias))
-                layer.merge()
+                original = (base.weight.data, base.bias.data if getattr(base, "bias", None) is not None else None)
+                key = _lora_state_key(layer, original[0])
+                cached = self._merged_lora.get(id(layer))
+                swapped.append((layer, original))
+                if cached is not None and cached[0] == key:
+                    base.weight.data = cached[1]
+                    if cached[2] is not None:
+                        base.bias.data = cached[2]
+                    layer.merged_adapters.extend(a for a in layer.active_adapters if a in layer.lora_A)
+                else:
+                    layer.merge(safe_merge=True)  # new tensors: the originals stay as they are
+                    changed = original[1] is not None and base.bias.data_ptr() != original[1].data_ptr()
+                    bias = base.bias.data if changed else None  # lora_bias: merged into the bias too
+                    self._merged_lora[id(layer)] = (key, base.weight.data, bias)
             yield
         finally:
-            for layer, (weight, bias) in zip(layers, originals):
+            for layer, (weight, bias) in swapped:
                 base = layer.get_base_layer()
                 base.weight.data = weight
                 if bias is not None:
@@ -261,8 +277,8 @@ class DiffusionLM:
         runs the model through `torch.compile` (compiled once per DiffusionLM, reused by later calls): the GPU
         options for steady-state speed; on FlashAttention models the block passes need no mask at all.
         `merge_lora` folds the LoRA deltas into the base weights for this call (`lora_merged`: one linear per
-        layer instead of three, about 17% faster per pass on SmolLM2 on a CPU; a second copy of the adapted
-        weights while it runs; the same tokens up to float rounding).
+        layer instead of three, about 17% faster per pass on SmolLM2 on a CPU; the merged weights are built on the
+        first call and kept, a second copy of the adapted weights; the same tokens up to float rounding).
         `lossless=True` returns exactly the AR parent's greedy output, drafted by the diffusion model and checked
         by the parent (`llm2diff.sampling.lossless`); the other sampling options do not apply then.
 
@@ -546,6 +562,18 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
     if not is_trainable:
         model.eval()
     return DiffusionLM(model, tokenizer, config, significance=load_significance(path))
+
+
+def _lora_state_key(layer, weight: torch.Tensor) -> tuple:
+    """What a LoRA layer's merged weight depends on: the base weight and the active adapters' A and B (storage
+    and in-place version counters, which optimizer steps advance), and the scaling."""
+    parts = [weight.data_ptr(), weight._version]
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            for module in (layer.lora_A[name], layer.lora_B[name]):
+                parts += [(p.data_ptr(), p._version) for p in module.parameters()]
+            parts.append(layer.scaling[name])
+    return tuple(parts)
 
 
 def _quantization_to_apply(path: Path, config: DiffusionConfig, quantize: bool | dict | None,
