@@ -95,11 +95,10 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     if args.lossless:
         given = [f"--{name.replace('_', '-')}" for name in DIFFUSION_FLAGS if getattr(args, name) is not None]
         given += ["--no-cache"] if args.no_cache else []
-        given += ["--merge-lora"] if args.merge_lora else []
         if given:
             raise ValueError(f"--lossless returns the AR parent's greedy output, so {', '.join(given)} "
                              f"{'does' if len(given) == 1 else 'do'} not apply: leave {'it' if len(given) == 1 else 'them'} out")
-        return {"lossless": True, "stop_strings": args.stop}
+        return {"lossless": True, "stop_strings": args.stop, "merge_lora": args.merge_lora}
     return {**{name: getattr(args, name) for name in DIFFUSION_FLAGS}, "stop_strings": args.stop,
             "use_cache": not args.no_cache, "seed": args.seed, "merge_lora": args.merge_lora}
 

@@ -185,13 +185,14 @@ def test_lossless_prints_the_parent_greedy_answer(model_dir, dlm, capsys):
     assert out == (f"### prompt 0: {PROMPT}\n{text}\n\n[{int(expected.num_new_tokens[0])} new tokens in 1 rows, "
                    f"lossless: {expected.mean_accepted_length:.2f} draft tokens accepted per verification, "
                    f"{expected.nfe_draft} draft + {expected.nfe_verify} verify forward passes, block size 4]\n")
+    code, merged, _ = generate(model_dir, capsys, "--lossless", "--merge-lora")
+    assert code == 0 and merged == out  # drafting with the LoRA folded in: the same parent output
 
 
 def test_lossless_refuses_diffusion_flags(model_dir, capsys):
-    code, _, err = generate(model_dir, capsys, "--lossless", "--temperature", "0.7", "--max-steps-per-block", "1",
-                            "--merge-lora")
+    code, _, err = generate(model_dir, capsys, "--lossless", "--temperature", "0.7", "--max-steps-per-block", "1")
     assert code == 2
-    assert ("--lossless returns the AR parent's greedy output, so --max-steps-per-block, --temperature, "
-            "--merge-lora do not apply: leave them out") in err
+    assert ("--lossless returns the AR parent's greedy output, so --max-steps-per-block, --temperature do not "
+            "apply: leave them out") in err
     code, _, err = generate(model_dir, capsys, "--lossless", "--stream")
     assert code == 2 and "it cannot --stream, --show-steps or --save-trajectory" in err

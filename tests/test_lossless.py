@@ -335,3 +335,17 @@ def test_train_with_self_distill(tmp_path, monkeypatch, capsys):
     assert "self-distillation: 4 responses from the AR parent" in capsys.readouterr().out
     assert len(list((tmp_path / "cache" / "self_distill").glob("*/meta.json"))) == 1
 
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_drafting_with_the_lora_merged_keeps_the_output_and_the_parent_exact(arch):
+    dlm = make_dlm(arch, 4)
+    set_eos(dlm, None)
+    before = {n: p.detach().clone() for n, p in dlm.model.named_parameters()}
+    plain = lossless_generate(dlm, PROMPTS, MASK, max_new_tokens=NEW)
+    merged = lossless_generate(dlm, PROMPTS, MASK, max_new_tokens=NEW, merge_lora=True)
+    assert torch.equal(merged.sequences, dlm.ar_generate(PROMPTS, MASK, max_new_tokens=NEW))
+    assert torch.equal(merged.sequences, plain.sequences)
+    assert merged.accepted_lengths == plain.accepted_lengths  # the same drafts, up to float rounding
+    for name, param in dlm.model.named_parameters():
+        assert torch.equal(param, before[name]), name

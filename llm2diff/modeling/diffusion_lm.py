@@ -291,7 +291,7 @@ class DiffusionLM:
             from llm2diff.sampling.lossless import lossless_generate
 
             return lossless_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                     stop_strings=stop_strings)
+                                     stop_strings=stop_strings, merge_lora=merge_lora)
         prefix_len = 0
         if response_prefix is not None:
             if not isinstance(response_prefix, torch.Tensor) or response_prefix.dim() != 2 \

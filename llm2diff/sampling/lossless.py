@@ -35,6 +35,7 @@ out, shaped as `generate` shapes it. NFE counts every forward pass, summed over 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -133,12 +134,15 @@ class BlockDrafter:
     positions; `accept(tokens)` extends it and commits every block that becomes full.
     """
 
-    def __init__(self, dlm, prompt: torch.Tensor, draft_steps: int = 1):
+    def __init__(self, dlm, prompt: torch.Tensor, draft_steps: int = 1, merge_lora: bool = False):
         config = dlm.config
         self.block_size, self.shift, self.steps = config.block_size, config.shift, draft_steps
         self.mask_token_id, self.vocab_size = config.mask_token_id, config.vocab_size
         self.device = prompt.device
-        self.ctx = BlockContext(dlm.model, prompt, torch.ones_like(prompt), config.block_size, shift=config.shift)
+        # drafting passes with the LoRA folded in (kept merged weights swapped in per call: no copy per round)
+        self.weights = dlm.lora_merged if merge_lora and dlm.has_adapter else contextlib.nullcontext
+        with self.weights():
+            self.ctx = BlockContext(dlm.model, prompt, torch.ones_like(prompt), config.block_size, shift=config.shift)
         self.block: list[int] = []
         self.accepted = 0  # response tokens accepted so far
 
@@ -152,6 +156,10 @@ class BlockDrafter:
 
     def draft(self, length: int) -> torch.Tensor:
         """`(length,)` draft tokens for the open block's next `length` positions (1 <= length <= open_positions)."""
+        with self.weights():
+            return self._draft(length)
+
+    def _draft(self, length: int) -> torch.Tensor:
         size, fixed, device = self.block_size, len(self.block), self.device
         canvas = torch.full((1, size), self.mask_token_id, dtype=torch.long, device=device)
         canvas[0, :fixed] = torch.tensor(self.block, dtype=torch.long, device=device)
@@ -178,7 +186,8 @@ class BlockDrafter:
         self.accepted += len(tokens)
         while len(self.block) >= self.block_size:
             full, self.block = self.block[: self.block_size], self.block[self.block_size :]
-            self.ctx.commit(torch.tensor([full], dtype=torch.long, device=self.device), run_model=True)
+            with self.weights():
+                self.ctx.commit(torch.tensor([full], dtype=torch.long, device=self.device), run_model=True)
 
 
 class ParentVerifier:
@@ -264,7 +273,7 @@ class StopRule:
 @torch.no_grad()
 def lossless_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       max_new_tokens: int = 256, stop_strings: list[str] | str | None = None, draft_steps: int = 1,
-                      tokenizer=None) -> LosslessOutput:
+                      tokenizer=None, merge_lora: bool = False) -> LosslessOutput:
     """Exactly the AR parent's greedy output, drafted by the diffusion adapter and verified by the parent.
 
     Args:
@@ -277,6 +286,9 @@ def lossless_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
         stop_strings: stop a row after the token that completes one of these strings (as `generate` does).
         draft_steps: denoising passes per draft (1: fill every drafted position at once).
         tokenizer: for the stop strings; default `dlm.tokenizer`.
+        merge_lora: draft with the LoRA folded into the weights (`dlm.lora_merged`: faster draft passes, a second
+            copy of the adapted weights); the parent's passes run on the original weights, so the output is the
+            same.
 
     Returns:
         a `LosslessOutput`: `sequences` equal to `dlm.ar_generate(input_ids, attention_mask, max_new_tokens)`
@@ -303,7 +315,7 @@ def lossless_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
     try:
         with dlm.trained_token_rows_merged():  # the mask row in place once, not rebuilt every pass
             for row, keep in zip(input_ids, attention_mask.bool()):
-                drafter = BlockDrafter(dlm, row[keep][None], draft_steps)
+                drafter = BlockDrafter(dlm, row[keep][None], draft_steps, merge_lora=merge_lora)
                 verifier = ParentVerifier(dlm, row[keep][None], processors)
                 new = _decode_row(drafter, verifier, stops, row, max_new_tokens, accepted_lengths)
                 rows.append(new)
