@@ -81,7 +81,7 @@ def length_scaling(dlm, data_args, problem, lengths, settings) -> list[tuple[int
     return rows
 
 
-def lossless_row(dlm, problems, data_args, max_new_tokens: int) -> dict:
+def lossless_row(dlm, problems, data_args, max_new_tokens: int, merge_lora: bool = False) -> dict:
     """Parent greedy `generate` and lossless mode on the same prompts, one at a time: speed and equality."""
     from llm2diff.evaluation.exact_match import left_pad
     from llm2diff.training.data import render_example
@@ -96,7 +96,7 @@ def lossless_row(dlm, problems, data_args, max_new_tokens: int) -> dict:
         parent = dlm.ar_generate(ids, mask, max_new_tokens=max_new_tokens)
         parent_s += time.perf_counter() - start
         start = time.perf_counter()
-        out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, lossless=True)
+        out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, lossless=True, merge_lora=merge_lora)
         lossless_s += time.perf_counter() - start
         identical += int(same_tokens(parent, out.sequences))
         tokens += int(out.num_new_tokens.sum())
@@ -104,7 +104,8 @@ def lossless_row(dlm, problems, data_args, max_new_tokens: int) -> dict:
         verify += out.nfe_verify
     recipe = (dlm.config.training or {}).get("recipe", {})
     name = "self-distilled" if recipe.get("self_distill") else "quickstart"
-    return {"model": f"{name} drafter, block {dlm.config.block_size}",
+    merged = ", LoRA merged" if merge_lora else ""
+    return {"model": f"{name} drafter, block {dlm.config.block_size}{merged}",
             "parent_tps": tokens / parent_s, "lossless_tps": tokens / lossless_s, "ratio": parent_s / lossless_s,
             "mean_accepted": sum(accepted) / max(len(accepted), 1), "verify_per_token": verify / max(tokens, 1),
             "identical": identical, "rows": len(problems)}
@@ -168,7 +169,8 @@ def main() -> None:
                   flush=True)
         if batch == 1 and not args.skip_lossless:
             for drafter in [dlm] + ([load(args.lossless_model)] if args.lossless_model else []):
-                lossless_rows.append(lossless_row(drafter, problems, data_args, args.max_new_tokens))
+                for merge in (False, True):
+                    lossless_rows.append(lossless_row(drafter, problems, data_args, args.max_new_tokens, merge))
 
     print("\n| batch | sampler | accuracy | tokens/s | ratio to AR parent | NFE/token |")
     print("|---|---|---|---|---|---|")
