@@ -204,8 +204,10 @@ def diffusion_token_logps(
     logps = torch.zeros(batch, width, device=device, dtype=torch.float32)
     entropy = torch.zeros(batch, width, device=device, dtype=torch.float32) if return_entropy else None
     if not bool(select.any()):  # nothing to score: zeros still connected to the graph
-        zero = _embedding_weight(model).sum() * 0.0
-        logps = logps + zero
+        # (through a trainable parameter: the stored embedding is frozen under LoRA)
+        trainable = next((p for p in model.parameters() if p.requires_grad), None)
+        if trainable is not None:
+            logps = logps + trainable.sum() * 0.0
         return (logps, entropy) if return_entropy else logps
     logits = layout_logits(model, stacked, input_ids, select)
     rows, cols = select.nonzero(as_tuple=True)
