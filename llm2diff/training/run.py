@@ -108,6 +108,10 @@ def provenance(recipe: dict[str, Any], seed: int) -> dict[str, Any]:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+_ARC_FINAL_EVAL = ("final_eval grades '#### N' answers, not the ARC grids of {}: set final_eval_samples: 0 and "
+                   "evaluate with `llm2diff eval --config eval/arc_agi_1.yaml`")
+
+
 def run_train(model_args: ModelArguments, data_args, train_args, eval_args: FinalEvalArguments,
               recipe: dict[str, Any], train_rows=None, init_model: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run one training job from parsed recipe dataclasses. Returns a summary (paths, metrics, final eval).
@@ -118,9 +122,11 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
     """
     from transformers import set_seed
 
-    from llm2diff.training.data import load_train_eval, tokenize_dataset
+    from llm2diff.training.data import is_arc_builtin, load_train_eval, tokenize_dataset
     from llm2diff.training.trainer import DiffusionSFTTrainer
 
+    if train_rows is None and is_arc_builtin(data_args.dataset_name) and eval_args.final_eval_samples > 0:
+        raise RecipeError(_ARC_FINAL_EVAL.format(data_args.dataset_name))  # before hours of training, not after
     set_seed(train_args.seed)
     if init_model is not None:
         dlm = continue_from(init_model, model_args, train_args)
@@ -144,7 +150,7 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
             max_length=train_args.max_length, device=train_args.device, show_progress=not train_args.disable_tqdm)
     if eval_ds is None and train_args.eval_strategy != "no":
         raise RecipeError(f"eval_strategy={train_args.eval_strategy!r} needs held-out data: set eval_split or "
-                          "eval_fraction (the built-in task has its own test split)")
+                          "eval_fraction (builtin:arithmetic has its own test split)")
     if eval_ds is not None and train_args.eval_strategy == "no":
         eval_ds = None
     significance = None
@@ -247,8 +253,10 @@ def final_eval(dlm, data_args, eval_args: FinalEvalArguments, output_dir: str) -
     """Grade held-out problems with the diffusion model and its untuned AR parent; write final_eval.json."""
     from llm2diff.atomic import write_json_atomic
     from llm2diff.evaluation.exact_match import compare_with_parent, format_report
-    from llm2diff.training.data import is_builtin_dataset, load_raw_dataset
+    from llm2diff.training.data import is_arc_builtin, is_builtin_dataset, load_raw_dataset
 
+    if is_arc_builtin(data_args.dataset_name):
+        raise RecipeError(_ARC_FINAL_EVAL.format(data_args.dataset_name))
     if is_builtin_dataset(data_args.dataset_name):
         problems = list(load_raw_dataset(data_args, "test"))
     elif data_args.eval_split:
