@@ -124,8 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="outputs/quickstart")
     parser.add_argument("--twin", default="outputs/quickstart-ar-twin", help="the AR twin (block size 1); skipped if absent")
-    parser.add_argument("--lossless-model", default=None, help="a self-distilled adapter for lossless mode "
-                        "(default: --model)")
+    parser.add_argument("--lossless-model", default=None, help="the drafter for lossless mode, e.g. a "
+                        "self-distilled adapter (default: --model)")
     parser.add_argument("--problems", type=int, default=40)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -168,7 +168,7 @@ def main() -> None:
             print(f"  batch {batch} {name}: {result.tokens_per_second:.1f} tokens/s, accuracy {result.accuracy:.0%}",
                   flush=True)
         if batch == 1 and not args.skip_lossless:
-            for drafter in [dlm] + ([load(args.lossless_model)] if args.lossless_model else []):
+            for drafter in [load(args.lossless_model) if args.lossless_model else dlm]:
                 for merge in (False, True):
                     lossless_rows.append(lossless_row(drafter, problems, data_args, args.max_new_tokens, merge))
 
