@@ -123,9 +123,12 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
 
 def compare_with_parent(dlm, problems: list[dict], data_args, compare_parent: bool = True,
                         threshold: float | None = None, **kwargs) -> list[EvalResult]:
-    """The diffusion model with `tokens_per_step` per step, again with `threshold` if given, then the AR parent."""
+    """The diffusion model with `tokens_per_step` per step, again with `threshold` if given, then the AR parent.
+
+    An AR twin (block size 1) is graded once: with one position per block, a threshold decodes exactly as 1/step.
+    """
     results = [evaluate_answers(dlm, problems, data_args, **kwargs)]
-    if threshold is not None:
+    if threshold is not None and dlm.config.block_size > 1:
         results.append(evaluate_answers(dlm, problems, data_args, threshold=threshold, **kwargs))
     if compare_parent:  # without an adapter the parent is loaded from the recorded base (`dlm.ar_parent`)
         results.append(evaluate_answers(dlm, problems, data_args, use_parent=True, **kwargs))
