@@ -53,8 +53,9 @@ def problems_for(dlm, count: int):
     return list(load_raw_dataset(data_args, "test")), data_args
 
 
-def length_scaling(dlm, data_args, problem, lengths, settings) -> list[tuple[int, float, float]]:
-    """Seconds for each length with end-of-sequence ignored, for the AR parent and the sampler."""
+def length_scaling(dlm, data_args, problem, lengths, settings) -> list[tuple[int, float, float, float]]:
+    """Seconds for each length with end-of-sequence ignored, for the AR parent and the sampler, and the sampler's
+    forward passes per token."""
     import torch
 
     from llm2diff.evaluation.exact_match import left_pad
@@ -74,7 +75,7 @@ def length_scaling(dlm, data_args, problem, lengths, settings) -> list[tuple[int
             out = dlm.generate(ids, mask, max_new_tokens=n, **settings)
             dif = time.perf_counter() - start
             assert int(out.num_new_tokens[0]) == n
-            rows.append((n, ar, dif))
+            rows.append((n, ar, dif, out.nfe / n))
     finally:
         type(dlm).eos_token_ids = eos
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -190,12 +191,13 @@ def main() -> None:
     if not args.skip_lengths:
         best = dict(SETTINGS)["threshold 0.7"]
         rows = length_scaling(dlm, data_args, problems[0], (128, 256, 512), best)
-        print("\n| new tokens (eos ignored) | AR parent s | diffusion (threshold 0.7) s | diffusion time / previous |")
-        print("|---|---|---|---|")
+        print("\n| new tokens (eos ignored) | AR parent s | diffusion (threshold 0.7) s | diffusion time / previous | "
+              "diffusion NFE/token |")
+        print("|---|---|---|---|---|")
         previous = None
-        for n, ar, dif in rows:
+        for n, ar, dif, nfe in rows:
             growth = "-" if previous is None else f"{dif / previous:.2f}x"
-            print(f"| {n} | {ar:.2f} | {dif:.2f} | {growth} |")
+            print(f"| {n} | {ar:.2f} | {dif:.2f} | {growth} | {nfe:.3f} |")
             previous = dif
 
 
