@@ -81,6 +81,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
     s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--no-saved-defaults", action="store_true",
+                   help="ignore the sampler settings saved with the model: a flag left out takes the library "
+                        "default (1 token per step, most confident first, no threshold or correction)")
     s.add_argument("--merge-lora", action="store_true",
                    help="fold the LoRA into the base weights while sampling (faster passes; a second copy of the "
                         "adapted weights in memory; not on a quantized base)")
@@ -94,13 +97,15 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     """`DiffusionLM.generate` keyword arguments from the sampler flags (None: the model's saved default)."""
     if args.lossless:
         given = [f"--{name.replace('_', '-')}" for name in DIFFUSION_FLAGS if getattr(args, name) is not None]
-        given += ["--no-cache"] if args.no_cache else []
+        given += [flag for flag, on in (("--no-cache", args.no_cache), ("--no-saved-defaults", args.no_saved_defaults))
+                  if on]
         if given:
             raise ValueError(f"--lossless returns the AR parent's greedy output, so {', '.join(given)} "
                              f"{'does' if len(given) == 1 else 'do'} not apply: leave {'it' if len(given) == 1 else 'them'} out")
         return {"lossless": True, "stop_strings": args.stop, "merge_lora": args.merge_lora}
     return {**{name: getattr(args, name) for name in DIFFUSION_FLAGS}, "stop_strings": args.stop,
-            "use_cache": not args.no_cache, "seed": args.seed, "merge_lora": args.merge_lora}
+            "use_cache": not args.no_cache, "seed": args.seed, "merge_lora": args.merge_lora,
+            "use_saved_defaults": not args.no_saved_defaults}
 
 
 def _generate_parser() -> argparse.ArgumentParser:

@@ -196,3 +196,19 @@ def test_lossless_refuses_diffusion_flags(model_dir, capsys):
             "apply: leave them out") in err
     code, _, err = generate(model_dir, capsys, "--lossless", "--stream")
     assert code == 2 and "it cannot --stream, --show-steps or --save-trajectory" in err
+
+
+def test_no_saved_defaults_ignores_the_sampler_saved_with_the_model(model_dir, dlm, capsys, tmp_path):
+    ids = prompt_ids(dlm, PROMPT)
+    capped = dlm.generate(ids, max_new_tokens=NEW, seed=0, max_steps_per_block=1)
+    free = dlm.generate(ids, max_new_tokens=NEW, seed=0)
+    saved = load(model_dir)
+    saved.config.max_steps_per_block = 1  # as a recipe's sampler_max_steps_per_block saves it
+    saved.save_pretrained(tmp_path / "capped")
+    code, out, _ = generate(tmp_path / "capped", capsys)
+    assert code == 0 and f"{capped.nfe} forward passes of the batch" in out
+    code, out, _ = generate(tmp_path / "capped", capsys, "--no-saved-defaults")
+    assert code == 0 and f"{free.nfe} forward passes of the batch" in out and answer(dlm, free, ids) in out
+    assert capped.nfe < free.nfe
+    code, _, err = generate(tmp_path / "capped", capsys, "--no-saved-defaults", "--lossless")
+    assert code == 2 and "--no-saved-defaults does not apply" in err
