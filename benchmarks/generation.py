@@ -82,7 +82,7 @@ def length_scaling(dlm, data_args, problem, lengths, settings) -> list[tuple[int
     return rows
 
 
-def lossless_row(dlm, problems, data_args, max_new_tokens: int, merge_lora: bool = False) -> dict:
+def lossless_row(dlm, problems, data_args, max_new_tokens: int, merge_lora: bool = False, parent_tail: int = 0) -> dict:
     """Parent greedy `generate` and lossless mode on the same prompts, one at a time: speed and equality."""
     from llm2diff.evaluation.exact_match import left_pad
     from llm2diff.training.data import render_example
@@ -97,7 +97,8 @@ def lossless_row(dlm, problems, data_args, max_new_tokens: int, merge_lora: bool
         parent = dlm.ar_generate(ids, mask, max_new_tokens=max_new_tokens)
         parent_s += time.perf_counter() - start
         start = time.perf_counter()
-        out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, lossless=True, merge_lora=merge_lora)
+        out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, lossless=True, merge_lora=merge_lora,
+                           parent_tail=parent_tail)
         lossless_s += time.perf_counter() - start
         identical += int(same_tokens(parent, out.sequences))
         tokens += int(out.num_new_tokens.sum())
@@ -106,7 +107,8 @@ def lossless_row(dlm, problems, data_args, max_new_tokens: int, merge_lora: bool
     recipe = (dlm.config.training or {}).get("recipe", {})
     name = "self-distilled" if recipe.get("self_distill") else "quickstart"
     merged = ", LoRA merged" if merge_lora else ""
-    return {"model": f"{name} drafter, block {dlm.config.block_size}{merged}",
+    tail = f", parent tail {parent_tail}" if parent_tail else ""
+    return {"model": f"{name} drafter, block {dlm.config.block_size}{merged}{tail}",
             "parent_tps": tokens / parent_s, "lossless_tps": tokens / lossless_s, "ratio": parent_s / lossless_s,
             "mean_accepted": sum(accepted) / max(len(accepted), 1), "verify_per_token": verify / max(tokens, 1),
             "identical": identical, "rows": len(problems)}
@@ -136,6 +138,11 @@ def main() -> None:
                              "'threshold 0.7;one step per block' (default: all)")
     parser.add_argument("--skip-lengths", action="store_true")
     parser.add_argument("--skip-lossless", action="store_true")
+    parser.add_argument("--skip-diffusion", action="store_true",
+                        help="only the lossless rows (and the length rows unless --skip-lengths)")
+    parser.add_argument("--parent-tails", default="0,2",
+                        help="lossless rows for each parent_tail value (the parent decodes a block's last N "
+                             "positions alone), comma-separated")
     args = parser.parse_args()
 
     import torch
@@ -157,13 +164,15 @@ def main() -> None:
     table, lossless_rows = [], []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         common = {"max_new_tokens": args.max_new_tokens, "batch_size": batch}
-        base = evaluate_answers(dlm, problems, data_args, use_parent=True, name="AR parent (greedy generate)", **common)
-        table.append((batch, base, base))
-        if Path(args.twin).is_dir():
+        if not args.skip_diffusion:
+            base = evaluate_answers(dlm, problems, data_args, use_parent=True, name="AR parent (greedy generate)",
+                                    **common)
+            table.append((batch, base, base))
+        if Path(args.twin).is_dir() and not args.skip_diffusion:
             twin = load(args.twin)
             table.append((batch, evaluate_answers(twin, problems, data_args, name="AR twin (block 1)", **common), base))
             del twin
-        for name, kwargs in settings:
+        for name, kwargs in ([] if args.skip_diffusion else settings):
             result = evaluate_answers(dlm, problems, data_args, name=f"diffusion: {name}", **{**common, **kwargs})
             table.append((batch, result, base))
             print(f"  batch {batch} {name}: {result.tokens_per_second:.1f} tokens/s, accuracy {result.accuracy:.0%}",
@@ -171,7 +180,9 @@ def main() -> None:
         if batch == 1 and not args.skip_lossless:
             for drafter in [load(args.lossless_model) if args.lossless_model else dlm]:
                 for merge in (False, True):
-                    lossless_rows.append(lossless_row(drafter, problems, data_args, args.max_new_tokens, merge))
+                    for tail in (int(t) for t in args.parent_tails.split(",")):
+                        lossless_rows.append(lossless_row(drafter, problems, data_args, args.max_new_tokens, merge,
+                                                          tail))
 
     print("\n| batch | sampler | accuracy | tokens/s | ratio to AR parent | NFE/token |")
     print("|---|---|---|---|---|---|")

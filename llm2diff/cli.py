@@ -91,6 +91,10 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    help="exactly the AR parent's greedy output, drafted by the diffusion model and verified by the "
                         "parent (without an adapter the parent is loaded from the recorded base; the diffusion "
                         "sampler flags above do not apply)")
+    s.add_argument("--parent-tail", type=int, default=0, metavar="N",
+                   help="with --lossless: when the open block has at most N positions left, the parent decodes them "
+                        "itself, one per pass, instead of a draft pass over the whole block (2 is faster on a CPU; "
+                        "default 0: always draft)")
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -102,7 +106,10 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
         if given:
             raise ValueError(f"--lossless returns the AR parent's greedy output, so {', '.join(given)} "
                              f"{'does' if len(given) == 1 else 'do'} not apply: leave {'it' if len(given) == 1 else 'them'} out")
-        return {"lossless": True, "stop_strings": args.stop, "merge_lora": args.merge_lora}
+        return {"lossless": True, "stop_strings": args.stop, "merge_lora": args.merge_lora,
+                "parent_tail": args.parent_tail}
+    if args.parent_tail:
+        raise ValueError("--parent-tail applies to --lossless decoding only")
     return {**{name: getattr(args, name) for name in DIFFUSION_FLAGS}, "stop_strings": args.stop,
             "use_cache": not args.no_cache, "seed": args.seed, "merge_lora": args.merge_lora,
             "use_saved_defaults": not args.no_saved_defaults}
@@ -200,7 +207,8 @@ def cmd_generate(argv: list[str]) -> int:
     new = int(out.num_new_tokens.sum())
     if args.lossless:
         print(f"\n[{new} new tokens in {len(args.prompt)} rows, lossless: {out.mean_accepted_length:.2f} draft "
-              f"tokens accepted per verification, {out.nfe_draft} draft + {out.nfe_verify} verify forward passes, "
+              f"tokens accepted per verification, {out.nfe_draft} draft + {out.nfe_verify} verify forward passes"
+              f"{f' ({out.parent_steps} of them the parent alone)' if out.parent_steps else ''}, "
               f"block size {c.block_size}]")
     else:
         row_passes = int(out.nfe_per_row.sum())

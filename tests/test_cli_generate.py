@@ -187,6 +187,13 @@ def test_lossless_prints_the_parent_greedy_answer(model_dir, dlm, capsys):
                    f"{expected.nfe_draft} draft + {expected.nfe_verify} verify forward passes, block size 4]\n")
     code, merged, _ = generate(model_dir, capsys, "--lossless", "--merge-lora")
     assert code == 0 and merged == out  # drafting with the LoRA folded in: the same parent output
+    code, tail, _ = generate(model_dir, capsys, "--lossless", "--parent-tail", "2")
+    expected = lossless.lossless_generate(dlm, ids, max_new_tokens=NEW, parent_tail=2)
+    assert torch.equal(expected.sequences, greedy) and expected.parent_steps > 0
+    assert code == 0 and tail == (
+        f"### prompt 0: {PROMPT}\n{text}\n\n[{int(expected.num_new_tokens[0])} new tokens in 1 rows, lossless: "
+        f"{expected.mean_accepted_length:.2f} draft tokens accepted per verification, {expected.nfe_draft} draft + "
+        f"{expected.nfe_verify} verify forward passes ({expected.parent_steps} of them the parent alone), block size 4]\n")
 
 
 def test_lossless_refuses_diffusion_flags(model_dir, capsys):
@@ -196,6 +203,10 @@ def test_lossless_refuses_diffusion_flags(model_dir, capsys):
             "apply: leave them out") in err
     code, _, err = generate(model_dir, capsys, "--lossless", "--stream")
     assert code == 2 and "it cannot --stream, --show-steps or --save-trajectory" in err
+    code, _, err = generate(model_dir, capsys, "--parent-tail", "2")
+    assert code == 2 and "--parent-tail applies to --lossless decoding only" in err
+    code, _, err = generate(model_dir, capsys, "--lossless", "--parent-tail", "4")
+    assert code == 2 and "parent_tail must be in [0, block size) = [0, 4), got 4" in err
 
 
 def test_no_saved_defaults_ignores_the_sampler_saved_with_the_model(model_dir, dlm, capsys, tmp_path):

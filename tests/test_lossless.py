@@ -54,7 +54,8 @@ def plant_eos(dlm, free: torch.Tensor, row: int = 0) -> int:
 
 
 def check_accounting(out) -> None:
-    assert out.nfe_verify == len(out.accepted_lengths)  # one parent pass per verification round
+    # one parent pass per verification round, and one per token the parent decoded alone (parent_tail)
+    assert out.nfe_verify == len(out.accepted_lengths) + out.parent_steps
     assert out.nfe == out.nfe_draft + out.nfe_verify
     # a round yields its accepted draft tokens plus the parent's token, unless the row stops inside it
     assert sum(out.accepted_lengths) <= int(out.num_new_tokens.sum()) <= sum(out.accepted_lengths) + out.nfe_verify
@@ -119,6 +120,40 @@ def test_acceptance_counts_with_oracle_drafts(monkeypatch, block_size, wrong_at,
     assert out.accepted_lengths == expected
     assert out.nfe_verify == len(expected)
     assert out.mean_accepted_length == pytest.approx(sum(expected) / len(expected))
+
+
+@pytest.mark.parametrize("block_size,wrong_at,parent_tail,expected,parent_steps", [
+    (4, {2}, 1, [2, 4, 3], 1),          # 3 tokens, the last position alone, then 5 and the last 4 by drafts
+    (4, {2}, 2, [2, 4, 3], 1),
+    (4, {1}, 2, [1, 4, 3], 2),          # 2 tokens, 2 alone, then 5, then 3 open: drafted (3 > 2)
+    (8, {6}, 2, [6, 5], 1),             # 7 tokens, the 8th alone, then the last 5 drafted (max_new_tokens)
+    (4, set(), 2, [4, 3, 3], 0),        # every round ends mid-block with 3 open: drafted, never alone
+])
+def test_parent_decodes_the_tail_of_a_block_alone(monkeypatch, block_size, wrong_at, parent_tail, expected,
+                                                   parent_steps):
+    dlm = make_dlm("qwen3", block_size)
+    set_eos(dlm, None)
+    prompt = PROMPTS[:1]
+    reference = dlm.ar_generate(prompt, max_new_tokens=NEW)
+    monkeypatch.setattr(lossless.BlockDrafter, "draft", _oracle(reference[0, prompt.shape[1]:], wrong_at))
+    out = lossless_generate(dlm, prompt, max_new_tokens=NEW, parent_tail=parent_tail)
+    assert torch.equal(out.sequences, reference)
+    assert out.accepted_lengths == expected
+    assert out.parent_steps == parent_steps
+    check_accounting(out)
+
+
+@pytest.mark.parametrize("block_size,parent_tail", [(4, 1), (4, 3), (8, 2)])
+def test_parent_tail_keeps_the_parents_greedy_output(block_size, parent_tail):
+    dlm = make_dlm("llama", block_size)
+    set_eos(dlm, None)
+    free = dlm.ar_generate(PROMPTS, MASK, max_new_tokens=NEW)
+    out = lossless_generate(dlm, PROMPTS, MASK, max_new_tokens=NEW, parent_tail=parent_tail)
+    assert torch.equal(out.sequences, free)
+    assert out.parent_steps > 0
+    check_accounting(out)
+    with pytest.raises(ValueError, match=r"parent_tail must be in \[0, block size\) = \[0, 4\), got 4"):
+        lossless_generate(make_dlm("qwen3", 4), PROMPTS, MASK, max_new_tokens=NEW, parent_tail=4)
 
 
 def test_accepted_tokens_after_a_stop_are_not_counted(monkeypatch):

@@ -252,6 +252,7 @@ class DiffusionLM:
         remask_threshold: float | None = None, remask_budget: int | None = None, fuse_commit: bool = True,
         drop_finished: bool = True, streamer=None, record_trajectory: bool = False, lossless: bool = False,
         static_cache: bool = False, compile: bool = False, use_saved_defaults: bool = True, merge_lora: bool = False,
+        parent_tail: int = 0,
     ) -> GenerateOutput:
         """Sample block by block (see `llm2diff.sampling.sampler`). Batches must be left-padded.
 
@@ -280,7 +281,8 @@ class DiffusionLM:
         layer instead of three, about 17% faster per pass on SmolLM2 on a CPU; the merged weights are built on the
         first call and kept, a second copy of the adapted weights; the same tokens up to float rounding).
         `lossless=True` returns exactly the AR parent's greedy output, drafted by the diffusion model and checked
-        by the parent (`llm2diff.sampling.lossless`); the other sampling options do not apply then.
+        by the parent (`llm2diff.sampling.lossless`); the other sampling options do not apply then, and
+        `parent_tail` (lossless only) lets the parent decode the last positions of a block alone.
 
         Returns a `GenerateOutput` with `sequences` (prompt plus new tokens, pad after a row stopped) and `nfe`.
         """
@@ -291,7 +293,9 @@ class DiffusionLM:
             from llm2diff.sampling.lossless import lossless_generate
 
             return lossless_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                     stop_strings=stop_strings, merge_lora=merge_lora)
+                                     stop_strings=stop_strings, merge_lora=merge_lora, parent_tail=parent_tail)
+        if parent_tail:
+            raise ValueError("parent_tail applies to lossless decoding only (lossless=True)")
         prefix_len = 0
         if response_prefix is not None:
             if not isinstance(response_prefix, torch.Tensor) or response_prefix.dim() != 2 \
