@@ -292,6 +292,14 @@ def test_generate_lossless_flag_is_this_function():
     out = dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, lossless=True)
     assert torch.equal(out.sequences, reference)
     assert out.nfe_verify == len(out.accepted_lengths)
+    tail = dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, lossless=True, parent_tail=2)
+    expected = lossless_generate(dlm, PROMPTS, MASK, max_new_tokens=NEW, parent_tail=2)
+    assert torch.equal(tail.sequences, reference)
+    assert (tail.accepted_lengths, tail.parent_steps) == (expected.accepted_lengths, expected.parent_steps)
+    with pytest.raises(ValueError, match=r"parent_tail applies to lossless decoding only \(lossless=True\)"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, parent_tail=2)
+    with pytest.raises(ValueError, match=r"parent_tail must be in \[0, block size\) = \[0, 4\), got -1"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, lossless=True, parent_tail=-1)
 
 
 # -- self-distillation: training responses from the AR parent itself ---------------------------------------------
