@@ -128,7 +128,8 @@ def elbo_samples(
     n = len(continuation)
     num_blocks = -(-n // block_size)
     response = continuation + [int(filler)] * (num_blocks * block_size - n)
-    layout = build_layout([context], [response], block_size, pad_id=int(pad_id), shift=cfg.shift)
+    layout = build_layout([context], [response], block_size, pad_id=int(pad_id), shift=cfg.shift,
+                          causal_clean=cfg.causal_clean)
     model = dlm.model
     device = _device(model)
 

@@ -4,11 +4,14 @@ Every token carries a *segment* (prompt, clean response, noisy response, padding
 (response block number; -1 for the prompt). The visibility rules of the method:
 
     prompt token   sees  prompt tokens at or before it                      (causal, as the AR parent reads it)
-    clean token    sees  the whole prompt, clean tokens of its own and earlier blocks
+    clean token    sees  the whole prompt, clean tokens of its own and earlier blocks (with `causal_clean`: of
+                         earlier blocks, and of its own block only those at or before it)
     noisy token    sees  the whole prompt, clean tokens of strictly earlier blocks, noisy tokens of its own block
     padding        sees  only itself                                        (no fully masked rows)
 
-Clean never sees noisy. The same function builds the training mask for the `[x_0 ; x_t]` layout and the mask the
+Clean never sees noisy. `causal_clean` (a model's `clean_attention: causal`) reads the clean response causally,
+exactly as the AR parent reads it: the clean stream is then a plain causal LM over prompt and response (it carries
+an AR loss for free in training), and the sampler commits a finished block with a causal pass. The same function builds the training mask for the `[x_0 ; x_t]` layout and the mask the
 sampler uses when it recomputes without a cache, so training and inference agree by construction.
 
 Masks are boolean `(batch, q_len, kv_len)` (True = may attend); `to_additive_mask` turns one into the float
@@ -32,7 +35,7 @@ ATTN_BACKENDS = ("auto", "sdpa", "eager", "flex")
 
 
 def block_diffusion_mask(segment: torch.Tensor, block: torch.Tensor,
-                         document: torch.Tensor | None = None) -> torch.Tensor:
+                         document: torch.Tensor | None = None, causal_clean: bool = False) -> torch.Tensor:
     """Visibility of a block-diffusion sequence.
 
     Args:
@@ -40,10 +43,12 @@ def block_diffusion_mask(segment: torch.Tensor, block: torch.Tensor,
         block: `(batch, L)` int, the response block index of each position (ignored for PROMPT and PAD).
         document: optional `(batch, L)` int, the example each position belongs to in a packed row; attention stays
             inside a document. None = one example per row.
+        causal_clean: a clean token sees the clean tokens of its own block only up to itself (sequence order).
 
     Returns:
         `(batch, L, L)` bool, entry `[b, i, j]` True when position i may attend to position j. Causality inside the
-        prompt follows the sequence order, so prompt tokens must come first, in order (within each document).
+        prompt (and, with `causal_clean`, inside a clean block) follows the sequence order, so prompt tokens must
+        come first, in order (within each document), and each clean block in order.
     """
     if segment.shape != block.shape or segment.dim() != 2:
         raise ValueError(f"segment and block must both be (batch, L); got {tuple(segment.shape)} and {tuple(block.shape)}")
@@ -55,7 +60,8 @@ def block_diffusion_mask(segment: torch.Tensor, block: torch.Tensor,
     causal = idx[None, :, None] >= idx[None, None, :]
 
     prompt_rows = (q_seg == PROMPT) & k_prompt & causal
-    clean_rows = (q_seg == CLEAN) & (k_prompt | ((k_seg == CLEAN) & (k_blk <= q_blk)))
+    own_block = (k_blk == q_blk) & causal if causal_clean else k_blk == q_blk
+    clean_rows = (q_seg == CLEAN) & (k_prompt | ((k_seg == CLEAN) & ((k_blk < q_blk) | own_block)))
     noisy_rows = (q_seg == NOISY) & (
         k_prompt | ((k_seg == CLEAN) & (k_blk < q_blk)) | ((k_seg == NOISY) & (k_blk == q_blk))
     )
@@ -67,19 +73,20 @@ def block_diffusion_mask(segment: torch.Tensor, block: torch.Tensor,
 
 
 def block_diffusion_mask_mod(segment: torch.Tensor, block: torch.Tensor,
-                             document: torch.Tensor | None = None) -> Callable:
+                             document: torch.Tensor | None = None, causal_clean: bool = False) -> Callable:
     """`block_diffusion_mask` as a flex_attention `mask_mod(b, h, q_idx, kv_idx) -> bool` closure.
 
     The same rules, read per (query, key) pair from the `(batch, L)` tensors, so flex never needs the dense mask.
     Evaluated on the full index grid (`torch.nn.attention.flex_attention.create_mask`) it equals
-    `block_diffusion_mask(segment, block, document)[:, None]`.
+    `block_diffusion_mask(segment, block, document, causal_clean)[:, None]`.
     """
     def mask_mod(b, h, q_idx, kv_idx):
         q_seg, k_seg = segment[b, q_idx], segment[b, kv_idx]
         q_blk, k_blk = block[b, q_idx], block[b, kv_idx]
         k_prompt = k_seg == PROMPT
         prompt_rows = (q_seg == PROMPT) & k_prompt & (q_idx >= kv_idx)
-        clean_rows = (q_seg == CLEAN) & (k_prompt | ((k_seg == CLEAN) & (k_blk <= q_blk)))
+        own_block = (k_blk == q_blk) & (q_idx >= kv_idx) if causal_clean else k_blk == q_blk
+        clean_rows = (q_seg == CLEAN) & (k_prompt | ((k_seg == CLEAN) & ((k_blk < q_blk) | own_block)))
         noisy_rows = (q_seg == NOISY) & (
             k_prompt | ((k_seg == CLEAN) & (k_blk < q_blk)) | ((k_seg == NOISY) & (k_blk == q_blk))
         )
@@ -158,7 +165,7 @@ def to_additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def cached_block_mask(key_valid: torch.Tensor, query_len: int, dtype: torch.dtype,
-                      block_size: int | None = None) -> torch.Tensor:
+                      block_size: int | None = None, causal_blocks: int = 0) -> torch.Tensor:
     """Mask for new blocks run against a KV cache: every query sees every valid cached key, its own block whole,
     and the new blocks before its own (block-causal across the new blocks).
 
@@ -168,6 +175,8 @@ def cached_block_mask(key_valid: torch.Tensor, query_len: int, dtype: torch.dtyp
         block_size: the new positions form consecutive blocks of this size (default: one block of `query_len`).
             The sampler's fused pass runs [just-finished clean block ; next noisy block]: the clean block must
             not see the noisy one (clean never sees noisy), the noisy one sees the clean one.
+        causal_blocks: the first this many new blocks read themselves causally (clean blocks of a model with
+            `clean_attention: causal`).
 
     Returns:
         `(batch, 1, query_len, past_len + query_len)` additive float mask.
@@ -175,6 +184,10 @@ def cached_block_mask(key_valid: torch.Tensor, query_len: int, dtype: torch.dtyp
     batch, device = key_valid.shape[0], key_valid.device
     block_id = torch.arange(query_len, device=device) // (block_size or query_len)
     new = block_id[None, :] <= block_id[:, None]  # (query, key) among the new positions
+    if causal_blocks:
+        idx = torch.arange(query_len, device=device)
+        in_causal_block = (block_id[:, None] == block_id[None, :]) & (block_id[:, None] < causal_blocks)
+        new = new & ~(in_causal_block & (idx[None, :] > idx[:, None]))
     past = key_valid.bool()[:, None, :].expand(batch, query_len, key_valid.shape[1])
     allowed = torch.cat([past, new[None].expand(batch, -1, -1)], dim=-1)
     return to_additive_mask(allowed, dtype)

@@ -17,6 +17,7 @@ from typing import Any
 from llm2diff.atomic import write_json_atomic
 
 CONFIG_NAME = "diffusion_config.json"
+CLEAN_ATTENTION = ("block", "causal")
 
 
 @dataclass
@@ -32,6 +33,9 @@ class DiffusionConfig:
             (spare embedding rows) and the mask id are never sampled.
         shift: token shift: the hidden state at position i-1 predicts token i, as in the AR parent. The first token
             of a block is predicted from the clean last position before the block.
+        clean_attention: how finished (clean) blocks read themselves: "block" (bidirectionally, as the noisy block
+            does) or "causal" (as the AR parent reads them; the clean stream is then a causal LM, trainable with an
+            AR loss, and the sampler commits a block with a causal pass).
         noise_schedule: name of the noise schedule ("linear": a token is masked with probability t).
         t_min, t_max: the window noise levels t are drawn from, per block.
         loss_weighting: "elbo" (the schedule's ELBO weight, 1/t for linear), "mean" (weight 1) or "cart" (Dream's
@@ -56,6 +60,7 @@ class DiffusionConfig:
     mask_token_id: int | None = None
     vocab_size: int | None = None
     shift: bool = True
+    clean_attention: str = "block"
     noise_schedule: str = "linear"
     t_min: float = 1e-3
     t_max: float = 1.0
@@ -86,8 +91,14 @@ class DiffusionConfig:
         validate_block_size(self.block_size)
         if not 0.0 <= self.t_min <= self.t_max <= 1.0:
             raise ValueError(f"noise window must satisfy 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
+        if self.clean_attention not in CLEAN_ATTENTION:
+            raise ValueError(f"clean_attention must be one of {', '.join(CLEAN_ATTENTION)}, got {self.clean_attention!r}")
         if self.loss_weighting not in ("elbo", "mean", "cart"):
             raise ValueError(f"loss_weighting must be 'elbo', 'mean' or 'cart', got {self.loss_weighting!r}")
+
+    @property
+    def causal_clean(self) -> bool:
+        return self.clean_attention == "causal"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

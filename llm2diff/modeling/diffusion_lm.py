@@ -336,7 +336,7 @@ class DiffusionLM:
         settings = SamplerSettings(
             block_size=c.block_size, mask_token_id=c.mask_token_id, eos_token_ids=self.eos_token_ids,
             pad_token_id=self.tokenizer.pad_token_id, vocab_size=c.vocab_size, shift=c.shift,
-            max_new_tokens=max_new_tokens, temperature=default(temperature, "temperature"), top_k=top_k, top_p=top_p,
+            causal_clean=c.causal_clean, max_new_tokens=max_new_tokens, temperature=default(temperature, "temperature"), top_k=top_k, top_p=top_p,
             threshold=default(threshold, "threshold"), tokens_per_step=default(tokens_per_step, "tokens_per_step"),
             stop_strings=tuple(stop_strings or ()), use_cache=use_cache, seed=seed, commit_rule=commit_rule,
             significance=significance, significance_weight=default(significance_weight, "significance_weight"),

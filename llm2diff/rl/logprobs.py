@@ -109,7 +109,7 @@ def diffusion_token_logps(
     completion_mask: torch.Tensor, block_size: int, mask_token_id: int, pad_token_id: int, shift: bool = True,
     estimator: str = "one_pass", mask_prompt_prob: float = 0.0, seed: int | Sequence[int] = 0,
     t: float | None = None, t_range: tuple[float, float] = (0.0, 1.0), temperature: float = 1.0,
-    return_entropy: bool = False, entropy_grad: bool = True,
+    return_entropy: bool = False, entropy_grad: bool = True, causal_clean: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of the completion tokens under the block-diffusion model.
 
@@ -118,7 +118,7 @@ def diffusion_token_logps(
         prompt_ids, prompt_mask: `(B, P)` prompts, padded on either side (mask 1 = real token).
         completion_ids, completion_mask: `(B, T)` completions, right-padded (mask 1 = token to score). Tokens past
             the last 1 of a row are dropped.
-        block_size, mask_token_id, shift: the model's diffusion settings (`DiffusionConfig`).
+        block_size, mask_token_id, shift, causal_clean: the model's diffusion settings (`DiffusionConfig`).
         pad_token_id: id written at layout padding.
         estimator: "one_pass" (d1) or "coupled" (DiffuCoder); see the module docstring.
         mask_prompt_prob: probability of replacing each prompt token by the mask token (d1's prompt masking).
@@ -159,7 +159,7 @@ def diffusion_token_logps(
         resp = completion_ids[b, : lengths[b]].tolist()
         resp += [pad_token_id] * (-len(resp) % block_size)
         responses.append(resp)
-    layout = build_layout(prompts, responses, block_size, pad_token_id, shift)
+    layout = build_layout(prompts, responses, block_size, pad_token_id, shift, causal_clean=causal_clean)
     rmax = layout.target.shape[1]
     valid = torch.zeros(batch, rmax, dtype=torch.bool)  # completion tokens to score
     for b in range(batch):

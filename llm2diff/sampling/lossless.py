@@ -145,7 +145,8 @@ class BlockDrafter:
         # drafting passes with the LoRA folded in (kept merged weights swapped in per call: no copy per round)
         self.weights = dlm.lora_merged if merge_lora and dlm.has_adapter else contextlib.nullcontext
         with self.weights():
-            self.ctx = BlockContext(dlm.model, prompt, torch.ones_like(prompt), config.block_size, shift=config.shift)
+            self.ctx = BlockContext(dlm.model, prompt, torch.ones_like(prompt), config.block_size, shift=config.shift,
+                                    causal_clean=config.causal_clean)
         self.block: list[int] = []
         self.accepted = 0  # response tokens accepted so far
 

@@ -88,6 +88,7 @@ class SamplerSettings:
     pad_token_id: int
     vocab_size: int | None = None
     shift: bool = True
+    causal_clean: bool = False  # committed blocks read themselves causally (a model with clean_attention: causal)
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_k: int | None = None
@@ -171,11 +172,16 @@ class BlockContext:
 
     On FlashAttention the block passes use no 4D mask: the new block attends to the whole (unpadded) cache and to
     itself with `is_causal=False`, which is exactly the block rule; fusion is then off (it needs a block-causal mask).
+
+    `causal_clean` (a model trained with `clean_attention: causal`): a committed block reads itself causally in the
+    pass that appends it (on FlashAttention through `is_causal=True`), as the training layout's clean stream does.
     """
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, block_size: int,
-                 shift: bool = True, use_cache: bool = True, fuse: bool = True, static_length: int | None = None):
+                 shift: bool = True, use_cache: bool = True, fuse: bool = True, static_length: int | None = None,
+                 causal_clean: bool = False):
         self.model, self.block_size, self.shift, self.use_cache = model, block_size, shift, use_cache
+        self.causal_clean = causal_clean
         self.flash = uses_flash_attention(model) and static_length is None
         self.static_length = static_length  # a fixed-size cache of this many slots (masks padded to it)
         self.fuse = fuse and use_cache and not self.flash
@@ -215,12 +221,16 @@ class BlockContext:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           past_key_values=cache, use_cache=cache is not None, logits_to_keep=keep, **kwargs).logits
 
-    def _block_forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: int, blocks: int = 1) -> torch.Tensor:
-        """Run `blocks` consecutive new blocks against the cache (block-causal among them); keys/values appended."""
-        if self.flash:
+    def _block_forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: int, blocks: int = 1,
+                       clean: int = 0) -> torch.Tensor:
+        """Run `blocks` consecutive new blocks against the cache (block-causal among them; the first `clean` of them
+        committed blocks); keys/values appended."""
+        causal_blocks = clean if self.causal_clean else 0
+        if self.flash:  # one block at a time here (no fusion): a clean one causal or block-wide, a noisy one block-wide
             keys = torch.cat([self.key_valid, torch.ones_like(ids, dtype=torch.bool)], dim=1).long()
-            return self._forward(ids, keys, positions, self.cache, keep=keep, is_causal=False)
-        mask = cached_block_mask(self.key_valid, ids.shape[1], self.dtype, block_size=ids.shape[1] // blocks)
+            return self._forward(ids, keys, positions, self.cache, keep=keep, is_causal=bool(causal_blocks))
+        mask = cached_block_mask(self.key_valid, ids.shape[1], self.dtype, block_size=ids.shape[1] // blocks,
+                                 causal_blocks=causal_blocks)
         if self.static_length is not None:  # attention spans every slot; the unwritten and stale ones are masked
             mask = torch.nn.functional.pad(mask, (0, self.static_length - mask.shape[-1]),
                                            value=torch.finfo(self.dtype).min)
@@ -236,7 +246,7 @@ class BlockContext:
             return
         block, positions = self.pending
         self.pending = None
-        self.last_logits = self._block_forward(block, positions, keep=1)[:, -1]
+        self.last_logits = self._block_forward(block, positions, keep=1, clean=1)[:, -1]
         self.key_valid = torch.cat([self.key_valid, torch.ones_like(block, dtype=torch.bool)], dim=1)
 
     def first_position_logits(self) -> torch.Tensor | None:
@@ -256,7 +266,7 @@ class BlockContext:
             self.pending = None
             logits = self._block_forward(torch.cat([block, canvas], dim=1),
                                          torch.cat([positions, self._block_positions()], dim=1),
-                                         keep=size + 1, blocks=2)
+                                         keep=size + 1, blocks=2, clean=1)
             self.cache.crop(-size)
             self.key_valid = torch.cat([self.key_valid, torch.ones_like(block, dtype=torch.bool)], dim=1)
             self.last_logits, logits = logits[:, 0], logits[:, 1:]
@@ -307,7 +317,7 @@ class BlockContext:
             _left_padded_positions(self.attention_mask),
             self.prompt_lens[:, None] + torch.arange(done + size, device=device),
         ], dim=1)
-        mask = to_additive_mask(block_diffusion_mask(segment, block), self.dtype)
+        mask = to_additive_mask(block_diffusion_mask(segment, block, causal_clean=self.causal_clean), self.dtype)
         logits = self._forward(ids, mask, positions, keep=size + 1)
         return logits[:, :-1] if self.shift else logits[:, 1:]
 
@@ -357,7 +367,7 @@ class BlockSampler:
             blocks = -(-((0 if response_prefix is None else response_prefix.shape[1]) + s.max_new_tokens) // s.block_size)
             static = input_ids.shape[1] + (blocks + 2) * s.block_size
         ctx = BlockContext(self.model, input_ids, attention_mask, s.block_size, s.shift, s.use_cache, s.fuse_commit,
-                           static_length=static)
+                           static_length=static, causal_clean=s.causal_clean)
         new_tokens = torch.full((batch, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         num_new = torch.zeros(batch, dtype=torch.long, device=device)

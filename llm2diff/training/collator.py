@@ -31,6 +31,7 @@ class BlockDiffusionCollator:
     shift: bool = True
     packing: bool = False
     max_length: int | None = None  # layout tokens per packed row (a longer example keeps a row to itself)
+    causal_clean: bool = False  # the model reads clean blocks causally (clean_attention: causal)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         missing = [k for k in ("prompt_ids", "response_ids") if k not in features[0]]
@@ -46,7 +47,8 @@ class BlockDiffusionCollator:
         if self.packing:
             lengths = [layout_length(len(p), len(r), self.block_size, self.shift) for p, r in zip(prompts, responses)]
             rows = pack_rows(lengths, self.max_length or max(lengths))
-        layout = build_layout(prompts, responses, self.block_size, self.pad_token_id, self.shift, scores, rows)
+        layout = build_layout(prompts, responses, self.block_size, self.pad_token_id, self.shift, scores, rows,
+                              causal_clean=self.causal_clean)
         fields = vars(layout)
         # A per-example tensor first: the Trainer reads the batch size off the first tensor (eval loss averaging).
         return {"target": fields.pop("target"), **fields}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from llm2diff.modeling.attention import ATTN_BACKENDS
-from llm2diff.modeling.config import validate_block_size
+from llm2diff.modeling.config import CLEAN_ATTENTION, validate_block_size
 from llm2diff.noise.masking import NoiseSpec
 from llm2diff.noise.scorers import SCORERS
 
@@ -22,6 +22,13 @@ class DiffusionSFTConfig(SFTConfig):
 
     block_size: int = field(default=32, metadata={"help": "Tokens per block B (1 = causal-LM SFT, the AR twin)."})
     shift: bool = field(default=True, metadata={"help": "Token shift: position i-1 predicts token i (keeps the AR head)."})
+    clean_attention: str = field(default="block", metadata={
+        "help": "How finished blocks read themselves: 'block' (bidirectionally) or 'causal' (as the AR parent does; "
+                "the clean stream is then a causal LM, which ar_loss_weight trains, and the sampler commits a block "
+                "with a causal pass). Saved with the model."})
+    ar_loss_weight: float = field(default=0.0, metadata={
+        "help": "Add this times the AR loss of the causal clean stream (next-token cross-entropy on every response "
+                "token, from the same forward). Needs clean_attention 'causal'. 0 = off."})
     mask_token: str | None = field(default=None, metadata={
         "help": "Force this mask token; default: the tokenizer's, a known unused special token, a spare row, a new one."})
     noise_schedule: str = field(default="linear", metadata={
@@ -98,6 +105,19 @@ class DiffusionSFTConfig(SFTConfig):
         if self.eval_packing is not None and self.eval_packing != self.packing:
             raise ValueError("eval_packing cannot differ from packing here: one collator packs train and eval batches "
                              "(packing does not change the loss); leave eval_packing unset")
+        if self.clean_attention not in CLEAN_ATTENTION:
+            near = difflib.get_close_matches(self.clean_attention, CLEAN_ATTENTION, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"unknown clean_attention {self.clean_attention!r}; available: "
+                             f"{', '.join(CLEAN_ATTENTION)}.{hint}")
+        if self.ar_loss_weight < 0:
+            raise ValueError(f"ar_loss_weight must be >= 0, got {self.ar_loss_weight}")
+        if self.ar_loss_weight and self.clean_attention != "causal":
+            raise ValueError("ar_loss_weight needs clean_attention: causal (with block attention a clean token sees "
+                             "the token it would predict); set clean_attention: causal or ar_loss_weight: 0")
+        if self.ar_loss_weight and (self.block_size == 1 or not self.shift):
+            raise ValueError("ar_loss_weight needs block_size > 1 and shift: true (at block size 1 the diffusion loss "
+                             "already is the AR loss; without shift no position predicts the next token)")
         if self.loss_buckets < 1:
             raise ValueError(f"loss_buckets must be >= 1, got {self.loss_buckets}")
         if self.noise_order == "semantic" and not self.semantic_scorer:

@@ -47,6 +47,9 @@ class Layout:
     scores: optional `(batch, R)` significance of each response token (semantic noise); 0 at padding.
     document: `(rows, L)` example index within its row (-1 at padding), or None when every row holds one example.
     example_row: `(batch,)` the row each example sits in, or None when example i is row i.
+    clean_source_index: `(batch, R)` layout index, in the example's row, of the clean copy of response token j-1
+        (the last prompt token for j = 0): where a causal clean stream predicts token j (the AR loss).
+    causal_clean: the clean response reads itself causally (a model with `clean_attention: causal`).
     """
 
     input_ids: torch.Tensor
@@ -62,6 +65,8 @@ class Layout:
     scores: torch.Tensor | None = None
     document: torch.Tensor | None = None
     example_row: torch.Tensor | None = None
+    clean_source_index: torch.Tensor | None = None
+    causal_clean: bool = False
 
     @property
     def response_valid(self) -> torch.Tensor:
@@ -113,13 +118,14 @@ def pack_rows(lengths: list[int], capacity: int) -> list[int]:
 
 def build_layout(
     prompts: list[list[int]], responses: list[list[int]], block_size: int, pad_id: int, shift: bool = True,
-    scores: list[list[float]] | None = None, rows: list[int] | None = None,
+    scores: list[list[float]] | None = None, rows: list[int] | None = None, causal_clean: bool = False,
 ) -> Layout:
     """Build the training layout for a batch. Responses must already be padded to whole blocks.
 
     `scores` (optional) gives each response token's significance, one list per response of the same length.
     `rows` (optional) packs the batch: example i goes into layout row `rows[i]`, after the earlier examples of that
-    row (see `pack_rows`). Without it every example has its own row.
+    row (see `pack_rows`). Without it every example has its own row. `causal_clean`: the clean response is read
+    causally (recorded on the layout; the attention mask follows it).
     """
     if len(prompts) != len(responses) or not prompts:
         raise ValueError("build_layout needs the same, non-zero number of prompts and responses")
@@ -152,6 +158,7 @@ def build_layout(
     document = torch.full((num_rows, length), -1, dtype=torch.long)
     noisy_index = torch.full((batch, max_resp), -1, dtype=torch.long)
     source_index = torch.zeros((batch, max_resp), dtype=torch.long)
+    clean_source_index = torch.zeros((batch, max_resp), dtype=torch.long)
     target = torch.full((batch, max_resp), -100, dtype=torch.long)
     response_block = torch.full((batch, max_resp), -1, dtype=torch.long)
     docs_in_row = [0] * num_rows
@@ -184,6 +191,7 @@ def build_layout(
         else:
             source = noisy_idx
         noisy_index[b, :r], source_index[b, :r] = noisy_idx, source
+        clean_source_index[b, :r] = clean_idx - 1
         target[b, :r], response_block[b, :r] = resp, blocks
 
     score_tensor = None
@@ -195,4 +203,5 @@ def build_layout(
             score_tensor[b, : len(values)] = torch.tensor(values, dtype=torch.float)
     return Layout(input_ids, segment, block, position_ids, noisy_index, source_index, target, response_block,
                   noisy_copy, block_size, score_tensor, document=document if packed else None,
-                  example_row=torch.tensor(rows, dtype=torch.long) if packed else None)
+                  example_row=torch.tensor(rows, dtype=torch.long) if packed else None,
+                  clean_source_index=clean_source_index, causal_clean=causal_clean)

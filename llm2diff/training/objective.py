@@ -9,6 +9,10 @@ noise (schedule, window, order, complementary copies, weights and normalisation)
 `llm2diff.noise.masking`. During attention annealing the mask inside a block is partly causal (see
 `llm2diff.modeling.attention.anneal_block_mask`).
 
+With a causal clean stream (`clean_attention: causal`), the clean copy of the response is a plain causal LM over
+prompt and response, so the same forward also yields the AR loss (`ar_weight`): every clean position predicts the
+next response token, as the AR parent would, at the cost of the LM head on those positions only.
+
 The mask takes the form the model's current attention implementation needs: a float additive 4D mask for `sdpa`
 and `eager`, a flex_attention `BlockMask` for `flex_attention` (switch with `attention_implementation`). Packed
 layouts (several examples per row) run the same way; logits and loss are read per example.
@@ -49,6 +53,7 @@ class LossStats:
     token_loss: torch.Tensor
     num_masked: int
     num_response_tokens: int
+    ar_loss: torch.Tensor | None = None  # the AR term (mean cross-entropy per response token), when trained
 
 
 def _repeat_layout(layout: Layout, times: int) -> Layout:
@@ -143,9 +148,9 @@ def layout_attention_mask(layout: Layout, implementation: str | None, dtype: tor
     else a float additive `(rows, 1, L, L)` mask (honoured by sdpa and eager alike)."""
     annealing = anneal is not None and anneal < 1.0
     if implementation == "flex_attention" and not annealing:
-        mask_mod = block_diffusion_mask_mod(layout.segment, layout.block, layout.document)
+        mask_mod = block_diffusion_mask_mod(layout.segment, layout.block, layout.document, layout.causal_clean)
         return flex_block_mask(mask_mod, layout.segment.shape[0], layout.segment.shape[1], layout.segment.device)
-    allowed = block_diffusion_mask(layout.segment, layout.block, layout.document)
+    allowed = block_diffusion_mask(layout.segment, layout.block, layout.document, layout.causal_clean)
     if annealing:
         allowed = anneal_block_mask(allowed, layout.segment, layout.block, layout.position_ids, anneal, generator)
     if implementation == "flex_attention":  # the random annealed mask, read from the dense grid
@@ -155,45 +160,66 @@ def layout_attention_mask(layout: Layout, implementation: str | None, dtype: tor
 
 def layout_logits(
     model, layout: Layout, input_ids: torch.Tensor, select: torch.Tensor, anneal: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+    generator: torch.Generator | None = None, clean_select: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Logits that predict the selected response tokens.
 
     Args:
         select: `(batch, R)` bool, which response tokens to return predictions for.
         anneal: during attention annealing, the fraction of within-block later positions a token may see
             (None or 1 = the full block mask).
+        clean_select: optional `(batch, R)` bool: also return, from the same forward, the clean stream's
+            predictions of these tokens (read at `clean_source_index`).
 
     Returns:
-        `(num_selected, vocab)` logits, in `select.nonzero()` order.
+        `(num_selected, vocab)` logits, in `select.nonzero()` order; with `clean_select`, a pair (those, the clean
+        stream's `(num_clean_selected, vocab)` logits in `clean_select.nonzero()` order).
     """
     mask = layout_attention_mask(layout, attn_implementation(model), _embedding_weight(model).dtype, anneal,
                                  generator)
-    rows, cols = select.nonzero(as_tuple=True)
-    sources = layout.source_index[rows, cols]
-    keep = torch.unique(sources)
+    reads = [(select, layout.source_index)]
+    if clean_select is not None:
+        if layout.clean_source_index is None:
+            raise ValueError("clean_select needs a layout with clean_source_index (built by build_layout)")
+        reads.append((clean_select, layout.clean_source_index))
+    picks = []
+    for chosen, index in reads:
+        rows, cols = chosen.nonzero(as_tuple=True)
+        picks.append((layout.rows[rows], index[rows, cols]))
+    keep = torch.unique(torch.cat([sources for _, sources in picks]))
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=layout.position_ids, logits_to_keep=keep,
                 use_cache=False)
-    return out.logits[layout.rows[rows], torch.searchsorted(keep, sources)]
+    logits = [out.logits[rows, torch.searchsorted(keep, sources)] for rows, sources in picks]
+    return logits[0] if clean_select is None else (logits[0], logits[1])
 
 
 def diffusion_loss(
     model, layout: Layout, mask_token_id: int, t_min: float = 1e-3, t_max: float = 1.0, weighting: str = "elbo",
     schedule: str = "linear", generator: torch.Generator | None = None, spec: NoiseSpec | None = None,
-    anneal: float | None = None,
+    anneal: float | None = None, ar_weight: float = 0.0,
 ) -> tuple[torch.Tensor, LossStats]:
     """Noise the layout, run the model once, return the scalar loss and per-token statistics.
 
     `spec` gives the whole noise recipe; without it, plain per-block random noise with the given schedule, window
-    and weighting.
+    and weighting. `ar_weight` > 0 adds that times the AR loss of the causal clean stream (mean cross-entropy per
+    response token; needs a layout with `causal_clean`).
     """
+    if ar_weight and not (layout.causal_clean and layout.noisy_copy):
+        raise ValueError("the AR loss (ar_weight > 0) needs a causal clean stream: a model with clean_attention "
+                         "'causal' and block_size > 1 (at block size 1 the loss is already the AR loss)")
     if spec is None:
         spec = NoiseSpec(schedule=schedule, t_min=t_min, t_max=t_max, weighting=weighting)
     device = _embedding_weight(model).device
     layout = replace(layout, **{k: v.to(device) for k, v in vars(layout).items() if isinstance(v, torch.Tensor)})
     layout, ids, noise = apply_noise(layout, mask_token_id, spec, generator)
     masked = noise.masked
-    logits = layout_logits(model, layout, ids, masked, anneal, generator)
+    valid = noise.valid
+    if ar_weight:
+        original = layout.target.shape[0] // (2 if spec.complementary else 1)  # one copy of each example suffices
+        clean_select = valid & (torch.arange(valid.shape[0], device=device) < original)[:, None]
+        logits, clean_logits = layout_logits(model, layout, ids, masked, anneal, generator, clean_select)
+    else:
+        logits = layout_logits(model, layout, ids, masked, anneal, generator)
     ce = F.cross_entropy(logits.float(), layout.target[masked], reduction="none")
     token_loss = torch.zeros(masked.shape, device=device, dtype=ce.dtype)
     token_loss[masked] = ce
@@ -201,4 +227,8 @@ def diffusion_loss(
     weight = noise.weight if layout.noisy_copy else noise.valid.float()
     loss = reduce_loss(token_loss, weight, masked, noise.valid, normalization)
     stats = LossStats(noise.t[masked].detach(), ce.detach(), int(masked.sum()), int(noise.valid.sum()))
+    if ar_weight:
+        ar_loss = F.cross_entropy(clean_logits.float(), layout.target[clean_select])
+        loss = loss + ar_weight * ar_loss
+        stats.ar_loss = ar_loss.detach()
     return loss, stats

@@ -181,7 +181,8 @@ def adapt_base(model_args: ModelArguments, data_args, train_args):
     model, tokenizer, source = load_base_model(model_args, train_args)
     dlm = adapt(
         model, tokenizer, block_size=train_args.block_size, lora=model_args.lora_config(),
-        mask_token=train_args.mask_token, shift=train_args.shift, noise_schedule=train_args.noise_schedule,
+        mask_token=train_args.mask_token, shift=train_args.shift, clean_attention=train_args.clean_attention,
+        noise_schedule=train_args.noise_schedule,
         t_min=train_args.t_min, t_max=train_args.t_max, loss_weighting=train_args.loss_weighting,
         base_model_name_or_path=model_args.model_name_or_path, use_chat_template=data_args.use_chat_template,
         system_prompt=data_args.system_prompt, prompt_template=data_args.prompt_template,
@@ -218,6 +219,13 @@ def continue_from(path: str | os.PathLike, model_args: ModelArguments, train_arg
                           f"the recipe says block_size={train_args.block_size}, shift={train_args.shift}")
     if not dlm.has_adapter and model_args.use_lora:
         raise RecipeError(f"{path} is a full model (no adapter); set use_lora: false to continue training it")
+    if dlm.config.clean_attention != train_args.clean_attention:  # the model's attention layout decides
+        if train_args.ar_loss_weight and not dlm.config.causal_clean:
+            raise RecipeError(f"{path} reads clean blocks with {dlm.config.clean_attention!r} attention; "
+                              "ar_loss_weight needs a model trained with clean_attention: causal")
+        logger.info("%s reads clean blocks with %r attention; training continues with it", path,
+                    dlm.config.clean_attention)
+        train_args.clean_attention = dlm.config.clean_attention
     dlm.config.noise = train_args.noise_spec().to_dict()
     dlm.config.significance_scorer = train_args.semantic_scorer
     return dlm

@@ -36,6 +36,9 @@ class DiffusionSFTTrainer(SFTTrainer):
                  train_dataset=None, eval_dataset=None, significance: torch.Tensor | None = None, **kwargs):
         if diffusion_config.block_size != args.block_size:
             raise ValueError(f"block_size differs: model {diffusion_config.block_size}, recipe {args.block_size}")
+        if diffusion_config.clean_attention != args.clean_attention:
+            raise ValueError(f"clean_attention differs: model {diffusion_config.clean_attention!r}, recipe "
+                             f"{args.clean_attention!r}")
         self.diffusion_config = diffusion_config
         self.noise_spec = args.noise_spec()
         self.significance = significance  # per-token significance table, saved for the coarse-to-fine sampler
@@ -47,7 +50,7 @@ class DiffusionSFTTrainer(SFTTrainer):
         collator = BlockDiffusionCollator(
             block_size=args.block_size, eos_token_id=processing_class.eos_token_id,
             pad_token_id=processing_class.pad_token_id, shift=args.shift, packing=args.packing,
-            max_length=args.max_length,
+            max_length=args.max_length, causal_clean=diffusion_config.causal_clean,
         )
         # TRL's `packing` packs the tokenized dataset for padding-free FlashAttention; ours is the collator's.
         packing, args.packing = args.packing, False
@@ -81,7 +84,7 @@ class DiffusionSFTTrainer(SFTTrainer):
         # the eval loss is always taken under the final (block) attention mask
         anneal = args.anneal_fraction(self.state.global_step) if mode == "train" else None
         loss, stats = diffusion_loss(model, layout, self.diffusion_config.mask_token_id, spec=self.noise_spec,
-                                     anneal=anneal)
+                                     anneal=anneal, ar_weight=args.ar_loss_weight)
         if anneal is not None:
             self._metrics[mode]["attention_anneal"].append(anneal)
         self._log_loss_stats(mode, stats)
@@ -98,6 +101,8 @@ class DiffusionSFTTrainer(SFTTrainer):
         totals = torch.tensor([stats.num_masked, stats.num_response_tokens], device=device, dtype=torch.float)
         sums, counts, totals = (self.accelerator.gather_for_metrics(x[None]).sum(0) for x in (sums, counts, totals))
         self._metrics[mode]["masked_fraction"].append((totals[0] / totals[1].clamp(min=1)).item())
+        if stats.ar_loss is not None:
+            self._metrics[mode]["ar_loss"].append(self.accelerator.gather_for_metrics(stats.ar_loss[None]).mean().item())
         for b in range(buckets):
             if counts[b] > 0:
                 name = f"loss_t{b / buckets:.2f}-{(b + 1) / buckets:.2f}"

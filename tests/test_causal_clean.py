@@ -1,0 +1,224 @@
+"""`clean_attention: causal`: clean blocks read themselves causally, in training and in the sampler's commit pass.
+
+The invariants of the block layout hold again (training forward = cached inference, cache = recompute, fused =
+unfused commit), the clean stream is exactly the causal LM over prompt and response, and its AR loss rides on the
+diffusion forward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ARCHITECTURES, make_model, make_tokenizer
+from peft import LoraConfig
+
+from llm2diff import adapt, load
+from llm2diff.cli import main
+from llm2diff.modeling.attention import block_diffusion_mask, block_diffusion_mask_mod, cached_block_mask
+from llm2diff.modeling.config import DiffusionConfig
+from llm2diff.noise.masking import NoiseSpec
+from llm2diff.sampling.lossless import lossless_generate
+from llm2diff.sampling.sampler import BlockContext
+from llm2diff.training.config import DiffusionSFTConfig
+from llm2diff.training.layout import build_layout
+from llm2diff.training.objective import diffusion_loss, layout_logits
+
+CASES = [(arch, attn) for arch in ARCHITECTURES for attn in ("sdpa", "eager")]
+PROMPT = [5, 6, 7, 8, 9, 10, 11]
+RESPONSE = [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 2]  # 3 blocks of 4
+
+
+def test_mask_rules_by_hand():
+    layout = build_layout([[5, 6]], [[7, 8, 9, 10]], block_size=2, pad_id=0, causal_clean=True)
+    # layout: p0 p1 | c0 c1 c2 c3 | n0 n1 n2 n3; the clean rows are now causal, the noisy rows unchanged
+    allowed = block_diffusion_mask(layout.segment, layout.block, causal_clean=True)[0].int()
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 0, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 1, 1],
+        [1, 1, 1, 1, 0, 0, 0, 0, 1, 1],
+    ])
+    assert torch.equal(allowed, expected)
+    assert layout.causal_clean
+    assert layout.clean_source_index[0].tolist() == [1, 2, 3, 4]  # last prompt token, then clean token j-1
+
+
+def test_mask_mod_reproduces_the_causal_clean_mask():
+    from torch.nn.attention.flex_attention import create_mask
+
+    g = torch.Generator().manual_seed(0)
+    segment = torch.randint(0, 4, (3, 17), generator=g)
+    block = torch.randint(-1, 4, (3, 17), generator=g)
+    document = torch.randint(-1, 2, (3, 17), generator=g)
+    for doc in (None, document):
+        expected = block_diffusion_mask(segment, block, doc, causal_clean=True)[:, None]
+        got = create_mask(block_diffusion_mask_mod(segment, block, doc, causal_clean=True), 3, 1, 17, 17, device="cpu")
+        assert torch.equal(got, expected)
+        assert not torch.equal(expected, block_diffusion_mask(segment, block, doc)[:, None])
+
+
+def test_cached_mask_reads_the_clean_block_causally():
+    key_valid = torch.tensor([[False, True]])
+    allowed = cached_block_mask(key_valid, 4, torch.float32, block_size=2, causal_blocks=1)[0, 0] == 0
+    # keys: 2 cached | clean c0 c1 | noisy n0 n1
+    assert allowed.int().tolist() == [
+        [0, 1, 1, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0],
+        [0, 1, 1, 1, 1, 1],
+        [0, 1, 1, 1, 1, 1],
+    ]
+    plain = cached_block_mask(key_valid, 4, torch.float32, block_size=2)[0, 0] == 0
+    assert plain[0].int().tolist() == [0, 1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("arch,attn", CASES)
+def test_training_forward_equals_cached_inference(arch, attn):
+    dlm = adapt(make_model(arch, attn), make_tokenizer(), block_size=4, clean_attention="causal")
+    mask_id = dlm.config.mask_token_id
+    layout = build_layout([PROMPT], [RESPONSE], 4, pad_id=0, causal_clean=True)
+    noisy_ids = layout.input_ids.clone()
+    for j in [0, 2, 3, 5, 8, 9, 10, 11]:
+        noisy_ids[0, layout.noisy_index[0, j]] = mask_id
+    train = layout_logits(dlm.model, layout, noisy_ids, layout.response_valid.clone())
+    block_layout = build_layout([PROMPT], [RESPONSE], 4, pad_id=0)
+    other = layout_logits(dlm.model, block_layout, noisy_ids, block_layout.response_valid.clone())
+    assert (train[4:] - other[4:]).abs().max() > 1e-3  # the later blocks do read the clean blocks differently
+    noisy_response = noisy_ids[0, layout.noisy_index[0]]
+    for use_cache, fuse in ((True, True), (True, False), (False, False)):
+        ctx = BlockContext(dlm.model, torch.tensor([PROMPT]), torch.ones(1, len(PROMPT), dtype=torch.long),
+                           block_size=4, use_cache=use_cache, fuse=fuse, causal_clean=True)
+        for b in range(3):
+            block = slice(4 * b, 4 * b + 4)
+            infer = ctx.block_logits(noisy_response[None, block])[0]
+            diff = (infer - train[block]).abs().max().item()
+            assert diff <= 1e-4, f"block {b} use_cache={use_cache} fuse={fuse}: max |diff| {diff}"
+            ctx.commit(torch.tensor([RESPONSE[block]]))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_clean_stream_is_the_causal_lm_and_its_loss_rides_along(arch):
+    dlm = adapt(make_model(arch), make_tokenizer(), block_size=4, clean_attention="causal")
+    layout = build_layout([PROMPT, PROMPT[:4]], [RESPONSE, RESPONSE[:8]], 4, pad_id=0, causal_clean=True)
+    valid = layout.response_valid
+    _, clean = layout_logits(dlm.model, layout, layout.input_ids, valid, clean_select=valid)
+    causal = []
+    for prompt, response in ((PROMPT, RESPONSE), (PROMPT[:4], RESPONSE[:8])):
+        logits = dlm.model(input_ids=torch.tensor([prompt + response])).logits[0]
+        causal.append(logits[len(prompt) - 1 : len(prompt) + len(response) - 1])
+    assert torch.allclose(clean, torch.cat(causal), atol=1e-5)
+
+    spec = NoiseSpec(t_min=0.2, t_max=0.8)
+    plain, _ = diffusion_loss(dlm.model, layout, dlm.config.mask_token_id, spec=spec,
+                              generator=torch.Generator().manual_seed(3))
+    total, stats = diffusion_loss(dlm.model, layout, dlm.config.mask_token_id, spec=spec,
+                                  generator=torch.Generator().manual_seed(3), ar_weight=0.5)
+    ar = F.cross_entropy(torch.cat(causal), layout.target[valid])
+    assert torch.allclose(stats.ar_loss, ar, atol=1e-5)
+    assert torch.allclose(total, plain + 0.5 * ar, atol=1e-5)
+    # complementary masks train each example twice; the AR term is still the mean over each example once
+    twice, stats2 = diffusion_loss(dlm.model, layout, dlm.config.mask_token_id,
+                                   spec=NoiseSpec(complementary=True), generator=torch.Generator().manual_seed(3),
+                                   ar_weight=1.0)
+    assert torch.allclose(stats2.ar_loss, ar, atol=1e-5)
+
+
+def test_ar_loss_needs_a_causal_clean_stream():
+    dlm = adapt(make_model("qwen2"), make_tokenizer(), block_size=4)
+    layout = build_layout([PROMPT], [RESPONSE], 4, pad_id=0)
+    with pytest.raises(ValueError, match="needs a causal clean stream"):
+        diffusion_loss(dlm.model, layout, dlm.config.mask_token_id, ar_weight=1.0)
+
+
+@pytest.mark.parametrize("arch,attn", [("qwen2", "sdpa"), ("llama", "eager")])
+@pytest.mark.parametrize("block_size,tokens_per_step", [(4, 1), (3, 2)])
+def test_cache_equals_recompute_and_fusion(arch, attn, block_size, tokens_per_step):
+    dlm = adapt(make_model(arch, attn), make_tokenizer(), block_size=block_size, clean_attention="causal")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 5, 6, 7, 8]])
+    attention = (ids != 0).long()
+    kwargs = dict(max_new_tokens=11, tokens_per_step=tokens_per_step)
+    cached = dlm.generate(ids, attention, use_cache=True, **kwargs)
+    recomputed = dlm.generate(ids, attention, use_cache=False, **kwargs)
+    unfused = dlm.generate(ids, attention, use_cache=True, fuse_commit=False, **kwargs)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert torch.equal(cached.sequences, unfused.sequences)
+    assert cached.tokens_per_step == recomputed.tokens_per_step
+    block = adapt(make_model(arch, attn), make_tokenizer(), block_size=block_size)
+    assert block.config.clean_attention == "block" and dlm.config.causal_clean
+
+
+def test_lossless_output_is_still_the_parents():
+    dlm = adapt(make_model("llama"), make_tokenizer(), block_size=4, clean_attention="causal",
+                lora=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    out = lossless_generate(dlm, ids, max_new_tokens=14)
+    assert torch.equal(out.sequences, dlm.ar_generate(ids, max_new_tokens=14))
+
+
+def test_saved_and_reloaded_with_its_attention(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_model("qwen3").save_pretrained(tmp_path / "base")
+    make_tokenizer().save_pretrained(tmp_path / "base")
+    dlm = adapt(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), make_tokenizer(), block_size=4,
+                clean_attention="causal", lora=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    before = dlm.generate(ids, max_new_tokens=9, tokens_per_step=2).sequences
+    dlm.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "diffusion_config.json").read_text())["clean_attention"] == "causal"
+    again = load(tmp_path / "m")
+    assert again.config.causal_clean
+    assert torch.equal(again.generate(ids, max_new_tokens=9, tokens_per_step=2).sequences, before)
+
+
+def test_bad_settings_say_what_to_do():
+    with pytest.raises(ValueError, match="clean_attention must be one of block, causal, got 'casual'"):
+        DiffusionConfig(clean_attention="casual")
+    common = dict(output_dir="/tmp/unused", use_cpu=True, report_to="none", block_size=4)
+    with pytest.raises(ValueError, match="unknown clean_attention 'casual'.*Did you mean 'causal'"):
+        DiffusionSFTConfig(clean_attention="casual", **common)
+    with pytest.raises(ValueError, match="ar_loss_weight needs clean_attention: causal"):
+        DiffusionSFTConfig(ar_loss_weight=1.0, **common)
+    with pytest.raises(ValueError, match="ar_loss_weight must be >= 0"):
+        DiffusionSFTConfig(ar_loss_weight=-1.0, clean_attention="causal", **common)
+    with pytest.raises(ValueError, match="ar_loss_weight needs block_size > 1"):
+        DiffusionSFTConfig(ar_loss_weight=1.0, clean_attention="causal", **{**common, "block_size": 1})
+
+
+def test_recipe_trains_logs_the_ar_loss_and_continues_with_the_models_attention(tmp_path):
+    root = tmp_path
+    make_model("qwen2", layers=2).save_pretrained(root / "tiny")
+    make_tokenizer().save_pretrained(root / "tiny")
+    problems = [{"question": "tom has 3 apples . he buys 4 more . how many ?", "answer": "3 + 4 = 7\n#### 7"}] * 8
+    (root / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+
+    def recipe(name, **overrides):
+        fields = dict(model_name_or_path=str(root / "tiny"), dataset_name=str(root / "train.jsonl"), block_size=4,
+                      output_dir=str(root / name), max_steps=4, per_device_train_batch_size=4, learning_rate=0.01,
+                      logging_steps=2, save_steps=4, report_to="none", use_cpu=True, use_lora=False, seed=0,
+                      clean_attention="causal", ar_loss_weight=1.0)
+        fields.update(overrides)
+        path = root / f"{name}.yaml"
+        path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items()))
+        return str(path)
+
+    assert main(["train", "--config", recipe("causal")]) == 0
+    config = json.loads((root / "causal" / "diffusion_config.json").read_text())
+    assert config["clean_attention"] == "causal"
+    history = json.loads((root / "causal" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert all(entry["ar_loss"] > 0 for entry in history if "loss" in entry)
+    # a recipe continuing the saved model (as self-training rounds do) keeps the model's attention
+    from llm2diff.recipe import parse_recipe
+    from llm2diff.training.run import continue_from
+
+    model_args, _, train_args, *_ = parse_recipe(["--config", recipe("more", clean_attention="block",
+                                                                      ar_loss_weight=0.0)])
+    dlm = continue_from(root / "causal", model_args, train_args)
+    assert dlm.config.causal_clean and train_args.clean_attention == "causal"
