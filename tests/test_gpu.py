@@ -51,13 +51,16 @@ def _flash_available() -> bool:
 
 @pytest.mark.skipif(not _flash_available(), reason="needs flash-attn")
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_flash_attention_block_steps_match_sdpa(arch):
-    """On flash-attn the block passes use no mask (is_causal=False over cache + block): same tokens as sdpa."""
+@pytest.mark.parametrize("clean_attention", ["block", "causal"])
+def test_flash_attention_block_steps_match_sdpa(arch, clean_attention):
+    """On flash-attn the block passes use no mask (is_causal=False over cache + block; a causal clean block's
+    commit is_causal=True): same tokens as sdpa."""
     from llm2diff.sampling.sampler import uses_flash_attention
 
-    sdpa = adapt(make_model(arch).to("cuda", torch.bfloat16), make_tokenizer(), block_size=4)
+    sdpa = adapt(make_model(arch).to("cuda", torch.bfloat16), make_tokenizer(), block_size=4,
+                 clean_attention=clean_attention)
     flash = adapt(make_model(arch, attn="flash_attention_2").to("cuda", torch.bfloat16), make_tokenizer(),
-                  block_size=4)
+                  block_size=4, clean_attention=clean_attention)
     assert uses_flash_attention(flash.model) and not uses_flash_attention(sdpa.model)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]], device="cuda")
     for kwargs in ({"threshold": 0.0}, {"tokens_per_step": 1}):
@@ -66,8 +69,10 @@ def test_flash_attention_block_steps_match_sdpa(arch):
         assert torch.equal(a.sequences, b.sequences), kwargs
 
 
-def test_static_cache_with_torch_compile_matches_eager_on_cuda():
-    dlm = adapt(make_model("qwen3").to("cuda", torch.bfloat16), make_tokenizer(), block_size=4)
+@pytest.mark.parametrize("clean_attention", ["block", "causal"])
+def test_static_cache_with_torch_compile_matches_eager_on_cuda(clean_attention):
+    dlm = adapt(make_model("qwen3").to("cuda", torch.bfloat16), make_tokenizer(), block_size=4,
+                clean_attention=clean_attention)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]], device="cuda")
     eager = dlm.generate(ids, max_new_tokens=12, threshold=0.5)
     compiled = dlm.generate(ids, max_new_tokens=12, threshold=0.5, static_cache=True, compile=True)
