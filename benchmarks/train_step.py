@@ -33,6 +33,7 @@ Run:
     python benchmarks/train_step.py --model smollm2-135m-instruct --threads 2
     python benchmarks/train_step.py --model /path/to/hf/checkpoint --device cuda --dtype bfloat16
     python benchmarks/train_step.py --rounds 3     # alternate ar/diffusion 3 times: steadier on a busy machine
+    python benchmarks/train_step.py --ar-loss-weight 1.0   # diffusion with clean_attention causal + the AR loss
 """
 
 from __future__ import annotations
@@ -211,12 +212,13 @@ def run_phase(args) -> dict:
         def loss_fn():
             return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
     else:
-        layout = build_layout(prompts, responses, args.block_size, pad_id)
+        layout = build_layout(prompts, responses, args.block_size, pad_id, causal_clean=args.ar_loss_weight > 0)
         layout = Layout(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(layout).items()})
         shape = tuple(layout.input_ids.shape)
 
         def loss_fn():
-            loss, _ = diffusion_loss(model, layout, mask_id, t_min=1e-3, t_max=1.0, weighting="elbo")
+            loss, _ = diffusion_loss(model, layout, mask_id, t_min=1e-3, t_max=1.0, weighting="elbo",
+                                     ar_weight=args.ar_loss_weight)
             return loss
 
     cuda = device.type == "cuda"
@@ -337,6 +339,8 @@ def report(args, ar: dict, dif: dict) -> None:
     print(f"batch        : {args.batch_size} x (prompt {args.prompt_len} + response {ar['response_len']} incl. eos, "
           f"block {args.block_size});  AR input {tuple(ar['shape'])}, diffusion layout {tuple(dif['shape'])}")
     rounds = f" x {args.rounds} alternating rounds (fresh processes)" if args.rounds > 1 else ""
+    if args.ar_loss_weight:
+        print(f"diffusion    : clean_attention causal, ar_loss_weight {args.ar_loss_weight} (AR loss in the same forward)")
     print(f"timing       : median of {args.steps} timed steps after {args.warmup} warm-up{rounds}, AdamW lr={args.lr}")
     print(f"versions     : python {sys.version.split()[0]}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, peft {peft.__version__}")
@@ -387,6 +391,8 @@ def parse_args(argv=None):
                         help="CPU peak memory from a separate child per phase with MALLOC_MMAP_THRESHOLD_ fixed "
                              "(default), or from the timing child's RSS (default malloc, noisier)")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--ar-loss-weight", type=float, default=0.0,
+                        help="> 0: the diffusion phase reads clean blocks causally and adds this times the AR loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--phase", default=None, choices=("ar", "diffusion"),
                         help="internal: run one phase in this process and print its result as JSON")
