@@ -91,6 +91,10 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    help="exactly the AR parent's greedy output, drafted by the diffusion model and verified by the "
                         "parent (without an adapter the parent is loaded from the recorded base; the diffusion "
                         "sampler flags above do not apply)")
+    s.add_argument("--verified", action="store_true",
+                   help="exactly the model's own greedy causal decoding, each block denoised (--threshold) and "
+                        "checked by the model's causal stream as it is committed (a model trained with "
+                        "clean_attention: causal; the other diffusion sampler flags do not apply)")
     s.add_argument("--parent-tail", type=int, default=0, metavar="N",
                    help="with --lossless: when the open block has at most N positions left, the parent decodes them "
                         "itself, one per pass, instead of a draft pass over the whole block (2 is faster on a CPU; "
@@ -110,6 +114,16 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
                 "parent_tail": args.parent_tail}
     if args.parent_tail:
         raise ValueError("--parent-tail applies to --lossless decoding only")
+    if args.verified:
+        given = [f"--{name.replace('_', '-')}" for name in DIFFUSION_FLAGS
+                 if name != "threshold" and getattr(args, name) is not None]
+        given += ["--no-cache"] if args.no_cache else []
+        if given:
+            raise ValueError(f"--verified denoises with the threshold rule and verifies every token, so "
+                             f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: leave "
+                             f"{'it' if len(given) == 1 else 'them'} out")
+        return {"verified": True, "threshold": args.threshold, "stop_strings": args.stop,
+                "merge_lora": args.merge_lora, "use_saved_defaults": not args.no_saved_defaults}
     return {**{name: getattr(args, name) for name in DIFFUSION_FLAGS}, "stop_strings": args.stop,
             "use_cache": not args.no_cache, "seed": args.seed, "merge_lora": args.merge_lora,
             "use_saved_defaults": not args.no_saved_defaults}
@@ -145,6 +159,9 @@ def _check_generate_args(args: argparse.Namespace) -> None:
     if args.lossless and (args.stream or args.show_steps or args.save_trajectory):
         raise ValueError("--lossless decodes with the AR parent's verification, not by denoising steps: it cannot "
                          "--stream, --show-steps or --save-trajectory")
+    if args.verified and (args.lossless or args.stream or args.show_steps or args.save_trajectory):
+        raise ValueError("--verified is its own decoding (denoise, then verify with the causal stream): it cannot "
+                         "be combined with --lossless, --stream, --show-steps or --save-trajectory")
     if args.save_trajectory is not None:
         from llm2diff.sampling.trajectory import SUPPORTED_SUFFIXES
 
@@ -210,6 +227,9 @@ def cmd_generate(argv: list[str]) -> int:
               f"tokens accepted per verification, {out.nfe_draft} draft + {out.nfe_verify} verify forward passes"
               f"{f' ({out.parent_steps} of them the parent alone)' if out.parent_steps else ''}, "
               f"block size {c.block_size}]")
+    elif args.verified:
+        print(f"\n[{new} new tokens in {len(args.prompt)} rows, verified: {out.nfe} forward passes, "
+              f"{out.acceptance_rate:.0%} of denoised tokens kept, block size {c.block_size}]")
     else:
         row_passes = int(out.nfe_per_row.sum())
         print(f"\n[{new} new tokens in {len(args.prompt)} rows, {out.nfe} forward passes of the batch, "

@@ -252,7 +252,7 @@ class DiffusionLM:
         remask_threshold: float | None = None, remask_budget: int | None = None, fuse_commit: bool = True,
         drop_finished: bool = True, streamer=None, record_trajectory: bool = False, lossless: bool = False,
         static_cache: bool = False, compile: bool = False, use_saved_defaults: bool = True, merge_lora: bool = False,
-        parent_tail: int = 0,
+        parent_tail: int = 0, verified: bool = False,
     ) -> GenerateOutput:
         """Sample block by block (see `llm2diff.sampling.sampler`). Batches must be left-padded.
 
@@ -283,12 +283,19 @@ class DiffusionLM:
         `lossless=True` returns exactly the AR parent's greedy output, drafted by the diffusion model and checked
         by the parent (`llm2diff.sampling.lossless`); the other sampling options do not apply then, and
         `parent_tail` (lossless only) lets the parent decode the last positions of a block alone.
+        `verified=True` (a model trained with `clean_attention: causal`) returns exactly the adapted model's own
+        greedy causal decoding: each block is denoised by the threshold rule (`threshold`, else the saved one,
+        else 0.9) and checked by the model's causal stream in the pass that commits it
+        (`llm2diff.sampling.verified`); the other sampling options do not apply then.
 
         Returns a `GenerateOutput` with `sequences` (prompt plus new tokens, pad after a row stopped) and `nfe`.
         """
         input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if lossless and verified:
+            raise ValueError("lossless (the AR parent verifies) and verified (the model's own causal stream "
+                             "verifies) are two different decodings: choose one")
         if lossless:
             from llm2diff.sampling.lossless import lossless_generate
 
@@ -296,6 +303,13 @@ class DiffusionLM:
                                      stop_strings=stop_strings, merge_lora=merge_lora, parent_tail=parent_tail)
         if parent_tail:
             raise ValueError("parent_tail applies to lossless decoding only (lossless=True)")
+        if verified:
+            from llm2diff.sampling.verified import verified_generate
+
+            if threshold is None:
+                threshold = self.config.threshold if use_saved_defaults and self.config.threshold is not None else 0.9
+            return verified_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                     threshold=threshold, stop_strings=stop_strings, merge_lora=merge_lora)
         prefix_len = 0
         if response_prefix is not None:
             if not isinstance(response_prefix, torch.Tensor) or response_prefix.dim() != 2 \

@@ -1,0 +1,272 @@
+"""Self-verified decoding: a causal-clean model denoises each block and its own causal stream checks it.
+
+    from llm2diff import load
+    from llm2diff.sampling.verified import verified_generate
+
+    dlm = load("outputs/quickstart-fast-causal")     # trained with clean_attention: causal (and ar_loss_weight)
+    out = verified_generate(dlm, input_ids, attention_mask, max_new_tokens=128, threshold=0.7)
+    out.sequences     # token for token the adapted model's own greedy causal decoding (dlm.model.generate)
+
+A model trained with `clean_attention: causal` reads finished blocks causally, so the pass that commits a block is a
+causal forward over it: the AR model of the adapted weights (the clean stream the AR loss trains). That pass gives,
+at every position of the block, the model's own greedy next-token choice for free. Each round:
+
+  1. denoise: the open block, with the tokens already decided kept and the rest masked, is filled by the
+     threshold rule (every masked position whose confidence reaches `threshold`, at least the most confident
+     one, per pass), each pass against the cache of the prompt and the earlier blocks (token shift included);
+  2. verify: one causal pass over the filled positions, on top of the causal cache of everything decided, keeps
+     the longest prefix equal to the causal stream's greedy choices and appends the stream's own choice at the
+     first mismatch (or after the block: the next block's first token). The cache is cropped to what was kept;
+  3. when the block filled to its end, the verify pass carries the next block, all masked, as a noisy block:
+     if everything is kept, its predictions are the next block's first denoising step (so a block whose draft is
+     right costs the same passes as the block sampler's commit fused with the next block's first step); if not,
+     they are dropped and the block goes on from where acceptance stopped.
+
+Every emitted token is the causal stream's greedy choice given the tokens before it, so the output is exactly
+`dlm.model.generate(..., do_sample=False)` with the adapter on (the mask token and spare rows suppressed and the
+generation config's `repetition_penalty` applied, as `generate` does; up to floating-point ties between a one-token
+and a many-token forward). Its accuracy is the AR stream's; the diffusion model only decides how many tokens a pass
+yields. Rows run one at a time (no padding); NFE counts every forward pass, summed over rows.
+
+The passes use 4D masks (the cache holds the prompt and causal clean blocks; a noisy block sees the blocks before
+its own), so this mode needs the `sdpa` or `eager` attention implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from llm2diff.modeling.attention import CLEAN, NOISY, PROMPT, block_diffusion_mask, to_additive_mask
+from llm2diff.sampling.lossless import StopRule, parent_logits_processors
+from llm2diff.sampling.rules import suppress_ids
+from llm2diff.sampling.sampler import embedding_weight, uses_flash_attention
+
+
+@dataclass
+class VerifiedOutput:
+    """What `verified_generate` returns.
+
+    sequences: `(batch, prompt_len + new)` prompt plus the new tokens, pad after a row stopped (as `generate`).
+    nfe: forward passes, summed over rows (prefills, denoising passes, verify passes).
+    num_new_tokens: `(batch,)` tokens generated per row, end-of-sequence included, padding excluded.
+    accepted_lengths: per verify pass, the denoised tokens kept (not counting the stream's own token after them).
+    drafted_lengths: per verify pass, the denoised tokens it checked.
+    """
+
+    sequences: torch.Tensor
+    nfe: int
+    num_new_tokens: torch.Tensor
+    accepted_lengths: list[int] = field(default_factory=list)
+    drafted_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Kept over checked denoised tokens."""
+        return sum(self.accepted_lengths) / max(1, sum(self.drafted_lengths))
+
+
+class _Stream:
+    """One row: the causal KV cache of the prompt and every decided token but the last (`pending`), with the
+    segment and block of each cached position, and the passes that extend it."""
+
+    def __init__(self, dlm, prompt: torch.Tensor, processors):
+        from transformers import DynamicCache
+
+        self.model, self.processors = dlm.model, processors
+        self.block_size, self.mask_id, self.vocab = dlm.config.block_size, dlm.config.mask_token_id, dlm.config.vocab_size
+        self.device, self.dtype = prompt.device, embedding_weight(dlm.model).dtype
+        self.cache = DynamicCache(config=dlm.model.config)
+        self.prompt_len = prompt.shape[0]
+        self.segment = torch.full((0,), PROMPT, dtype=torch.long, device=self.device)
+        self.block = torch.full((0,), -1, dtype=torch.long, device=self.device)
+        self.history = prompt[None]  # every decided token (what the logits processors see)
+        self.tokens: list[int] = []  # decided response tokens
+        self.pending = prompt[None]  # decided, not yet in the cache
+        self.pending_segment, self.pending_block = PROMPT, -1
+        self.ar_next = None  # the causal stream's logits for the next token, once `pending` is cached
+        self.nfe = 0
+
+    def run(self, clean: list[int], canvas: torch.Tensor | None = None, canvas_block: int = 0):
+        """One pass over [pending ; clean (causal, response) ; canvas (noisy block `canvas_block`)].
+
+        Caches pending and clean (the canvas keys/values are cropped off). Returns (the causal stream's logits for
+        the token after each clean token, the canvas logits shifted to predict each canvas position or None)."""
+        p = self.pending.shape[1]
+        start = len(self.tokens) - (p if self.pending_segment == CLEAN else 0)  # response index of the first new
+        ids = [self.pending, torch.tensor([clean], dtype=torch.long, device=self.device)]
+        segment = [torch.full((p,), self.pending_segment, device=self.device),
+                   torch.full((len(clean),), CLEAN, device=self.device)]
+        resp = torch.arange(start, start + p + len(clean), device=self.device)
+        block = [torch.full((p,), -1, device=self.device) if self.pending_segment == PROMPT else resp[:p] // self.block_size,
+                 resp[p:] // self.block_size]
+        positions = [torch.arange(p, device=self.device) + (self.segment.shape[0] if self.pending_segment == PROMPT
+                                                           else self.prompt_len + start),
+                     self.prompt_len + resp[p:]]
+        width = 0
+        if canvas is not None:
+            width = canvas.shape[0]
+            ids.append(canvas[None])
+            segment.append(torch.full((width,), NOISY, device=self.device))
+            block.append(torch.full((width,), canvas_block, device=self.device))
+            positions.append(self.prompt_len + canvas_block * self.block_size + torch.arange(width, device=self.device))
+        ids, new_segment, new_block = torch.cat(ids, dim=1), torch.cat(segment), torch.cat(block)
+        full_segment, full_block = torch.cat([self.segment, new_segment]), torch.cat([self.block, new_block])
+        allowed = block_diffusion_mask(full_segment[None], full_block[None], causal_clean=True)[:, -ids.shape[1]:]
+        logits = self.model(input_ids=ids, attention_mask=to_additive_mask(allowed, self.dtype),
+                            position_ids=torch.cat(positions)[None], past_key_values=self.cache, use_cache=True,
+                            logits_to_keep=ids.shape[1]).logits[0].float()
+        self.nfe += 1
+        if width:
+            self.cache.crop(-width)
+        self.segment = torch.cat([self.segment, new_segment[: ids.shape[1] - width]])
+        self.block = torch.cat([self.block, new_block[: ids.shape[1] - width]])
+        if p:
+            self.ar_next = logits[p - 1]
+        self.pending = self.pending[:, :0]
+        self.pending_segment = CLEAN
+        clean_logits = torch.cat([self.ar_next[None], logits[p : p + len(clean)]])
+        self.ar_next = clean_logits[-1]
+        canvas_logits = None
+        if width:  # token shift: position j is read from canvas position j-1, position 0 from the clean stream
+            canvas_logits = torch.cat([self.ar_next[None], logits[-width:-1]])
+        return clean_logits, canvas_logits
+
+    def choices(self, clean_logits: torch.Tensor, clean: list[int]) -> torch.Tensor:
+        """The causal stream's greedy token after the decided tokens and each prefix of `clean` (as `generate`)."""
+        seen = torch.cat([self.history, torch.tensor([clean], dtype=torch.long, device=self.device)], dim=1)
+        start = self.history.shape[1]
+        return torch.cat([self.processors(seen[:, : start + j], clean_logits[j : j + 1]).argmax(-1)
+                          for j in range(len(clean) + 1)])
+
+    def keep(self, checked: list[int], accepted: int, bonus: int) -> list[int]:
+        """Keep `accepted` of the `checked` tokens just cached plus the stream's `bonus` token (pending)."""
+        if accepted < len(checked):
+            drop = len(checked) - accepted
+            self.cache.crop(-drop)
+            self.segment, self.block = self.segment[:-drop], self.block[:-drop]
+        new = checked[:accepted] + [bonus]
+        self.tokens += new
+        self.history = torch.cat([self.history, torch.tensor([new], dtype=torch.long, device=self.device)], dim=1)
+        self.pending = torch.tensor([[bonus]], dtype=torch.long, device=self.device)
+        self.ar_next = None
+        return new
+
+    def draft_tokens(self, canvas_logits: torch.Tensor):
+        return suppress_ids(canvas_logits, self.mask_id, self.vocab).softmax(-1).max(-1)
+
+
+def verified_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      max_new_tokens: int = 256, threshold: float = 0.9, stop_strings: list[str] | str | None = None,
+                      tokenizer=None, merge_lora: bool = False) -> VerifiedOutput:
+    """Exactly the adapted model's greedy causal decoding, denoised block by block and verified by its own causal
+    stream (see the module docstring).
+
+    Args:
+        dlm: a `DiffusionLM` trained with `clean_attention: causal` and token shift.
+        input_ids: `(batch, prompt_len)` left-padded prompts (or one `(prompt_len,)` prompt).
+        attention_mask: 0 at left padding; default all ones.
+        max_new_tokens: most tokens generated per row (honoured exactly).
+        threshold: the denoising commit rule: every masked position at this confidence or more, at least one.
+        stop_strings: stop a row after the token that completes one of these strings (as `generate` does).
+        tokenizer: for the stop strings; default `dlm.tokenizer`.
+        merge_lora: run with the LoRA folded into the weights (`dlm.lora_merged`: faster passes, same model).
+    """
+    config = dlm.config
+    if not config.causal_clean or not config.shift:
+        raise ValueError("self-verified decoding needs a model trained with clean_attention: causal and shift: true "
+                         f"(this one: clean_attention {config.clean_attention!r}, shift {config.shift}); its causal "
+                         "stream is the verifier. For a block-attention model use lossless=True (the AR parent "
+                         "verifies) or the block sampler")
+    if uses_flash_attention(dlm.model):
+        raise ValueError("self-verified decoding passes 4D masks, which FlashAttention ignores; load the model with "
+                         "attn_implementation='sdpa' or 'eager'")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    input_ids = torch.as_tensor(input_ids)
+    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
+    attention_mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
+    device = dlm.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    stops = StopRule(dlm.eos_token_ids, stop_strings, tokenizer or dlm.tokenizer)
+    processors = parent_logits_processors(dlm)
+    weights = dlm.lora_merged if merge_lora and dlm.has_adapter else contextlib.nullcontext
+
+    was_training = dlm.model.training
+    dlm.model.eval()
+    rows, nfe, accepted, drafted = [], 0, [], []
+    try:
+        with torch.inference_mode(), dlm.trained_token_rows_merged(), weights():
+            for row, keep in zip(input_ids, attention_mask.bool()):
+                stream = _Stream(dlm, row[keep], processors)
+                rows.append(_decode_row(stream, stops, row, max_new_tokens, threshold, accepted, drafted))
+                nfe += stream.nfe
+    finally:
+        dlm.model.train(was_training)
+
+    width = max(len(new) for new in rows)
+    tail = torch.full((len(rows), width), dlm.tokenizer.pad_token_id, dtype=torch.long, device=device)
+    for i, new in enumerate(rows):
+        tail[i, : len(new)] = torch.tensor(new, dtype=torch.long, device=device)
+    num_new = torch.tensor([len(new) for new in rows], dtype=torch.long, device=device)
+    return VerifiedOutput(torch.cat([input_ids, tail], dim=1), nfe, num_new, accepted, drafted)
+
+
+def _decode_row(stream: _Stream, stops: StopRule, row: torch.Tensor, max_new_tokens: int, threshold: float,
+                accepted_lengths: list[int], drafted_lengths: list[int]) -> list[int]:
+    size = stream.block_size
+    clean_logits, _ = stream.run([])  # prefill: the stream's first token
+    first = int(stream.choices(clean_logits, [])[0])
+    new = stream.keep([], 0, first)
+    stop = stops.first_stop(row, new, 0)
+    if stop is not None or max_new_tokens == 1:
+        return new[: 1 if stop is None else stop]
+    early = None  # the next block's first denoising step, from a fully accepted verify pass
+    while True:
+        n = len(stream.tokens)
+        b, end = n // size, min((n // size + 1) * size, max_new_tokens)
+        known, stop_at = n - b * size, end - b * size  # positions of the block decided / to decide now
+        canvas = torch.full((size,), stream.mask_id, dtype=torch.long, device=stream.device)  # always whole
+        canvas[:known] = torch.tensor(stream.tokens[b * size:], dtype=torch.long, device=stream.device)
+        todo = torch.zeros(size, dtype=torch.bool, device=stream.device)
+        todo[known:stop_at] = True
+        first_pass = True
+        while bool(todo.any()):
+            if early is not None and first_pass:
+                canvas_logits = early
+            else:
+                _, canvas_logits = stream.run([], canvas, b)
+            first_pass = False
+            early = None
+            confidence, tokens = stream.draft_tokens(canvas_logits)
+            confidence = confidence.masked_fill(~todo, -1.0)
+            chosen = (confidence >= threshold) & todo
+            chosen[confidence.argmax()] = True
+            canvas[chosen] = tokens[chosen]
+            todo &= ~chosen
+        draft = canvas[known:stop_at].tolist()
+        block_done = end == (b + 1) * size and end < max_new_tokens
+        clean_logits, next_logits = stream.run(draft, *((torch.full((size,), stream.mask_id, dtype=torch.long,
+                                                                     device=stream.device), b + 1) if block_done
+                                                         else ()))
+        choices = stream.choices(clean_logits, draft)
+        ok = (choices[: len(draft)] == torch.tensor(draft, device=choices.device)).long().cumprod(0)
+        kept = int(ok.sum())
+        accepted_lengths.append(kept)
+        drafted_lengths.append(len(draft))
+        start = len(new)
+        new += stream.keep(draft, kept, int(choices[kept]))
+        if block_done and kept == len(draft):
+            early = next_logits
+        stop = stops.first_stop(row, new, start)
+        if stop is not None:
+            return new[:stop]
+        if len(new) >= max_new_tokens:
+            return new[:max_new_tokens]

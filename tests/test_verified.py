@@ -1,0 +1,169 @@
+"""Self-verified decoding (`clean_attention: causal`): the output is the adapted model's own greedy causal decoding
+token for token, whatever the denoiser proposes; oracle drafts are all kept and cost the passes the block sampler
+would make; stops and limits as `generate`; clear errors. Tiny random models with a LoRA nudged off zero."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, make_model, make_tokenizer
+from peft import LoraConfig
+
+from llm2diff import adapt
+from llm2diff.sampling import verified
+from llm2diff.sampling.lossless import parent_suppressed_ids
+from llm2diff.sampling.verified import verified_generate
+
+PROMPTS = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 0, 5, 6, 7]])
+MASK = (PROMPTS != 0).long()
+
+
+def make_dlm(arch="llama", block_size=4, clean_attention="causal", attn="sdpa"):
+    dlm = adapt(make_model(arch, attn), make_tokenizer(), block_size=block_size, clean_attention=clean_attention,
+                lora=LoraConfig(r=4, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in dlm.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+    return dlm
+
+
+def greedy(dlm, prompts, mask, new, **kwargs):
+    """The adapted model's own greedy causal decoding (adapter on), as `generate` does it."""
+    return dlm.model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                              suppress_tokens=parent_suppressed_ids(dlm), pad_token_id=dlm.tokenizer.pad_token_id,
+                              **kwargs)
+
+
+def no_eos(dlm):
+    dlm.tokenizer.eos_token = None
+    dlm.model.generation_config.eos_token_id = None
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("block_size", [1, 3, 4])
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+def test_output_is_the_models_own_greedy_decoding(arch, block_size, threshold):
+    dlm = make_dlm(arch, block_size)
+    no_eos(dlm)
+    out = verified_generate(dlm, PROMPTS, MASK, max_new_tokens=13, threshold=threshold)
+    assert torch.equal(out.sequences, greedy(dlm, PROMPTS, MASK, 13))
+    assert out.num_new_tokens.tolist() == [13, 13]
+    assert 0 <= sum(out.accepted_lengths) <= sum(out.drafted_lengths)
+
+
+def test_random_drafts_are_partly_rejected_and_eager_attention_agrees():
+    dlm = make_dlm("qwen3", 4)
+    no_eos(dlm)
+    out = verified_generate(dlm, PROMPTS[:1], max_new_tokens=16, threshold=0.5)
+    assert 0 < out.acceptance_rate < 1  # both the keep and the crop paths ran
+    eager = make_dlm("qwen3", 4, attn="eager")
+    no_eos(eager)
+    assert torch.equal(verified_generate(eager, PROMPTS[:1], max_new_tokens=16, threshold=0.5).sequences,
+                       out.sequences)
+
+
+def _oracle(reference: list[int]):
+    """Drafts that are the greedy tokens themselves, with confidence 1: the block whose canvas was last run."""
+    run, last = verified._Stream.run, {}
+
+    def recording_run(self, clean, canvas=None, canvas_block=0):
+        if canvas is not None:
+            last["block"] = canvas_block
+        return run(self, clean, canvas, canvas_block)
+
+    def propose(self, canvas_logits):
+        start = last["block"] * self.block_size
+        tokens = torch.tensor((reference + [0] * self.block_size * 2)[start : start + self.block_size])
+        return torch.ones(self.block_size), tokens
+
+    return recording_run, propose
+
+
+@pytest.mark.parametrize("block_size,new,expected_nfe", [(4, 12, 5), (4, 13, 5), (3, 12, 6), (4, 14, 6)])
+def test_right_drafts_are_all_kept_at_the_block_samplers_cost(monkeypatch, block_size, new, expected_nfe):
+    """Prefill, one denoising pass for the first block, then one verify pass per block that also denoises the next
+    block (all its positions sure), and a last verify pass: the passes of the fused block sampler."""
+    dlm = make_dlm("llama", block_size)
+    no_eos(dlm)
+    reference = greedy(dlm, PROMPTS[:1], MASK[:1], new)[0, PROMPTS.shape[1]:].tolist()
+    recording_run, propose = _oracle(reference)
+    monkeypatch.setattr(verified._Stream, "run", recording_run)
+    monkeypatch.setattr(verified._Stream, "draft_tokens", propose)
+    out = verified_generate(dlm, PROMPTS[:1], max_new_tokens=new, threshold=1.0)
+    assert out.sequences[0, PROMPTS.shape[1]:].tolist() == reference
+    assert out.accepted_lengths == out.drafted_lengths
+    assert out.acceptance_rate == 1.0
+    assert out.nfe == expected_nfe
+
+
+def test_stops_as_generate():
+    dlm = make_dlm("qwen3", 4)
+    no_eos(dlm)
+    free = greedy(dlm, PROMPTS[:1], MASK[:1], 13)[0, PROMPTS.shape[1]:].tolist()
+    at = next(i for i in range(3, len(free)) if free[i] not in free[:i])
+    dlm.tokenizer.eos_token = dlm.tokenizer.convert_ids_to_tokens(free[at])
+    dlm.model.generation_config.eos_token_id = free[at]
+    out = verified_generate(dlm, PROMPTS, MASK, max_new_tokens=13, threshold=0.5)
+    assert torch.equal(out.sequences, greedy(dlm, PROMPTS, MASK, 13))
+    assert int(out.num_new_tokens[0]) == at + 1
+    # a stop string (the word-level test tokenizer: the row stops where the decoded new tokens first contain it)
+    no_eos(dlm)
+    target = dlm.tokenizer.decode(free[4:6])
+    stop = next(n for n in range(1, 14) if target in dlm.tokenizer.decode(free[:n]))
+    out = verified_generate(dlm, PROMPTS[:1], max_new_tokens=13, threshold=0.5, stop_strings=[target])
+    assert out.sequences[0, PROMPTS.shape[1]:].tolist() == free[:stop]
+
+
+def test_generate_verified_flag_is_this_function():
+    dlm = make_dlm("qwen2", 4)
+    no_eos(dlm)
+    out = dlm.generate(PROMPTS, MASK, max_new_tokens=13, verified=True, threshold=0.6)
+    expected = verified_generate(dlm, PROMPTS, MASK, max_new_tokens=13, threshold=0.6)
+    assert torch.equal(out.sequences, expected.sequences) and out.nfe == expected.nfe
+    merged = dlm.generate(PROMPTS, MASK, max_new_tokens=13, verified=True, threshold=0.6, merge_lora=True)
+    assert torch.equal(merged.sequences, expected.sequences)
+    with pytest.raises(ValueError, match="two different decodings: choose one"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=13, verified=True, lossless=True)
+
+
+def test_errors_say_what_to_do():
+    block = make_dlm("qwen2", 4, clean_attention="block")
+    with pytest.raises(ValueError, match="needs a model trained with clean_attention: causal.*use lossless=True"):
+        verified_generate(block, PROMPTS, MASK, max_new_tokens=4)
+    dlm = make_dlm("qwen2", 4)
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\], got 1.5"):
+        verified_generate(dlm, PROMPTS, MASK, max_new_tokens=4, threshold=1.5)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        verified_generate(dlm, PROMPTS, MASK, max_new_tokens=0)
+
+
+def test_cli_verified_prints_the_models_greedy_answer(tmp_path, capsys):
+    from conftest import adapted_with_saved_base
+
+    from llm2diff import load
+    from llm2diff.cli import main
+
+    adapted_with_saved_base(tmp_path, "llama", clean_attention="causal",
+                            lora=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+                            ).save_pretrained(tmp_path / "dlm")
+    dlm = load(tmp_path / "dlm")
+    argv = ["generate", "--model", str(tmp_path / "dlm"), "--prompt", "tom has 5 apples", "--max-new-tokens", "12"]
+    assert main(argv + ["--verified", "--threshold", "0.5"]) == 0
+    out = capsys.readouterr().out
+    text = dlm.tokenizer.apply_chat_template([{"role": "user", "content": "tom has 5 apples"}],
+                                             add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([dlm.tokenizer(text, add_special_tokens=False).input_ids])
+    expected = verified_generate(dlm, ids, max_new_tokens=12, threshold=0.5)
+    assert torch.equal(expected.sequences, greedy(dlm, ids, torch.ones_like(ids), 12))
+    answer = dlm.tokenizer.decode(expected.sequences[0, ids.shape[1]:ids.shape[1] + int(expected.num_new_tokens[0])],
+                                  skip_special_tokens=True).strip()
+    assert out == (f"### prompt 0: tom has 5 apples\n{answer}\n\n[{int(expected.num_new_tokens[0])} new tokens in 1 "
+                   f"rows, verified: {expected.nfe} forward passes, {expected.acceptance_rate:.0%} of denoised tokens "
+                   "kept, block size 4]\n")
+    assert main(argv + ["--verified", "--tokens-per-step", "2"]) == 2
+    assert "--verified denoises with the threshold rule and verifies every token, so --tokens-per-step does not " \
+           "apply: leave it out" in capsys.readouterr().err
+    assert main(argv + ["--verified", "--stream"]) == 2
+    assert "cannot be combined with --lossless, --stream" in capsys.readouterr().err
