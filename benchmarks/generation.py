@@ -4,6 +4,8 @@ On the quickstart model and the built-in task, one thread, the same prompts for 
   - the AR parent's greedy `generate` (adapter off, same weights): the baseline tokens/s;
   - the AR twin (the quickstart recipe with `block_size: 1`), for the accuracy comparison;
   - the block sampler under each commit rule at a few settings: tokens/s, forward passes (NFE) per token, ratio;
+  - for a model trained with `clean_attention: causal`, verified decoding (each block denoised by the threshold
+    rule, then checked by the model's own causal stream: its greedy causal output) at a few thresholds;
   - lossless mode (a self-distilled adapter, `--lossless-model`): tokens/s, ratio, mean accepted draft length, and
     whether every output equals the parent's greedy output;
   - time for 128, 256 and 512 new tokens (end-of-sequence ignored), to show cost grows with the new tokens only.
@@ -37,6 +39,10 @@ SETTINGS = [
     ("one step per block", {"max_steps_per_block": 1}),
     ("threshold 0.7 + correction, LoRA merged", {"commit_rule": "threshold", "threshold": 0.7, "remask_threshold": 0.3,
                                                  "remask_budget": 1, "merge_lora": True}),
+    ("verified, threshold 0.9", {"verified": True, "threshold": 0.9}),
+    ("verified, threshold 0.7", {"verified": True, "threshold": 0.7}),
+    ("verified, threshold 0.5", {"verified": True, "threshold": 0.5}),
+    ("verified, threshold 0.7, LoRA merged", {"verified": True, "threshold": 0.7, "merge_lora": True}),
 ]
 
 
@@ -161,6 +167,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown setting(s) {unknown}; known: {'; '.join(name for name, _ in SETTINGS)}")
     settings = [s for s in SETTINGS if s[0] in wanted] if wanted else SETTINGS
+    if not dlm.config.causal_clean:  # verified decoding needs a causal clean stream
+        settings = [(name, kwargs) for name, kwargs in settings if not kwargs.get("verified")]
     table, lossless_rows = [], []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         common = {"max_new_tokens": args.max_new_tokens, "batch_size": batch}

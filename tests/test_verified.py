@@ -167,3 +167,26 @@ def test_cli_verified_prints_the_models_greedy_answer(tmp_path, capsys):
            "apply: leave it out" in capsys.readouterr().err
     assert main(argv + ["--verified", "--stream"]) == 2
     assert "cannot be combined with --lossless, --stream" in capsys.readouterr().err
+
+
+def test_graded_like_the_other_samplers():
+    """`evaluate_answers` (the benchmark and final evaluation) counts its passes per row, not one per token."""
+    from llm2diff.evaluation.exact_match import evaluate_answers
+    from llm2diff.training.data import DataArguments
+
+    dlm = make_dlm("llama", 4)
+    problems = [{"question": "tom has 3 apples", "answer": "#### 7"}, {"question": "ana has 9 pears", "answer": "#### 2"}]
+    result = evaluate_answers(dlm, problems, DataArguments(), max_new_tokens=10, batch_size=2, threshold=0.5,
+                              verified=True)
+    out = verified_generate(dlm, *_rendered(dlm, problems), max_new_tokens=10, threshold=0.5)
+    assert result.nfe == out.nfe and result.row_forwards == int(out.nfe_per_row.sum())
+    assert out.nfe_per_row.tolist() != [0, 0]
+
+
+def _rendered(dlm, problems):
+    from llm2diff.evaluation.exact_match import left_pad
+    from llm2diff.training.data import DataArguments, render_example
+
+    prompts = [render_example({"question": p["question"], "answer": ""}, dlm.tokenizer, DataArguments())[0]
+               for p in problems]
+    return left_pad(prompts, dlm.tokenizer.pad_token_id)

@@ -54,11 +54,13 @@ class VerifiedOutput:
     num_new_tokens: `(batch,)` tokens generated per row, end-of-sequence included, padding excluded.
     accepted_lengths: per verify pass, the denoised tokens kept (not counting the stream's own token after them).
     drafted_lengths: per verify pass, the denoised tokens it checked.
+    nfe_per_row: `(batch,)` forward passes made for each row.
     """
 
     sequences: torch.Tensor
     nfe: int
     num_new_tokens: torch.Tensor
+    nfe_per_row: torch.Tensor | None = None
     accepted_lengths: list[int] = field(default_factory=list)
     drafted_lengths: list[int] = field(default_factory=list)
 
@@ -201,13 +203,13 @@ def verified_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     was_training = dlm.model.training
     dlm.model.eval()
-    rows, nfe, accepted, drafted = [], 0, [], []
+    rows, nfe, accepted, drafted = [], [], [], []
     try:
         with torch.inference_mode(), dlm.trained_token_rows_merged(), weights():
             for row, keep in zip(input_ids, attention_mask.bool()):
                 stream = _Stream(dlm, row[keep], processors)
                 rows.append(_decode_row(stream, stops, row, max_new_tokens, threshold, accepted, drafted))
-                nfe += stream.nfe
+                nfe.append(stream.nfe)
     finally:
         dlm.model.train(was_training)
 
@@ -216,7 +218,9 @@ def verified_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
     for i, new in enumerate(rows):
         tail[i, : len(new)] = torch.tensor(new, dtype=torch.long, device=device)
     num_new = torch.tensor([len(new) for new in rows], dtype=torch.long, device=device)
-    return VerifiedOutput(torch.cat([input_ids, tail], dim=1), nfe, num_new, accepted, drafted)
+    return VerifiedOutput(torch.cat([input_ids, tail], dim=1), sum(nfe), num_new,
+                          nfe_per_row=torch.tensor(nfe, dtype=torch.long, device=device), accepted_lengths=accepted,
+                          drafted_lengths=drafted)
 
 
 def _decode_row(stream: _Stream, stops: StopRule, row: torch.Tensor, max_new_tokens: int, threshold: float,
