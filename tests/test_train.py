@@ -182,15 +182,20 @@ def test_sampler_keys_become_the_saved_model_defaults(workdir):
     assert saved.tokens_per_step == 1 and saved.sub_block_size is None  # unset keys keep the library defaults
 
 
-@pytest.mark.parametrize("block_size, expected", [(4, [None, 0.9, "parent"]), (1, [None, "parent"])])
-def test_final_eval_grades_an_ar_twin_once(monkeypatch, block_size, expected):
+@pytest.mark.parametrize("block_size, causal, expected", [(4, False, [None, 0.9, "parent"]), (1, False, [None, "parent"]),
+                                                     (4, True, [None, 0.9, "verified 0.9", "parent"])])
+def test_final_eval_grades_an_ar_twin_once(monkeypatch, block_size, causal, expected):
     from types import SimpleNamespace
 
     from llm2diff.evaluation import exact_match
 
     calls = []
-    monkeypatch.setattr(exact_match, "evaluate_answers", lambda dlm, problems, data_args, use_parent=False, **kw:
-                        calls.append("parent" if use_parent else kw.get("threshold")) or len(calls))
-    dlm = SimpleNamespace(config=SimpleNamespace(block_size=block_size))
+
+    def graded(dlm, problems, data_args, use_parent=False, verified=False, **kw):
+        calls.append("parent" if use_parent else f"verified {kw['threshold']}" if verified else kw.get("threshold"))
+        return len(calls)
+
+    monkeypatch.setattr(exact_match, "evaluate_answers", graded)
+    dlm = SimpleNamespace(config=SimpleNamespace(block_size=block_size, causal_clean=causal))
     results = exact_match.compare_with_parent(dlm, [], None, threshold=0.9, max_new_tokens=8)
     assert calls == expected and results == list(range(1, len(expected) + 1))

@@ -126,10 +126,15 @@ def compare_with_parent(dlm, problems: list[dict], data_args, compare_parent: bo
     """The diffusion model with `tokens_per_step` per step, again with `threshold` if given, then the AR parent.
 
     An AR twin (block size 1) is graded once: with one position per block, a threshold decodes exactly as 1/step.
+    A model with causal clean blocks is also graded by verified decoding at `threshold` (its AR stream's output).
     """
     results = [evaluate_answers(dlm, problems, data_args, **kwargs)]
     if threshold is not None and dlm.config.block_size > 1:
         results.append(evaluate_answers(dlm, problems, data_args, threshold=threshold, **kwargs))
+        if dlm.config.causal_clean:
+            name = f"diffusion (block {dlm.config.block_size}, verified, threshold {threshold})"
+            results.append(evaluate_answers(dlm, problems, data_args, threshold=threshold, verified=True, name=name,
+                                            **kwargs))
     if compare_parent:  # without an adapter the parent is loaded from the recorded base (`dlm.ar_parent`)
         results.append(evaluate_answers(dlm, problems, data_args, use_parent=True, **kwargs))
     return results
