@@ -188,8 +188,12 @@ def test_bad_settings_say_what_to_do():
         DiffusionSFTConfig(ar_loss_weight=1.0, **common)
     with pytest.raises(ValueError, match="ar_loss_weight must be >= 0"):
         DiffusionSFTConfig(ar_loss_weight=-1.0, clean_attention="causal", **common)
-    with pytest.raises(ValueError, match="ar_loss_weight needs block_size > 1"):
-        DiffusionSFTConfig(ar_loss_weight=1.0, clean_attention="causal", **{**common, "block_size": 1})
+    with pytest.raises(ValueError, match="ar_loss_weight needs shift: true"):
+        DiffusionSFTConfig(ar_loss_weight=1.0, clean_attention="causal", shift=False, **common)
+    # the AR twin of a recipe with the AR loss is that recipe at block size 1: its loss already is the AR loss
+    twin = DiffusionSFTConfig(ar_loss_weight=1.0, clean_attention="causal", **{**common, "block_size": 1})
+    assert twin.effective_ar_loss_weight == 0.0
+    assert DiffusionSFTConfig(ar_loss_weight=0.5, clean_attention="causal", **common).effective_ar_loss_weight == 0.5
 
 
 def test_recipe_trains_logs_the_ar_loss_and_continues_with_the_models_attention(tmp_path):

@@ -28,7 +28,8 @@ class DiffusionSFTConfig(SFTConfig):
                 "with a causal pass). Saved with the model."})
     ar_loss_weight: float = field(default=0.0, metadata={
         "help": "Add this times the AR loss of the causal clean stream (next-token cross-entropy on every response "
-                "token, from the same forward). Needs clean_attention 'causal'. 0 = off."})
+                "token, from the same forward). Needs clean_attention 'causal'. 0 = off; ignored at block_size 1 "
+                "(the AR twin), whose loss already is the AR loss."})
     mask_token: str | None = field(default=None, metadata={
         "help": "Force this mask token; default: the tokenizer's, a known unused special token, a spare row, a new one."})
     noise_schedule: str = field(default="linear", metadata={
@@ -115,9 +116,9 @@ class DiffusionSFTConfig(SFTConfig):
         if self.ar_loss_weight and self.clean_attention != "causal":
             raise ValueError("ar_loss_weight needs clean_attention: causal (with block attention a clean token sees "
                              "the token it would predict); set clean_attention: causal or ar_loss_weight: 0")
-        if self.ar_loss_weight and (self.block_size == 1 or not self.shift):
-            raise ValueError("ar_loss_weight needs block_size > 1 and shift: true (at block size 1 the diffusion loss "
-                             "already is the AR loss; without shift no position predicts the next token)")
+        if self.ar_loss_weight and not self.shift:
+            raise ValueError("ar_loss_weight needs shift: true (without token shift no position predicts the next "
+                             "token)")
         if self.loss_buckets < 1:
             raise ValueError(f"loss_buckets must be >= 1, got {self.loss_buckets}")
         if self.noise_order == "semantic" and not self.semantic_scorer:
@@ -132,6 +133,11 @@ class DiffusionSFTConfig(SFTConfig):
             raise ValueError(f"attention_anneal_steps must be >= 0, got {self.attention_anneal_steps}")
         if self.attention_anneal_steps and self.block_size == 1:
             raise ValueError("attention_anneal_steps needs block_size > 1: a block of one token has nothing to anneal")
+
+    @property
+    def effective_ar_loss_weight(self) -> float:
+        """The AR loss weight the trainer applies: 0 at block size 1, where the loss already is the AR loss."""
+        return self.ar_loss_weight if self.block_size > 1 else 0.0
 
     def noise_spec(self) -> NoiseSpec:
         """The `NoiseSpec` these fields describe."""

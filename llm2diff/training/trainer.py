@@ -84,7 +84,8 @@ class DiffusionSFTTrainer(SFTTrainer):
         # the eval loss is always taken under the final (block) attention mask
         anneal = args.anneal_fraction(self.state.global_step) if mode == "train" else None
         loss, stats = diffusion_loss(model, layout, self.diffusion_config.mask_token_id, spec=self.noise_spec,
-                                     anneal=anneal, ar_weight=args.ar_loss_weight)
+                                     anneal=anneal,
+                                     ar_weight=args.effective_ar_loss_weight)
         if anneal is not None:
             self._metrics[mode]["attention_anneal"].append(anneal)
         self._log_loss_stats(mode, stats)
