@@ -87,7 +87,7 @@ class _Stream:
         self.history = prompt[None]  # every decided token (what the logits processors see)
         self.tokens: list[int] = []  # decided response tokens
         self.pending = prompt[None]  # decided, not yet in the cache
-        self.pending_segment, self.pending_block = PROMPT, -1
+        self.pending_segment = PROMPT  # the prompt until the first pass, then the last decided response token
         self.ar_next = None  # the causal stream's logits for the next token, once `pending` is cached
         self.nfe = 0
 
@@ -132,7 +132,9 @@ class _Stream:
         clean_logits = torch.cat([self.ar_next[None], logits[p : p + len(clean)]])
         self.ar_next = clean_logits[-1]
         canvas_logits = None
-        if width:  # token shift: position j is read from canvas position j-1, position 0 from the clean stream
+        # token shift: canvas position j is read from canvas position j-1; position 0 from the clean stream's last
+        # position, which predicts it when the canvas starts right after the decided tokens (a new block)
+        if width:
             canvas_logits = torch.cat([self.ar_next[None], logits[-width:-1]])
         return clean_logits, canvas_logits
 
@@ -156,7 +158,9 @@ class _Stream:
         self.ar_next = None
         return new
 
-    def draft_tokens(self, canvas_logits: torch.Tensor):
+    def draft_tokens(self, canvas_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(confidence, token) of the denoiser's greedy choice at each canvas position (never the mask token or a
+        spare row)."""
         return suppress_ids(canvas_logits, self.mask_id, self.vocab).softmax(-1).max(-1)
 
 
