@@ -190,3 +190,22 @@ def _rendered(dlm, problems):
     prompts = [render_example({"question": p["question"], "answer": ""}, dlm.tokenizer, DataArguments())[0]
                for p in problems]
     return left_pad(prompts, dlm.tokenizer.pad_token_id)
+
+
+def test_chat_replies_with_verified_decoding():
+    import io
+
+    from llm2diff.chat import run_chat
+
+    dlm = make_dlm("llama", 4)
+    output = io.StringIO()
+    assert run_chat(dlm, io.StringIO("tom has 5 apples\n/exit\n"), output, max_new_tokens=8,
+                    sampling={"verified": True, "threshold": 0.5}) == 0
+    text = dlm.tokenizer.apply_chat_template([{"role": "user", "content": "tom has 5 apples"}],
+                                             add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([dlm.tokenizer(text, add_special_tokens=False).input_ids])
+    out = greedy(dlm, ids, torch.ones_like(ids), 8)
+    new = out[0, ids.shape[1]:].tolist()
+    eos = dlm.tokenizer.eos_token_id
+    reply = dlm.tokenizer.decode(new[: new.index(eos) + 1] if eos in new else new, skip_special_tokens=True).strip()
+    assert f"bot> {reply}\n" in output.getvalue()  # printed whole (verified replies are not streamed)
