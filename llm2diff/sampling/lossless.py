@@ -309,15 +309,7 @@ def lossless_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if not 0 <= parent_tail < dlm.config.block_size:
         raise ValueError(f"parent_tail must be in [0, block size) = [0, {dlm.config.block_size}), got {parent_tail}: "
                          "at the block size no draft is ever made")
-    input_ids = torch.as_tensor(input_ids)
-    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
-    attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
-    attention_mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
-    device = dlm.device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    if isinstance(stop_strings, str):
-        stop_strings = [stop_strings]
-    stops = StopRule(dlm.eos_token_ids, stop_strings, tokenizer or dlm.tokenizer)
+    input_ids, attention_mask, stops = row_inputs(dlm, input_ids, attention_mask, stop_strings, tokenizer)
     processors = parent_logits_processors(dlm)
 
     was_training = dlm.model.training
@@ -336,13 +328,33 @@ def lossless_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
     finally:
         dlm.model.train(was_training)
 
+    sequences, num_new = padded_rows(dlm, input_ids, rows)
+    return LosslessOutput(sequences, nfe_draft, nfe_verify, num_new, accepted_lengths,
+                          len(parent_steps))
+
+
+def row_inputs(dlm, input_ids, attention_mask, stop_strings, tokenizer) -> tuple[torch.Tensor, torch.Tensor, StopRule]:
+    """`(batch, len)` prompts and mask on the model's device (one prompt may come as `(len,)`; no mask = all ones)
+    and the stop rule, for the decodings that run rows one at a time (lossless, verified)."""
+    input_ids = torch.as_tensor(input_ids)
+    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
+    attention_mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    stops = StopRule(dlm.eos_token_ids, stop_strings, tokenizer or dlm.tokenizer)
+    return input_ids.to(dlm.device), attention_mask.to(dlm.device), stops
+
+
+def padded_rows(dlm, input_ids: torch.Tensor, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompts followed by each row's new tokens, padded on the right; `(batch,)` new tokens per row)."""
+    device = input_ids.device
     width = max(len(new) for new in rows)
     tail = torch.full((len(rows), width), dlm.tokenizer.pad_token_id, dtype=torch.long, device=device)
     for i, new in enumerate(rows):
         tail[i, : len(new)] = torch.tensor(new, dtype=torch.long, device=device)
     num_new = torch.tensor([len(new) for new in rows], dtype=torch.long, device=device)
-    return LosslessOutput(torch.cat([input_ids, tail], dim=1), nfe_draft, nfe_verify, num_new, accepted_lengths,
-                          len(parent_steps))
+    return torch.cat([input_ids, tail], dim=1), num_new
 
 
 def _decode_row(drafter: BlockDrafter, verifier: ParentVerifier, stops: StopRule, row: torch.Tensor,

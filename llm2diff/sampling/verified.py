@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llm2diff.modeling.attention import CLEAN, NOISY, PROMPT, block_diffusion_mask, to_additive_mask
-from llm2diff.sampling.lossless import StopRule, parent_logits_processors
+from llm2diff.sampling.lossless import padded_rows, parent_logits_processors, row_inputs
 from llm2diff.sampling.rules import suppress_ids
 from llm2diff.sampling.sampler import embedding_weight, uses_flash_attention
 
@@ -193,15 +193,7 @@ def verified_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    input_ids = torch.as_tensor(input_ids)
-    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
-    attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
-    attention_mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
-    device = dlm.device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    if isinstance(stop_strings, str):
-        stop_strings = [stop_strings]
-    stops = StopRule(dlm.eos_token_ids, stop_strings, tokenizer or dlm.tokenizer)
+    input_ids, attention_mask, stops = row_inputs(dlm, input_ids, attention_mask, stop_strings, tokenizer)
     processors = parent_logits_processors(dlm)
     weights = dlm.lora_merged if merge_lora and dlm.has_adapter else contextlib.nullcontext
 
@@ -217,14 +209,9 @@ def verified_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
     finally:
         dlm.model.train(was_training)
 
-    width = max(len(new) for new in rows)
-    tail = torch.full((len(rows), width), dlm.tokenizer.pad_token_id, dtype=torch.long, device=device)
-    for i, new in enumerate(rows):
-        tail[i, : len(new)] = torch.tensor(new, dtype=torch.long, device=device)
-    num_new = torch.tensor([len(new) for new in rows], dtype=torch.long, device=device)
-    return VerifiedOutput(torch.cat([input_ids, tail], dim=1), sum(nfe), num_new,
-                          nfe_per_row=torch.tensor(nfe, dtype=torch.long, device=device), accepted_lengths=accepted,
-                          drafted_lengths=drafted)
+    sequences, num_new = padded_rows(dlm, input_ids, rows)
+    return VerifiedOutput(sequences, sum(nfe), num_new, accepted_lengths=accepted, drafted_lengths=drafted,
+                          nfe_per_row=torch.tensor(nfe, dtype=torch.long, device=sequences.device))
 
 
 def _decode_row(stream: _Stream, stops: StopRule, row: torch.Tensor, max_new_tokens: int, threshold: float,
