@@ -97,8 +97,8 @@ class ChatSession:
         max_new_tokens: the longest reply, in tokens.
         system_prompt: the system prompt; None: the model's saved one; "": none.
         sampling: further keyword arguments of `dlm.generate` (commit rule, threshold, seed, `lossless`, ...).
-        stream: print each reply block by block as it is decoded (`lossless` and `verified` replies are printed
-            whole).
+        stream: print each reply as it is decoded: block by block, or with verified decoding what each verify
+            pass adds (`lossless` replies are printed whole).
         output: where replies are printed (default sys.stdout).
     """
 
@@ -108,7 +108,7 @@ class ChatSession:
         self.max_new_tokens = max_new_tokens
         self.system_prompt = dlm.config.system_prompt if system_prompt is None else system_prompt
         self.sampling = dict(sampling or {})
-        self.stream = stream and not (self.sampling.get("lossless", False) or self.sampling.get("verified", False))
+        self.stream = stream and not self.sampling.get("lossless", False)
         self.output = sys.stdout if output is None else output
         self.use_chat_template = bool(dlm.config.use_chat_template)
         if self.use_chat_template and not getattr(dlm.tokenizer, "chat_template", None):

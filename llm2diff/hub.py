@@ -269,7 +269,7 @@ def _settings(c: dict[str, Any]) -> str:
 
 
 def _sampler(c: dict[str, Any]) -> str:
-    names = ("commit_rule", "tokens_per_step", "threshold", "temperature", "confidence_floor", "significance_weight",
+    names = ("decoding", "commit_rule", "tokens_per_step", "threshold", "temperature", "confidence_floor", "significance_weight",
              "entropy_bound", "sub_block_size", "max_steps_per_block", "remask_threshold", "remask_budget")
     return ("## Sampler defaults\n\n`generate` (and `llm2diff generate`/`chat`) use these unless told otherwise.\n\n"
             + _table([(n.replace("_", " "), _code(c.get(n))) for n in names]))

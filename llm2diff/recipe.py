@@ -168,6 +168,18 @@ class FinalEvalArguments:
         "help": "Saved default for correction: remask committed tokens whose probability fell below this."})
     sampler_remask_budget: int | None = field(default=None, metadata={
         "help": "Saved default for correction: remasks allowed per block and row."})
+    sampler_decoding: str | None = field(default=None, metadata={
+        "help": "Saved default decoding: block (the block sampler) or verified (denoise each block, then check it "
+                "with the model's causal stream; needs clean_attention: causal)."})
+
+    def __post_init__(self) -> None:
+        from llm2diff.modeling.config import DECODINGS
+
+        if self.sampler_decoding is not None and self.sampler_decoding not in DECODINGS:
+            near = difflib.get_close_matches(str(self.sampler_decoding), DECODINGS, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise RecipeError(f"unknown sampler_decoding {self.sampler_decoding!r}; available: "
+                              f"{', '.join(DECODINGS)}.{hint}")
 
     def sampler_defaults(self) -> dict[str, Any]:
         """The `sampler_*` keys that are set, as `DiffusionConfig` field names."""

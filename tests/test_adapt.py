@@ -100,17 +100,17 @@ def test_lm_head_gets_sliced_hidden_states_with_fresh_strides_and_same_logits(dt
     import torch
 
     model = make_model("qwen2").to(getattr(torch, dtype)).eval()
-    ids = torch.randint(0, MODEL_VOCAB - 1, (1, 12))
-    with torch.no_grad():
-        reference = model(ids).logits[:, -3:]
     seen = []
     dlm = adapt(model, make_tokenizer(), block_size=4)
     handle = dlm.model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0]))
     adapt(model, make_tokenizer(), block_size=4)  # registering twice keeps one re-striding hook
-    with torch.no_grad():
-        kept = dlm.model(ids, logits_to_keep=3).logits
+    hidden = model.config.hidden_size
+    for rows in (1, 3):  # one row: a view that counts as contiguous; several: not contiguous at all
+        ids = torch.randint(0, MODEL_VOCAB - 1, (rows, 12))
+        with torch.no_grad():
+            reference = model(ids).logits[:, -3:]
+            kept = dlm.model(ids, logits_to_keep=3).logits
+        assert seen[-1].shape == (rows, 3, hidden) and seen[-1].stride() == (3 * hidden, hidden, 1)
+        assert torch.equal(kept, reference)
     handle.remove()
-    assert seen[0].shape == (1, 3, model.config.hidden_size)
-    assert seen[0].stride() == (3 * model.config.hidden_size, model.config.hidden_size, 1)
-    assert torch.equal(kept, reference)
     assert len(dlm.model.get_output_embeddings()._forward_pre_hooks) == 1

@@ -213,9 +213,10 @@ def test_recipe_trains_logs_the_ar_loss_and_continues_with_the_models_attention(
         path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items()))
         return str(path)
 
-    assert main(["train", "--config", recipe("causal")]) == 0
+    assert main(["train", "--config", recipe("causal", sampler_decoding="verified", sampler_threshold=0.7)]) == 0
     config = json.loads((root / "causal" / "diffusion_config.json").read_text())
     assert config["clean_attention"] == "causal"
+    assert config["decoding"] == "verified" and config["threshold"] == 0.7
     history = json.loads((root / "causal" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     assert all(entry["ar_loss"] > 0 for entry in history if "loss" in entry)
     # a recipe continuing the saved model (as self-training rounds do) keeps the model's attention
@@ -226,3 +227,7 @@ def test_recipe_trains_logs_the_ar_loss_and_continues_with_the_models_attention(
                                                                       ar_loss_weight=0.0)])
     dlm = continue_from(root / "causal", model_args, train_args)
     assert dlm.config.causal_clean and train_args.clean_attention == "causal"
+    # verified decoding as the saved default needs the causal clean stream: refused before training starts
+    assert main(["train", "--config", recipe("bad", clean_attention="block", ar_loss_weight=0.0,
+                                             sampler_decoding="verified")]) == 2
+    assert not (root / "bad" / "checkpoint-4").exists()

@@ -133,7 +133,7 @@ def test_card_describes_the_model(model_dir, hub, capsys):
     assert config["block_size"] == 4
     assert "| block size | 4 |" in card
     assert f"`{config['mask_token']}` (id {config['mask_token_id']})" in card
-    assert "| token shift | yes" in card and "| threshold | `0.9` |" in card
+    assert "| token shift | yes" in card and "| threshold | `0.9` |" in card and "| decoding | `block` |" in card
     assert "builtin:arithmetic" in card and "| seed | `3` |" in card and "| lora_r | `4` |" in card
     assert "Solve the problem step by step." in card
     assert "transformers" in card.split("Library versions:")[1]

@@ -159,14 +159,34 @@ def test_cli_verified_prints_the_models_greedy_answer(tmp_path, capsys):
     assert torch.equal(expected.sequences, greedy(dlm, ids, torch.ones_like(ids), 12))
     answer = dlm.tokenizer.decode(expected.sequences[0, ids.shape[1]:ids.shape[1] + int(expected.num_new_tokens[0])],
                                   skip_special_tokens=True).strip()
-    assert out == (f"### prompt 0: tom has 5 apples\n{answer}\n\n[{int(expected.num_new_tokens[0])} new tokens in 1 "
-                   f"rows, verified: {expected.nfe} forward passes, {expected.acceptance_rate:.0%} of denoised tokens "
-                   "kept, block size 4]\n")
+    printed = (f"### prompt 0: tom has 5 apples\n{answer}\n\n[{int(expected.num_new_tokens[0])} new tokens in 1 "
+               f"rows, verified: {expected.nfe} forward passes, {expected.acceptance_rate:.0%} of denoised tokens "
+               "kept, block size 4]\n")
+    assert out == printed
     assert main(argv + ["--verified", "--tokens-per-step", "2"]) == 2
     assert "--verified denoises with the threshold rule and verifies every token, so --tokens-per-step does not " \
            "apply: leave it out" in capsys.readouterr().err
-    assert main(argv + ["--verified", "--stream"]) == 2
-    assert "cannot be combined with --lossless, --stream" in capsys.readouterr().err
+    assert main(argv + ["--verified", "--show-steps"]) == 2
+    assert "cannot be combined with --lossless, --show-steps" in capsys.readouterr().err
+    # streamed: the same answer, printed as each verify pass adds tokens
+    assert main(argv + ["--verified", "--threshold", "0.5", "--stream"]) == 0
+    assert capsys.readouterr().out.startswith(f"### prompt 0: tom has 5 apples\n{answer}\n\n[")
+    # in bfloat16 (--dtype): the bfloat16 model's own greedy decoding
+    assert main(argv + ["--verified", "--threshold", "0.5", "--dtype", "bfloat16"]) == 0
+    half = load(tmp_path / "dlm", dtype=torch.bfloat16)
+    assert half.model.dtype == torch.bfloat16
+    out16 = verified_generate(half, ids, max_new_tokens=12, threshold=0.5)
+    text16 = half.tokenizer.decode(out16.sequences[0, ids.shape[1]:ids.shape[1] + int(out16.num_new_tokens[0])],
+                                   skip_special_tokens=True).strip()
+    assert capsys.readouterr().out.startswith(f"### prompt 0: tom has 5 apples\n{text16}\n\n[")
+    # saved as the model's decoding: the same output without the flag; a block-sampler flag gets the block sampler
+    dlm.config.decoding, dlm.config.threshold = "verified", 0.5
+    dlm.save_pretrained(tmp_path / "dlm")
+    assert main(argv) == 0
+    assert capsys.readouterr().out == printed
+    assert main(argv + ["--tokens-per-step", "2"]) == 0
+    block = dlm.generate(ids, max_new_tokens=12, tokens_per_step=2)
+    assert f"{block.nfe} forward passes of the batch" in capsys.readouterr().out
 
 
 def test_graded_like_the_other_samplers():
@@ -208,4 +228,88 @@ def test_chat_replies_with_verified_decoding():
     new = out[0, ids.shape[1]:].tolist()
     eos = dlm.tokenizer.eos_token_id
     reply = dlm.tokenizer.decode(new[: new.index(eos) + 1] if eos in new else new, skip_special_tokens=True).strip()
-    assert f"bot> {reply}\n" in output.getvalue()  # printed whole (verified replies are not streamed)
+    assert f"bot> {reply}\n" in output.getvalue()  # streamed as each verify pass adds tokens
+    whole = io.StringIO()
+    assert run_chat(dlm, io.StringIO("tom has 5 apples\n/exit\n"), whole, max_new_tokens=8,
+                    sampling={"verified": True, "threshold": 0.5}, stream=False) == 0
+    assert whole.getvalue() == output.getvalue()
+
+
+class Recorder:
+    """A streamer (transformers' `BaseStreamer` protocol) that keeps what it is given."""
+
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        self.puts.append(torch.as_tensor(value).reshape(-1).tolist())
+
+    def end(self):
+        self.ended += 1
+
+
+@pytest.mark.parametrize("stop", [None, "eos", "limit"])
+def test_streamer_gets_the_prompt_then_each_verify_pass_tokens(stop):
+    dlm = make_dlm("qwen3", 4)
+    no_eos(dlm)
+    prompt, limit = PROMPTS[:1], 13
+    free = greedy(dlm, prompt, MASK[:1], limit)[0, prompt.shape[1]:].tolist()
+    if stop == "eos":  # a row that stops inside a verify pass's tokens
+        at = next(i for i in range(3, len(free)) if free[i] not in free[:i])
+        dlm.tokenizer.eos_token = dlm.tokenizer.convert_ids_to_tokens(free[at])
+        dlm.model.generation_config.eos_token_id = free[at]
+    elif stop == "limit":
+        limit = 10
+    recorder = Recorder()
+    out = verified_generate(dlm, prompt, max_new_tokens=limit, threshold=0.5, streamer=recorder)
+    new = out.sequences[0, prompt.shape[1]: prompt.shape[1] + int(out.num_new_tokens[0])].tolist()
+    assert recorder.puts[0] == prompt[0].tolist() and recorder.ended == 1
+    assert sum(recorder.puts[1:], []) == new
+    assert len(recorder.puts) - 1 == 1 + len(out.accepted_lengths)  # the first token, then one put per verify pass
+    assert all(recorder.puts[1:])
+    with pytest.raises(ValueError, match="a streamer follows one response: give one prompt"):
+        verified_generate(dlm, PROMPTS, MASK, max_new_tokens=4, streamer=Recorder())
+
+
+def test_saved_decoding_verified_is_the_default_until_a_block_sampler_option_is_set(tmp_path):
+    from conftest import adapted_with_saved_base
+
+    from llm2diff import load
+    from llm2diff.sampling.sampler import GenerateOutput
+
+    dlm = adapted_with_saved_base(tmp_path, "llama", clean_attention="causal",
+                                  lora=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    no_eos(dlm)
+    expected = verified_generate(dlm, PROMPTS, MASK, max_new_tokens=11, threshold=0.9)
+    block = dlm.generate(PROMPTS, MASK, max_new_tokens=11)
+    assert isinstance(block, GenerateOutput)  # decoding "block": the block sampler
+    dlm.config.decoding = "verified"
+    out = dlm.generate(PROMPTS, MASK, max_new_tokens=11)  # no saved threshold: 0.9
+    assert torch.equal(out.sequences, expected.sequences) and out.nfe == expected.nfe
+    dlm.config.threshold = 0.5
+    assert dlm.generate(PROMPTS, MASK, max_new_tokens=11).nfe == \
+        verified_generate(dlm, PROMPTS, MASK, max_new_tokens=11, threshold=0.5).nfe
+    for option in ({"tokens_per_step": 1}, {"temperature": 0.0}, {"commit_rule": "threshold"}, {"seed": 3},
+                   {"use_cache": False}, {"record_trajectory": True}, {"use_saved_defaults": False},
+                   {"verified": False}):
+        assert isinstance(dlm.generate(PROMPTS, MASK, max_new_tokens=11, **option), GenerateOutput), option
+    dlm.save_pretrained(tmp_path / "m")
+    again = load(tmp_path / "m")
+    no_eos(again)
+    assert again.config.decoding == "verified"
+    assert torch.equal(again.generate(PROMPTS, MASK, max_new_tokens=11).sequences,
+                       verified_generate(again, PROMPTS, MASK, max_new_tokens=11, threshold=0.5).sequences)
+
+
+def test_saved_decoding_errors():
+    from llm2diff.modeling.config import DiffusionConfig
+    from llm2diff.recipe import FinalEvalArguments, RecipeError
+
+    with pytest.raises(ValueError, match="decoding 'verified' checks every block with the model's causal clean "
+                                         "stream.*train with clean_attention: causal"):
+        DiffusionConfig(decoding="verified")
+    with pytest.raises(ValueError, match="decoding must be one of block, verified, got 'fast'"):
+        DiffusionConfig(decoding="fast", clean_attention="causal")
+    with pytest.raises(RecipeError, match="unknown sampler_decoding 'verifed'; available: block, verified. "
+                                          "Did you mean 'verified'"):
+        FinalEvalArguments(sampler_decoding="verifed")

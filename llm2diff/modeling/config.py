@@ -18,6 +18,7 @@ from llm2diff.atomic import write_json_atomic
 
 CONFIG_NAME = "diffusion_config.json"
 CLEAN_ATTENTION = ("block", "causal")
+DECODINGS = ("block", "verified")
 
 
 @dataclass
@@ -45,6 +46,9 @@ class DiffusionConfig:
             coarse-to-fine commit rule reads, if any.
         commit_rule, significance_weight, confidence_floor: sampler defaults for the commit rule.
         tokens_per_step, threshold, temperature: sampler defaults used when `generate` is not told otherwise.
+        decoding: how `generate` decodes when not told otherwise: "block" (the block sampler with the defaults
+            here) or "verified" (a causal-clean model's verified decoding, threshold rule at `threshold`; a call
+            that sets any option of the block sampler, e.g. a temperature or a streamer, gets the block sampler).
         entropy_bound, sub_block_size, max_steps_per_block, remask_threshold, remask_budget: the same for the
             entropy rule, sub-blocks, the cap on steps per block and correction (see `llm2diff.sampling`).
         use_chat_template, system_prompt, prompt_template: how training prompts were rendered, so that
@@ -73,6 +77,7 @@ class DiffusionConfig:
     confidence_floor: float | None = None
     threshold: float | None = None
     temperature: float = 0.0
+    decoding: str = "block"
     entropy_bound: float = 1.0
     sub_block_size: int | None = None
     max_steps_per_block: int | None = None
@@ -93,6 +98,12 @@ class DiffusionConfig:
             raise ValueError(f"noise window must satisfy 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
         if self.clean_attention not in CLEAN_ATTENTION:
             raise ValueError(f"clean_attention must be one of {', '.join(CLEAN_ATTENTION)}, got {self.clean_attention!r}")
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {self.decoding!r}")
+        if self.decoding == "verified" and not self.causal_clean:
+            raise ValueError("decoding 'verified' checks every block with the model's causal clean stream, which a "
+                             "model trained with clean_attention 'block' does not have: train with clean_attention: "
+                             "causal, or keep decoding 'block'")
         if self.loss_weighting not in ("elbo", "mean", "cart"):
             raise ValueError(f"loss_weighting must be 'elbo', 'mean' or 'cart', got {self.loss_weighting!r}")
 

@@ -254,7 +254,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
                 input_ids, attention_mask, max_new_tokens=self.max_completion_length, temperature=self.temperature,
                 top_k=self.top_k if self.top_k and self.top_k > 0 else None,
                 top_p=self.top_p if self.top_p is not None and self.top_p < 1.0 else None,
-                threshold=threshold, tokens_per_step=tokens_per_step, seed=self._generation_seed(),
+                threshold=threshold, tokens_per_step=tokens_per_step, seed=self._generation_seed(), verified=False,
             )
         completions = out.sequences[:, input_ids.shape[1]:].cpu()
         eos = set(self.eos_token_ids)

@@ -166,7 +166,7 @@ class _Stream:
 
 def verified_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       max_new_tokens: int = 256, threshold: float = 0.9, stop_strings: list[str] | str | None = None,
-                      tokenizer=None, merge_lora: bool = False) -> VerifiedOutput:
+                      tokenizer=None, merge_lora: bool = False, streamer=None) -> VerifiedOutput:
     """Exactly the adapted model's greedy causal decoding, denoised block by block and verified by its own causal
     stream (see the module docstring).
 
@@ -179,6 +179,8 @@ def verified_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
         stop_strings: stop a row after the token that completes one of these strings (as `generate` does).
         tokenizer: for the stop strings; default `dlm.tokenizer`.
         merge_lora: run with the LoRA folded into the weights (`dlm.lora_merged`: faster passes, same model).
+        streamer: (one prompt) transformers' `BaseStreamer` protocol (`put`/`end`, e.g. `TextStreamer` or
+            `llm2diff.chat.BlockPrinter`): gets the prompt, then the tokens each verify pass adds, then `end()`.
     """
     config = dlm.config
     if not config.causal_clean or not config.shift:
@@ -194,6 +196,8 @@ def verified_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     input_ids, attention_mask, stops = row_inputs(dlm, input_ids, attention_mask, stop_strings, tokenizer)
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise ValueError(f"a streamer follows one response: give one prompt (got {input_ids.shape[0]})")
     processors = parent_logits_processors(dlm)
     weights = dlm.lora_merged if merge_lora and dlm.has_adapter else contextlib.nullcontext
 
@@ -202,10 +206,15 @@ def verified_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
     rows, nfe, accepted, drafted = [], [], [], []
     try:
         with torch.inference_mode(), dlm.trained_token_rows_merged(), weights():
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+            emit = (lambda tokens: streamer.put(torch.tensor(tokens, dtype=torch.long))) if streamer else None
             for row, keep in zip(input_ids, attention_mask.bool()):
                 stream = _Stream(dlm, row[keep], processors)
-                rows.append(_decode_row(stream, stops, row, max_new_tokens, threshold, accepted, drafted))
+                rows.append(_decode_row(stream, stops, row, max_new_tokens, threshold, accepted, drafted, emit))
                 nfe.append(stream.nfe)
+            if streamer is not None:
+                streamer.end()
     finally:
         dlm.model.train(was_training)
 
@@ -215,14 +224,21 @@ def verified_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def _decode_row(stream: _Stream, stops: StopRule, row: torch.Tensor, max_new_tokens: int, threshold: float,
-                accepted_lengths: list[int], drafted_lengths: list[int]) -> list[int]:
+                accepted_lengths: list[int], drafted_lengths: list[int], emit=None) -> list[int]:
+    """One row's new tokens; `emit` (if given) gets them as they are decided, each verify pass's in one call."""
+    def final(tokens: list[int], start: int, end: int | None = None) -> list[int]:
+        if emit is not None and tokens[start:end]:
+            emit(tokens[start:end])
+        return tokens[:end] if end is not None else tokens
+
     size = stream.block_size
     clean_logits, _ = stream.run([])  # prefill: the stream's first token
     first = int(stream.choices(clean_logits, [])[0])
     new = stream.keep([], 0, first)
     stop = stops.first_stop(row, new, 0)
     if stop is not None or max_new_tokens == 1:
-        return new[: 1 if stop is None else stop]
+        return final(new, 0, 1 if stop is None else stop)
+    final(new, 0)
     early = None  # the next block's first denoising step, from a fully accepted verify pass
     while True:
         n = len(stream.tokens)
@@ -262,6 +278,7 @@ def _decode_row(stream: _Stream, stops: StopRule, row: torch.Tensor, max_new_tok
             early = next_logits
         stop = stops.first_stop(row, new, start)
         if stop is not None:
-            return new[:stop]
+            return final(new, start, stop)
         if len(new) >= max_new_tokens:
-            return new[:max_new_tokens]
+            return final(new, start, max_new_tokens)
+        final(new, start)

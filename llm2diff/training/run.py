@@ -136,6 +136,10 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
     dlm.config.training = provenance(recipe, train_args.seed)
     for name, value in eval_args.sampler_defaults().items():  # how `generate` samples this model by default
         setattr(dlm.config, name, value)
+    if dlm.config.decoding == "verified" and not dlm.config.causal_clean:  # before training, not after
+        raise RecipeError("sampler_decoding: verified checks every block with the model's causal clean stream, "
+                          "which needs clean_attention: causal (this model reads clean blocks bidirectionally); "
+                          "set clean_attention: causal or drop sampler_decoding")
     logger.info("adapted: %s", dlm)
     if train_rows is not None:
         train_ds = tokenize_dataset(train_rows, tokenizer, data_args, train_args.max_length)
