@@ -271,7 +271,7 @@ def test_streamer_gets_the_prompt_then_each_verify_pass_tokens(stop):
         verified_generate(dlm, PROMPTS, MASK, max_new_tokens=4, streamer=Recorder())
 
 
-def test_saved_decoding_verified_is_the_default_until_a_block_sampler_option_is_set(tmp_path):
+def test_saved_decoding_verified_is_the_default_until_a_block_sampler_option_is_set(tmp_path, monkeypatch):
     from conftest import adapted_with_saved_base
 
     from llm2diff import load
@@ -293,6 +293,10 @@ def test_saved_decoding_verified_is_the_default_until_a_block_sampler_option_is_
                    {"use_cache": False}, {"record_trajectory": True}, {"use_saved_defaults": False},
                    {"verified": False}):
         assert isinstance(dlm.generate(PROMPTS, MASK, max_new_tokens=11, **option), GenerateOutput), option
+    with monkeypatch.context() as m:  # FlashAttention ignores the 4D masks verified decoding passes
+        m.setattr("llm2diff.modeling.diffusion_lm.uses_flash_attention", lambda model: True)
+        m.setattr("llm2diff.sampling.sampler.uses_flash_attention", lambda model: False)  # the block sampler's own
+        assert isinstance(dlm.generate(PROMPTS, MASK, max_new_tokens=11), GenerateOutput)
     dlm.save_pretrained(tmp_path / "m")
     again = load(tmp_path / "m")
     no_eos(again)
