@@ -120,6 +120,30 @@ def lossless_row(dlm, problems, data_args, max_new_tokens: int, merge_lora: bool
             "identical": identical, "rows": len(problems)}
 
 
+def verified_identical(dlm, problems, data_args, max_new_tokens: int, threshold: float) -> tuple[int, int]:
+    """How many of `problems` verified decoding answers with exactly the model's own greedy `generate` (adapter on,
+    one prompt at a time, in the model's dtype): (equal, checked)."""
+    import torch
+
+    from llm2diff.evaluation.exact_match import left_pad
+    from llm2diff.sampling.lossless import parent_suppressed_ids
+    from llm2diff.training.data import render_example
+
+    equal = 0
+    for problem in problems:
+        ids, mask = left_pad([render_example({"question": problem["question"], "answer": ""}, dlm.tokenizer,
+                                             data_args)[0]], dlm.tokenizer.pad_token_id)
+        with torch.inference_mode(), dlm.trained_token_rows_merged():
+            greedy = dlm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                        do_sample=False, suppress_tokens=parent_suppressed_ids(dlm),
+                                        pad_token_id=dlm.tokenizer.pad_token_id)
+        out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, verified=True, threshold=threshold)
+        width = ids.shape[1]
+        new = out.sequences[0, width: width + int(out.num_new_tokens[0])].tolist()
+        equal += int(greedy[0, width: width + len(new)].tolist() == new)
+    return equal, len(problems)
+
+
 def same_tokens(a, b) -> bool:
     """Equal sequences, allowing one of them to carry extra trailing padding columns (0 = pad id here or not)."""
     import torch
@@ -149,6 +173,9 @@ def main() -> None:
     parser.add_argument("--skip-lossless", action="store_true")
     parser.add_argument("--skip-diffusion", action="store_true",
                         help="only the lossless rows (and the length rows unless --skip-lengths)")
+    parser.add_argument("--check-verified", type=int, default=0, metavar="N",
+                        help="for a causal-clean model: on the first N problems, whether verified decoding "
+                             "(threshold 0.7) returns exactly the model's own greedy generate (default 0: skip)")
     parser.add_argument("--parent-tails", default="0,2",
                         help="lossless rows for each parent_tail value (the parent decodes a block's last N "
                              "positions alone), comma-separated")
@@ -210,6 +237,11 @@ def main() -> None:
     for row in lossless_rows:
         print(f"| {row['model']} | {row['parent_tps']:.1f} | {row['lossless_tps']:.1f} | {row['ratio']:.2f}x | "
               f"{row['mean_accepted']:.2f} | {row['verify_per_token']:.3f} | {row['identical']} of {row['rows']} |")
+
+    if args.check_verified and dlm.config.causal_clean:
+        equal, checked = verified_identical(dlm, problems[: args.check_verified], data_args, args.max_new_tokens, 0.7)
+        print(f"\nverified decoding (threshold 0.7) = the model's greedy generate ({args.dtype}): {equal} of "
+              f"{checked} problems")
 
     if not args.skip_lengths:
         best = dict(SETTINGS)["threshold 0.7"]
