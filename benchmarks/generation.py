@@ -14,6 +14,7 @@ Prints one table; asserts nothing.
     python benchmarks/generation.py                                   # outputs/quickstart, outputs/quickstart-ar-twin
     python benchmarks/generation.py --problems 20 --skip-lengths      # a quick look
     python benchmarks/generation.py --lossless-model outputs/quickstart-selfdistill
+    python benchmarks/generation.py --model outputs/quickstart-fast-causal --dtype bfloat16 --check-verified 30
 """
 
 from __future__ import annotations
