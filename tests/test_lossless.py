@@ -54,8 +54,10 @@ def plant_eos(dlm, free: torch.Tensor, row: int = 0) -> int:
 
 
 def check_accounting(out) -> None:
-    # one parent pass per verification round, and one per token the parent decoded alone (parent_tail)
-    assert out.nfe_verify == len(out.accepted_lengths) + out.parent_steps
+    # one parent pass per verification round, one per token the parent decoded alone (parent_tail), and on a CPU
+    # (stepwise verification) one per row over its prompt alone
+    assert out.prompt_passes == out.sequences.shape[0]
+    assert out.nfe_verify == len(out.accepted_lengths) + out.parent_steps + out.prompt_passes
     assert out.nfe == out.nfe_draft + out.nfe_verify
     # a round yields its accepted draft tokens plus the parent's token, unless the row stops inside it
     assert sum(out.accepted_lengths) <= int(out.num_new_tokens.sum()) <= sum(out.accepted_lengths) + out.nfe_verify
@@ -118,7 +120,7 @@ def test_acceptance_counts_with_oracle_drafts(monkeypatch, block_size, wrong_at,
     out = lossless_generate(dlm, prompt, max_new_tokens=NEW)
     assert torch.equal(out.sequences, reference)  # wrong drafts are cropped off the parent's cache
     assert out.accepted_lengths == expected
-    assert out.nfe_verify == len(expected)
+    assert out.nfe_verify == len(expected) + 1  # and the prompt's own pass (stepwise verification, a CPU)
     assert out.mean_accepted_length == pytest.approx(sum(expected) / len(expected))
 
 
@@ -182,7 +184,7 @@ def test_zeroed_adapter_with_block_size_one_drafts_exactly_the_parent():
     assert out.num_new_tokens.tolist() == [NEW, NEW]
     assert out.accepted_lengths == [1] * 14  # 7 rounds per row: 6 x (draft + bonus), then one draft token
     assert out.mean_accepted_length == 1.0
-    assert out.nfe_verify == 14
+    assert out.nfe_verify == 14 + 2  # and each prompt's own pass (stepwise verification, a CPU)
 
 
 def test_spare_embedding_rows_and_mask_token_never_emitted():
@@ -291,7 +293,7 @@ def test_generate_lossless_flag_is_this_function():
     reference = dlm.ar_generate(PROMPTS, MASK, max_new_tokens=NEW)
     out = dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, lossless=True)
     assert torch.equal(out.sequences, reference)
-    assert out.nfe_verify == len(out.accepted_lengths)
+    assert out.nfe_verify == len(out.accepted_lengths) + out.prompt_passes
     tail = dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, lossless=True, parent_tail=2)
     expected = lossless_generate(dlm, PROMPTS, MASK, max_new_tokens=NEW, parent_tail=2)
     assert torch.equal(tail.sequences, reference)
@@ -392,3 +394,89 @@ def test_drafting_with_the_lora_merged_keeps_the_output_and_the_parent_exact(arc
     assert merged.accepted_lengths == plain.accepted_lengths  # the same drafts, up to float rounding
     for name, param in dlm.model.named_parameters():
         assert torch.equal(param, before[name]), name
+
+
+# --- the parent's passes with generate's own attention arithmetic (stepwise attention) ----------------------------
+
+def _bf16_matmul_is_batch_invariant() -> bool:
+    """Whether this CPU multiplies a row in bfloat16 the same way alone and among others (AMX CPUs do)."""
+    gen = torch.Generator().manual_seed(0)
+    for n_in, n_out in [(32, 64), (64, 32), (32, 96)]:
+        weight = torch.randn(n_out, n_in, generator=gen).bfloat16()
+        x = torch.randn(9, n_in, generator=gen).bfloat16()
+        rows = torch.cat([torch.nn.functional.linear(x[i : i + 1], weight) for i in range(9)])
+        if not torch.equal(torch.nn.functional.linear(x, weight), rows):
+            return False
+    return True
+
+
+needs_batch_invariant_bf16 = pytest.mark.skipif(
+    not _bf16_matmul_is_batch_invariant(),
+    reason="this CPU's bfloat16 matmuls change with the number of rows: no attention can make a many-token pass "
+           "equal generate's one-token steps")
+
+
+@needs_batch_invariant_bf16
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_stepwise_passes_reproduce_generates_logits_bit_for_bit(arch):
+    from transformers import DynamicCache
+
+    from llm2diff.modeling.attention import stepwise_attention
+
+    model = make_model(arch).to(torch.bfloat16).eval()
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    p = prompt.shape[1]
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+        reference = torch.cat(out.logits)  # generate's logits: the prefill's last position, then one-token steps
+        seq = out.sequences
+
+        def two_passes():  # the prompt with 5 new tokens (a first verify pass), then the other new tokens
+            cache = DynamicCache(config=model.config)
+            first = model(seq[:, : p + 5], past_key_values=cache).logits[0, p - 1 :]
+            return torch.cat([first, model(seq[:, p + 5 : -1], past_key_values=cache).logits[0]])
+
+        with stepwise_attention(model, prefill=p):
+            stepwise = two_passes()
+        assert model.config._attn_implementation == "sdpa"  # restored
+        batched = two_passes()
+    assert torch.equal(stepwise, reference)
+    # the same passes with SDPA over all queries at once agree only up to rounding
+    assert torch.allclose(batched.float(), reference.float(), atol=0.05)
+
+
+@needs_batch_invariant_bf16
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_lossless_in_bfloat16_is_generate_bit_for_bit(arch):
+    # measured here with the parent's passes batched (stepwise_verify=False): 10 of these 12 rows equal for qwen3,
+    # 11 for llama (bfloat16 near-ties flip); stepwise, all of them
+    dlm = make_dlm(arch, 4, scale=0.05)
+    dlm.model.to(torch.bfloat16)
+    set_eos(dlm, None)
+    for seed in range(12):
+        ids = torch.randint(3, 60, (1, 5 + seed % 4), generator=torch.Generator().manual_seed(seed))
+        out = lossless_generate(dlm, ids, max_new_tokens=24)
+        assert torch.equal(out.sequences, dlm.ar_generate(ids, torch.ones_like(ids), max_new_tokens=24)), seed
+
+
+def test_stepwise_verification_can_be_turned_off_and_needs_sdpa():
+    from llm2diff.modeling.attention import stepwise_attention, stepwise_sdpa
+
+    dlm = make_dlm("qwen2", 4)
+    set_eos(dlm, None)
+    free = dlm.ar_generate(PROMPTS, MASK, max_new_tokens=NEW)
+    off = lossless_generate(dlm, PROMPTS, MASK, max_new_tokens=NEW, stepwise_verify=False)
+    assert torch.equal(off.sequences, free)
+    assert off.prompt_passes == 0 and off.nfe_verify == len(off.accepted_lengths)  # the prompt rides the 1st pass
+    dlm.model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="stepwise_verify needs SDPA attention; this model runs 'eager'"):
+        lossless_generate(dlm, PROMPTS, MASK, max_new_tokens=NEW, stepwise_verify=True)
+    with pytest.raises(ValueError, match="replaces SDPA; this model runs 'eager'"):
+        with stepwise_attention(dlm.model):
+            pass
+    # by default an eager parent verifies with its own attention: still the parent's output
+    assert torch.equal(lossless_generate(dlm, PROMPTS, MASK, max_new_tokens=NEW).sequences, free)
+    with pytest.raises(ValueError, match="plain causal passes only"):
+        stepwise_sdpa(None, torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4),
+                      torch.zeros(1, 1, 3, 3))

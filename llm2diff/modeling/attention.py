@@ -26,7 +26,9 @@ documents, on top of the rules above.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -216,3 +218,65 @@ def anneal_block_mask(
         return allowed & ~candidates
     u = torch.rand(allowed.shape, generator=generator, device=allowed.device)
     return allowed & ~(candidates & (u >= fraction))
+
+
+# --- generate's attention, query by query --------------------------------------------------------------------------
+
+STEPWISE_ATTENTION = "llm2diff_stepwise_sdpa"
+# leading queries of the current pass that form a prefill over an empty cache (computed in one causal call)
+_PREFILL: contextvars.ContextVar[int] = contextvars.ContextVar("llm2diff_stepwise_prefill", default=0)
+
+
+def stepwise_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
+    """SDPA over a causal pass as `generate` runs it, whatever the number of new queries.
+
+    A pass over a prompt's prefill (the first `prefill` queries, when nothing was cached before) is one causal
+    call, as `generate`'s prefill; every later query is its own call over the keys up to it, as `generate`'s
+    one-token steps. Where the matrix products are batch-invariant (a row's result does not depend on how many
+    rows are multiplied with it, as bfloat16 matmuls are on CPUs with AMX), the logits of a many-token causal pass
+    then equal `generate`'s bit for bit: attention is the one operation whose arithmetic changes with the number
+    of queries (SDPA's kernels block the keys differently, and `generate` never masks a one-token step). Costs
+    one small attention call per query per layer (measured: 65 ms instead of 63 for an 8-token pass of SmolLM2 in
+    bfloat16 on one CPU thread). The pass must be plain causal over its cache (no padding, no 4D mask).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None:
+        raise ValueError("stepwise attention runs plain causal passes only; it got an attention mask")
+    queries, past = query.shape[2], key.shape[2] - query.shape[2]
+    head = min(_PREFILL.get(), queries) if past == 0 else 0
+    outputs = []
+    if head:
+        outputs.append(sdpa_attention_forward(module, query[:, :, :head], key[:, :, :head], value[:, :, :head],
+                                              None, **kwargs)[0])
+    for j in range(head, queries):
+        end = past + j + 1
+        outputs.append(sdpa_attention_forward(module, query[:, :, j : j + 1], key[:, :, :end], value[:, :, :end],
+                                              None, **kwargs)[0])
+    return torch.cat(outputs, dim=1), None
+
+
+def supports_stepwise_attention(model) -> bool:
+    """True when `stepwise_attention` can run this model: its attention implementation is SDPA."""
+    return getattr(model.config, "_attn_implementation", None) == "sdpa"
+
+
+@contextlib.contextmanager
+def stepwise_attention(model, prefill: int = 0) -> Iterator[None]:
+    """Run the model's causal passes with `stepwise_sdpa` (the model must use SDPA; see
+    `supports_stepwise_attention`). `prefill`: in a pass over an empty cache, the first this many queries are the
+    prompt's prefill, computed in one causal call as `generate` computes it."""
+    from transformers import AttentionInterface
+
+    config = model.config
+    if config._attn_implementation != "sdpa":
+        raise ValueError(f"stepwise attention replaces SDPA; this model runs {config._attn_implementation!r}")
+    if STEPWISE_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(STEPWISE_ATTENTION, stepwise_sdpa)
+    token = _PREFILL.set(prefill)
+    config._attn_implementation = STEPWISE_ATTENTION  # no mask is built for a name transformers does not know
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+        _PREFILL.reset(token)

@@ -126,18 +126,10 @@ class DiffusionLM:
         (tied embeddings), which every caller suppresses. Unlike `ar_parent` (PEFT's `disable_adapter`, which also
         unmerges the trained rows), switching back costs nothing: lossless mode alternates the two every round.
         """
-        from peft.tuners.lora import LoraLayer
-
         if not self.has_adapter:
             raise RuntimeError("this DiffusionLM has no adapter, so there is no AR parent to switch to")
-        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and not m.disable_adapters]
-        for layer in layers:
-            layer._disable_adapters = True  # PEFT's own flag; enable_adapters() would also touch requires_grad
-        try:
-            yield self.model
-        finally:
-            for layer in layers:
-                layer._disable_adapters = False
+        with LoraSwitch(self).off() as model:
+            yield model
 
     @contextlib.contextmanager
     def trained_token_rows_merged(self) -> Iterator[None]:
@@ -183,42 +175,28 @@ class DiffusionLM:
         for as long as this `DiffusionLM` lives. Not on a quantized base (its weights cannot hold the deltas); no-op
         without an adapter.
         """
-        from peft.tuners.lora import LoraLayer
-
-        if getattr(self.model, "is_loaded_in_4bit", False) or getattr(self.model, "is_loaded_in_8bit", False):
-            raise ValueError("merge_lora folds the LoRA into the base weights, which a quantized (QLoRA) base cannot "
-                             "hold: generate without merge_lora, or export a merged full-precision model "
-                             "(llm2diff export --merge)")
-        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and not m.merged
-                  and not m.disable_adapters]
-        if not hasattr(self, "_merged_lora"):
-            self._merged_lora: dict[int, tuple] = {}
-        swapped = []
-        try:
-            for layer in layers:
-                base = layer.get_base_layer()
-                original = (base.weight.data, base.bias.data if getattr(base, "bias", None) is not None else None)
-                key = _lora_state_key(layer, original[0])
-                cached = self._merged_lora.get(id(layer))
-                swapped.append((layer, original))
-                if cached is not None and cached[0] == key:
-                    base.weight.data = cached[1]
-                    if cached[2] is not None:
-                        base.bias.data = cached[2]
-                    layer.merged_adapters.extend(a for a in layer.active_adapters if a in layer.lora_A)
-                else:
-                    layer.merge(safe_merge=True)  # new tensors: the originals stay as they are
-                    changed = original[1] is not None and base.bias.data_ptr() != original[1].data_ptr()
-                    bias = base.bias.data if changed else None  # lora_bias: merged into the bias too
-                    self._merged_lora[id(layer)] = (key, base.weight.data, bias)
+        with LoraSwitch(self).merged():
             yield
-        finally:
-            for layer, (weight, bias) in swapped:
-                base = layer.get_base_layer()
-                base.weight.data = weight
-                if bias is not None:
-                    base.bias.data = bias
-                layer.merged_adapters.clear()
+
+    def _merged_lora(self, layer, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+        """(weight, bias or None) of a LoRA layer with its delta folded in, built once (PEFT's `merge(safe_merge=
+        True)`, a new tensor) and kept until an adapter weight changes. `weight`/`bias`: the layer's own tensors,
+        which are put back in place before returning."""
+        if not hasattr(self, "_merged_lora_cache"):
+            self._merged_lora_cache: dict[int, tuple] = {}
+        key = _lora_state_key(layer, weight)
+        cached = self._merged_lora_cache.get(id(layer))
+        if cached is None or cached[0] != key:
+            base = layer.get_base_layer()
+            layer.merge(safe_merge=True)  # new tensors: the originals stay as they are
+            changed = bias is not None and base.bias.data_ptr() != bias.data_ptr()
+            cached = (key, base.weight.data, base.bias.data if changed else None)  # lora_bias: into the bias too
+            self._merged_lora_cache[id(layer)] = cached
+            base.weight.data = weight
+            if bias is not None:
+                base.bias.data = bias
+            layer.merged_adapters.clear()
+        return cached[1], cached[2]
 
     @torch.no_grad()
     def ar_generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -621,6 +599,64 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
     if not is_trainable:
         model.eval()
     return DiffusionLM(model, tokenizer, config, significance=load_significance(path))
+
+
+class LoraSwitch:
+    """A model's active LoRA layers, found once, then switched off or to their merged weights as often as needed.
+
+    `DiffusionLM.lora_off()` and `lora_merged()` each build one, which walks every module (about 10 ms for
+    SmolLM2 on one CPU thread, with the merged weights' checks); lossless decoding switches twice a round, so it
+    holds one for a whole call. The adapter weights must not change while it is held (inference only).
+    """
+
+    def __init__(self, dlm):
+        from peft.tuners.lora import LoraLayer
+
+        self.dlm = dlm
+        self.layers = [m for m in dlm.model.modules() if isinstance(m, LoraLayer) and not m.disable_adapters]
+        self._merged: list[tuple] | None = None  # (layer, base, weight, bias, merged weight, merged bias or None)
+
+    @contextlib.contextmanager
+    def off(self) -> Iterator[torch.nn.Module]:
+        """The LoRA layers off (`DiffusionLM.lora_off`)."""
+        for layer in self.layers:
+            layer._disable_adapters = True  # PEFT's own flag; enable_adapters() would also touch requires_grad
+        try:
+            yield self.dlm.model
+        finally:
+            for layer in self.layers:
+                layer._disable_adapters = False
+
+    @contextlib.contextmanager
+    def merged(self) -> Iterator[None]:
+        """The merged weights swapped in (`DiffusionLM.lora_merged`), the originals back on leaving."""
+        model = self.dlm.model
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            raise ValueError("merge_lora folds the LoRA into the base weights, which a quantized (QLoRA) base cannot "
+                             "hold: generate without merge_lora, or export a merged full-precision model "
+                             "(llm2diff export --merge)")
+        if self._merged is None:
+            self._merged = []
+            for layer in self.layers:
+                if layer.merged:
+                    continue
+                base = layer.get_base_layer()
+                bias = base.bias.data if getattr(base, "bias", None) is not None else None
+                self._merged.append((layer, base, base.weight.data, bias,
+                                     *self.dlm._merged_lora(layer, base.weight.data, bias)))
+        # with the merged weights in, the layer must run its base layer alone: PEFT's disable flag does exactly
+        # that (and is one attribute, where marking the layer merged means a list per layer per switch)
+        try:
+            for layer, base, _, _, weight, bias in self._merged:
+                base.weight.data, layer._disable_adapters = weight, True
+                if bias is not None:  # lora_bias: merged into the bias too
+                    base.bias.data = bias
+            yield
+        finally:
+            for layer, base, weight, bias, _, merged_bias in self._merged:
+                base.weight.data, layer._disable_adapters = weight, False
+                if merged_bias is not None:
+                    base.bias.data = bias
 
 
 def _lora_state_key(layer, weight: torch.Tensor) -> tuple:

@@ -40,6 +40,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llm2diff.modeling.attention import stepwise_attention, supports_stepwise_attention
+from llm2diff.modeling.diffusion_lm import LoraSwitch
+
 from llm2diff.sampling.rules import suppress_ids
 from llm2diff.sampling.sampler import BlockContext, embedding_weight, stored_weight
 
@@ -58,12 +61,14 @@ class LosslessOutput:
         same tensor `dlm.ar_generate` returns for the same inputs.
     nfe_draft: forward passes of the adapted model (prefills, draft passes, block commits), summed over rows.
     nfe_verify: forward passes of the AR parent, summed over rows: one per verification round (the first round's
-        pass also encodes the prompt).
+        pass also encodes the prompt, unless stepwise verification gives the prompt a pass of its own).
     num_new_tokens: `(batch,)` tokens generated per row, end-of-sequence included, padding excluded.
     accepted_lengths: per verification round (rows in order), the draft tokens accepted and kept, not counting
         the parent's bonus token. A round yields `accepted + 1` tokens unless the row stops inside it.
     parent_steps: parent passes that decoded one token without a draft (`parent_tail`), summed over rows; they
         are counted in `nfe_verify`, not in `accepted_lengths`.
+    prompt_passes: parent passes over a prompt alone, one per row under stepwise verification (`generate`'s
+        prefill, reproduced exactly); counted in `nfe_verify`.
     """
 
     sequences: torch.Tensor
@@ -72,6 +77,7 @@ class LosslessOutput:
     num_new_tokens: torch.Tensor
     accepted_lengths: list[int] = field(default_factory=list)
     parent_steps: int = 0
+    prompt_passes: int = 0
 
     @property
     def nfe(self) -> int:
@@ -92,6 +98,18 @@ def parent_suppressed_ids(dlm) -> list[int]:
     rows = (stored_weight(head) if head is not None else embedding_weight(dlm.model)).shape[0]
     first_spare = dlm.config.vocab_size if dlm.config.vocab_size is not None else rows
     return sorted({dlm.config.mask_token_id, *range(first_spare, rows)})
+
+
+def greedy_choices(processors, seen: torch.Tensor, start: int, logits: torch.Tensor) -> torch.Tensor:
+    """`generate`'s greedy token at each of `logits`' rows: row j follows the tokens `seen[:, :start + j]`, with
+    the logits processors applied as `generate` applies them. Processors that do not read the tokens (suppressed
+    ids) run once over all rows; the repetition penalty runs per row, on that row's tokens."""
+    from transformers import SuppressTokensLogitsProcessor
+
+    if all(isinstance(p, SuppressTokensLogitsProcessor) for p in processors):
+        return processors(seen, logits).argmax(-1)
+    return torch.cat([processors(seen[:, : start + j], logits[j : j + 1]).argmax(-1)
+                      for j in range(logits.shape[0])])
 
 
 def parent_logits_processors(dlm):
@@ -137,13 +155,15 @@ class BlockDrafter:
     positions; `accept(tokens)` extends it and commits every block that becomes full.
     """
 
-    def __init__(self, dlm, prompt: torch.Tensor, draft_steps: int = 1, merge_lora: bool = False):
+    def __init__(self, dlm, prompt: torch.Tensor, draft_steps: int = 1, merge_lora: bool = False,
+                 switch: LoraSwitch | None = None):
         config = dlm.config
         self.block_size, self.shift, self.steps = config.block_size, config.shift, draft_steps
         self.mask_token_id, self.vocab_size = config.mask_token_id, config.vocab_size
         self.device = prompt.device
         # drafting passes with the LoRA folded in (kept merged weights swapped in per call: no copy per round)
-        self.weights = dlm.lora_merged if merge_lora and dlm.has_adapter else contextlib.nullcontext
+        merged = merge_lora and dlm.has_adapter
+        self.weights = (switch or LoraSwitch(dlm)).merged if merged else contextlib.nullcontext
         with self.weights():
             self.ctx = BlockContext(dlm.model, prompt, torch.ones_like(prompt), config.block_size, shift=config.shift,
                                     causal_clean=config.causal_clean)
@@ -176,7 +196,11 @@ class BlockDrafter:
                 logits = self.ctx.first_position_logits()[:, None].expand(-1, size, -1)
             else:
                 logits = self.ctx.block_logits(canvas)
-            confidence, tokens = suppress_ids(logits[0], self.mask_token_id, self.vocab_size).float().softmax(-1).max(-1)
+            scores = suppress_ids(logits[0], self.mask_token_id, self.vocab_size)
+            if passes == 1:  # every drafted position at once: no confidence to rank by
+                canvas[0, todo] = scores.argmax(-1)[todo]
+                break
+            confidence, tokens = scores.float().softmax(-1).max(-1)
             left = int(todo.sum())
             count = -(-left // (passes - step))  # spread the remaining positions evenly over the remaining passes
             chosen = confidence.masked_fill(~todo, -1.0).topk(count).indices
@@ -201,34 +225,69 @@ class ParentVerifier:
     the next draft, so the first round's pass is also the prompt's prefill.
     """
 
-    def __init__(self, dlm, prompt: torch.Tensor, processors):
+    def __init__(self, dlm, prompt: torch.Tensor, processors, stepwise: bool | None = None,
+                 switch: LoraSwitch | None = None):
         from transformers import DynamicCache
 
         self.dlm, self.processors = dlm, processors
+        self.stepwise = stepwise
+        # the parent: with an adapter, the LoRA layers off; without one (full fine-tuning, merged adapter), the
+        # parent loaded separately from the recorded base
+        self.parent = (switch or LoraSwitch(dlm)).off if dlm.has_adapter else dlm.ar_parent
         self.cache = DynamicCache(config=dlm.model.config)
         self.pending = prompt  # (1, n) tokens not yet in the cache
         self.history = prompt  # (1, L) every decided token, what the logits processors see
         self.nfe = 0
+        self.prompt_passes = 0
 
     def verify(self, draft: torch.Tensor) -> tuple[int, int]:
         """(k, token): the draft's first k tokens are the parent's greedy choices, `token` its choice after them."""
         count = draft.shape[0]
         ids = torch.cat([self.pending, draft[None]], dim=1)
-        # the parent: no mask token among its inputs, its logit suppressed. With an adapter, the LoRA layers off;
-        # without one (full fine-tuning, merged adapter), the parent loaded separately from the recorded base
-        switch = self.dlm.lora_off if self.dlm.has_adapter else self.dlm.ar_parent
-        with switch() as parent:
-            logits = parent(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                            logits_to_keep=count + 1).logits[0].float()
-        self.nfe += 1
+        # the parent: no mask token among its inputs, its logit suppressed
+        with self.parent() as parent:
+            if self._stepwise(parent):
+                logits = self._stepwise_pass(parent, draft)
+            else:
+                logits = parent(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                                logits_to_keep=count + 1).logits[0].float()
+                self.nfe += 1
         seen = torch.cat([self.history, draft[None]], dim=1)
         start = self.history.shape[1]
-        choices = torch.cat([self.processors(seen[:, : start + j], logits[j : j + 1]).argmax(-1)
-                             for j in range(count + 1)])
+        choices = greedy_choices(self.processors, seen, start, logits)
         accepted = int((choices[:count] == draft).long().cumprod(0).sum())
         if accepted < count:
             self.cache.crop(-(count - accepted))
         return accepted, int(choices[accepted])
+
+    def _stepwise(self, parent) -> bool:
+        """Whether the parent's passes reproduce `generate`'s arithmetic: when asked, or by default on a CPU with
+        SDPA."""
+        if self.stepwise is None:
+            return self.dlm.device.type == "cpu" and supports_stepwise_attention(parent)
+        return self.stepwise
+
+    def _stepwise_pass(self, parent, draft: torch.Tensor) -> torch.Tensor:
+        """The logits of one verification, computed as `generate` computes them: the prompt in a pass of its own
+        (its prefill: a pass over the prompt and the draft together multiplies more rows at once, and wide
+        products need not give a row the same bits as narrower ones), then the draft with attention query by
+        query (`stepwise_attention`)."""
+        logits = []
+        if self.cache.get_seq_length() == 0:
+            with stepwise_attention(parent, prefill=self.pending.shape[1]):
+                logits.append(parent(input_ids=self.pending, past_key_values=self.cache, use_cache=True,
+                                     logits_to_keep=1).logits[0].float())
+            self.nfe += 1
+            self.prompt_passes += 1
+            ids = draft[None]
+        else:
+            ids = torch.cat([self.pending, draft[None]], dim=1)
+        if ids.shape[1]:
+            with stepwise_attention(parent):
+                logits.append(parent(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                                     logits_to_keep=ids.shape[1]).logits[0].float())
+            self.nfe += 1
+        return torch.cat(logits)
 
     def advance(self, tokens: list[int]) -> None:
         """Record the round's tokens (accepted draft plus bonus); the bonus waits to be fed with the next draft."""
@@ -277,7 +336,8 @@ class StopRule:
 @torch.no_grad()
 def lossless_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       max_new_tokens: int = 256, stop_strings: list[str] | str | None = None, draft_steps: int = 1,
-                      tokenizer=None, merge_lora: bool = False, parent_tail: int = 0) -> LosslessOutput:
+                      tokenizer=None, merge_lora: bool = False, parent_tail: int = 0,
+                      stepwise_verify: bool | None = None) -> LosslessOutput:
     """Exactly the AR parent's greedy output, drafted by the diffusion adapter and verified by the parent.
 
     Args:
@@ -297,6 +357,10 @@ def lossless_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
             one per pass, instead of a draft pass over the whole block for one or two tokens (0: always draft).
             Worth it where a pass over a block costs clearly more than a one-token pass (a CPU: about 1.8x for 8
             positions); on a GPU the draft pass costs about the same and 0 is right.
+        stepwise_verify: the parent's passes compute attention query by query, as `generate` does
+            (`llm2diff.modeling.attention.stepwise_attention`), so that on hardware whose matrix products are
+            batch-invariant (bfloat16 on CPUs with AMX) the output equals `generate`'s bit for bit, ties included.
+            Default: on when the parent runs SDPA on a CPU; True requires SDPA.
 
     Returns:
         a `LosslessOutput`: `sequences` equal to `dlm.ar_generate(input_ids, attention_mask, max_new_tokens)`
@@ -309,28 +373,33 @@ def lossless_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if not 0 <= parent_tail < dlm.config.block_size:
         raise ValueError(f"parent_tail must be in [0, block size) = [0, {dlm.config.block_size}), got {parent_tail}: "
                          "at the block size no draft is ever made")
+    if stepwise_verify and not supports_stepwise_attention(dlm.model):
+        raise ValueError(f"stepwise_verify needs SDPA attention; this model runs "
+                         f"{dlm.model.config._attn_implementation!r} (load it with attn_implementation='sdpa')")
     input_ids, attention_mask, stops = row_inputs(dlm, input_ids, attention_mask, stop_strings, tokenizer)
     processors = parent_logits_processors(dlm)
 
     was_training = dlm.model.training
     dlm.model.eval()
-    rows, nfe_draft, nfe_verify, accepted_lengths, parent_steps = [], 0, 0, [], []
+    rows, nfe_draft, nfe_verify, accepted_lengths, parent_steps, prompt_passes = [], 0, 0, [], [], 0
     try:
+        switch = LoraSwitch(dlm) if dlm.has_adapter else None  # the LoRA layers found once, switched every round
         with dlm.trained_token_rows_merged():  # the mask row in place once, not rebuilt every pass
             for row, keep in zip(input_ids, attention_mask.bool()):
-                drafter = BlockDrafter(dlm, row[keep][None], draft_steps, merge_lora=merge_lora)
-                verifier = ParentVerifier(dlm, row[keep][None], processors)
+                drafter = BlockDrafter(dlm, row[keep][None], draft_steps, merge_lora=merge_lora, switch=switch)
+                verifier = ParentVerifier(dlm, row[keep][None], processors, stepwise=stepwise_verify, switch=switch)
                 new = _decode_row(drafter, verifier, stops, row, max_new_tokens, accepted_lengths, parent_steps,
                                   parent_tail)
                 rows.append(new)
                 nfe_draft += drafter.nfe
                 nfe_verify += verifier.nfe
+                prompt_passes += verifier.prompt_passes
     finally:
         dlm.model.train(was_training)
 
     sequences, num_new = padded_rows(dlm, input_ids, rows)
     return LosslessOutput(sequences, nfe_draft, nfe_verify, num_new, accepted_lengths,
-                          len(parent_steps))
+                          len(parent_steps), prompt_passes)
 
 
 def row_inputs(dlm, input_ids, attention_mask, stop_strings, tokenizer) -> tuple[torch.Tensor, torch.Tensor, StopRule]:

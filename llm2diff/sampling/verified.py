@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llm2diff.modeling.attention import CLEAN, NOISY, PROMPT, block_diffusion_mask, to_additive_mask
-from llm2diff.sampling.lossless import padded_rows, parent_logits_processors, row_inputs
+from llm2diff.sampling.lossless import greedy_choices, padded_rows, parent_logits_processors, row_inputs
 from llm2diff.sampling.rules import suppress_ids
 from llm2diff.sampling.sampler import embedding_weight, uses_flash_attention
 
@@ -142,8 +142,7 @@ class _Stream:
         """The causal stream's greedy token after the decided tokens and each prefix of `clean` (as `generate`)."""
         seen = torch.cat([self.history, torch.tensor([clean], dtype=torch.long, device=self.device)], dim=1)
         start = self.history.shape[1]
-        return torch.cat([self.processors(seen[:, : start + j], clean_logits[j : j + 1]).argmax(-1)
-                          for j in range(len(clean) + 1)])
+        return greedy_choices(self.processors, seen, start, clean_logits)
 
     def keep(self, checked: list[int], accepted: int, bonus: int) -> list[int]:
         """Keep `accepted` of the `checked` tokens just cached plus the stream's `bonus` token (pending)."""
