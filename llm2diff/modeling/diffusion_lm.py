@@ -644,19 +644,20 @@ class LoraSwitch:
                 bias = base.bias.data if getattr(base, "bias", None) is not None else None
                 self._merged.append((layer, base, base.weight.data, bias,
                                      *self.dlm._merged_lora(layer, base.weight.data, bias)))
-        # with the merged weights in, the layer must run its base layer alone: PEFT's disable flag does exactly
-        # that (and is one attribute, where marking the layer merged means a list per layer per switch)
+        # with the merged weights in, each layer is marked merged (PEFT then runs its base layer alone)
         try:
             for layer, base, _, _, weight, bias in self._merged:
-                base.weight.data, layer._disable_adapters = weight, True
+                base.weight.data = weight
                 if bias is not None:  # lora_bias: merged into the bias too
                     base.bias.data = bias
+                layer.merged_adapters.extend(a for a in layer.active_adapters if a in layer.lora_A)
             yield
         finally:
             for layer, base, weight, bias, _, merged_bias in self._merged:
-                base.weight.data, layer._disable_adapters = weight, False
+                base.weight.data = weight
                 if merged_bias is not None:
                     base.bias.data = bias
+                layer.merged_adapters.clear()
 
 
 def _lora_state_key(layer, weight: torch.Tensor) -> tuple:
