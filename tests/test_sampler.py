@@ -214,3 +214,30 @@ def test_prefix_continuation_cache_equals_recompute(dlm):
     with pytest.raises(ValueError, match="contains the mask token"):
         dlm.generate(PROMPTS, MASK, max_new_tokens=4,
                      response_prefix=torch.full((2, 2), dlm.config.mask_token_id))
+
+
+@pytest.mark.parametrize("arch,causal_clean", [("qwen2", False), ("qwen3", False), ("llama", False), ("qwen2", True)])
+def test_prompt_fused_into_the_first_block_pass_gives_the_same_predictions_one_pass_fewer(arch, causal_clean):
+    from llm2diff.sampling.sampler import BlockContext
+
+    model = make_model(arch).eval()
+    gen = torch.Generator().manual_seed(0)
+    canvas = torch.randint(3, 60, (2, 4), generator=gen)
+    block, canvas2 = torch.randint(3, 60, (2, 4), generator=gen), torch.randint(3, 60, (2, 4), generator=gen)
+    with torch.no_grad():
+        separate = BlockContext(model, PROMPTS, MASK, 4, causal_clean=causal_clean)
+        fused = BlockContext(model, PROMPTS, MASK, 4, causal_clean=causal_clean, fuse_prompt=True)
+        assert (separate.nfe, fused.nfe) == (1, 0)  # the prompt waits for the first block
+        first = separate.block_logits(canvas)
+        torch.testing.assert_close(fused.block_logits(canvas), first, atol=1e-5, rtol=0)
+        assert (separate.nfe, fused.nfe) == (2, 1)
+        assert fused.cache.get_seq_length() == separate.cache.get_seq_length() == PROMPTS.shape[1]
+        for ctx in (separate, fused):  # the cached prompt then serves the next blocks alike
+            ctx.commit(block)
+        torch.testing.assert_close(fused.block_logits(canvas2), separate.block_logits(canvas2), atol=1e-5, rtol=0)
+        # asked for the first token's logits before any block pass, a deferred prompt runs alone
+        alone = BlockContext(model, PROMPTS, MASK, 4, causal_clean=causal_clean, fuse_prompt=True)
+        torch.testing.assert_close(alone.first_position_logits(), first[:, 0], atol=1e-5, rtol=0)
+        assert alone.nfe == 1 and not alone.prompt_pending
+        # no fusion without a fusing cache: the prompt is prefilled at once
+        assert BlockContext(model, PROMPTS, MASK, 4, fuse=False, fuse_prompt=True).nfe == 1

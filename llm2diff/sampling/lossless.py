@@ -165,8 +165,9 @@ class BlockDrafter:
         merged = merge_lora and dlm.has_adapter
         self.weights = (switch or LoraSwitch(dlm)).merged if merged else contextlib.nullcontext
         with self.weights():
+            # the prompt's prefill rides along with the first draft pass (one pass fewer per row)
             self.ctx = BlockContext(dlm.model, prompt, torch.ones_like(prompt), config.block_size, shift=config.shift,
-                                    causal_clean=config.causal_clean)
+                                    causal_clean=config.causal_clean, fuse_prompt=True)
         self.block: list[int] = []
         self.accepted = 0  # response tokens accepted so far
 

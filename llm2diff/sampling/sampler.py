@@ -175,11 +175,16 @@ class BlockContext:
 
     `causal_clean` (a model trained with `clean_attention: causal`): a committed block reads itself causally in the
     pass that appends it (on FlashAttention through `is_causal=True`), as the training layout's clean stream does.
+
+    `fuse_prompt=True` defers the prompt's prefill as well: the first denoising forward runs [prompt ; first noisy
+    block] in one pass (one mask: the prompt causal, the block sees the prompt and itself), one pass fewer per
+    generation. Lossless mode's drafter uses it; the prompt's keys/values then differ from a separate prefill's by
+    float rounding only.
     """
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, block_size: int,
                  shift: bool = True, use_cache: bool = True, fuse: bool = True, static_length: int | None = None,
-                 causal_clean: bool = False):
+                 causal_clean: bool = False, fuse_prompt: bool = False):
         self.model, self.block_size, self.shift, self.use_cache = model, block_size, shift, use_cache
         self.causal_clean = causal_clean
         self.flash = uses_flash_attention(model) and static_length is None
@@ -196,6 +201,7 @@ class BlockContext:
         self.generated = input_ids[:, :0]
         self.key_valid = attention_mask.bool()
         self.cache = None
+        self.prompt_pending = False  # the prompt's prefill deferred to the first denoising forward (fuse_prompt)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (clean block, its positions), not yet run
         self.last_logits = None  # the clean position before the current block predicts its first token (shift)
         if use_cache:
@@ -207,8 +213,32 @@ class BlockContext:
                 self.cache = BlockStaticCache(config=model.config, max_cache_len=static_length)
             else:
                 self.cache = DynamicCache(config=model.config)
-            positions = _left_padded_positions(attention_mask)
-            self.last_logits = self._forward(input_ids, attention_mask, positions, self.cache, keep=1)[:, -1]
+            self.prompt_pending = True
+            if not (fuse_prompt and self.fuse and static_length is None):  # the static cache pads its masks
+                self._prefill()
+
+    def _prefill(self) -> None:
+        """The prompt's pass on its own: its keys/values cached, the logits predicting the first block's first token."""
+        self.prompt_pending = False
+        positions = _left_padded_positions(self.attention_mask)
+        self.last_logits = self._forward(self.input_ids, self.attention_mask, positions, self.cache, keep=1)[:, -1]
+
+    def _prompt_and_block_forward(self, canvas: torch.Tensor) -> torch.Tensor:
+        """[prompt ; noisy first block] in one pass over the empty cache (`fuse_prompt`); the block's keys/values
+        are cropped off again. Returns the logits of the prompt's last position and of the block."""
+        self.prompt_pending = False
+        batch, prompt_len = self.input_ids.shape
+        device, size = canvas.device, self.block_size
+        segment = torch.cat([torch.where(self.attention_mask.bool(), PROMPT, PAD),
+                             torch.full((batch, size), NOISY, device=device)], dim=1)
+        block = torch.cat([torch.full((batch, prompt_len), -1, device=device),
+                           torch.zeros((batch, size), dtype=torch.long, device=device)], dim=1)
+        mask = to_additive_mask(block_diffusion_mask(segment, block, causal_clean=self.causal_clean), self.dtype)
+        positions = torch.cat([_left_padded_positions(self.attention_mask), self._block_positions()], dim=1)
+        logits = self._forward(torch.cat([self.input_ids, canvas], dim=1), mask, positions, self.cache,
+                               keep=size + 1)
+        self.cache.crop(-size)
+        return logits
 
     @property
     def batch_size(self) -> int:
@@ -241,7 +271,10 @@ class BlockContext:
         return self.prompt_lens[:, None] + offsets
 
     def flush(self) -> None:
-        """Run a pending committed block on its own (appends its keys/values, sets the next first-token logits)."""
+        """Run a pending committed block (or a deferred prompt) on its own (appends its keys/values, sets the next
+        first-token logits)."""
+        if self.use_cache and self.prompt_pending:
+            self._prefill()
         if self.pending is None:
             return
         block, positions = self.pending
@@ -261,7 +294,10 @@ class BlockContext:
         if not self.use_cache:
             return self._recompute(canvas)
         size = self.block_size
-        if self.pending is not None:  # fused: [pending clean block ; this noisy block] in one pass
+        if self.prompt_pending:  # fused: [prompt ; first noisy block] in one pass
+            logits = self._prompt_and_block_forward(canvas)
+            self.last_logits, logits = logits[:, 0], logits[:, 1:]
+        elif self.pending is not None:  # fused: [pending clean block ; this noisy block] in one pass
             block, positions = self.pending
             self.pending = None
             logits = self._block_forward(torch.cat([block, canvas], dim=1),
