@@ -66,10 +66,10 @@ def test_stop_strings(dlm):
 def test_threshold_zero_commits_whole_block_per_step(dlm):
     out = dlm.generate(PROMPTS, MASK, max_new_tokens=8, threshold=0.0)
     assert out.tokens_per_step == [8, 8]  # 2 rows x 4 tokens, one step per block
-    assert out.nfe == 1 + 1 + 1  # prefill, block 1, [commit block 1 ; block 2] fused (no commit after the last)
-    assert out.nfe_per_row.tolist() == [3, 3]
+    assert out.nfe == 1 + 1  # [prompt ; block 1], [commit block 1 ; block 2] fused (no commit after the last)
+    assert out.nfe_per_row.tolist() == [2, 2]
     unfused = dlm.generate(PROMPTS, MASK, max_new_tokens=8, threshold=0.0, fuse_commit=False)
-    assert unfused.nfe == 1 + 1 + 1 + 1  # prefill, block 1, commit, block 2
+    assert unfused.nfe == 1 + 1 + 1 + 1  # prefill, block 1, commit, block 2 (no fusion: the prompt alone too)
     assert torch.equal(unfused.sequences, out.sequences)
 
 

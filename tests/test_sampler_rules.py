@@ -196,7 +196,8 @@ def test_fused_commit_saves_one_forward_per_block(dlm):
     fused = dlm.generate(PROMPTS, MASK, max_new_tokens=16, threshold=0.0)
     unfused = dlm.generate(PROMPTS, MASK, max_new_tokens=16, threshold=0.0, fuse_commit=False)
     assert unfused.nfe == 1 + 4 + 3  # prefill, 4 one-step blocks, 3 commits
-    assert fused.nfe == 1 + 4
+    assert fused.nfe == 4  # the prompt rides along with block 1, each commit with the next block
+    assert torch.equal(fused.sequences, unfused.sequences)
 
 
 # -- streaming ---------------------------------------------------------------------------------------------------

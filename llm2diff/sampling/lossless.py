@@ -44,7 +44,7 @@ from llm2diff.modeling.attention import stepwise_attention, supports_stepwise_at
 from llm2diff.modeling.diffusion_lm import LoraSwitch
 
 from llm2diff.sampling.rules import suppress_ids
-from llm2diff.sampling.sampler import BlockContext, embedding_weight, stored_weight
+from llm2diff.sampling.sampler import BlockContext, embedding_weight, prompt_fusion_pays, stored_weight
 
 # Generation-config options that would change `generate`'s greedy choice and that lossless mode does not replay.
 UNSUPPORTED_GENERATION_OPTIONS = ("sequence_bias", "no_repeat_ngram_size", "bad_words_ids", "min_length",
@@ -167,7 +167,7 @@ class BlockDrafter:
         with self.weights():
             # the prompt's prefill rides along with the first draft pass (one pass fewer per row)
             self.ctx = BlockContext(dlm.model, prompt, torch.ones_like(prompt), config.block_size, shift=config.shift,
-                                    causal_clean=config.causal_clean, fuse_prompt=True)
+                                    causal_clean=config.causal_clean, fuse_prompt=prompt_fusion_pays(prompt))
         self.block: list[int] = []
         self.accepted = 0  # response tokens accepted so far
 

@@ -162,6 +162,13 @@ def uses_flash_attention(model) -> bool:
     return "flash" in implementation
 
 
+def prompt_fusion_pays(input_ids: torch.Tensor) -> bool:
+    """Whether to run the prompt's prefill inside the first block's pass (`BlockContext(fuse_prompt=True)`): on a
+    CPU, where a pass has a fixed cost of its own. On a GPU the prefill stays apart, so that SDPA reads the prompt
+    with its causal kernel instead of a dense mask over prompt and block."""
+    return input_ids.device.type == "cpu"
+
+
 class BlockContext:
     """The prompt and the committed blocks, as seen by the block being denoised.
 
@@ -178,8 +185,9 @@ class BlockContext:
 
     `fuse_prompt=True` defers the prompt's prefill as well: the first denoising forward runs [prompt ; first noisy
     block] in one pass (one mask: the prompt causal, the block sees the prompt and itself), one pass fewer per
-    generation. Lossless mode's drafter uses it; the prompt's keys/values then differ from a separate prefill's by
-    float rounding only.
+    generation. The block sampler and lossless mode's drafter use it on a CPU (`prompt_fusion_pays`); the prompt's
+    keys/values differ from a separate prefill's by float rounding only. Not with a static cache (its masks are
+    padded to the slots) or FlashAttention (no fusion there).
     """
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, block_size: int,
@@ -403,7 +411,8 @@ class BlockSampler:
             blocks = -(-((0 if response_prefix is None else response_prefix.shape[1]) + s.max_new_tokens) // s.block_size)
             static = input_ids.shape[1] + (blocks + 2) * s.block_size
         ctx = BlockContext(self.model, input_ids, attention_mask, s.block_size, s.shift, s.use_cache, s.fuse_commit,
-                           static_length=static, causal_clean=s.causal_clean)
+                           static_length=static, causal_clean=s.causal_clean,
+                           fuse_prompt=s.fuse_commit and prompt_fusion_pays(input_ids))
         new_tokens = torch.full((batch, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         num_new = torch.zeros(batch, dtype=torch.long, device=device)
