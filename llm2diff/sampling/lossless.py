@@ -223,7 +223,8 @@ class ParentVerifier:
     """The AR parent's side (adapter off): a causal cache over prompt and accepted tokens, one pass per round.
 
     The cache lags one token behind: `pending` (first the whole prompt, later the last bonus token) is fed with
-    the next draft, so the first round's pass is also the prompt's prefill.
+    the next draft, so the first round's pass is also the prompt's prefill (under stepwise verification the prompt
+    gets a pass of its own, as in `generate`).
     """
 
     def __init__(self, dlm, prompt: torch.Tensor, processors, stepwise: bool | None = None,
