@@ -22,6 +22,9 @@ mask with flex crashed the process on CPU, so flex only ever gets a BlockMask).
 
 Packed rows (several examples in one row) also carry a *document* index per position: attention never crosses
 documents, on top of the rules above.
+
+`stepwise_attention` (at the end) is not a mask: it runs a causal pass's attention query by query, exactly as
+`generate`'s one-token steps do, so that lossless mode's verification reproduces `generate`'s arithmetic.
 """
 
 from __future__ import annotations
@@ -271,8 +274,7 @@ def stepwise_attention(model, prefill: int = 0) -> Iterator[None]:
     config = model.config
     if config._attn_implementation != "sdpa":
         raise ValueError(f"stepwise attention replaces SDPA; this model runs {config._attn_implementation!r}")
-    if STEPWISE_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(STEPWISE_ATTENTION, stepwise_sdpa)
+    AttentionInterface.register(STEPWISE_ATTENTION, stepwise_sdpa)  # idempotent
     token = _PREFILL.set(prefill)
     config._attn_implementation = STEPWISE_ATTENTION  # no mask is built for a name transformers does not know
     try:
