@@ -135,6 +135,13 @@ def _dtype(name: str | None):
     return None if name is None else getattr(torch, name)
 
 
+def _warn_slow_dtype(dlm) -> None:
+    """Say so (once) when the model now samples in a dtype that is the slow one here (bfloat16 on a CPU without AMX)."""
+    from llm2diff.hardware import warn_if_slow_dtype
+
+    warn_if_slow_dtype(dlm.model.dtype, dlm.model.device, hint="--dtype float32")
+
+
 def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm2diff generate", description="Sample from a saved block-diffusion model.")
     p.add_argument("--model", required=True, help="directory written by training (or DiffusionLM.save_pretrained)")
@@ -147,7 +154,8 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="weights dtype to sample in (default: the saved one). On a CPU with AMX (bfloat16 tiles) "
-                        "bfloat16 makes a pass over a block cost little more than a one-token pass")
+                        "bfloat16 makes a pass over a block cost little more than a one-token pass; without AMX "
+                        "bfloat16 runs slower than float32 (a warning says so)")
     shown = p.add_argument_group("showing the decoding")
     shown.add_argument("--stream", action="store_true", help="print each block as soon as it is finished (one prompt)")
     shown.add_argument("--show-steps", action="store_true",
@@ -205,6 +213,7 @@ def cmd_generate(argv: list[str]) -> int:
     from llm2diff.training.data import DataArguments, render_example
 
     dlm = load(args.model, device=args.device, dtype=_dtype(args.dtype))
+    _warn_slow_dtype(dlm)
     tok = dlm.tokenizer
     c = dlm.config
     data_args = DataArguments(use_chat_template=c.use_chat_template and not args.no_chat_template,
@@ -274,7 +283,8 @@ def _chat_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="weights dtype to sample in (default: the saved one). On a CPU with AMX (bfloat16 tiles) "
-                        "bfloat16 makes a pass over a block cost little more than a one-token pass")
+                        "bfloat16 makes a pass over a block cost little more than a one-token pass; without AMX "
+                        "bfloat16 runs slower than float32 (a warning says so)")
     _add_sampler_flags(p)
     return p
 
@@ -286,6 +296,7 @@ def cmd_chat(argv: list[str]) -> int:
     from llm2diff.modeling.diffusion_lm import load
 
     dlm = load(args.model, device=args.device, dtype=_dtype(args.dtype))
+    _warn_slow_dtype(dlm)
     # a terminal is read with line editing (input()); piped input line by line
     input_stream = None if sys.stdin.isatty() else sys.stdin
     return run_chat(dlm, input_stream, sys.stdout, max_new_tokens=args.max_new_tokens, system_prompt=args.system,
