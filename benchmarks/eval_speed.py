@@ -11,7 +11,6 @@ greedy `generate` (adapter off, same weights), and the diffusion/AR throughput r
 from __future__ import annotations
 
 import argparse
-import platform
 
 
 def main() -> None:
@@ -30,6 +29,7 @@ def main() -> None:
 
     from llm2diff import load
     from llm2diff.evaluation.exact_match import evaluate_answers
+    from llm2diff.hardware import describe
     from llm2diff.training.data import DataArguments, load_raw_dataset
 
     torch.set_num_threads(args.threads)
@@ -53,8 +53,8 @@ def main() -> None:
     parent = evaluate_answers(dlm, problems, data_args, use_parent=True, **common)
 
     print(f"model {args.model} (block size {c.block_size}), {len(problems)} problems, batch {args.batch_size}, "
-          f"max_new_tokens {args.max_new_tokens}, {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}")
+          f"max_new_tokens {args.max_new_tokens}")
+    print(f"hardware: {describe(args.threads, dlm.model.device)}")
     print(f"{'':40s} {'accuracy':>9s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s} {'NFE/token':>10s}")
     for r in (diffusion, parent):
         print(f"{r.name:40s} {r.accuracy:9.1%} {r.new_tokens:7d} {r.seconds:8.1f} {r.tokens_per_second:9.1f} "

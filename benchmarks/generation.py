@@ -20,7 +20,6 @@ Prints one table; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -166,7 +165,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights dtype of every model in the run (the AR parent's too). On a CPU with AMX "
-                             "(bfloat16 tiles), a bfloat16 pass over 8-32 positions costs little more than one over 1")
+                             "(bfloat16 tiles), a bfloat16 pass over 8-32 positions costs little more than one over 1; "
+                             "without AMX bfloat16 is slower than float32 (a warning says so)")
     parser.add_argument("--only", default=None,
                         help="setting names to run, separated by ';' (names hold commas), e.g. "
                              "'threshold 0.7;one step per block' (default: all)")
@@ -186,14 +186,16 @@ def main() -> None:
 
     from llm2diff import load
     from llm2diff.evaluation.exact_match import evaluate_answers
+    from llm2diff.hardware import describe, warn_if_slow_dtype
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     dlm = load(args.model, dtype=dtype)
+    warn_if_slow_dtype(dtype, dlm.model.device, hint="leave out --dtype bfloat16")
     problems, data_args = problems_for(dlm, args.problems)
     print(f"model {args.model} (block size {dlm.config.block_size}), {len(problems)} built-in problems, "
-          f"max_new_tokens {args.max_new_tokens}, {args.threads} thread(s), {args.dtype}, "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}", flush=True)
+          f"max_new_tokens {args.max_new_tokens}, {args.dtype}", flush=True)
+    print(f"hardware: {describe(args.threads, dlm.model.device)}", flush=True)
     wanted = [name.strip() for name in (args.only or "").split(";") if name.strip()]
     unknown = [name for name in wanted if name not in dict(SETTINGS)]
     if unknown:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -61,7 +60,7 @@ def train(name: str, overrides: dict[str, object], args, out: Path) -> dict:
         raise SystemExit(f"[{name}] training failed (exit {run.returncode})")
     cost = re.findall(r"significance scores \(.*?\): .*", run.stdout + run.stderr)
     record = {"setting": name, "overrides": overrides, "train_seconds": round(seconds, 1),
-              "scoring": cost[-1] if cost else None}
+              "scoring": cost[-1] if cost else None, "hardware": args.hardware}
     record_path.write_text(json.dumps(record, indent=2))
     return record
 
@@ -115,11 +114,15 @@ def main() -> None:
 
     import torch
 
+    from llm2diff.hardware import describe
+
     torch.set_num_threads(args.threads)
+    args.hardware = describe(args.threads)  # stored in every setting's JSON records
     out = Path(args.out)
     print(f"noise ablation: quickstart recipe, {args.steps} steps x batch 8, {args.train_examples} training problems, "
           f"{args.problems} held-out problems, seed {args.seed}, semantic temperature {args.temperature}, "
-          f"{args.threads} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}", flush=True)
+          f"{args.threads} threads", flush=True)
+    print(f"hardware: {args.hardware}", flush=True)
     rows = []
     for name in names:
         record = train(name, SETTINGS[name], args, out)

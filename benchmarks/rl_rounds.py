@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -55,13 +54,13 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/rl-bench")
     args = parser.parse_args()
 
-    import torch
+    from llm2diff.hardware import describe
 
     out = Path(args.out)
     print(f"RL benchmark: quickstart recipe, round 0 {args.round0_steps} steps, 1 STaR round on {args.problems} "
           f"problems, PRM on {args.prm_problems} problems, {args.rl_steps} GRPO steps on {args.problems} prompts, "
-          f"{args.eval_problems} held-out problems, round 0 from {args.round0_from or 'this run'}, seed {args.seed}, {args.threads} threads, "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}", flush=True)
+          f"{args.eval_problems} held-out problems, round 0 from {args.round0_from or 'this run'}, seed {args.seed}, {args.threads} threads", flush=True)
+    print(f"hardware: {describe(args.threads)}", flush=True)
     star_dir, prm_dir = out / "star", out / "prm"
     policy = star_dir / "round-1" / "model"
     common = {"seed": args.seed}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -67,13 +66,13 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/star-bench")
     args = parser.parse_args()
 
-    import torch
+    from llm2diff.hardware import describe
 
     out = Path(args.out)
     print(f"STaR benchmark: quickstart recipe, round 0 {args.round0_steps} steps, {args.rounds} rounds x "
           f"{args.problems} problems x k={args.k}, {args.round_steps} steps per round at lr {args.star_lr} (+{args.mix_sft} SFT rows), "
-          f"{args.eval_problems} held-out problems, round 0 from {args.round0_from or 'this run'}, seed {args.seed}, {args.threads} threads, "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}", flush=True)
+          f"{args.eval_problems} held-out problems, round 0 from {args.round0_from or 'this run'}, seed {args.seed}, {args.threads} threads", flush=True)
+    print(f"hardware: {describe(args.threads)}", flush=True)
     results = {"diffusion (block 4)": run("diffusion", 4, args, out), "AR twin (block 1)": run("ar-twin", 1, args, out)}
 
     print("\n| model | round | held-out accuracy | vs round 0 | pass@k (train) | kept + rationalized "

@@ -178,6 +178,7 @@ def run_phase(args) -> dict:
     from peft import LoraConfig
 
     from llm2diff import adapt
+    from llm2diff.hardware import describe
     from llm2diff.training.layout import Layout, build_layout
     from llm2diff.training.objective import diffusion_loss
 
@@ -282,7 +283,7 @@ def run_phase(args) -> dict:
         "median_optimizer_s": median(2), "step_times_s": [t[3] for t in times], "part_times_s": times,
         "tokens_per_s": example_tokens / median(3), "peak_mem_mb": peak_inc / 2**20, "peak_abs_mb": peak_abs / 2**20,
         "base_mb": (base if cuda else base_rss) / 2**20, "memory_how": memory_how, "losses": losses,
-        "mask_token": f"{dlm.config.mask_token!r} id {mask_id}",
+        "mask_token": f"{dlm.config.mask_token!r} id {mask_id}", "hardware": describe(device=device),
     }
 
 
@@ -336,6 +337,7 @@ def report(args, ar: dict, dif: dict) -> None:
     print(f"params       : {ar['total_params'] / 1e6:.2f} M total, {ar['trainable_params'] / 1e6:.3f} M trainable "
           f"({lora}); mask token {ar['mask_token']}")
     print(f"device/dtype : {ar['device']} / {ar['dtype']}   threads: {ar['threads']} (torch.set_num_threads)")
+    print(f"hardware     : {ar['hardware']}")
     print(f"batch        : {args.batch_size} x (prompt {args.prompt_len} + response {ar['response_len']} incl. eos, "
           f"block {args.block_size});  AR input {tuple(ar['shape'])}, diffusion layout {tuple(dif['shape'])}")
     rounds = f" x {args.rounds} alternating rounds (fresh processes)" if args.rounds > 1 else ""
