@@ -1,19 +1,20 @@
 """What this machine computes with, and whether bfloat16 is the fast dtype on it.
 
-The speed of the block sampler against its AR parent depends on the hardware more than on anything else: a pass
+The speed of the block sampler against its AR parent depends on the hardware more than on anything else. A pass
 over a block of 8-16 positions costs about one token's pass in bfloat16 on a CPU with AMX (Intel's bfloat16 matrix
-tiles, 4th-generation Xeon and later) or on a GPU, but on a CPU without AMX bfloat16 products run slower than
-float32 ones, so `--dtype bfloat16` there makes everything slower (verified decoding measured 0.55x the parent in
-bfloat16 against 1.64x in float32 on an AMD EPYC).
+tiles, 4th-generation Xeon and later) or on a GPU. A CPU without bfloat16 instructions (AVX2 only) converts in
+software, so `--dtype bfloat16` there makes everything slower (verified decoding measured 0.55x the parent in
+bfloat16 against 1.64x in float32 on an AVX2 AMD EPYC). CPUs with bfloat16 dot products but no AMX (avx512_bf16:
+AMD Zen 4, Intel Cooper Lake; ARM's bf16) lie in between and are measured once (a quarter of a second) when asked.
 
     from llm2diff.hardware import describe, bf16_is_fast, warn_if_slow_dtype
     describe()                 # "AMD EPYC, 2 cores, avx2 avx512f avx512_bf16, no AMX; torch 2.13.0 1 thread"
-    bf16_is_fast("cpu")        # False without AMX
+    bf16_is_fast("cpu")        # True with AMX, False with AVX2 only, measured in between
     warn_if_slow_dtype("bfloat16", "cpu", hint="leave out --dtype bfloat16")   # logs one warning per process
 
 CPU features come from /proc/cpuinfo on Linux and from `torch.backends.cpu.get_cpu_capability()` elsewhere (which
 reports vector width only, so AMX is never assumed there). Nothing runs at import: every function reads lazily and
-caches what it read.
+caches what it read or measured.
 """
 
 from __future__ import annotations
@@ -172,35 +173,88 @@ def _device_index(device) -> int | None:
     return index
 
 
+BF16_DOT_FLAGS = ("avx512_bf16", "bf16")  # bfloat16 dot products without tiles (x86 AVX-512, ARM): measured
+MEASURED_ROWS = (1, 8)  # a one-token pass (the AR parent) and a block pass (the sampler)
+TOLERANCE = 1.1  # bfloat16 counts as fast when it takes at most this times float32's time (timing noise)
+
+
+@functools.lru_cache(maxsize=4)
+def measure_bf16_over_fp32(rows: tuple[int, ...] = MEASURED_ROWS, size: int = 1536, layers: int = 8,
+                           repeats: int = 5) -> dict[int, float]:
+    """bfloat16 time over float32 time of `layers` linear products (size x size weights, together larger than a
+    CPU cache, like a model's weights) for each row count, median of `repeats`, at torch's current thread count.
+    About a quarter of a second, run once per process and only when asked (never at import)."""
+    import statistics
+    import time
+
+    import torch
+
+    weights = {dtype: [torch.full((size, size), 0.01, dtype=dtype) for _ in range(layers)]
+               for dtype in (torch.float32, torch.bfloat16)}
+    times: dict[tuple, list[float]] = {(dtype, n): [] for dtype in weights for n in rows}
+    with torch.inference_mode():
+        for repeat in range(repeats + 1):  # the first round warms up
+            for n in rows:
+                for dtype, stack in weights.items():  # interleaved: a change in machine load hits both
+                    x = torch.full((n, size), 0.5, dtype=dtype)
+                    start = time.perf_counter()
+                    for w in stack:
+                        torch.nn.functional.linear(x, w)
+                    if repeat:
+                        times[(dtype, n)].append(time.perf_counter() - start)
+    return {n: statistics.median(times[(torch.bfloat16, n)]) / statistics.median(times[(torch.float32, n)])
+            for n in rows}
+
+
+def cpu_bf16_verdict(cpu: CpuInfo | None = None) -> tuple[bool, str]:
+    """(whether bfloat16 matmuls are the fast ones on this CPU, why). With AMX: yes. Without bfloat16 dot products
+    (AVX2, AVX-512 without avx512_bf16): no, bfloat16 is converted in software and runs 2-5x slower. With them but
+    without AMX (AMD Zen 4, Intel Cooper Lake, ARM with bf16): it depends on the chip, so it is measured
+    (`measure_bf16_over_fp32`): fast when neither a one-row nor an eight-row product takes longer than in float32
+    (within 10%)."""
+    cpu = cpu or cpu_info()
+    if cpu.amx:
+        return True, "has AMX"
+    if not any(cpu.has(flag) for flag in BF16_DOT_FLAGS):
+        return False, "has no AMX and no bfloat16 dot products (avx512_bf16)"
+    ratios = measure_bf16_over_fp32()
+    measured = " and ".join(f"{ratios[n]:.2f}x ({n} row{'s' if n > 1 else ''})" for n in sorted(ratios))
+    return (all(r <= TOLERANCE for r in ratios.values()),
+            f"has no AMX; its bfloat16 products took {measured} the float32 time")
+
+
 def bf16_is_fast(device=None, cpu: CpuInfo | None = None) -> bool:
     """Whether bfloat16 matmuls are expected to be at least as fast as float32 ones on `device` (default: the GPU if
-    there is one, else the CPU). CUDA: a GPU with native bfloat16 (Ampere or later). CPU: only with AMX; without it
-    (AVX2, or AVX-512 with its bfloat16 dot products) a one-token pass runs slower in bfloat16 than in float32.
-    Other devices (MPS, ...): not assumed."""
+    there is one, else the CPU). CUDA: a GPU with native bfloat16 (Ampere or later). CPU: `cpu_bf16_verdict` (AMX
+    yes, AVX2 no, AVX-512 bfloat16 without AMX measured once). Other devices (MPS, ...): not assumed."""
     kind = _device_type(device)
     if kind == "cuda":
         return cuda_bf16_native(_device_index(device))
     if kind == "cpu":
-        return (cpu or cpu_info()).amx
+        return cpu_bf16_verdict(cpu)[0]
     return False
 
 
 def slow_dtype_message(dtype, device=None, hint: str = "leave out --dtype", cpu: CpuInfo | None = None) -> str | None:
     """What to tell a user who asked for `dtype` (a name or a torch dtype) on `device`, when it is the slow choice
-    there; None when it is not (float32, bfloat16 with AMX or on a recent GPU). `hint` says how to change it."""
+    there; None when it is not (float32; bfloat16 with AMX, on a recent GPU, or where measured fast). `hint` says
+    how to change it."""
     name = str(dtype).replace("torch.", "") if dtype is not None else None
     if name not in ("bfloat16", "float16"):
         return None
     kind = _device_type(device)
     if kind == "cpu":
         cpu = cpu or cpu_info()
-        fast = cpu.amx if name == "bfloat16" else cpu.has("amx_fp16")
+        if name == "bfloat16":
+            fast, why = cpu_bf16_verdict(cpu)
+        else:  # float16 products are fast on a CPU only with AMX-FP16 or AVX512-FP16 (Intel Sapphire Rapids on)
+            fast = cpu.has("amx_fp16") or cpu.has("avx512_fp16")
+            why = "has no AMX-FP16 and no AVX512-FP16"
         if fast:
             return None
-        tiles = "AMX" if name == "bfloat16" else "AMX-FP16"
-        return (f"this CPU ({cpu.model}) has no {tiles}: {name} matmuls run slower than float32 here, so sampling in "
-                f"{name} is slower, not faster; sample in float32 ({hint}). {name} pays off on CPUs with {tiles} "
-                f"(Intel Xeon 4th generation and later) and on GPUs.")
+        return (f"this CPU ({cpu.model}) {why}: {name} matmuls run slower than float32 here, so sampling in {name} "
+                f"is slower, not faster; sample in float32 ({hint}). {name} pays off on CPUs with AMX (Intel Xeon "
+                f"4th generation and later) and on GPUs.")
     if kind == "cuda" and name == "bfloat16" and not bf16_is_fast(device):
         return (f"this GPU ({cuda_device(_device_index(device))}) has no native bfloat16 (compute capability below "
                 f"8.0): bfloat16 runs emulated and slow here; use float16 or float32 ({hint}).")
