@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2diff.modeling.config import CONFIG_NAME, DiffusionConfig
+from llm2diff.redact import redact
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ DOWNLOAD_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.j
 # Hub ids of the built-in offline aliases (`llm2diff.models.builtin`), for the card's `base_model`.
 BASE_MODEL_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 TAGS = ["llm2diff", "block-diffusion", "diffusion-lm"]
-# recipe keys whose values are credentials: redacted in the card and in the files sent
-SECRET_KEY = re.compile(r"^(token|hub_token|hf_token|push_to_hub_token|password)$|_(api_key|secret|password)$")
-SECRET_FLAG = re.compile(r"(--(?:hub[_-]token|hf[_-]token|token|push[_-]to[_-]hub[_-]token)(?:=|\s+))(\S+)")
-REDACTED = "<redacted>"
 
 
 # -- repository ids --------------------------------------------------------------------------------------------------
@@ -88,14 +85,20 @@ def saved_model_files(directory: str | os.PathLike) -> SavedModel:
 
     Required: `diffusion_config.json`, the tokenizer, and either a LoRA adapter (`adapter_config.json` +
     `adapter_model.safetensors`) or full weights (`config.json` + `model.safetensors` or its shards). Raises
-    FileNotFoundError naming what is missing. Only top-level files are listed: `checkpoint-*` folders, optimizer
-    states, `training_args.bin` and other pickles are never included.
+    FileNotFoundError naming what is missing. Only regular top-level files are listed: `checkpoint-*` folders,
+    optimizer states, `training_args.bin` and other pickles, and symbolic links (which could point outside the
+    directory) are never included.
     """
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory: give the output_dir of a training run (or a "
                                 "directory written by DiffusionLM.save_pretrained)")
-    present = {p.name for p in directory.iterdir() if p.is_file()}
+    present = {p.name for p in directory.iterdir() if p.is_file() and not p.is_symlink()}
+    linked = sorted(p.name for p in directory.iterdir() if p.is_symlink())
+    if linked:  # a link could point anywhere (a system file, another user's data): never sent
+        logger.warning("not uploading %s in %s: symbolic links are never uploaded; copy the file into the directory "
+                       "if it belongs to the model", ", ".join(f"{n} (-> {os.readlink(directory / n)})" for n in linked),
+                       directory)
     missing = []
     if CONFIG_NAME not in present:
         missing.append(f"{CONFIG_NAME} (the diffusion settings llm2diff writes beside every model it saves)")
@@ -120,7 +123,8 @@ def saved_model_files(directory: str | os.PathLike) -> SavedModel:
     if not {"tokenizer.json", "tokenizer_config.json"} & set(tokenizer):
         missing.append("the tokenizer (tokenizer.json / tokenizer_config.json), which holds the mask token")
     if missing:
-        raise FileNotFoundError(f"{directory} is not a model saved by llm2diff: missing " + "; ".join(missing))
+        why = f" (symbolic links are not model files: {', '.join(linked)})" if linked else ""
+        raise FileNotFoundError(f"{directory} is not a model saved by llm2diff: missing " + "; ".join(missing) + why)
     config = DiffusionConfig.load(directory)
     extras = [n for n in (SIGNIFICANCE_FILE, FINAL_EVAL_FILE) if n in present]
     files = sorted({CONFIG_NAME, *weight_files, *tokenizer, *extras})
@@ -128,17 +132,6 @@ def saved_model_files(directory: str | os.PathLike) -> SavedModel:
 
 
 # -- credentials -----------------------------------------------------------------------------------------------------
-def redact(value: Any) -> Any:
-    """A copy of a JSON-like value with credential-looking recipe keys and command-line flags blanked out."""
-    if isinstance(value, dict):
-        return {k: (REDACTED if SECRET_KEY.search(str(k).lower()) and v else redact(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        return SECRET_FLAG.sub(lambda m: m.group(1) + REDACTED, value)
-    return value
-
-
 def _payload(directory: Path, name: str, config_dict: dict[str, Any]) -> bytes | Path:
     """What to upload for `name`: the redacted JSON for the files that record the recipe, else the file itself."""
     if name == CONFIG_NAME:

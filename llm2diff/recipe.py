@@ -227,8 +227,10 @@ def parse_recipe(argv: list[str] | None = None, classes: tuple[type, ...] | None
     """Parse `--config recipe.yaml` plus `--key value` overrides into one instance of each recipe dataclass.
 
     Returns the dataclass instances followed by the merged raw recipe (a dict: file values updated by overrides),
-    which is recorded with every output.
+    which is recorded with every output: credentials in it (`hub_token`, ...) are redacted.
     """
+    from llm2diff.redact import redact
+
     from transformers import HfArgumentParser
 
     classes = classes or recipe_dataclasses()
@@ -287,4 +289,4 @@ def parse_recipe(argv: list[str] | None = None, classes: tuple[type, ...] | None
         for f in dataclasses.fields(instance):
             if f.name in overridden:
                 merged[f.name] = getattr(instance, f.name)
-    return (*instances, merged)
+    return (*instances, redact(merged))

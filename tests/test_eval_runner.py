@@ -73,6 +73,7 @@ def test_resume_refuses_a_different_evaluation(model_dir, tmp_path, capsys):
     assert _eval(model_dir, tmp_path / "run") == 0
     assert _eval(model_dir, tmp_path / "run", "--max_new_tokens", "9") == 2
     assert "holds a different evaluation (differs in ['max_new_tokens'])" in capsys.readouterr().err
+    assert _eval(model_dir, tmp_path / "run", "--limit", "8") == 0  # more rows of the same evaluation: resumed
 
 
 @pytest.mark.parametrize("args,message", [

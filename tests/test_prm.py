@@ -289,13 +289,15 @@ def test_architectures_build_and_score(arch, tmp_path):
         prm.step_scores(prompts, responses, [[1, 3], [2]])
 
 
-def test_save_replaces_directory_but_keeps_trainer_checkpoints(trained, tmp_path):
+def test_save_replaces_its_own_files_and_keeps_everything_else(trained, tmp_path):
     prm = trained[0]
     target = tmp_path / "prm"
     (target / "checkpoint-3").mkdir(parents=True)
     (target / "checkpoint-3" / "marker").write_text("kept")
-    (target / "stale.txt").write_text("old")
-    prm.save_pretrained(target, keep_existing=("checkpoint-*",))
+    (target / "notes.txt").write_text("mine")
+    prm.save_pretrained(target)
+    prm.save_pretrained(target)  # again, over its own files
     assert (target / "checkpoint-3" / "marker").read_text() == "kept"
-    assert not (target / "stale.txt").exists() and (target / "prm_config.json").is_file()
+    assert (target / "notes.txt").read_text() == "mine" and (target / "prm_config.json").is_file()
+    assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == [".llm2diff-save.json"]
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers

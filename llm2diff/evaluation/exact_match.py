@@ -97,8 +97,10 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
             row_forwards_batch = None
         else:
             # exactly the rule named in the row, not the sampler defaults the model saved
-            out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, tokens_per_step=tokens_per_step,
-                               threshold=threshold, commit_rule=commit_rule, use_saved_defaults=False, **sampler)
+            rule = {} if sampler.get("verified") or sampler.get("lossless") else \
+                {"tokens_per_step": tokens_per_step, "commit_rule": commit_rule}  # the block sampler's own options
+            out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, threshold=threshold,
+                               use_saved_defaults=False, **rule, **sampler)
             sequences = out.sequences
             forwards = out.nfe if hasattr(out, "nfe") else out.nfe_draft + out.nfe_verify  # lossless: both models
             row_forwards_batch = int(out.nfe_per_row.sum()) if getattr(out, "nfe_per_row", None) is not None \

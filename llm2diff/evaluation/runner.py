@@ -21,7 +21,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from llm2diff.atomic import read_jsonl_records, write_json_atomic, write_text_atomic
-from llm2diff.tasks.base import EvalTask, get_task
+from llm2diff.tasks.base import EvalTask, get_task, parse_task_options
 
 
 @dataclass
@@ -126,64 +126,95 @@ class PromptRenderer:
         return list(self.tokenizer(text).input_ids)
 
 
-def _read_done(path: Path) -> dict[str, dict]:
-    return read_jsonl_records(path)
+def _check_resume(out: Path, cfg: EvalConfig, model: str, rows: dict[str, str]) -> None:
+    """Refuse to resume results of another evaluation, of another model or of other rows; record this one.
 
+    `model` is the model's fingerprint, `rows` each row's fingerprint by id (a later run may add rows with a
+    larger `--limit`, but a row it shares with the earlier run must be the same row).
+    """
+    from llm2diff.rundir import describe_changes
 
-def _check_resume(out: Path, cfg: EvalConfig) -> None:
+    key = {**cfg.run_key(), "model_fingerprint": model}
     config_file = out / "eval_config.json"
-    if config_file.is_file():
-        previous = json.loads(config_file.read_text())
-        if previous != cfg.run_key():
-            changed = sorted(k for k in set(previous) | set(cfg.run_key()) if previous.get(k) != cfg.run_key().get(k))
-            raise ValueError(f"{out} holds a different evaluation (differs in {changed}); choose another output_dir "
-                             "or delete it")
-    else:
-        write_json_atomic(config_file, cfg.run_key())
+    previous = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    earlier_rows = previous.pop("row_fingerprints", {})
+    why = []
+    changed = describe_changes(previous, key)
+    if "model_fingerprint" in changed:
+        why.append(f"the model at {cfg.model} is not the one these results came from (its files changed: "
+                   "retrained or replaced)")
+    settings = [k for k in changed if k != "model_fingerprint"]
+    if settings:
+        why.append(f"differs in {settings}")
+    moved = [row_id for row_id, digest in rows.items() if earlier_rows.get(row_id, digest) != digest]
+    if moved:
+        why.append(f"{len(moved)} rows differ from the ones evaluated there (e.g. {moved[0]!r}: another source file?)")
+    if why:
+        raise ValueError(f"{out} holds a different evaluation ({'; '.join(why)}); resuming would mix the two: "
+                         f"choose another output_dir, or delete {out} to evaluate afresh")
+    write_json_atomic(config_file, {**key, "row_fingerprints": {**earlier_rows, **rows}})
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate `cfg.model` (or its AR parent) on `cfg.task`. Returns the summary (also written to disk)."""
+    """Evaluate `cfg.model` (or its AR parent) on `cfg.task`. Returns the summary (also written to disk).
+
+    Rows go in fixed batches of the row list, each drawn with the seed `cfg.seed` + its first row's index, so a
+    run resumed after an interruption writes exactly what an uninterrupted run writes. The output directory is
+    locked for the run (a second writer is refused) and records what its results depend on (settings, the
+    model's files, the rows), so that results of another model or data are never resumed.
+    """
     from llm2diff.modeling.config import library_versions
-    from llm2diff.modeling.diffusion_lm import load
+    from llm2diff.modeling.diffusion_lm import load, saved_model_directory
+    from llm2diff.rundir import model_fingerprint, output_lock, rows_fingerprint
 
     if not cfg.model:
         raise ValueError("--model is required: the directory of a saved llm2diff model")
-    options = json.loads(cfg.task_options) if cfg.task_options else {}
-    task = get_task(cfg.task, **options)
+    task = get_task(cfg.task, **parse_task_options(cfg.task_options, cfg.task))
     rows = task.load_rows(cfg.source, cfg.split, cfg.limit)
     shots = task.load_rows(cfg.source, cfg.shots_split, cfg.num_shots) if cfg.num_shots else []
-    dlm = load(cfg.model)
+    model_dir = saved_model_directory(cfg.model)
+    dlm = load(model_dir)
     render = PromptRenderer(dlm)
     out = cfg.resolved_output_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    _check_resume(out, cfg)
+    row_digests = {task.row_id(row, i): rows_fingerprint([row, *shots]) for i, row in enumerate(rows)}
+    with output_lock(out):
+        _check_resume(out, cfg, model_fingerprint(model_dir), row_digests)
+        return _run(cfg, task, rows, shots, dlm, render, out, library_versions())
+
+
+def _run(cfg: EvalConfig, task, rows, shots, dlm, render: PromptRenderer, out: Path, versions) -> dict[str, Any]:
     results_path = out / "results.jsonl"
-    done = _read_done(results_path)
+    done = read_jsonl_records(results_path)
     ids = [task.row_id(row, i) for i, row in enumerate(rows)]
-    todo = [(i, row) for i, row in enumerate(rows) if ids[i] not in done]
-    tok = dlm.tokenizer
     transforms = task.transforms(cfg.seed) if getattr(task, "num_augmentations", 1) > 1 else None
     scores_choices = getattr(task, "mode", None) == "loglikelihood" and hasattr(task, "score_choices")
     rows_per_batch = max(1, cfg.batch_size // len(transforms)) if transforms else cfg.batch_size
+    # fixed batches of the whole list: a resumed run draws each batch exactly as an uninterrupted one would
+    batches = [range(lo, min(lo + rows_per_batch, len(rows))) for lo in range(0, len(rows), rows_per_batch)]
+    todo = [b for b in batches if any(ids[i] not in done for i in b)]
     start = time.perf_counter()
     new_tokens = row_forwards = 0
-    with results_path.open("a") as sink, tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"eval {cfg.task}") as bar:
-        for lo in range(0, len(todo), rows_per_batch):
-            batch = todo[lo : lo + rows_per_batch]
+    remaining = sum(1 for i in ids if i not in done)
+    with results_path.open("a") as sink, tqdm(total=len(rows), initial=len(rows) - remaining,
+                                              desc=f"eval {cfg.task}") as bar:
+        for batch in todo:
+            pairs = [(i, rows[i]) for i in batch]
             if scores_choices:
-                records = [_score_record(task, dlm, row, ids[i], cfg, render, shots) for i, row in batch]
+                records = [_score_record(task, dlm, row, ids[i], cfg, render, shots) for i, row in pairs]
             else:
-                records = _generate_records(task, dlm, batch, ids, cfg, render, shots, transforms, seed=cfg.seed + lo)
+                records = _generate_records(task, dlm, pairs, ids, cfg, render, shots, transforms,
+                                            seed=cfg.seed + batch.start)
             for record in records:
+                if record["id"] in done:  # written before an interruption: the same record again
+                    continue
                 sink.write(json.dumps(record) + "\n")
                 done[record["id"]] = record
                 new_tokens += record["new_tokens"]
                 row_forwards += record["nfe"]
+                bar.update(1)
             sink.flush()
-            bar.update(len(batch))
     seconds = time.perf_counter() - start
-    summary = summarize(cfg, [done[i] for i in ids], seconds, new_tokens, row_forwards, dlm, library_versions())
+    summary = summarize(cfg, [done[i] for i in ids], seconds, new_tokens, row_forwards, dlm, versions)
     write_json_atomic(out / "summary.json", summary)
     write_text_atomic(out / "summary.md", summary_markdown(summary))
     return summary

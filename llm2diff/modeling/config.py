@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,12 @@ from typing import Any
 
 from llm2diff.atomic import write_json_atomic
 
+logger = logging.getLogger(__name__)
+
 CONFIG_NAME = "diffusion_config.json"
+# what a saved config must say: without these the sampler would guess (block size 32, no mask token)
+REQUIRED_KEYS: dict[str, tuple[type, ...]] = {"block_size": (int,), "mask_token": (str,), "mask_token_id": (int,),
+                                              "vocab_size": (int,), "shift": (bool,)}
 CLEAN_ATTENTION = ("block", "causal")
 DECODINGS = ("block", "verified")
 
@@ -115,11 +121,36 @@ class DiffusionConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DiffusionConfig:
+    def from_dict(cls, data: dict[str, Any], source: str = CONFIG_NAME) -> DiffusionConfig:
+        """The config saved as `data` (read from `source`, named in errors), checked before anything trusts it.
+
+        The keys that say what the model is (`REQUIRED_KEYS`) must be present with values of the right type;
+        keys this version does not know are refused (a newer llm2diff wrote them: upgrade); a file written by a
+        newer llm2diff that this version can read still gets a warning.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must hold a JSON object of settings, got {type(data).__name__}")
+        saved_by = (data.get("versions") or {}).get("llm2diff") if isinstance(data.get("versions"), dict) else None
+        ours = library_versions().get("llm2diff")
+        newer = _is_newer(saved_by, ours)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"{CONFIG_NAME} has unknown keys {unknown}; it was written by a newer llm2diff?")
+            why = (f"it was written by llm2diff {saved_by}, newer than this {ours}: upgrade llm2diff" if newer else
+                   "the file is damaged or was edited by hand")
+            raise ValueError(f"{source} has settings this llm2diff does not know: {unknown}; {why}")
+        missing = [k for k in REQUIRED_KEYS if k not in data]
+        if missing:
+            raise ValueError(f"{source} lacks {', '.join(missing)}, which say{'s' if len(missing) == 1 else ''} what "
+                             "the model is (the sampler cannot guess them): restore the file from the model's "
+                             "original save, or save the model again with DiffusionLM.save_pretrained")
+        for key, kinds in REQUIRED_KEYS.items():
+            value = data[key]
+            if isinstance(value, bool) != (kinds == (bool,)) or not isinstance(value, kinds):
+                raise ValueError(f"{source}: {key} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+        if newer:
+            logger.warning("%s was written by llm2diff %s, newer than this %s: settings it added may be missing "
+                           "here; upgrade llm2diff to use the model as it was saved", source, saved_by, ours)
         return cls(**data)
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -139,7 +170,11 @@ class DiffusionConfig:
                 f"{path} not found: {directory} is not a model saved by llm2diff "
                 "(DiffusionLM.save_pretrained writes diffusion_config.json)"
             )
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): the save was damaged; save the model again") from None
+        return cls.from_dict(data, source=str(path))
 
 
 def validate_block_size(block_size: Any, max_length: int | None = None) -> None:
@@ -164,3 +199,15 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def _is_newer(saved: str | None, ours: str | None) -> bool:
+    """Whether version `saved` is newer than `ours` (False when either is unknown or unparsable)."""
+    if not saved or not ours:
+        return False
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(saved) > Version(ours)
+    except InvalidVersion:
+        return False

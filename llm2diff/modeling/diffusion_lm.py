@@ -24,7 +24,7 @@ import torch
 from llm2diff.modeling.architectures import check_supported
 from llm2diff.modeling.config import DiffusionConfig, validate_block_size
 from llm2diff.modeling.mask_token import choose_mask_token
-from llm2diff.atomic import atomic_directory
+from llm2diff.atomic import atomic_save, finish_interrupted_save
 from llm2diff.sampling.sampler import BlockSampler, GenerateOutput, SamplerSettings, uses_flash_attention
 
 logger = logging.getLogger(__name__)
@@ -277,13 +277,22 @@ class DiffusionLM:
         input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prefix_len = 0 if response_prefix is None or not isinstance(response_prefix, torch.Tensor) \
+            else response_prefix.shape[-1]
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and input_ids.shape[1] + prefix_len + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt length {input_ids.shape[1]}" + (f" + response prefix {prefix_len}" if prefix_len else "")
+                + f" + max_new_tokens {max_new_tokens} exceeds the model's maximum "
+                f"length {limit}; shorten the prompt or lower max_new_tokens"
+            )
+        block_only = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "tokens_per_step": tokens_per_step,
+                      "commit_rule": commit_rule, "significance_weight": significance_weight,
+                      "confidence_floor": confidence_floor, "response_prefix": response_prefix,
+                      "entropy_bound": entropy_bound, "sub_block_size": sub_block_size,
+                      "max_steps_per_block": max_steps_per_block, "remask_threshold": remask_threshold,
+                      "remask_budget": remask_budget, "seed": seed}
         if verified is None:
-            block_only = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "tokens_per_step": tokens_per_step,
-                          "commit_rule": commit_rule, "significance_weight": significance_weight,
-                          "confidence_floor": confidence_floor, "response_prefix": response_prefix,
-                          "entropy_bound": entropy_bound, "sub_block_size": sub_block_size,
-                          "max_steps_per_block": max_steps_per_block, "remask_threshold": remask_threshold,
-                          "remask_budget": remask_budget, "seed": seed}
             verified = (use_saved_defaults and self.config.decoding == "verified" and not lossless
                         and all(value is None for value in block_only.values()) and use_cache and fuse_commit
                         and drop_finished and not record_trajectory and not static_cache and not compile
@@ -291,6 +300,14 @@ class DiffusionLM:
         if lossless and verified:
             raise ValueError("lossless (the AR parent verifies) and verified (the model's own causal stream "
                              "verifies) are two different decodings: choose one")
+        given = [name for name, value in block_only.items() if value is not None]
+        if lossless and threshold is not None:
+            given.append("threshold")
+        if (lossless or verified) and given:  # the block sampler's options would be silently ignored
+            mode = "lossless decoding (the AR parent's greedy output)" if lossless else \
+                "verified decoding (the model's own greedy causal output)"
+            raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {mode}: leave "
+                             f"{'it' if len(given) == 1 else 'them'} out, or decode with the block sampler")
         if lossless:
             from llm2diff.sampling.lossless import lossless_generate
 
@@ -306,7 +323,6 @@ class DiffusionLM:
             return verified_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                      threshold=threshold, stop_strings=stop_strings, merge_lora=merge_lora,
                                      streamer=streamer)
-        prefix_len = 0
         if response_prefix is not None:
             if not isinstance(response_prefix, torch.Tensor) or response_prefix.dim() != 2 \
                     or response_prefix.shape[0] != input_ids.shape[0]:
@@ -314,14 +330,6 @@ class DiffusionLM:
                                  "rows of the same length (group rollouts by prefix length)")
             if bool((response_prefix == self.config.mask_token_id).any()):
                 raise ValueError("response_prefix contains the mask token; give decided tokens only")
-            prefix_len = response_prefix.shape[1]
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and input_ids.shape[1] + prefix_len + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt length {input_ids.shape[1]}" + (f" + response prefix {prefix_len}" if prefix_len else "")
-                + f" + max_new_tokens {max_new_tokens} exceeds the model's maximum "
-                f"length {limit}; shorten the prompt or lower max_new_tokens"
-            )
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
         c = self.config
@@ -381,9 +389,14 @@ class DiffusionLM:
 
     # -- saving -------------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> Path:
-        """Save the adapter (or the full model), the tokenizer and `diffusion_config.json`, atomically."""
+        """Save the adapter (or the full model), the tokenizer and `diffusion_config.json`, as one atomic step.
+
+        Only the files of this save, and those of the previous save into `directory` that this one no longer
+        writes, are replaced: checkpoints, evaluation results and anything else in `directory` stay
+        (`llm2diff.atomic.atomic_save`).
+        """
         directory = Path(directory)
-        with atomic_directory(directory) as tmp:
+        with atomic_save(directory) as tmp:
             if self.has_adapter:
                 self.model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers="auto", **kwargs)
             else:
@@ -522,9 +535,18 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
 
 
 def saved_model_directory(path: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:
-    """The local directory of a saved model: `path` itself, or a Hub model id's downloaded files."""
-    if Path(path).expanduser().is_dir():
-        return Path(path).expanduser()
+    """The local directory of a saved model: `path` itself, or a Hub model id's downloaded files.
+
+    A save into `path` that was interrupted after its commit point is finished first (`finish_interrupted_save`).
+    """
+    local = Path(path).expanduser()
+    if local.is_dir():
+        try:
+            finish_interrupted_save(local)
+        except OSError as error:
+            raise OSError(f"{local} holds a complete save that an interruption left unmoved, and moving it into "
+                          f"place failed ({error}); make the directory writable and load again") from error
+        return local
     from llm2diff.hub import download_model, looks_like_repo_id
 
     if not looks_like_repo_id(str(path)):

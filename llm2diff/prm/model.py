@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import transformers
 
-from llm2diff.atomic import atomic_directory, write_json_atomic
+from llm2diff.atomic import atomic_save, write_json_atomic
 
 CONFIG_NAME = "prm_config.json"
 LABEL_TYPES = ("soft", "hard")
@@ -42,8 +42,6 @@ ROW_KEYS = ("prompt_ids", "response_ids", "step_ends", "step_labels")
 IGNORE_INDEX = -100
 #: Names transformers gives the head of a `*ForTokenClassification` model (Qwen2/Qwen3/Llama: "score").
 HEAD_NAMES = ("score", "classifier")
-#: What the Trainer writes into `output_dir` and `train_prm` keeps when it saves the PRM there.
-TRAINER_OUTPUTS = ("checkpoint-*", "runs", "trainer_state.json")
 
 
 # -- config -----------------------------------------------------------------------------------------------------
@@ -178,22 +176,17 @@ class ProcessRewardModel:
             self.model.train(was_training)
         return scores
 
-    def save_pretrained(self, directory: str | os.PathLike, keep_existing: tuple[str, ...] = ()) -> Path:
-        """Save the adapter and head (safetensors), the tokenizer and `prm_config.json`, atomically.
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Save the adapter and head (safetensors), the tokenizer and `prm_config.json`, as one atomic step.
 
-        The directory is replaced whole; entries of the old one matching a glob in `keep_existing` (e.g.
-        "checkpoint-*") are moved into the new one first.
+        Only this save's files (and those of the previous save that this one no longer writes) are replaced:
+        checkpoints and anything else in `directory` stay (`llm2diff.atomic.atomic_save`).
         """
         directory = Path(directory)
-        with atomic_directory(directory) as tmp:
+        with atomic_save(directory) as tmp:
             self.model.save_pretrained(tmp)  # PEFT: adapter + modules_to_save (the head) as safetensors
             self.tokenizer.save_pretrained(tmp)
             self.config.save(tmp)
-            # Moved last, once everything else is written: an earlier failure leaves them where they were.
-            for pattern in keep_existing if directory.is_dir() else ():
-                for entry in directory.glob(pattern):
-                    if not (tmp / entry.name).exists():
-                        os.replace(entry, tmp / entry.name)
         return directory
 
 
@@ -430,8 +423,8 @@ def train_prm(prm: ProcessRewardModel, train_rows, args: transformers.TrainingAr
     """Train `prm` on `train_rows` (a `datasets.Dataset` of PRM rows), save it to `args.output_dir`, report.
 
     Returns `{"output_dir", "train": trainer metrics, "losses": logged training losses, "eval": evaluate_prm(...)}`
-    (`eval` only when `eval_rows` are given; they are scored after training, not during it). The PRM replaces
-    whatever else was in `output_dir`, except the Trainer's checkpoints and logs (`TRAINER_OUTPUTS`).
+    (`eval` only when `eval_rows` are given; they are scored after training, not during it). Saving the PRM
+    there replaces only the files of an earlier save; checkpoints, logs and other files stay.
     """
     from llm2diff.prm.metrics import evaluate_prm
 
@@ -459,5 +452,5 @@ def train_prm(prm: ProcessRewardModel, train_rows, args: transformers.TrainingAr
         summary["eval"] = evaluate_prm(prm, eval_rows)
         prm.config.training["eval"] = summary["eval"]
     if trainer.is_world_process_zero():
-        prm.save_pretrained(args.output_dir, keep_existing=TRAINER_OUTPUTS)
+        prm.save_pretrained(args.output_dir)
     return summary

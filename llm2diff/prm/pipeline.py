@@ -157,20 +157,35 @@ def agreement(records: list[dict]) -> dict[str, Any] | None:
 
 
 def run_prm(prm_args: PRMArguments, train_args, recipe: dict[str, Any]) -> dict[str, Any]:
-    """Sample, label, train and evaluate. Returns the report (also written to `prm_report.json`)."""
-    from llm2diff.modeling.diffusion_lm import load
-    from llm2diff.prm.metrics import auroc, step_label_accuracy
-    from llm2diff.prm.model import build_prm, train_prm
+    """Sample, label, train and evaluate. Returns the report (also written to `prm_report.json`).
+
+    The output directory is locked for the run, and a rerun resumes there only with the same recipe and policy.
+    """
+    from accelerate import PartialState
+
     from llm2diff.recipe import RecipeError
-    from llm2diff.star.sampling import SampleOptions, sample_and_grade
+    from llm2diff.rundir import check_run_record, model_fingerprint, output_lock, resume_key
 
     if not prm_args.prm_policy:
         raise RecipeError("prm_policy is required: the saved llm2diff model whose solutions and rollouts label steps")
     if not Path(prm_args.prm_policy).is_dir():
         raise FileNotFoundError(f"prm_policy {prm_args.prm_policy!r} is not a directory written by llm2diff train")
-    root = Path(train_args.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     task = _task(prm_args)
+    root = Path(train_args.output_dir)
+    main_process = PartialState().is_main_process
+    with output_lock(root, enabled=main_process):
+        if main_process:  # samples and labels are resumed: they must come from this policy and recipe
+            check_run_record(root, {**resume_key(recipe), "policy": model_fingerprint(prm_args.prm_policy)},
+                             what="PRM run", recipe=recipe)
+        return _run_prm(prm_args, train_args, recipe, task, root)
+
+
+def _run_prm(prm_args: PRMArguments, train_args, recipe: dict[str, Any], task, root: Path) -> dict[str, Any]:
+    from llm2diff.modeling.diffusion_lm import load
+    from llm2diff.prm.metrics import auroc, step_label_accuracy
+    from llm2diff.prm.model import build_prm, train_prm
+    from llm2diff.star.sampling import SampleOptions, sample_and_grade
+
     dlm = load(prm_args.prm_policy)
     options = SampleOptions(max_new_tokens=prm_args.prm_max_new_tokens, temperature=prm_args.prm_temperature,
                             threshold=prm_args.prm_threshold, batch_size=prm_args.prm_batch_size)

@@ -36,6 +36,7 @@ from llm2diff.modeling.config import DiffusionConfig
 from llm2diff.modeling.diffusion_lm import DiffusionLM
 from llm2diff.rl.advantages import process_advantages
 from llm2diff.rl.logprobs import ESTIMATORS, diffusion_token_logps, row_seeds
+from llm2diff.training.config import check_max_steps
 
 REF_ADAPTER = "ref"  # the adapter name TRL's `_generate_and_score_completions` uses for the reference
 
@@ -58,6 +59,7 @@ class DiffusionGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_max_steps(self.max_steps)
         if self.diffusion_estimator not in ESTIMATORS:
             raise ValueError(f"diffusion_estimator must be one of {', '.join(ESTIMATORS)}, got "
                              f"{self.diffusion_estimator!r}")

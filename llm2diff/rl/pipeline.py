@@ -110,14 +110,17 @@ def prm_process_reward(prm, policy_tokenizer, by: str, block_size: int, eos_ids)
 
 
 def run_rl(rl_args: RLArguments, grpo_args, recipe: dict[str, Any]) -> dict[str, Any]:
-    """Train the policy with GRPO, save it, grade held-out problems. Returns the report."""
-    import datasets
+    """Train the policy with GRPO, save it, grade held-out problems. Returns the report.
 
-    from llm2diff.modeling.diffusion_lm import load
+    The output directory is locked for the run; `resume_from_checkpoint` continues from the newest complete
+    checkpoint, and only a run of the same recipe and starting policy.
+    """
     from llm2diff.recipe import RecipeError
-    from llm2diff.rl.grpo import DiffusionGRPOTrainer
+    from llm2diff.rundir import check_run_record, model_fingerprint, output_lock, resume_key
     from llm2diff.star.config import StarArguments
     from llm2diff.star.rounds import check_task
+    from llm2diff.training.checkpoints import checkpoints
+    from llm2diff.training.run import resume_checkpoint
 
     if not rl_args.rl_policy:
         raise RecipeError("rl_policy is required: a saved llm2diff model with a LoRA adapter")
@@ -128,6 +131,24 @@ def run_rl(rl_args: RLArguments, grpo_args, recipe: dict[str, Any]) -> dict[str,
     root = Path(grpo_args.output_dir)
     task = check_task(StarArguments(star_task=rl_args.rl_task, star_task_options=rl_args.rl_task_options,
                                     star_rationalize=False))
+    main_process = grpo_args.process_index == 0
+    with output_lock(root, enabled=main_process):
+        checkpoint = resume_checkpoint(grpo_args)
+        if main_process:  # a resume must continue this very run: same recipe and starting policy
+            check_run_record(root, {**resume_key(recipe), "policy": model_fingerprint(rl_args.rl_policy)},
+                             what="RL run", replace=checkpoint is None and not checkpoints(root), recipe=recipe)
+        return _run_rl(rl_args, grpo_args, recipe, task, root, checkpoint)
+
+
+def _run_rl(rl_args: RLArguments, grpo_args, recipe: dict[str, Any], task, root: Path, checkpoint) -> dict[str, Any]:
+    import datasets
+
+    from llm2diff.modeling.diffusion_lm import load
+    from llm2diff.recipe import RecipeError
+    from llm2diff.rl.grpo import DiffusionGRPOTrainer
+    from llm2diff.training.checkpoints import checkpoint_step
+    from llm2diff.training.run import finish_at_checkpoint
+
     dlm = load(rl_args.rl_policy, is_trainable=True)
     if not dlm.has_adapter:
         raise RecipeError(f"{rl_args.rl_policy} has no LoRA adapter; GRPO here trains adapters")
@@ -144,7 +165,10 @@ def run_rl(rl_args: RLArguments, grpo_args, recipe: dict[str, Any]) -> dict[str,
     trainer = DiffusionGRPOTrainer(model=dlm, reward_funcs=[outcome_reward(task)], args=grpo_args,
                                    train_dataset=dataset, process_reward=process)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=grpo_args.resume_from_checkpoint or None)
+    if checkpoint is not None and checkpoint_step(checkpoint) == grpo_args.max_steps:
+        result = finish_at_checkpoint(trainer, checkpoint)  # the trainer would take one step more
+    else:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     report: dict[str, Any] = {"recipe": recipe, "train": result.metrics, "train_seconds": round(seconds, 1),
                               "num_processes": trainer.accelerator.num_processes,

@@ -129,7 +129,7 @@ def _write_report(root: Path, records: list[dict]) -> None:
     table = rounds_table(records)
     write_text_atomic(root / "report.md", f"# STaR -> PRM -> RL rounds\n\n{table}\n\n![accuracy by round](accuracy.png)\n")
     run = json.loads((root / "star_run.json").read_text()) if (root / "star_run.json").is_file() else {}
-    write_json_atomic(root / "report.json", {"rounds": records, **run})
+    write_json_atomic(root / "report.json", {"rounds": records, **{k: v for k, v in run.items() if k != "key"}})
     points = [{"round": r["round"], "accuracy": r["rl_accuracy"] if r.get("rl_accuracy") is not None
                else r["star_accuracy"]} for r in records]
     plot_accuracy(points, root / "accuracy.png", "held-out accuracy after each round (RL model, else STaR)")
@@ -139,6 +139,16 @@ def _write_report(root: Path, records: list[dict]) -> None:
 def run_rounds(model_args, data_args, train_args, star, prm_args, args: RoundsArguments,
                recipe: dict[str, Any]) -> list[dict]:
     """Run (or resume) round 0 and `args.rounds` STaR -> PRM -> RL rounds."""
+    from accelerate import PartialState
+
+    from llm2diff.rundir import output_lock
+
+    with output_lock(train_args.output_dir, enabled=PartialState(cpu=train_args.use_cpu).is_main_process):
+        return _run_rounds(model_args, data_args, train_args, star, prm_args, args, recipe)
+
+
+def _run_rounds(model_args, data_args, train_args, star, prm_args, args: RoundsArguments,
+                recipe: dict[str, Any]) -> list[dict]:
     from llm2diff.star.rounds import StarRun
 
     run = StarRun(model_args, data_args, train_args, star, recipe)

@@ -38,6 +38,7 @@ from llm2diff.modeling.attention import (
 from llm2diff.sampling.rules import (
     COMMIT_RULES,
     DEFAULT_THRESHOLD,
+    NO_THRESHOLD,
     choose_tokens,
     coarse_to_fine_priority,
     entropy_bounded_commits,
@@ -112,6 +113,8 @@ class SamplerSettings:
     static_cache: bool = False
 
     def __post_init__(self) -> None:
+        check_sampling_values(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              threshold=self.threshold, tokens_per_step=self.tokens_per_step)
         if self.commit_rule not in COMMIT_RULES:
             raise ValueError(f"commit_rule must be one of {', '.join(COMMIT_RULES)}, got {self.commit_rule!r}")
         if self.commit_rule == "coarse_to_fine" and self.significance is None:
@@ -137,6 +140,27 @@ class SamplerSettings:
         if self.remask_threshold is not None and self.remask_budget == 0:
             raise ValueError("remask_threshold is set but remask_budget is 0: give a budget of remasks per block "
                              "(e.g. 2), or unset remask_threshold")
+
+
+def check_sampling_values(temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                          threshold: float | None = None, tokens_per_step: int | None = None) -> None:
+    """Refuse sampler values outside their range, and top-k / top-p where they would be silently ignored."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0 and threshold != NO_THRESHOLD:
+        raise ValueError(f"threshold must be in [0, 1] (a confidence, or a margin for the margin rule), got {threshold}")
+    if temperature is not None and temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = no top-p filter), got {top_p}")
+    if tokens_per_step is not None and tokens_per_step < 1:
+        raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
+    filtered = [name for name, value, off in (("top_k", top_k, 0), ("top_p", top_p, 1.0))
+                if value is not None and value != off]
+    if filtered and not temperature:
+        raise ValueError(f"{' and '.join(filtered)} filter{'s' if len(filtered) == 1 else ''} what is sampled, but "
+                         "temperature 0 decodes greedily (the most likely token), so it would have no effect: set a "
+                         f"temperature above 0, or leave {' and '.join(filtered)} out")
 
 
 def embedding_weight(model) -> torch.Tensor:

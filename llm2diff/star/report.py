@@ -66,7 +66,7 @@ def write_report(root: Path, records: list[dict], star) -> str:
     write_text_atomic(root / "report.md", f"# {title}\n\n{table}\n\n![accuracy by round](accuracy.png)\n")
     run_file = root / "star_run.json"  # the recipe (seed included) and library versions of this run
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
-    write_json_atomic(root / "report.json", {"rounds": records, **run})
+    write_json_atomic(root / "report.json", {"rounds": records, **{k: v for k, v in run.items() if k != "key"}})
     plot_accuracy(records, root / "accuracy.png", title)
     print(f"\n{title}\n{table}\n", flush=True)
     return table

@@ -41,40 +41,30 @@ from llm2diff.star.sampling import SampleOptions, sample_and_grade
 logger = logging.getLogger("llm2diff")
 
 RUN_FILE = "star_run.json"
-# recipe keys that may change between invocations of the same run
-MUTABLE_KEYS = ("star_rounds", "report_to", "logging_steps", "dataloader_num_workers", "resume_from_checkpoint")
 
 
 def check_task(star: StarArguments):
     """The task, which must have a grader (and a final answer when rationalizing)."""
-    from llm2diff.tasks.base import EvalTask, get_task
+    from llm2diff.tasks.base import EvalTask, get_task, parse_task_options
 
-    options = json.loads(star.star_task_options) if star.star_task_options else {}
-    task = get_task(star.star_task, **options)
+    task = get_task(star.star_task, **parse_task_options(star.star_task_options, star.star_task))
     if type(task).grade is EvalTask.grade:
         raise RecipeError(f"task {star.star_task!r} has no grader, so its samples cannot be verified; STaR needs a "
                           "task module that implements grade()")
     return task
 
 
-def check_run_dir(root: Path, recipe: dict[str, Any]) -> None:
-    """Refuse an output directory holding a different recipe's run; record this recipe in a new one."""
-    from llm2diff.modeling.config import library_versions
+def check_run_dir(root: Path, recipe: dict[str, Any], rows_fingerprint: str | None = None) -> None:
+    """Refuse an output directory holding a run of a different recipe or problems; record this run in a new one."""
+    from llm2diff.rundir import check_run_record, resume_key
 
-    key = {k: v for k, v in recipe.items() if k not in MUTABLE_KEYS}
-    path = root / RUN_FILE
-    if path.is_file():
-        previous = json.loads(path.read_text())["recipe"]
-        changed = sorted(k for k in set(previous) | set(key) if previous.get(k) != key.get(k))
-        if changed:
-            raise RecipeError(f"{root} holds a STaR run of a different recipe (it differs in {', '.join(changed)}); "
-                              "use another output_dir, or delete that one to start over")
-        return
-    if root.is_dir() and any(p.name.startswith("round-") for p in root.iterdir()):
+    if not (root / RUN_FILE).is_file() and root.is_dir() and any(p.name.startswith("round-") for p in root.iterdir()):
         raise RecipeError(f"{root} holds rounds but no {RUN_FILE}: not a STaR run of this recipe; use another "
                           "output_dir")
-    write_json_atomic(path, {"recipe": key, "versions": library_versions(),
-                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    key = resume_key(recipe)
+    if rows_fingerprint is not None:
+        key["training_problems"] = rows_fingerprint
+    check_run_record(root, key, name=RUN_FILE, what="STaR run", recipe=recipe)
 
 
 def _round_train_args(train_args, output_dir: Path, steps: int, seed: int):
@@ -87,9 +77,9 @@ def _round_train_args(train_args, output_dir: Path, steps: int, seed: int):
 
 
 def _last_checkpoint(directory: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    from llm2diff.training.checkpoints import newest_complete_checkpoint
 
-    return get_last_checkpoint(str(directory)) if directory.is_dir() else None
+    return newest_complete_checkpoint(directory)
 
 
 def _train(model_args, data_args, train_args, recipe, out: Path, rows=None, init_model=None) -> dict:
@@ -189,10 +179,12 @@ class StarRun:
             model_args, data_args, train_args, star, recipe)
         self.root = Path(root or train_args.output_dir)
         self.task = check_task(star)
-        if check_dir and self.state.is_main_process:
-            check_run_dir(self.root, recipe)
-        self.state.wait_for_everyone()
         self.rows = self.task.load_rows(star.star_source, star.star_train_split, star.star_num_problems)
+        if check_dir and self.state.is_main_process:
+            from llm2diff.rundir import rows_fingerprint
+
+            check_run_dir(self.root, recipe, rows_fingerprint(self.rows))
+        self.state.wait_for_everyone()
         self.row_ids = [self.task.row_id(row, i) for i, row in enumerate(self.rows)]
         self.sft_rows = _sft_rows(data_args, star)
         self.initial: str | None = None
@@ -287,16 +279,21 @@ def run_star(model_args, data_args, train_args, star: StarArguments, recipe: dic
     """Run (or resume) all rounds. Returns the per-round records (also in report.json)."""
     from llm2diff.star.report import write_report
 
-    run = StarRun(model_args, data_args, train_args, star, recipe)
-    records = [run.round_zero()]
-    if run.state.is_main_process:
-        write_report(run.root, records, star)
-    previous = run.initial
-    for r in range(1, star.star_rounds + 1):
-        records.append(run.round(r, previous))
+    from accelerate import PartialState
+
+    from llm2diff.rundir import output_lock
+
+    with output_lock(train_args.output_dir, enabled=PartialState(cpu=train_args.use_cpu).is_main_process):
+        run = StarRun(model_args, data_args, train_args, star, recipe)
+        records = [run.round_zero()]
         if run.state.is_main_process:
             write_report(run.root, records, star)
-        previous = str(run.root / f"round-{r}" / "model")
+        previous = run.initial
+        for r in range(1, star.star_rounds + 1):
+            records.append(run.round(r, previous))
+            if run.state.is_main_process:
+                write_report(run.root, records, star)
+            previous = str(run.root / f"round-{r}" / "model")
     return records
 
 

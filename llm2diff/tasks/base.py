@@ -12,7 +12,10 @@ with the model's own prompt format. Graders are plain functions of (completion, 
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,9 +125,35 @@ TASKS = {
 }
 
 
+def parse_task_options(text: str | None, task_name: str) -> dict[str, Any]:
+    """Task options given as JSON (`--task_options`, `star_task_options`, ...) as keyword arguments; text that is
+    not a JSON object is refused with a message saying so."""
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the task options for {task_name} are not valid JSON ({err}): give an object such as "
+                         "'{\"mode\": \"strict\"}'") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"the task options for {task_name} must be a JSON object of option names to values, got "
+                         f"{text!r}")
+    return options
+
+
 def get_task(name: str, **kwargs) -> EvalTask:
     """Instantiate a task by name (`gsm8k`, `arithmetic`, `arc_agi`, `arc_challenge`)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
     module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+    task_class = getattr(importlib.import_module(module), cls)
+    parameters = inspect.signature(task_class).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        valid = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for option in kwargs:
+            if option not in valid:
+                near = difflib.get_close_matches(option, valid, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ValueError(f"task {name!r} has no option {option!r} (its options: "
+                                 f"{', '.join(valid) or 'none'}){hint}")
+    return task_class(**kwargs)

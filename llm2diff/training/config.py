@@ -94,6 +94,7 @@ class DiffusionSFTConfig(SFTConfig):
 
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.use_cpu
         super().__post_init__()
+        check_max_steps(self.max_steps)
         validate_block_size(self.block_size, self.max_length)
         self.noise_spec().validate(self.block_size, self.shift)
         if self.attn_backend not in ATTN_BACKENDS:
@@ -153,3 +154,10 @@ class DiffusionSFTConfig(SFTConfig):
         if not self.attention_anneal_steps:
             return None
         return min(1.0, step / self.attention_anneal_steps)
+
+
+def check_max_steps(max_steps: int) -> None:
+    """Refuse a step count that cannot mean anything (0 would still train one step and save)."""
+    if max_steps == 0 or max_steps < -1:
+        raise ValueError(f"max_steps={max_steps} cannot be trained: give a positive number of optimizer steps, or -1 "
+                         "(the default) to train for num_train_epochs epochs")

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from llm2diff.recipe import FinalEvalArguments, ModelArguments, RecipeError
+from llm2diff.rundir import check_run_record, output_lock
+from llm2diff.training.checkpoints import checkpoint_problem, checkpoint_step, checkpoints, newest_complete_checkpoint
 
 logger = logging.getLogger("llm2diff")
 
@@ -104,7 +106,10 @@ def load_base_model(model_args: ModelArguments, train_args):
 
 
 def provenance(recipe: dict[str, Any], seed: int) -> dict[str, Any]:
-    return {"recipe": recipe, "seed": seed, "command": " ".join(sys.argv),
+    """What produced a model: the recipe, the seed and the command (credentials redacted), and when."""
+    from llm2diff.redact import redact, redact_argv
+
+    return {"recipe": redact(recipe), "seed": seed, "command": " ".join(redact_argv(sys.argv)),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -165,16 +170,85 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
         model=dlm.model, args=train_args, diffusion_config=dlm.config, processing_class=tokenizer,
         train_dataset=train_ds, eval_dataset=eval_ds, significance=significance,
     )
+    main_process = train_args.process_index == 0
+    with output_lock(train_args.output_dir, enabled=main_process):
+        checkpoint = resume_checkpoint(train_args)
+        if main_process:  # a resume must continue this very run: same recipe, data and starting model
+            check_run_record(train_args.output_dir, run_key(recipe, train_args, train_ds, init_model),
+                             what="training run", recipe=recipe,
+                             replace=checkpoint is None and not checkpoints(train_args.output_dir))
+        if checkpoint is not None and checkpoint_step(checkpoint) == train_args.max_steps:
+            result = finish_at_checkpoint(trainer, checkpoint)  # the trainer would take one step more
+        else:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+        dlm.weights_are_parent = False  # a fully fine-tuned model's parent now comes from the recorded base
+        trainer.save_model(train_args.output_dir)
+        summary: dict[str, Any] = {"output_dir": train_args.output_dir, "train": result.metrics}
+        if eval_args.final_eval_samples > 0 and trainer.accelerator.is_main_process:
+            summary["final_eval"] = final_eval(dlm, data_args, eval_args, train_args.output_dir)
+    return summary
+
+
+def run_key(recipe: dict[str, Any], train_args, train_ds, init_model) -> dict[str, Any]:
+    """What a resumed training run must share with the run it resumes: the recipe (but the keys that only say how
+    long, how often or where), the values the self-training rounds set programmatically, a fingerprint of the
+    tokenized training data, and the model it started from (when continuing a saved model)."""
+    from llm2diff.rundir import dataset_fingerprint, model_fingerprint, resume_key
+
+    key = resume_key(recipe)
+    key.update(seed=train_args.seed, learning_rate=train_args.learning_rate, block_size=train_args.block_size,
+               data=dataset_fingerprint(train_ds))
+    if init_model is not None:
+        key["init_model"] = model_fingerprint(init_model)
+    return key
+
+
+def resume_checkpoint(train_args) -> str | None:
+    """The checkpoint `resume_from_checkpoint` asks for: with `true`, the newest *complete* one of `output_dir`
+    (a checkpoint cut short by a kill is skipped); a path must be a complete checkpoint. Refused when it lies beyond
+    `max_steps`, which would save more steps than the recipe asks for."""
     resume = train_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
         resume = resume.lower() == "true"
-    result = trainer.train(resume_from_checkpoint=resume or None)
-    dlm.weights_are_parent = False  # a fully fine-tuned model's parent now comes from the recorded base
-    trainer.save_model(train_args.output_dir)
-    summary: dict[str, Any] = {"output_dir": train_args.output_dir, "train": result.metrics}
-    if eval_args.final_eval_samples > 0 and trainer.accelerator.is_main_process:
-        summary["final_eval"] = final_eval(dlm, data_args, eval_args, train_args.output_dir)
-    return summary
+    if not resume:
+        return None
+    if resume is True:
+        checkpoint = newest_complete_checkpoint(train_args.output_dir)
+        if checkpoint is None:
+            found = [p.name for p in checkpoints(train_args.output_dir)]
+            raise RecipeError(f"resume_from_checkpoint is true, but {train_args.output_dir} holds no complete "
+                              f"checkpoint ({'only incomplete ' + ', '.join(found) if found else 'none at all'}): "
+                              "drop --resume_from_checkpoint to start afresh")
+    else:
+        checkpoint = str(resume)
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            raise RecipeError(f"cannot resume from {checkpoint}: {problem}. Give a complete checkpoint, or "
+                              "--resume_from_checkpoint true for the newest complete one")
+    step = checkpoint_step(checkpoint)
+    if 0 < train_args.max_steps < step:
+        raise RecipeError(f"{checkpoint} is at step {step}, beyond max_steps={train_args.max_steps}: raise max_steps "
+                          "to at least that, or resume from an earlier checkpoint")
+    return checkpoint
+
+
+def finish_at_checkpoint(trainer, checkpoint: str):
+    """Resume a run whose checkpoint is already at `max_steps`: take its weights and state, train nothing.
+
+    The stock trainer, resumed at `max_steps` in the middle of an epoch, trains one step more before it checks.
+    """
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    from llm2diff.training.checkpoints import TRAINER_STATE
+
+    logger.info("%s is already at max_steps=%d: nothing left to train; saving its weights", checkpoint,
+                trainer.args.max_steps)
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return TrainOutput(trainer.state.global_step, losses[-1] if losses else 0.0,
+                       {"resumed_at_max_steps": True, "epoch": trainer.state.epoch})
 
 
 def adapt_base(model_args: ModelArguments, data_args, train_args):

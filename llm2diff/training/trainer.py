@@ -16,11 +16,15 @@ is unaffected. `packing` packs each batch in the collator (TRL's own dataset pac
 from __future__ import annotations
 
 import torch
+from transformers.trainer import TRAINING_ARGS_NAME
 from trl import SFTTrainer
+
+from llm2diff.atomic import atomic_save
 
 from llm2diff.modeling.attention import resolve_attn_backend
 from llm2diff.modeling.config import DiffusionConfig
 from llm2diff.modeling.diffusion_lm import save_significance
+from llm2diff.redact import redacted_training_args
 from llm2diff.training.collator import BlockDiffusionCollator
 from llm2diff.training.config import DiffusionSFTConfig
 from llm2diff.training.layout import Layout
@@ -110,7 +114,19 @@ class DiffusionSFTTrainer(SFTTrainer):
                 self._metrics[mode][name].append((sums[b] / counts[b]).item())
 
     def _save(self, output_dir: str | None = None, state_dict=None):
-        super()._save(output_dir, state_dict)
-        self.diffusion_config.save(output_dir or self.args.output_dir)
-        if self.significance is not None:
-            save_significance(output_dir or self.args.output_dir, self.significance)
+        """The trainer's save (weights, tokenizer, arguments) plus `diffusion_config.json`, committed as one step.
+
+        A kill during the save leaves the previous save whole (`llm2diff.atomic.atomic_save`); credentials among
+        the arguments are not written (`training_args.bin` gets a copy without them).
+        """
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:  # a non-writer rank only joins the collective gathers of the stock save
+            return super()._save(output_dir, state_dict)
+        with atomic_save(output_dir) as staging:
+            super()._save(str(staging), state_dict)
+            arguments = staging / TRAINING_ARGS_NAME
+            if arguments.is_file():
+                torch.save(redacted_training_args(self.args), arguments)
+            self.diffusion_config.save(staging)
+            if self.significance is not None:
+                save_significance(staging, self.significance)
