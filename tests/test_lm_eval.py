@@ -173,11 +173,15 @@ def test_main_runs_lm_eval_cli_with_the_model_registered(model_dir, task_dir, tm
 
 # -- generate_until --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["diffusion", "parent"])
-def test_generate_until_cuts_at_stop_strings_and_honours_max_gen_toks(lm, parent_lm, which, monkeypatch):
+def test_generate_until_cuts_at_stop_strings_and_honours_max_gen_toks(lm, parent_lm, which, monkeypatch, request):
     model = lm if which == "diffusion" else parent_lm
     # end-of-sequence on a token the tiny model never picks, so that its output is long enough to cut
     monkeypatch.setattr(model.dlm.model.generation_config, "eos_token_id", None)
-    monkeypatch.setattr(model.dlm.tokenizer, "eos_token", "<|im_start|>")
+    # set and restored by hand: a tokenizer's special tokens are not instance attributes, and pytest>=9.2's
+    # monkeypatch would delete (not restore) an attribute it did not find in the instance's __dict__
+    tokenizer, eos = model.dlm.tokenizer, model.dlm.tokenizer.eos_token
+    tokenizer.eos_token = "<|im_start|>"
+    request.addfinalizer(lambda: setattr(tokenizer, "eos_token", eos))
     (free,) = model.generate_until([_gen(GEN, until=[], max_gen_toks=8)])
     words = free.split()
     stop = next((w for w in words[1:] if free.find(w) > 0), None)

@@ -16,6 +16,7 @@ trainable weights before and after training into DIR/rank-N.pt.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -91,9 +92,15 @@ def test_sharded_config_gives_the_processes_the_intended_plugin(path):
     args, defaults, _ = _validate_launch_command(args)
     if path.stem == "fsdp":
         env = prepare_multi_gpu_env(args)
-        # FSDP1 picks the GPU that initialises parameters on the other ranks (sync_module_states): pretend there is one
-        with mock.patch.dict(os.environ, env), mock.patch.object(torch.cuda, "current_device", return_value=0), \
-                mock.patch("accelerate.utils.dataclasses.is_cuda_available", return_value=True):
+        # FSDP1 picks the GPU that initialises parameters on the other ranks (sync_module_states): pretend there is
+        # one, through torch's own device queries (accelerate <1.16 asks torch.cuda, 1.16 torch.accelerator first)
+        with contextlib.ExitStack() as patches:
+            patches.enter_context(mock.patch.dict(os.environ, env))
+            patches.enter_context(mock.patch.object(torch.cuda, "current_device", return_value=0))
+            patches.enter_context(mock.patch.object(torch.cuda, "is_available", return_value=True))
+            if hasattr(torch, "accelerator"):  # torch>=2.6
+                patches.enter_context(mock.patch.object(torch.accelerator, "current_accelerator",
+                                                        return_value=torch.device("cuda")))
             plugin = FullyShardedDataParallelPlugin()
         assert plugin.fsdp_version == 1 and plugin.use_orig_params  # frozen base + trainable adapter in one unit
         assert plugin.sharding_strategy.name == "FULL_SHARD" and plugin.state_dict_type.name == "FULL_STATE_DICT"

@@ -220,7 +220,17 @@ class BagOfWordsEncoder:
         return torch.nn.functional.normalize(vecs, dim=-1)
 
 
-def test_embedding_deletion_embeds_every_deletion_in_one_call():
+@pytest.fixture
+def without_semantic_packages(monkeypatch):
+    """Let `EmbeddingDeletionScorer` be built without sentence-transformers and the bundled model (not in the `dev`
+    extra): these tests give it a fake encoder, and `..._says_how_to_install_the_model` checks the real guard."""
+    import llm2diff.noise.scorers as scorers
+
+    monkeypatch.setattr(scorers, "_require_semantic", lambda: None)
+    monkeypatch.setattr(scorers, "default_embedding_model_path", lambda: "all-MiniLM-L6-v2 (not loaded)")
+
+
+def test_embedding_deletion_embeds_every_deletion_in_one_call(without_semantic_packages):
     tok = make_tokenizer()
     scorer = EmbeddingDeletionScorer(tok)
     scorer._encoder = encoder = BagOfWordsEncoder(["tom", "has", "the", "apples", "ana", "books"])
@@ -246,7 +256,7 @@ def test_embedding_scorer_says_how_to_install_the_model(monkeypatch):
 
 
 # -- factory -------------------------------------------------------------------------------------------------------
-def test_make_scorer_errors_and_defaults():
+def test_make_scorer_errors_and_defaults(without_semantic_packages):
     with pytest.raises(ValueError, match=r"did you mean 'surprisal'\?.*idf, surprisal, parent_deletion, embedding"):
         make_scorer("surprizal")
     with pytest.raises(ValueError, match="did you mean 'parent_deletion'"):
