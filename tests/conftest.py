@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 
+import helpers_deprecations
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+helpers_deprecations.install()
 
 ARCHITECTURES = ("qwen2", "qwen3", "llama")
 WORDS = ("the a an is was has have had buys gives eats finds loses more now then how many he she it they "
@@ -27,6 +29,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_deprecated_calls_from_llm2diff():
+    """Fail a test in which llm2diff's own code used something its dependencies deprecate (see helpers_deprecations)."""
+    yield
+    seen = list(helpers_deprecations.SEEN)  # this test's, or a fixture's it used
+    helpers_deprecations.SEEN.clear()
+    assert not seen, "llm2diff used deprecated API:\n" + "\n".join(seen)
 
 
 def make_tokenizer():

@@ -10,6 +10,7 @@ import torch
 from conftest import ARCHITECTURES, MODEL_VOCAB, make_model, make_tokenizer
 
 from llm2diff import adapt
+from llm2diff.compat import cache_kwargs
 from llm2diff.sampling import lossless
 from llm2diff.sampling.lossless import lossless_generate, parent_suppressed_ids
 
@@ -434,8 +435,8 @@ def test_stepwise_passes_reproduce_generates_logits_bit_for_bit(arch):
 
         def two_passes():  # the prompt with 5 new tokens (a first verify pass), then the other new tokens
             cache = DynamicCache(config=model.config)
-            first = model(seq[:, : p + 5], past_key_values=cache).logits[0, p - 1 :]
-            return torch.cat([first, model(seq[:, p + 5 : -1], past_key_values=cache).logits[0]])
+            first = model(seq[:, : p + 5], **cache_kwargs(cache)).logits[0, p - 1 :]
+            return torch.cat([first, model(seq[:, p + 5 : -1], **cache_kwargs(cache)).logits[0]])
 
         with stepwise_attention(model, prefill=p):
             stepwise = two_passes()

@@ -9,6 +9,7 @@ import torch
 from conftest import ARCHITECTURES, make_model, make_tokenizer
 
 from llm2diff import adapt
+from llm2diff.compat import cache_kwargs
 from llm2diff.sampling.rules import (
     entropy_bounded_commits,
     entropy_scores,
@@ -290,7 +291,7 @@ def test_static_cache_crop_moves_the_write_position_back(dlm):
 
     cache = BlockStaticCache(config=dlm.model.config, max_cache_len=16)
     with torch.no_grad():
-        dlm.model(input_ids=PROMPTS[:1], past_key_values=cache, use_cache=True)
+        dlm.model(input_ids=PROMPTS[:1], use_cache=True, **cache_kwargs(cache))
     assert cache.get_seq_length() == 6
     cache.crop(-2)
     assert cache.get_seq_length() == 4

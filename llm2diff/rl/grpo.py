@@ -32,6 +32,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad, use_adapter
 
+from llm2diff.compat import adopt_activation_checkpointing
 from llm2diff.modeling.config import DiffusionConfig
 from llm2diff.modeling.diffusion_lm import DiffusionLM
 from llm2diff.rl.advantages import process_advantages
@@ -58,6 +59,7 @@ class DiffusionGRPOConfig(GRPOConfig):
         "help": "Block sampler: tokens committed per denoising step (None = the model's default)."})
 
     def __post_init__(self):
+        adopt_activation_checkpointing(self)  # TRL's default gradient_checkpointing, without a deprecation warning
         super().__post_init__()
         check_max_steps(self.max_steps)
         if self.diffusion_estimator not in ESTIMATORS:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llm2diff.compat import cache_kwargs
 from llm2diff.modeling.attention import stepwise_attention, supports_stepwise_attention
 from llm2diff.modeling.diffusion_lm import LoraSwitch
 
@@ -251,8 +252,8 @@ class ParentVerifier:
             if self._stepwise(parent):
                 logits = self._stepwise_pass(parent, draft)
             else:
-                logits = parent(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                                logits_to_keep=count + 1).logits[0].float()
+                logits = parent(input_ids=ids, use_cache=True, logits_to_keep=count + 1,
+                                **cache_kwargs(self.cache)).logits[0].float()
                 self.nfe += 1
         seen = torch.cat([self.history, draft[None]], dim=1)
         start = self.history.shape[1]
@@ -277,8 +278,8 @@ class ParentVerifier:
         logits = []
         if self.cache.get_seq_length() == 0:
             with stepwise_attention(parent, prefill=self.pending.shape[1]):
-                logits.append(parent(input_ids=self.pending, past_key_values=self.cache, use_cache=True,
-                                     logits_to_keep=1).logits[0].float())
+                logits.append(parent(input_ids=self.pending, use_cache=True, logits_to_keep=1,
+                                     **cache_kwargs(self.cache)).logits[0].float())
             self.nfe += 1
             self.prompt_passes += 1
             ids = draft[None]
@@ -286,8 +287,8 @@ class ParentVerifier:
             ids = torch.cat([self.pending, draft[None]], dim=1)
         if ids.shape[1]:
             with stepwise_attention(parent):
-                logits.append(parent(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                                     logits_to_keep=ids.shape[1]).logits[0].float())
+                logits.append(parent(input_ids=ids, use_cache=True, logits_to_keep=ids.shape[1],
+                                     **cache_kwargs(self.cache)).logits[0].float())
             self.nfe += 1
         return torch.cat(logits)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llm2diff.compat import cache_kwargs
 from llm2diff.modeling.attention import (
     CLEAN,
     NOISY,
@@ -281,7 +282,7 @@ class BlockContext:
         self.nfe += 1
         self.nfe_per_row[self.rows[~self.done]] += 1
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=cache, use_cache=cache is not None, logits_to_keep=keep, **kwargs).logits
+                          use_cache=cache is not None, logits_to_keep=keep, **cache_kwargs(cache), **kwargs).logits
 
     def _block_forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: int, blocks: int = 1,
                        clean: int = 0) -> torch.Tensor:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llm2diff.compat import cache_kwargs
 from llm2diff.modeling.attention import CLEAN, NOISY, PROMPT, block_diffusion_mask, to_additive_mask
 from llm2diff.sampling.lossless import greedy_choices, padded_rows, parent_logits_processors, row_inputs
 from llm2diff.sampling.rules import suppress_ids
@@ -118,8 +119,8 @@ class _Stream:
         full_segment, full_block = torch.cat([self.segment, new_segment]), torch.cat([self.block, new_block])
         allowed = block_diffusion_mask(full_segment[None], full_block[None], causal_clean=True)[:, -ids.shape[1]:]
         logits = self.model(input_ids=ids, attention_mask=to_additive_mask(allowed, self.dtype),
-                            position_ids=torch.cat(positions)[None], past_key_values=self.cache, use_cache=True,
-                            logits_to_keep=ids.shape[1]).logits[0].float()
+                            position_ids=torch.cat(positions)[None], use_cache=True,
+                            logits_to_keep=ids.shape[1], **cache_kwargs(self.cache)).logits[0].float()
         self.nfe += 1
         if width:
             self.cache.crop(-width)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from llm2diff.compat import adopt_activation_checkpointing
 from llm2diff.modeling.attention import ATTN_BACKENDS
 from llm2diff.modeling.config import CLEAN_ATTENTION, validate_block_size
 from llm2diff.noise.masking import NoiseSpec
@@ -93,6 +94,7 @@ class DiffusionSFTConfig(SFTConfig):
             import torch
 
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.use_cpu
+        adopt_activation_checkpointing(self)  # recipes' (and TRL's default) gradient_checkpointing, without a warning
         super().__post_init__()
         check_max_steps(self.max_steps)
         validate_block_size(self.block_size, self.max_length)
