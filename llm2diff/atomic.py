@@ -46,6 +46,14 @@ def _ordinary_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~current_umask()
 
 
+def _ordinary_modes(root: Path) -> None:
+    """Give everything under `root` the mode an ordinary write would (libraries that write through temporary
+    files leave 0600 behind)."""
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, _ordinary_mode(directory=path.is_dir()))
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to a temporary file beside `path`, then rename it into place."""
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
@@ -89,6 +97,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, _ordinary_mode(directory=True))
         yield tmp
+        _ordinary_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -119,6 +128,7 @@ def atomic_save(directory: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, _ordinary_mode(directory=True))
         yield tmp
+        _ordinary_modes(tmp)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         manifest = {"files": {name: _file_record(tmp / name) for name in files}}
         write_json_atomic(tmp / MANIFEST_NAME, manifest)

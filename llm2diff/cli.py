@@ -182,6 +182,9 @@ def _check_generate_args(args: argparse.Namespace) -> None:
     if args.save_trajectory is not None:
         from llm2diff.sampling.trajectory import SUPPORTED_SUFFIXES
 
+        from llm2diff.rundir import check_writable
+
+        check_writable(Path(args.save_trajectory).parent, "--save-trajectory location")  # before generating
         suffix = Path(args.save_trajectory).suffix.lower()
         if suffix not in SUPPORTED_SUFFIXES:
             raise ValueError(f"--save-trajectory {args.save_trajectory}: cannot save a trajectory as "
@@ -395,7 +398,7 @@ def _push_parser() -> argparse.ArgumentParser:
 
 
 def cmd_push(argv: list[str]) -> int:
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     from llm2diff.hub import push_to_hub
 
@@ -406,8 +409,25 @@ def cmd_push(argv: list[str]) -> int:
     except HfHubHTTPError as err:  # refused by the Hub: no write access, bad token, name taken by another type, ...
         print(f"llm2diff push: error: the Hub refused the upload to {args.repo_id}: {err}", file=sys.stderr)
         return 1
+    except Exception as err:  # noqa: BLE001 - offline, no network, DNS, timeouts; anything else goes on up
+        if not _network_error(err):
+            raise
+        offline = isinstance(err, OfflineModeIsEnabled)
+        print(f"llm2diff push: error: cannot reach the Hugging Face Hub to upload {args.model} to {args.repo_id} "
+              f"({'HF_HUB_OFFLINE is set' if offline else error_line(err)}); nothing was uploaded: "
+              f"{'unset HF_HUB_OFFLINE and ' if offline else ''}push again when online", file=sys.stderr)
+        return 1
     print(f"pushed {args.model} to {getattr(info, 'commit_url', None) or args.repo_id}")
     return 0
+
+
+def _network_error(err: BaseException) -> bool:
+    """Whether `err` says the Hub could not be reached (offline mode, connection, DNS, timeout)."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    package = type(err).__module__.split(".")[0]
+    return isinstance(err, (OfflineModeIsEnabled, ConnectionError, TimeoutError)) or \
+        package in ("httpx", "httpcore", "requests", "urllib3")
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -440,7 +460,11 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "eva
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Errors end in one line on stderr (exit 2 for input the command cannot use, 1 for anything
+    else); `--debug` anywhere on the command line, or LLM2DIFF_DEBUG=1, shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or _debug_env()
+    argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -451,11 +475,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return command(argv[1:])
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        if "--debug" in argv or _debug_env():
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"llm2diff {argv[0]}: error: {err}", file=sys.stderr)
-        return 2
+        print(f"\nllm2diff {argv[0]}: interrupted; what was finished is kept, and the same command resumes from it",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the user gets one line; --debug shows the traceback
+        if debug:
+            raise
+        print(f"llm2diff {argv[0]}: error: {error_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, (ValueError, FileNotFoundError, ImportError, PermissionError)) else 1
+
+
+def error_line(err: BaseException) -> str:
+    """What went wrong, in one line: the message of an error meant for the user, else the error's type and
+    message with a pointer to the traceback."""
+    if isinstance(err, PermissionError) and err.filename:
+        return (f"cannot write {err.filename} ({err.strerror}): choose a location you can write to (output_dir, "
+                "--out, --save-trajectory)")
+    message = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (ValueError, FileNotFoundError, ImportError)):
+        return message
+    if isinstance(err, OSError):
+        return f"{message} ({type(err).__name__})"
+    return f"{type(err).__name__}: {message} (run again with --debug, or LLM2DIFF_DEBUG=1, for the traceback)"
 
 
 def _debug_env() -> bool:

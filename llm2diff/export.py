@@ -46,6 +46,9 @@ def merge_model(source: str | os.PathLike, out: str | os.PathLike, dtype=None, o
         raise ValueError(f"--out {out} is the source directory: write the merged model somewhere else")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists: choose another --out, or pass --overwrite to replace it")
+    from llm2diff.rundir import check_writable
+
+    check_writable(out.parent, "--out location")
     local = saved_model_directory(source, revision=revision)
     # a QLoRA adapter is merged into the full-precision base: quantized weights cannot hold the merged deltas
     trained_on = DiffusionConfig.load(local).base_model_source

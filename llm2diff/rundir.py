@@ -107,15 +107,39 @@ def output_lock(directory: str | os.PathLike, enabled: bool = True) -> Iterator[
                     path.rmdir()
 
 
+def check_writable(path: str | os.PathLike, what: str = "output directory") -> None:
+    """Fail now, before any work, when `path` (a directory, existing or to be created) cannot be written.
+
+    Tries what the run will do (create a file in it, or a directory beside it) and removes the attempt: permission
+    bits alone do not tell (a read-only mount, or root on a system folder).
+    """
+    path = Path(path).expanduser()
+    probe_in = path
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    try:
+        if not probe_in.is_dir():
+            raise NotADirectoryError(20, "not a directory", str(probe_in))
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=probe_in, prefix=".llm2diff-write-check-"):
+            pass
+    except OSError as error:
+        raise PermissionError(error.errno, f"{error.strerror}; the {what} must be writable", str(path)) from None
+
+
 def check_run_record(directory: str | os.PathLike, key: dict[str, Any], name: str = RUN_RECORD,
-                     what: str = "run", replace: bool = False, recipe: dict[str, Any] | None = None) -> None:
+                     what: str = "run", replace: bool = False, recipe: dict[str, Any] | None = None,
+                     remedy: str | None = None) -> None:
     """Refuse to continue a run in `directory` that was started with a different `key`; record `key` otherwise.
 
     `key` maps names (recipe keys, "data", "policy", ...) to what a resume depends on. The record
     (`directory/name`) keeps it with the whole `recipe` as last run (for reports), the library versions and the
     start time. An entry the earlier record lacks (written by an older llm2diff) is not held against it. With
     `replace`, a different record is replaced instead of refused (a fresh start that leaves nothing of the old run
-    to resume).
+    to resume). `remedy` replaces the default advice of the refusal (another directory, or delete this one).
     """
     from llm2diff.modeling.config import library_versions
 
@@ -136,8 +160,8 @@ def check_run_record(directory: str | os.PathLike, key: dict[str, Any], name: st
         if not replace:
             raise RunDirectoryError(
                 f"{directory} holds a {what} of a different recipe (it differs in {', '.join(changed)}), so "
-                f"resuming there would mix the two: choose another output directory, or delete {directory} to start "
-                "fresh")
+                "resuming there would mix the two: " + (remedy or f"choose another output directory, or delete "
+                                                                  f"{directory} to start fresh"))
         logger.warning("%s held a %s of a different recipe (it differs in %s); starting afresh", directory, what,
                        ", ".join(changed))
     write_json_atomic(path, record)

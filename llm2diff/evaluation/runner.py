@@ -165,10 +165,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """
     from llm2diff.modeling.config import library_versions
     from llm2diff.modeling.diffusion_lm import load, saved_model_directory
-    from llm2diff.rundir import model_fingerprint, output_lock, rows_fingerprint
+    from llm2diff.rundir import check_writable, model_fingerprint, output_lock, rows_fingerprint
 
     if not cfg.model:
         raise ValueError("--model is required: the directory of a saved llm2diff model")
+    check_writable(cfg.resolved_output_dir())
     task = get_task(cfg.task, **parse_task_options(cfg.task_options, cfg.task))
     rows = task.load_rows(cfg.source, cfg.split, cfg.limit)
     shots = task.load_rows(cfg.source, cfg.shots_split, cfg.num_shots) if cfg.num_shots else []

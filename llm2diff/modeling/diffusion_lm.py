@@ -25,6 +25,7 @@ from llm2diff.modeling.architectures import check_supported
 from llm2diff.modeling.config import DiffusionConfig, validate_block_size
 from llm2diff.modeling.mask_token import choose_mask_token
 from llm2diff.atomic import atomic_save, finish_interrupted_save
+from llm2diff.integrity import check_safetensors
 from llm2diff.sampling.sampler import BlockSampler, GenerateOutput, SamplerSettings, uses_flash_attention
 
 logger = logging.getLogger(__name__)
@@ -583,6 +584,8 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
 
     path = saved_model_directory(path, revision=revision, token=token)
     config = DiffusionConfig.load(path)
+    check_safetensors(path, ["adapter_model.safetensors", SIGNIFICANCE_NAME,
+                             *sorted(p.name for p in path.glob("model*.safetensors"))])
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation is not None:
@@ -600,7 +603,13 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
         from peft import PeftModel
 
         base_path = resolve_model_path(config.base_model_name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        except OSError as error:
+            from llm2diff.hub import unavailable_model
+
+            raise unavailable_model(base_path, error, f"the base model the adapter at {path} was trained on") \
+                from error
         rows = (config.base_model_source or {}).get("embedding_rows")
         if rows and rows != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(rows)

@@ -164,7 +164,7 @@ def run_prm(prm_args: PRMArguments, train_args, recipe: dict[str, Any]) -> dict[
     from accelerate import PartialState
 
     from llm2diff.recipe import RecipeError
-    from llm2diff.rundir import check_run_record, model_fingerprint, output_lock, resume_key
+    from llm2diff.rundir import check_run_record, check_writable, model_fingerprint, output_lock, resume_key
 
     if not prm_args.prm_policy:
         raise RecipeError("prm_policy is required: the saved llm2diff model whose solutions and rollouts label steps")
@@ -172,6 +172,7 @@ def run_prm(prm_args: PRMArguments, train_args, recipe: dict[str, Any]) -> dict[
         raise FileNotFoundError(f"prm_policy {prm_args.prm_policy!r} is not a directory written by llm2diff train")
     task = _task(prm_args)
     root = Path(train_args.output_dir)
+    check_writable(root)
     main_process = PartialState().is_main_process
     with output_lock(root, enabled=main_process):
         if main_process:  # samples and labels are resumed: they must come from this policy and recipe

@@ -116,7 +116,7 @@ def run_rl(rl_args: RLArguments, grpo_args, recipe: dict[str, Any]) -> dict[str,
     checkpoint, and only a run of the same recipe and starting policy.
     """
     from llm2diff.recipe import RecipeError
-    from llm2diff.rundir import check_run_record, model_fingerprint, output_lock, resume_key
+    from llm2diff.rundir import check_run_record, check_writable, model_fingerprint, output_lock, resume_key
     from llm2diff.star.config import StarArguments
     from llm2diff.star.rounds import check_task
     from llm2diff.training.checkpoints import checkpoints
@@ -129,6 +129,7 @@ def run_rl(rl_args: RLArguments, grpo_args, recipe: dict[str, Any]) -> dict[str,
     if grpo_args.process_weight > 0 and not rl_args.rl_prm:
         raise RecipeError("process_weight > 0 needs rl_prm: a PRM directory written by llm2diff prm")
     root = Path(grpo_args.output_dir)
+    check_writable(root)
     task = check_task(StarArguments(star_task=rl_args.rl_task, star_task_options=rl_args.rl_task_options,
                                     star_rationalize=False))
     main_process = grpo_args.process_index == 0

@@ -141,8 +141,9 @@ def run_rounds(model_args, data_args, train_args, star, prm_args, args: RoundsAr
     """Run (or resume) round 0 and `args.rounds` STaR -> PRM -> RL rounds."""
     from accelerate import PartialState
 
-    from llm2diff.rundir import output_lock
+    from llm2diff.rundir import check_writable, output_lock
 
+    check_writable(train_args.output_dir)
     with output_lock(train_args.output_dir, enabled=PartialState(cpu=train_args.use_cpu).is_main_process):
         return _run_rounds(model_args, data_args, train_args, star, prm_args, args, recipe)
 

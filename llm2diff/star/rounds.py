@@ -281,8 +281,9 @@ def run_star(model_args, data_args, train_args, star: StarArguments, recipe: dic
 
     from accelerate import PartialState
 
-    from llm2diff.rundir import output_lock
+    from llm2diff.rundir import check_writable, output_lock
 
+    check_writable(train_args.output_dir)
     with output_lock(train_args.output_dir, enabled=PartialState(cpu=train_args.use_cpu).is_main_process):
         run = StarRun(model_args, data_args, train_args, star, recipe)
         records = [run.round_zero()]

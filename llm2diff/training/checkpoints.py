@@ -17,6 +17,7 @@ import os
 import re
 from pathlib import Path
 
+from llm2diff.integrity import safetensors_problem
 from llm2diff.modeling.config import CONFIG_NAME
 
 logger = logging.getLogger("llm2diff")
@@ -61,26 +62,6 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
         return f"no {CONFIG_NAME}"
     except ValueError:
         return f"{CONFIG_NAME} is damaged"
-    return None
-
-
-def safetensors_problem(path: str | os.PathLike) -> str | None:
-    """Why the safetensors file at `path` is not whole (missing, header unreadable, data cut short), or None."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            if length <= 0 or 8 + length > size:
-                return f"{path.name} is cut short ({size} bytes)"
-            header = json.loads(f.read(length))
-    except FileNotFoundError:
-        return f"no {path.name}"
-    except (OSError, ValueError):
-        return f"{path.name} is damaged (its header does not parse)"
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    if 8 + length + max(ends, default=0) > size:
-        return f"{path.name} is cut short ({size} bytes, its header describes {8 + length + max(ends)})"
     return None
 
 

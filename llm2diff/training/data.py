@@ -322,8 +322,16 @@ def load_local_dataset(path: str | os.PathLike[str], split: str = "train") -> "d
                 "of an eval file, or point dataset_name at a directory with one file per split."
             )
         files = [location]
+    empty = [p for p in files if p.stat().st_size < 65536 and not p.read_bytes().strip()]
+    if empty:
+        raise ValueError(f"dataset file {empty[0]} is empty: it holds no rows to load; check the path, or write the "
+                         "data first")
     builder = _builder_for(files)
-    return load_dataset(builder, data_files=[str(p) for p in files], split="train")
+    try:
+        return load_dataset(builder, data_files=[str(p) for p in files], split="train")
+    except StopIteration:  # the reader found no table at all
+        raise ValueError(f"no rows could be read from {', '.join(str(p) for p in files)}: is it "
+                         f"{ACCEPTED_LOCAL}?") from None
 
 
 def load_arc_builtin(args: DataArguments, split: str) -> datasets.Dataset:
@@ -388,6 +396,12 @@ def load_raw_dataset(args: DataArguments, split: str) -> "datasets.Dataset":
 
     try:
         return load_dataset(name, args.dataset_config, split=split)
+    except (ConnectionError, OSError) as error:  # offline, or not on the Hub: one line that says what to do
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"dataset {name!r} is not a local path ({str(Path(name).resolve())!r} does not exist) and could not be "
+            f"loaded from the Hugging Face Hub ({reason}): give {ACCEPTED_LOCAL}, or load it while online once so "
+            "that it is cached") from error
     except Exception as error:  # add a hint but keep the original exception type
         error.add_note(
             f"llm2diff: {name!r} was treated as a Hugging Face Hub dataset name because no local path "

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2diff.recipe import FinalEvalArguments, ModelArguments, RecipeError
-from llm2diff.rundir import check_run_record, output_lock
+from llm2diff.rundir import check_run_record, check_writable, output_lock
 from llm2diff.training.checkpoints import checkpoint_problem, checkpoint_step, checkpoints, newest_complete_checkpoint
 
 logger = logging.getLogger("llm2diff")
@@ -85,16 +85,23 @@ def load_base_model(model_args: ModelArguments, train_args):
     from llm2diff.modeling.diffusion_lm import load_tokenizer
     from llm2diff.models.builtin import read_source_info
 
+    from llm2diff.hub import unavailable_model
+
     path = check_model_path(model_args.model_name_or_path)
-    tokenizer = load_tokenizer(path, trust_remote_code=train_args.trust_remote_code)
     quantization = model_args.quantization_config()
     placement = {}
     if quantization is not None:  # quantized layers are placed as they load; None: this process's GPU, if any
         placement = {"quantization_config": quantization, "device_map": {"": "cpu"} if train_args.use_cpu else None}
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation,
-        trust_remote_code=train_args.trust_remote_code, **placement,
-    )
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise unavailable_model(path, FileNotFoundError("config.json"), "model_name_or_path")
+    try:
+        tokenizer = load_tokenizer(path, trust_remote_code=train_args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation,
+            trust_remote_code=train_args.trust_remote_code, **placement,
+        )
+    except OSError as error:  # offline Hub id, damaged files: one line that says what to do
+        raise unavailable_model(path, error, "model_name_or_path") from error
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -132,6 +139,7 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
 
     if train_rows is None and is_arc_builtin(data_args.dataset_name) and eval_args.final_eval_samples > 0:
         raise RecipeError(_ARC_FINAL_EVAL.format(data_args.dataset_name))  # before hours of training, not after
+    check_writable(train_args.output_dir)
     set_seed(train_args.seed)
     if init_model is not None:
         dlm = continue_from(init_model, model_args, train_args)
@@ -174,9 +182,11 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
     with output_lock(train_args.output_dir, enabled=main_process):
         checkpoint = resume_checkpoint(train_args)
         if main_process:  # a resume must continue this very run: same recipe, data and starting model
+            old = [p.name for p in checkpoints(train_args.output_dir)]
             check_run_record(train_args.output_dir, run_key(recipe, train_args, train_ds, init_model),
-                             what="training run", recipe=recipe,
-                             replace=checkpoint is None and not checkpoints(train_args.output_dir))
+                             what="training run", recipe=recipe, replace=checkpoint is None and not old,
+                             remedy=None if checkpoint else f"choose another output_dir, or delete its {', '.join(old)} "
+                             "to train afresh there")
         if checkpoint is not None and checkpoint_step(checkpoint) == train_args.max_steps:
             result = finish_at_checkpoint(trainer, checkpoint)  # the trainer would take one step more
         else:
