@@ -40,6 +40,20 @@ def _no_deprecated_calls_from_llm2diff():
     assert not seen, "llm2diff used deprecated API:\n" + "\n".join(seen)
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Name the library versions the suite ran with (CI runs it on the pinned ones and on the newest allowed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def known(name):
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            return f"{name} (not installed)"
+
+    names = ("torch", "transformers", "accelerate", "trl", "peft", "datasets", "pytest")
+    terminalreporter.write_line("versions: " + ", ".join(known(name) for name in names))
+
+
 def make_tokenizer():
     """A word-level tokenizer (digits are single tokens) with a ChatML template and <|im_end|> as eos."""
     from tokenizers import Tokenizer, models, pre_tokenizers
