@@ -118,6 +118,8 @@ def passes_table(args, device, header: str) -> list[dict]:
     import torch
     from transformers import DynamicCache
 
+    from llm2diff.compat import cache_kwargs
+
     base = build_model(args.shape, args.attn, args.seed)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     vocab = base.config.vocab_size
@@ -129,14 +131,14 @@ def passes_table(args, device, header: str) -> list[dict]:
     with torch.inference_mode():
         for dtype, model in models.items():
             caches[dtype] = DynamicCache(config=model.config)
-            model(prompt, past_key_values=caches[dtype], use_cache=True)
+            model(prompt, use_cache=True, **cache_kwargs(caches[dtype]))
         times = {(dtype, n): [] for dtype in dtypes for n in counts}
         for repeat in range(args.warmup + args.repeats):
             for n in counts:
                 new, _ = random_prompt(vocab, n, 1, device, seed=100 + repeat)
                 positions = torch.arange(args.prompt_len, args.prompt_len + n, device=device)[None]
                 for dtype, model in models.items():
-                    seconds, _ = timed(lambda: model(new, position_ids=positions, past_key_values=caches[dtype],
+                    seconds, _ = timed(lambda: model(new, position_ids=positions, **cache_kwargs(caches[dtype]),
                                                      use_cache=True, logits_to_keep=n), device)
                     caches[dtype].crop(-n)
                     if repeat >= args.warmup:
