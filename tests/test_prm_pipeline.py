@@ -73,6 +73,21 @@ def test_prm_command_labels_trains_and_reports(policy, capsys):
     assert (out / "labels-train.jsonl").stat().st_mtime_ns == before
 
 
+def test_labelling_resumed_after_an_interruption_labels_as_an_uninterrupted_run(policy):
+    import shutil
+
+    assert main(["prm", "--config", _recipe(policy, "whole", prm_rollout_temperature=1.0)]) == 0
+    whole = (policy / "whole" / "labels-train.jsonl").read_text()
+    out = policy / "resumed"
+    shutil.copytree(policy / "whole", out, ignore=shutil.ignore_patterns("prm", "prm_report.json", "labels-eval*"))
+    lines = whole.splitlines()
+    (out / "labels-train.jsonl").write_text(lines[0] + "\n" + lines[1][:40])  # killed while writing record 2
+    assert main(["prm", "--config", _recipe(policy, "resumed", prm_rollout_temperature=1.0)]) == 0
+    assert (out / "labels-train.jsonl").read_text() == whole
+    report = json.loads((out / "prm_report.json").read_text())
+    assert report["train"]["global_step"] == 5
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"prm_policy": None}, "prm_policy is required"),
     ({"prm_policy": "./nowhere"}, "is not a directory written by llm2diff train"),

@@ -85,7 +85,10 @@ def _task(args: PRMArguments):
 
 def label_solutions(dlm, task, rows: list[dict], samples: dict[str, dict], args: PRMArguments, out: Path,
                     seed: int) -> list[dict]:
-    """Step labels for every sampled solution (one record per solution, appended to `out` as they finish)."""
+    """Step labels for every sampled solution (one record per solution, appended to `out` as they finish).
+
+    The rollouts of the n-th solution (counted over all of them) draw with the seed `seed + 7919 * n`, so a run
+    resumed after an interruption labels the remaining solutions exactly as an uninterrupted run does."""
     from tqdm.auto import tqdm
 
     from llm2diff.evaluation.runner import PromptRenderer
@@ -95,15 +98,11 @@ def label_solutions(dlm, task, rows: list[dict], samples: dict[str, dict], args:
     render = PromptRenderer(dlm)
     done = read_jsonl_records(out)
     eos = tok.eos_token_id
-    todo = []
-    for i, row in enumerate(rows):
-        record = samples[task.row_id(row, i)]
-        for j, sample in enumerate(record["samples"]):
-            key = f"{record['id']}#{j}"
-            if key not in done:
-                todo.append((key, row, sample["text"]))
+    solutions = [(f"{samples[task.row_id(row, i)]['id']}#{j}", row, sample["text"])
+                 for i, row in enumerate(rows) for j, sample in enumerate(samples[task.row_id(row, i)]["samples"])]
+    todo = [(n, key, row, text) for n, (key, row, text) in enumerate(solutions) if key not in done]
     with out.open("a") as sink:
-        for n, (key, row, text) in enumerate(tqdm(todo, desc=f"labelling steps ({out.stem})")):
+        for n, key, row, text in tqdm(todo, desc=f"labelling steps ({out.stem})"):
             prompt = render(task, row, [])
             response = list(tok(text, add_special_tokens=False).input_ids) + [eos]
             ends = step_ends(response, tok, args.prm_steps, dlm.config.block_size, dlm.eos_token_ids)
