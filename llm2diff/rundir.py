@@ -89,6 +89,12 @@ def output_lock(directory: str | os.PathLike, enabled: bool = True) -> Iterator[
         raise RunDirectoryError(
             f"{path} is in use by another llm2diff run ({holder}); two runs writing one directory would mix their "
             "outputs: wait for that run to finish, or choose another output directory") from None
+    except OSError as error:  # a file system without locks (some network mounts): go on, unguarded
+        os.close(fd)
+        logger.warning("cannot lock %s (%s): a second run writing there at the same time would not be stopped",
+                       path, error.strerror)
+        yield path
+        return
     from llm2diff.redact import redact_argv
 
     os.ftruncate(fd, 0)

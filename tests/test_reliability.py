@@ -234,6 +234,18 @@ def test_a_second_writer_is_refused(workdir, tmp_path, capsys):
     assert main(["train", "--config", recipe(workdir, "busy", output_dir=str(out), max_steps=2)]) == 0
 
 
+def test_a_run_nests_its_own_locks_and_leaves_no_empty_directory(tmp_path):
+    from llm2diff.rundir import output_lock
+
+    out = tmp_path / "new"
+    with output_lock(out):
+        with output_lock(out):  # e.g. `rounds` holding the directory that its STaR stage locks again
+            pass
+        with open(out / ".llm2diff.lock") as other, pytest.raises(BlockingIOError):  # still held after the inner one
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not out.exists()  # created by the lock and nothing written: removed again
+
+
 # -- evaluation ------------------------------------------------------------------------------------------------------
 def _eval_args(model, out, *extra):
     return ["eval", "--task", "arithmetic", "--model", str(model), "--output_dir", str(out), "--max_new_tokens", "8",
