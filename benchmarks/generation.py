@@ -39,10 +39,10 @@ SETTINGS = [
     ("one step per block", {"max_steps_per_block": 1}),
     ("threshold 0.7 + correction, LoRA merged", {"commit_rule": "threshold", "threshold": 0.7, "remask_threshold": 0.3,
                                                  "remask_budget": 1, "merge_lora": True}),
-    ("verified, threshold 0.9", {"verified": True, "threshold": 0.9}),
-    ("verified, threshold 0.7", {"verified": True, "threshold": 0.7}),
-    ("verified, threshold 0.5", {"verified": True, "threshold": 0.5}),
-    ("verified, threshold 0.7, LoRA merged", {"verified": True, "threshold": 0.7, "merge_lora": True}),
+    ("verified, threshold 0.9", {"mode": "verified", "threshold": 0.9}),
+    ("verified, threshold 0.7", {"mode": "verified", "threshold": 0.7}),
+    ("verified, threshold 0.5", {"mode": "verified", "threshold": 0.5}),
+    ("verified, threshold 0.7, LoRA merged", {"mode": "verified", "threshold": 0.7, "merge_lora": True}),
 ]
 
 
@@ -103,7 +103,7 @@ def lossless_row(dlm, problems, data_args, max_new_tokens: int, merge_lora: bool
         parent = dlm.ar_generate(ids, mask, max_new_tokens=max_new_tokens)
         parent_s += time.perf_counter() - start
         start = time.perf_counter()
-        out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, lossless=True, merge_lora=merge_lora,
+        out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, mode="lossless", merge_lora=merge_lora,
                            parent_tail=parent_tail)
         lossless_s += time.perf_counter() - start
         identical += int(same_tokens(parent, out.sequences))
@@ -137,7 +137,7 @@ def verified_identical(dlm, problems, data_args, max_new_tokens: int, threshold:
             greedy = dlm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                         do_sample=False, suppress_tokens=parent_suppressed_ids(dlm),
                                         pad_token_id=dlm.tokenizer.pad_token_id)
-        out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, verified=True, threshold=threshold)
+        out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, mode="verified", threshold=threshold)
         width = ids.shape[1]
         new = out.sequences[0, width: width + int(out.num_new_tokens[0])].tolist()
         equal += int(greedy[0, width: width + len(new)].tolist() == new)
@@ -202,7 +202,7 @@ def main() -> None:
         parser.error(f"unknown setting(s) {unknown}; known: {'; '.join(name for name, _ in SETTINGS)}")
     settings = [s for s in SETTINGS if s[0] in wanted] if wanted else SETTINGS
     if not dlm.config.causal_clean:  # verified decoding needs a causal clean stream
-        settings = [(name, kwargs) for name, kwargs in settings if not kwargs.get("verified")]
+        settings = [(name, kwargs) for name, kwargs in settings if kwargs.get("mode") != "verified"]
     table, lossless_rows = [], []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         common = {"max_new_tokens": args.max_new_tokens, "batch_size": batch}

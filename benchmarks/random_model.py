@@ -167,8 +167,8 @@ ROWS = {
     "one step per block": {"max_steps_per_block": 1},
     "2 tokens per step": {"tokens_per_step": 2},
     "threshold 0.9": {"commit_rule": "threshold", "threshold": 0.9},
-    "verified, threshold 0.7": {"verified": True, "threshold": 0.7},
-    "lossless": {"lossless": True},
+    "verified, threshold 0.7": {"mode": "verified", "threshold": 0.7},
+    "lossless": {"mode": "lossless"},
 }
 COMPILED = ("one step per block, static cache + compile", {"max_steps_per_block": 1, "static_cache": True,
                                                            "compile": True})
@@ -193,6 +193,9 @@ def generation_table(args, device, dtype, header: str) -> tuple[list[dict], bool
 
     import torch
 
+    from llm2diff.sampling.config import DecodingConfig
+
+    LIBRARY_DEFAULTS = DecodingConfig().to_dict()  # every row: exactly its settings over the library's defaults
     names = list(ROWS) if not args.rows else [r.strip() for r in args.rows.split(";") if r.strip()]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
@@ -229,10 +232,10 @@ def generation_table(args, device, dtype, header: str) -> tuple[list[dict], bool
         print(f"[generation] {attn} AR parent: {parent_tokens / parent_s:.1f} tokens/s", flush=True)
         for name, kwargs in settings:
             def call(kwargs=kwargs):
-                return dlm.generate(ids, mask, max_new_tokens=n, use_saved_defaults=False, **kwargs)
+                return dlm.generate(ids, mask, decoding=LIBRARY_DEFAULTS, max_new_tokens=n, **kwargs)
 
             try:
-                timed(lambda: dlm.generate(ids, mask, max_new_tokens=2 * args.block_size, use_saved_defaults=False,
+                timed(lambda: dlm.generate(ids, mask, decoding=LIBRARY_DEFAULTS, max_new_tokens=2 * args.block_size,
                                            **kwargs), device)  # warm-up (compiles, for the compiled row)
                 runs = [timed(call, device) for _ in range(args.repeats)]
             except Exception as exc:  # noqa: BLE001 - report the failing path, measure the others
@@ -243,10 +246,10 @@ def generation_table(args, device, dtype, header: str) -> tuple[list[dict], bool
             seconds = statistics.median(s for s, _ in runs)
             out = runs[0][1]
             tokens = int(out.num_new_tokens.sum())
-            passes = out.nfe_draft + out.nfe_verify if kwargs.get("lossless") else out.nfe
+            passes = out.nfe_draft + out.nfe_verify if kwargs.get("mode") == "lossless" else out.nfe
             row = {**base, "row": name, "seconds": seconds, "tokens_per_s": tokens / seconds,
                    "ratio": (tokens / seconds) / (parent_tokens / parent_s), "passes_per_token": passes / max(tokens, 1)}
-            if kwargs.get("lossless"):
+            if kwargs.get("mode") == "lossless":
                 width = max(out.sequences.shape[1], parent_seq.shape[1])
                 pad = [torch.nn.functional.pad(t.cpu(), (0, width - t.shape[1])) for t in (out.sequences, parent_seq)]
                 row["identical_to_parent"] = bool(torch.equal(*pad))

@@ -2,7 +2,7 @@
 
     from llm2diff import adapt, load
     dlm = adapt(model, tokenizer, block_size=32, lora=LoraConfig(...))
-    out = dlm.generate(input_ids, max_new_tokens=256, tokens_per_step=2)
+    out = dlm.generate(input_ids, max_new_tokens=256, tokens_per_step=2)   # or decoding=DecodingConfig(...)
     dlm.save_pretrained("outputs/my-dlm"); dlm = load("outputs/my-dlm")
 
 Importing the package is cheap: the heavy modules (torch, transformers, peft) load on first use of a name.
@@ -20,7 +20,8 @@ _LAZY = {
     "load": "llm2diff.modeling.diffusion_lm",
     "DiffusionLM": "llm2diff.modeling.diffusion_lm",
     "DiffusionConfig": "llm2diff.modeling.config",
-    "GenerateOutput": "llm2diff.sampling.sampler",
+    "DecodingConfig": "llm2diff.sampling.config",
+    "GenerateOutput": "llm2diff.sampling.output",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -28,7 +29,8 @@ __all__ = ["__version__", *_LAZY]
 if TYPE_CHECKING:  # pragma: no cover
     from llm2diff.modeling.config import DiffusionConfig
     from llm2diff.modeling.diffusion_lm import DiffusionLM, adapt, load
-    from llm2diff.sampling.sampler import GenerateOutput
+    from llm2diff.sampling.config import DecodingConfig
+    from llm2diff.sampling.output import GenerateOutput
 
 
 def __getattr__(name: str) -> Any:

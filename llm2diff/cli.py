@@ -47,6 +47,7 @@ DIFFUSION_FLAGS = ("tokens_per_step", "threshold", "commit_rule", "significance_
 
 def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     """The sampling options shared by `generate` and `chat`; each defaults to None: the model's saved setting."""
+    from llm2diff.sampling.decoders import DECODERS as MODES
     from llm2diff.sampling.rules import COMMIT_RULES
 
     s = p.add_argument_group("sampler (left out: the model's saved setting)")
@@ -95,6 +96,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    help="exactly the model's own greedy causal decoding, each block denoised (--threshold) and "
                         "checked by the model's causal stream as it is committed (a model trained with "
                         "clean_attention: causal; the other diffusion sampler flags do not apply)")
+    s.add_argument("--mode", choices=MODES, default=None,
+                   help="the decoder: block (the block sampler), verified or lossless (default: the model's saved "
+                        "mode; --verified and --lossless are short for the last two)")
     s.add_argument("--parent-tail", type=int, default=0, metavar="N",
                    help="with --lossless: when the open block has at most N positions left, the parent decodes them "
                         "itself, one per pass, instead of a draft pass over the whole block (2 is faster on a CPU; "
@@ -102,31 +106,36 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    """`DiffusionLM.generate` keyword arguments from the sampler flags (None: the model's saved default)."""
-    if args.lossless:
-        given = [f"--{name.replace('_', '-')}" for name in DIFFUSION_FLAGS if getattr(args, name) is not None]
-        given += [flag for flag, on in (("--no-cache", args.no_cache), ("--no-saved-defaults", args.no_saved_defaults))
-                  if on]
-        if given:
-            raise ValueError(f"--lossless returns the AR parent's greedy output, so {', '.join(given)} "
-                             f"{'does' if len(given) == 1 else 'do'} not apply: leave {'it' if len(given) == 1 else 'them'} out")
-        return {"lossless": True, "stop_strings": args.stop, "merge_lora": args.merge_lora,
-                "parent_tail": args.parent_tail}
+    """`DiffusionLM.generate` keyword arguments from the sampler flags: the flags given become settings of the
+    call (a flag left out keeps the model's saved setting), `--lossless` / `--verified` set the mode, and
+    `--no-saved-defaults` starts from the library's defaults instead of the saved ones."""
+    from llm2diff.sampling.config import DecodingConfig
+
+    mode = "lossless" if args.lossless else "verified" if args.verified else args.mode
+    if args.lossless and args.verified:
+        raise ValueError("--lossless and --verified are two different decodings: choose one")
+    if args.mode is not None and (args.lossless or args.verified) and args.mode != mode:
+        raise ValueError(f"--mode {args.mode} contradicts --{mode}: give one of them")
+    given = {name: getattr(args, name) for name in DIFFUSION_FLAGS if getattr(args, name) is not None}
+    given.update({k: v for k, v in (("mode", mode), ("stop_strings", args.stop)) if v is not None})
+    given.update({k: True for k, on in (("merge_lora", args.merge_lora),) if on})
+    if args.no_cache:
+        given["use_cache"] = False
     if args.parent_tail:
-        raise ValueError("--parent-tail applies to --lossless decoding only")
-    if args.verified:
-        given = [f"--{name.replace('_', '-')}" for name in DIFFUSION_FLAGS
-                 if name != "threshold" and getattr(args, name) is not None]
-        given += ["--no-cache"] if args.no_cache else []
-        if given:
-            raise ValueError(f"--verified denoises with the threshold rule and verifies every token, so "
-                             f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: leave "
-                             f"{'it' if len(given) == 1 else 'them'} out")
-        return {"verified": True, "threshold": args.threshold, "stop_strings": args.stop,
-                "merge_lora": args.merge_lora, "use_saved_defaults": not args.no_saved_defaults}
-    return {**{name: getattr(args, name) for name in DIFFUSION_FLAGS}, "stop_strings": args.stop,
-            "use_cache": not args.no_cache, "seed": args.seed, "merge_lora": args.merge_lora,
-            "use_saved_defaults": not args.no_saved_defaults}
+        given["parent_tail"] = args.parent_tail
+    if mode in ("lossless", "verified"):  # the flags a mode would ignore, named as flags
+        from llm2diff.sampling.config import settings_for
+
+        ignored = [f"--{name.replace('_', '-')}" if name != "use_cache" else "--no-cache"
+                   for name in given if name not in settings_for(mode)]
+        if args.no_saved_defaults and mode == "lossless":
+            ignored.append("--no-saved-defaults")
+        if ignored:
+            what = ("returns the AR parent's greedy output" if mode == "lossless" else
+                    "denoises with the threshold rule and verifies every token")
+            raise ValueError(f"--{mode} {what}, so {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} "
+                             f"not apply: leave {'it' if len(ignored) == 1 else 'them'} out")
+    return {"decoding": DecodingConfig().to_dict() if args.no_saved_defaults else None, **given}
 
 
 def _dtype(name: str | None):
@@ -173,6 +182,10 @@ def _check_generate_args(args: argparse.Namespace) -> None:
     """Refuse impossible combinations before the model is loaded."""
     if args.stream and len(args.prompt) > 1:
         raise ValueError(f"--stream prints one answer as it is decoded: give one --prompt (got {len(args.prompt)})")
+    if args.mode == "lossless":
+        args.lossless = True
+    if args.mode == "verified":
+        args.verified = True
     if args.lossless and (args.stream or args.show_steps or args.save_trajectory):
         raise ValueError("--lossless decodes with the AR parent's verification, not by denoising steps: it cannot "
                          "--stream, --show-steps or --save-trajectory")
@@ -243,12 +256,12 @@ def cmd_generate(argv: list[str]) -> int:
         if args.show_steps:
             _show_steps(out.trajectory, tok, i, kept(i), color=not args.no_color)
     new = int(out.num_new_tokens.sum())
-    if args.lossless:
+    if out.mode == "lossless":
         print(f"\n[{new} new tokens in {len(args.prompt)} rows, lossless: {out.mean_accepted_length:.2f} draft "
               f"tokens accepted per verification, {out.nfe_draft} draft + {out.nfe_verify} verify forward passes"
               f"{f' ({out.parent_steps} of them the parent alone)' if out.parent_steps else ''}, "
               f"block size {c.block_size}]")
-    elif hasattr(out, "acceptance_rate"):  # verified decoding: asked for, or the model's saved decoding
+    elif out.mode == "verified":  # asked for, or the model's saved mode
         print(f"\n[{new} new tokens in {len(args.prompt)} rows, verified: {out.nfe} forward passes, "
               f"{out.acceptance_rate:.0%} of denoised tokens kept, block size {c.block_size}]")
     else:

@@ -66,6 +66,7 @@ def merge_model(source: str | os.PathLike, out: str | os.PathLike, dtype=None, o
         model.save_pretrained(tmp)  # transformers 5 writes safetensors
         dlm.tokenizer.save_pretrained(tmp)
         config.save(tmp)
+        dlm.decoding.save_pretrained(tmp)
         if dlm.significance is not None:
             save_significance(tmp, dlm.significance)
         if (local / FINAL_EVAL_FILE).is_file():

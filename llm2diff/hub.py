@@ -78,6 +78,7 @@ class SavedModel:
     config: DiffusionConfig
     files: list[str]  # names relative to `directory`, sorted
     has_adapter: bool
+    decoding: Any = None  # the `DecodingConfig` saved with it (or migrated from an older diffusion_config.json)
 
 
 def saved_model_files(directory: str | os.PathLike) -> SavedModel:
@@ -125,10 +126,13 @@ def saved_model_files(directory: str | os.PathLike) -> SavedModel:
     if missing:
         why = f" (symbolic links are not model files: {', '.join(linked)})" if linked else ""
         raise FileNotFoundError(f"{directory} is not a model saved by llm2diff: missing " + "; ".join(missing) + why)
+    from llm2diff.modeling.diffusion_lm import load_decoding
+    from llm2diff.sampling.config import DECODING_CONFIG_NAME
+
     config = DiffusionConfig.load(directory)
-    extras = [n for n in (SIGNIFICANCE_FILE, FINAL_EVAL_FILE) if n in present]
+    extras = [n for n in (SIGNIFICANCE_FILE, FINAL_EVAL_FILE, DECODING_CONFIG_NAME) if n in present]
     files = sorted({CONFIG_NAME, *weight_files, *tokenizer, *extras})
-    return SavedModel(directory, config, files, has_adapter)
+    return SavedModel(directory, config, files, has_adapter, load_decoding(directory, config))
 
 
 # -- credentials -----------------------------------------------------------------------------------------------------
@@ -181,7 +185,7 @@ def model_card(saved: SavedModel, repo_id: str, config_dict: dict[str, Any] | No
     dataset = hub_id(recipe.get("dataset_name")) if not _is_file_like(recipe.get("dataset_name")) else None
     data = ModelCardData(base_model=base_id, library_name="peft" if saved.has_adapter else "transformers",
                          pipeline_tag="text-generation", tags=tags, datasets=[dataset] if dataset else None)
-    sections = [_intro(saved, c, repo_id, base, base_id), _usage(c, repo_id), _settings(c), _sampler(c),
+    sections = [_intro(saved, c, repo_id, base, base_id), _usage(c, repo_id), _settings(c), _decoding(saved.decoding),
                 _training(c, recipe), _evaluation(saved.directory), _files(saved)]
     body = "\n\n".join(s for s in sections if s)
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n"))
@@ -230,7 +234,7 @@ def _usage(c: dict[str, Any], repo_id: str) -> str:
         "## Usage", "", "With llm2diff installed:", "", "```python", "from llm2diff import load", "",
         f'dlm = load("{repo_id}")  # downloads this repository (and the base model), then loads it', "tok = dlm.tokenizer",
         render, 'ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids',
-        "out = dlm.generate(ids, max_new_tokens=128)  # the sampler defaults below; override any of them here",
+        "out = dlm.generate(ids, max_new_tokens=128)  # the decoding below; override any setting here",
         "print(tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True))", "```", "",
         "From the command line:", "", "```bash", f'llm2diff generate --model {repo_id} --prompt "{question}"',
         f"llm2diff chat --model {repo_id}", "```"])
@@ -262,11 +266,14 @@ def _settings(c: dict[str, Any]) -> str:
     return "## Diffusion settings\n\n" + _table(rows)
 
 
-def _sampler(c: dict[str, Any]) -> str:
-    names = ("decoding", "commit_rule", "tokens_per_step", "threshold", "temperature", "confidence_floor", "significance_weight",
-             "entropy_bound", "sub_block_size", "max_steps_per_block", "remask_threshold", "remask_budget")
-    return ("## Sampler defaults\n\n`generate` (and `llm2diff generate`/`chat`) use these unless told otherwise.\n\n"
-            + _table([(n.replace("_", " "), _code(c.get(n))) for n in names]))
+def _decoding(decoding) -> str:
+    """The saved decoding: its mode and every setting that differs from the library's defaults."""
+    if decoding is None:
+        return ""
+    rows = [("mode", _code(decoding.mode))]
+    rows += [(name.replace("_", " "), _code(value)) for name, value in decoding.non_default().items() if name != "mode"]
+    return ("## Decoding\n\n`generate` (and `llm2diff generate`/`chat`) decode this way unless told otherwise "
+            "(`decoding_config.json`; every other setting at the library's default).\n\n" + _table(rows))
 
 
 def _training(c: dict[str, Any], recipe: dict[str, Any]) -> str:

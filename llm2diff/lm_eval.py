@@ -403,7 +403,7 @@ class LLM2DiffLM(TemplateLM):
             rows = [until_stop(row, tok.pad_token_id, self.dlm.eos_token_ids) for row in sequences[:, width:].tolist()]
             self.stats["row_forwards"] += sum(len(r) for r in rows)
         else:
-            out = self.dlm.generate(ids, mask, max_new_tokens=s["max_gen_toks"], temperature=s["temperature"],
+            out = self.dlm.generate(ids, mask, mode="block", max_new_tokens=s["max_gen_toks"], temperature=s["temperature"],
                                     top_k=s["top_k"], top_p=s["top_p"], threshold=self.threshold,
                                     tokens_per_step=self.tokens_per_step, stop_strings=s["until"] or None, seed=seed)
             sequences, num_new = out.sequences.cpu(), out.num_new_tokens.cpu().tolist()

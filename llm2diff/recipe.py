@@ -169,22 +169,24 @@ class FinalEvalArguments:
     sampler_remask_budget: int | None = field(default=None, metadata={
         "help": "Saved default for correction: remasks allowed per block and row."})
     sampler_decoding: str | None = field(default=None, metadata={
-        "help": "Saved default decoding: block (the block sampler) or verified (denoise each block, then check it "
-                "with the model's causal stream; needs clean_attention: causal)."})
+        "help": "Saved default decoding mode: block (the block sampler), verified (denoise each block, then check it "
+                "with the model's causal stream; needs clean_attention: causal) or lossless (the AR parent's greedy "
+                "output, drafted)."})
 
     def __post_init__(self) -> None:
-        from llm2diff.modeling.config import DECODINGS
+        from llm2diff.sampling.decoders import DECODERS
 
-        if self.sampler_decoding is not None and self.sampler_decoding not in DECODINGS:
-            near = difflib.get_close_matches(str(self.sampler_decoding), DECODINGS, n=1)
+        if self.sampler_decoding is not None and self.sampler_decoding not in DECODERS:
+            near = difflib.get_close_matches(str(self.sampler_decoding), DECODERS, n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
             raise RecipeError(f"unknown sampler_decoding {self.sampler_decoding!r}; available: "
-                              f"{', '.join(DECODINGS)}.{hint}")
+                              f"{', '.join(DECODERS)}.{hint}")
 
     def sampler_defaults(self) -> dict[str, Any]:
-        """The `sampler_*` keys that are set, as `DiffusionConfig` field names."""
-        return {f.name.removeprefix("sampler_"): getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name.startswith("sampler_") and getattr(self, f.name) is not None}
+        """The `sampler_*` keys that are set, as `DecodingConfig` settings (`sampler_decoding` is `mode`)."""
+        names = {"decoding": "mode"}
+        return {names.get(key, key): getattr(self, f.name) for f in dataclasses.fields(self)
+                if (key := f.name.removeprefix("sampler_")) != f.name and getattr(self, f.name) is not None}
 
 
 def recipe_dataclasses() -> tuple[type, ...]:

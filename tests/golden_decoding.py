@@ -65,7 +65,7 @@ CASES += [
                                                          "remask_threshold": 0.3, "remask_budget": 1}}, {}),
     ("qwen3/saved defaults overridden", {"arch": "qwen3", "saved": {"commit_rule": "threshold", "threshold": 0.7}},
      {"tokens_per_step": 2}),
-    ("qwen3/saved verified", {"arch": "qwen3", "causal": True, "saved": {"decoding": "verified", "threshold": 0.7}},
+    ("qwen3/saved verified", {"arch": "qwen3", "causal": True, "saved": {"mode": "verified", "threshold": 0.7}},
      {}),
     ("llama/block 8 sampled correction", {"arch": "llama", "block_size": 8},
      {"mode": "block", "commit_rule": "threshold", "threshold": 0.6, "remask_threshold": 0.4, "remask_budget": 2,
@@ -90,8 +90,8 @@ def make_case_model(spec: dict):
     if spec.get("significance"):
         dlm.significance = torch.rand(dlm.model.get_input_embeddings().weight.shape[0],
                                       generator=torch.Generator().manual_seed(5))
-    for key, value in spec.get("saved", {}).items():
-        setattr(dlm.config, key, value)
+    if spec.get("saved"):  # the decoding saved with the model (as a recipe's sampler_* keys save it)
+        dlm.decoding = dlm.decoding.replace(**spec["saved"])
     return dlm
 
 
@@ -108,16 +108,12 @@ def inputs(dlm):
 def run_case(dlm, decoding: dict) -> dict:
     """Decode the case's prompts as `decoding` says; the tokens and pass counts to hold fixed."""
     ids, mask = inputs(dlm)
-    settings = dict(decoding)
-    mode = settings.pop("mode", None)
-    flags = {"block": {"verified": False}, "lossless": {"lossless": True}, "verified": {"verified": True}, None: {}}
-    out = dlm.generate(ids, mask, max_new_tokens=MAX_NEW_TOKENS, **flags[mode], **settings)
-    kind = type(out).__name__
+    out = dlm.generate(ids, mask, decoding=decoding or None, max_new_tokens=MAX_NEW_TOKENS)
     result = {"sequences": out.sequences.tolist(), "num_new_tokens": out.num_new_tokens.tolist(), "nfe": out.nfe,
-              "mode": {"GenerateOutput": "block", "LosslessOutput": "lossless", "VerifiedOutput": "verified"}[kind]}
+              "mode": out.mode}
     for name in ("nfe_per_row", "tokens_per_step", "remasked", "nfe_draft", "nfe_verify", "accepted_lengths",
                  "drafted_lengths", "parent_steps"):
-        value = getattr(out, name, None)
+        value = out.stats[name] if name in out.stats else out.nfe_per_row if name == "nfe_per_row" else None
         if value is not None:
             result[name] = value.tolist() if isinstance(value, torch.Tensor) else value
     return result

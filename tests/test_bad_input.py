@@ -82,11 +82,11 @@ def test_options_a_decoding_would_ignore_are_refused(model):
     dlm = load(model)
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(ValueError, match="temperature, top_p do not apply to lossless decoding"):
-        dlm.generate(ids, max_new_tokens=4, lossless=True, temperature=0.7, top_p=0.9)
+        dlm.generate(ids, max_new_tokens=4, mode="lossless", temperature=0.7, top_p=0.9)
     with pytest.raises(ValueError, match="threshold does not apply to lossless decoding"):
-        dlm.generate(ids, max_new_tokens=4, lossless=True, threshold=0.5)
+        dlm.generate(ids, max_new_tokens=4, mode="lossless", threshold=0.5)
     with pytest.raises(ValueError, match="tokens_per_step does not apply to verified decoding"):
-        dlm.generate(ids, max_new_tokens=4, verified=True, tokens_per_step=2)
+        dlm.generate(ids, max_new_tokens=4, mode="verified", tokens_per_step=2)
     sampled = dlm.generate(ids, max_new_tokens=8, temperature=1.0, top_k=1, seed=3).sequences
     assert torch.equal(sampled, dlm.generate(ids, max_new_tokens=8).sequences)  # top_k 1 applies: greedy
 

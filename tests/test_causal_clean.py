@@ -216,7 +216,8 @@ def test_recipe_trains_logs_the_ar_loss_and_continues_with_the_models_attention(
     assert main(["train", "--config", recipe("causal", sampler_decoding="verified", sampler_threshold=0.7)]) == 0
     config = json.loads((root / "causal" / "diffusion_config.json").read_text())
     assert config["clean_attention"] == "causal"
-    assert config["decoding"] == "verified" and config["threshold"] == 0.7
+    decoding = json.loads((root / "causal" / "decoding_config.json").read_text())
+    assert decoding["mode"] == "verified" and decoding["threshold"] == 0.7
     history = json.loads((root / "causal" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     assert all(entry["ar_loss"] > 0 for entry in history if "loss" in entry)
     # a recipe continuing the saved model (as self-training rounds do) keeps the model's attention

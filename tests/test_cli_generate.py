@@ -129,9 +129,9 @@ def test_sampler_flags_reach_generate(model_dir, capsys, monkeypatch):
     assert code == 0
     defaults = seen.pop()
     for name in ("commit_rule", "entropy_bound", "sub_block_size", "max_steps_per_block", "remask_threshold",
-                 "remask_budget", "threshold", "tokens_per_step", "temperature"):
-        assert defaults[name] is None, name  # left out: the model's saved setting
-    assert defaults["merge_lora"] is False
+                 "remask_budget", "threshold", "tokens_per_step", "temperature", "merge_lora", "mode"):
+        assert name not in defaults, name  # left out: the model's saved setting
+    assert defaults["decoding"] is None  # the saved decoding is the base
     code, out, _ = generate(model_dir, capsys, "--commit-rule", "entropy", "--entropy-bound", "0.5", "--sub-block-size",
                             "2", "--max-steps-per-block", "3", "--remask-threshold", "0.25", "--remask-budget", "1")
     assert code == 0
@@ -204,7 +204,7 @@ def test_lossless_refuses_diffusion_flags(model_dir, capsys):
     code, _, err = generate(model_dir, capsys, "--lossless", "--stream")
     assert code == 2 and "it cannot --stream, --show-steps or --save-trajectory" in err
     code, _, err = generate(model_dir, capsys, "--parent-tail", "2")
-    assert code == 2 and "--parent-tail applies to --lossless decoding only" in err
+    assert code == 2 and "parent_tail does not apply to block decoding (only to lossless)" in err
     code, _, err = generate(model_dir, capsys, "--lossless", "--parent-tail", "4")
     assert code == 2 and "parent_tail must be in [0, block size) = [0, 4), got 4" in err
 
@@ -214,7 +214,7 @@ def test_no_saved_defaults_ignores_the_sampler_saved_with_the_model(model_dir, d
     capped = dlm.generate(ids, max_new_tokens=NEW, seed=0, max_steps_per_block=1)
     free = dlm.generate(ids, max_new_tokens=NEW, seed=0)
     saved = load(model_dir)
-    saved.config.max_steps_per_block = 1  # as a recipe's sampler_max_steps_per_block saves it
+    saved.decoding = saved.decoding.replace(max_steps_per_block=1)  # as a recipe's sampler_max_steps_per_block
     saved.save_pretrained(tmp_path / "capped")
     code, out, _ = generate(tmp_path / "capped", capsys)
     assert code == 0 and f"{capped.nfe} forward passes of the batch" in out

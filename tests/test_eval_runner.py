@@ -40,7 +40,8 @@ def test_eval_writes_results_and_summary(model_dir, tmp_path):
     assert {"id", "prompt", "output", "prediction", "correct", "metrics", "new_tokens", "nfe"} <= set(records[0])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["num_examples"] == 6 and summary["metrics"]["accuracy"] == sum(r["correct"] for r in records) / 6
-    assert summary["sampler"]["block_size"] == 4 and summary["seed"] == 0 and "torch" in summary["versions"]
+    assert summary["block_size"] == 4 and summary["seed"] == 0 and "torch" in summary["versions"]
+    assert summary["decoding"]["mode"] == "block" and summary["decoding"]["max_new_tokens"] == 8
     assert summary["nfe_per_token"] == pytest.approx(sum(r["nfe"] for r in records) / sum(r["new_tokens"] for r in records), abs=1e-4)
     assert "| accuracy" in (tmp_path / "run" / "summary.md").read_text()
 
@@ -65,7 +66,7 @@ def test_ar_parent_uses_the_same_prompts(model_dir, tmp_path):
     ar = [json.loads(line) for line in (tmp_path / "ar" / "results.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in dlm] == [r["prompt"] for r in ar]
     summary = json.loads((tmp_path / "ar" / "summary.json").read_text())
-    assert summary["evaluated"].startswith("AR parent") and summary["sampler"] is None
+    assert summary["evaluated"].startswith("AR parent") and summary["decoding"] is None
     assert summary["nfe_per_token"] == 1.0
 
 

@@ -93,7 +93,7 @@ def test_merged_model_loads_its_ar_parent_from_the_recorded_base(exported, caplo
     expected = adapted.ar_generate(prompt, max_new_tokens=6)
     assert torch.equal(full.ar_generate(prompt, max_new_tokens=6), expected)
     # lossless mode: drafted by the merged model, verified by the separately loaded parent: the parent's output
-    out = full.generate(prompt, max_new_tokens=6, lossless=True)
+    out = full.generate(prompt, max_new_tokens=6, mode="lossless")
     assert torch.equal(out.sequences[:, : expected.shape[1]], expected)
     # the standalone helper gives the same parent
     with adapted.ar_parent() as reference, torch.no_grad():
@@ -129,8 +129,8 @@ def test_push_of_a_merged_model(exported, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
     assert main(["push", str(merged), "--repo-id", "alice/merged-dlm"]) == 0
-    assert sorted(sent) == ["README.md", "chat_template.jinja", "config.json", "diffusion_config.json",
-                            "final_eval.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+    assert sorted(sent) == ["README.md", "chat_template.jinja", "config.json", "decoding_config.json",
+                            "diffusion_config.json", "final_eval.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                             "tokenizer_config.json"]
     with sent["README.md"].as_file() as f:
         card = f.read().decode()

@@ -25,8 +25,8 @@ from llm2diff.hub import DOWNLOAD_PATTERNS, looks_like_repo_id
 
 TOKEN = "hf_SecretTestToken1234567890abcdef"
 REPO = "alice/tiny-dlm"
-MODEL_FILES = ["adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "diffusion_config.json",
-               "final_eval.json", "tokenizer.json", "tokenizer_config.json"]
+MODEL_FILES = ["adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "decoding_config.json",
+               "diffusion_config.json", "final_eval.json", "tokenizer.json", "tokenizer_config.json"]
 FINAL_EVAL = {"results": [{"name": "diffusion (block 4, 1/step)", "accuracy": 0.82, "correct": 82, "total": 100,
                            "tokens_per_forward": 0.767},
                           {"name": "AR parent (greedy generate)", "accuracy": 0.18, "correct": 18, "total": 100,
@@ -49,7 +49,7 @@ def model_dir(tmp_path_factory):
               "max_steps": 7, "learning_rate": 0.001, "seed": 3, "block_size": 4, "hub_token": "hf_OldRecipeToken99"}
     dlm.config.training = {"recipe": recipe, "seed": 3, "command": "llm2diff train --config x.yaml --hub_token "
                            "hf_OldCommandToken77", "started": "2026-11-22T03:45:37+0000"}
-    dlm.config.threshold = 0.9
+    dlm.decoding = dlm.decoding.replace(threshold=0.9)
     dlm.save_pretrained(root / "dlm")
     out = root / "dlm"
     (out / "final_eval.json").write_text(json.dumps({**FINAL_EVAL, "diffusion_config": dlm.config.to_dict()}))
@@ -133,7 +133,8 @@ def test_card_describes_the_model(model_dir, hub, capsys):
     assert config["block_size"] == 4
     assert "| block size | 4 |" in card
     assert f"`{config['mask_token']}` (id {config['mask_token_id']})" in card
-    assert "| token shift | yes" in card and "| threshold | `0.9` |" in card and "| decoding | `block` |" in card
+    assert "| token shift | yes" in card and "| threshold | `0.9` |" in card and "| mode | `block` |" in card
+    assert "## Decoding" in card and "| temperature |" not in card  # only what differs from the library defaults
     assert "builtin:arithmetic" in card and "| seed | `3` |" in card and "| lora_r | `4` |" in card
     assert "Solve the problem step by step." in card
     assert "transformers" in card.split("Library versions:")[1]

@@ -292,17 +292,19 @@ def test_train_mode_restored_and_bad_arguments():
 def test_generate_lossless_flag_is_this_function():
     dlm = make_dlm("qwen3", 4)
     reference = dlm.ar_generate(PROMPTS, MASK, max_new_tokens=NEW)
-    out = dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, lossless=True)
+    out = dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, mode="lossless")
     assert torch.equal(out.sequences, reference)
     assert out.nfe_verify == len(out.accepted_lengths) + out.prompt_passes
-    tail = dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, lossless=True, parent_tail=2)
+    tail = dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, mode="lossless", parent_tail=2)
     expected = lossless_generate(dlm, PROMPTS, MASK, max_new_tokens=NEW, parent_tail=2)
     assert torch.equal(tail.sequences, reference)
     assert (tail.accepted_lengths, tail.parent_steps) == (expected.accepted_lengths, expected.parent_steps)
-    with pytest.raises(ValueError, match=r"parent_tail applies to lossless decoding only \(lossless=True\)"):
+    with pytest.raises(ValueError, match=r"parent_tail does not apply to block decoding \(only to lossless\)"):
         dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, parent_tail=2)
-    with pytest.raises(ValueError, match=r"parent_tail must be in \[0, block size\) = \[0, 4\), got -1"):
-        dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, lossless=True, parent_tail=-1)
+    with pytest.raises(ValueError, match=r"parent_tail must be >= 0, got -1"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, mode="lossless", parent_tail=-1)
+    with pytest.raises(ValueError, match=r"parent_tail must be in \[0, block size\) = \[0, 4\), got 4"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=NEW, mode="lossless", parent_tail=4)
 
 
 # -- self-distillation: training responses from the AR parent itself ---------------------------------------------

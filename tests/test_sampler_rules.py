@@ -126,7 +126,7 @@ def test_step_cap_finishes_each_block_in_at_most_that_many_steps(dlm):
 def test_bad_sampler_options_are_rejected(dlm):
     with pytest.raises(ValueError, match="sub_block_size must divide the block size 4"):
         dlm.generate(PROMPTS, MASK, max_new_tokens=4, sub_block_size=3)
-    with pytest.raises(ValueError, match="commit_rule must be one of"):
+    with pytest.raises(ValueError, match="unknown commit_rule 'confident'.*did you mean 'confidence'"):
         dlm.generate(PROMPTS, MASK, max_new_tokens=4, commit_rule="confident")
     with pytest.raises(ValueError, match="remask_threshold must be in"):
         dlm.generate(PROMPTS, MASK, max_new_tokens=4, remask_threshold=1.5)
@@ -302,15 +302,17 @@ def test_static_cache_crop_moves_the_write_position_back(dlm):
 def test_saved_sampler_defaults_apply_and_no_threshold_overrides_them(dlm):
     from llm2diff.sampling.rules import NO_THRESHOLD
 
-    dlm.config.threshold = 0.0  # as a recipe's `sampler_threshold: 0.0` saves it
+    dlm.decoding = dlm.decoding.replace(threshold=0.0)  # as a recipe's `sampler_threshold: 0.0` saves it
     assert dlm.generate(PROMPTS, MASK, max_new_tokens=8).tokens_per_step == [8, 8]
     assert dlm.generate(PROMPTS, MASK, max_new_tokens=8, threshold=NO_THRESHOLD).tokens_per_step == [2] * 8
 
 
 def test_library_defaults_instead_of_saved_ones(dlm):
-    dlm.config.tokens_per_step, dlm.config.remask_threshold, dlm.config.remask_budget = 2, 0.99, 2
+    from llm2diff.sampling.config import DecodingConfig
+
+    dlm.decoding = dlm.decoding.replace(tokens_per_step=2, remask_threshold=0.99, remask_budget=2)
     saved = dlm.generate(PROMPTS, MASK, max_new_tokens=8)
-    plain = dlm.generate(PROMPTS, MASK, max_new_tokens=8, use_saved_defaults=False)
+    plain = dlm.generate(PROMPTS, MASK, decoding=DecodingConfig().to_dict(), max_new_tokens=8)
     assert saved.remasked > 0 and saved.tokens_per_step[0] == 4
     assert plain.remasked == 0 and plain.tokens_per_step == [2] * 8  # 1 token per step, no correction
 

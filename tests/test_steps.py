@@ -60,7 +60,8 @@ class FaithfulPolicy:
         self.start = step_equations(row["answer"])[0][0]
         self.noise = noise
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, temperature, threshold, seed, response_prefix):
+    def generate(self, input_ids, attention_mask, max_new_tokens, temperature, threshold, seed, response_prefix,
+                 mode="block"):
         rng = random.Random(seed)
         tok = self.tokenizer
         rows = []

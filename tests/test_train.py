@@ -172,14 +172,15 @@ def test_held_out_loss_is_logged_by_noise_bucket(workdir):
 
 def test_sampler_keys_become_the_saved_model_defaults(workdir):
     from llm2diff.cli import main
-    from llm2diff.modeling.config import DiffusionConfig
+    from llm2diff.sampling.config import DecodingConfig
 
     recipe = _recipe(workdir, "sampler-defaults", max_steps=2, sampler_commit_rule="threshold", sampler_threshold=0.7,
                      sampler_remask_threshold=0.3, sampler_remask_budget=1)
     assert main(["train", "--config", recipe]) == 0
-    saved = DiffusionConfig.load(workdir / "sampler-defaults")
+    saved = DecodingConfig.from_pretrained(workdir / "sampler-defaults")
     assert (saved.commit_rule, saved.threshold, saved.remask_threshold, saved.remask_budget) == ("threshold", 0.7, 0.3, 1)
     assert saved.tokens_per_step == 1 and saved.sub_block_size is None  # unset keys keep the library defaults
+    assert load(workdir / "sampler-defaults").decoding == saved
 
 
 @pytest.mark.parametrize("block_size, causal, expected", [(4, False, [None, 0.9, "parent"]), (1, False, [None, "parent"]),
@@ -191,8 +192,9 @@ def test_final_eval_grades_an_ar_twin_once(monkeypatch, block_size, causal, expe
 
     calls = []
 
-    def graded(dlm, problems, data_args, use_parent=False, verified=False, **kw):
-        calls.append("parent" if use_parent else f"verified {kw['threshold']}" if verified else kw.get("threshold"))
+    def graded(dlm, problems, data_args, use_parent=False, mode="block", **kw):
+        calls.append("parent" if use_parent else f"verified {kw['threshold']}" if mode == "verified" else
+                     kw.get("threshold"))
         return len(calls)
 
     monkeypatch.setattr(exact_match, "evaluate_answers", graded)

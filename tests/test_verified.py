@@ -119,18 +119,18 @@ def test_stops_as_generate():
 def test_generate_verified_flag_is_this_function():
     dlm = make_dlm("qwen2", 4)
     no_eos(dlm)
-    out = dlm.generate(PROMPTS, MASK, max_new_tokens=13, verified=True, threshold=0.6)
+    out = dlm.generate(PROMPTS, MASK, max_new_tokens=13, mode="verified", threshold=0.6)
     expected = verified_generate(dlm, PROMPTS, MASK, max_new_tokens=13, threshold=0.6)
     assert torch.equal(out.sequences, expected.sequences) and out.nfe == expected.nfe
-    merged = dlm.generate(PROMPTS, MASK, max_new_tokens=13, verified=True, threshold=0.6, merge_lora=True)
+    merged = dlm.generate(PROMPTS, MASK, max_new_tokens=13, mode="verified", threshold=0.6, merge_lora=True)
     assert torch.equal(merged.sequences, expected.sequences)
-    with pytest.raises(ValueError, match="two different decodings: choose one"):
-        dlm.generate(PROMPTS, MASK, max_new_tokens=13, verified=True, lossless=True)
+    with pytest.raises(ValueError, match="unknown decoding mode 'verify'; available: block, verified, lossless"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=13, mode="verify")
 
 
 def test_errors_say_what_to_do():
     block = make_dlm("qwen2", 4, clean_attention="block")
-    with pytest.raises(ValueError, match="needs a model trained with clean_attention: causal.*use lossless=True"):
+    with pytest.raises(ValueError, match="needs a model trained with clean_attention: causal"):
         verified_generate(block, PROMPTS, MASK, max_new_tokens=4)
     dlm = make_dlm("qwen2", 4)
     with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\], got 1.5"):
@@ -179,13 +179,15 @@ def test_cli_verified_prints_the_models_greedy_answer(tmp_path, capsys):
     text16 = half.tokenizer.decode(out16.sequences[0, ids.shape[1]:ids.shape[1] + int(out16.num_new_tokens[0])],
                                    skip_special_tokens=True).strip()
     assert capsys.readouterr().out.startswith(f"### prompt 0: tom has 5 apples\n{text16}\n\n[")
-    # saved as the model's decoding: the same output without the flag; a block-sampler flag gets the block sampler
-    dlm.config.decoding, dlm.config.threshold = "verified", 0.5
+    # saved as the model's decoding: the same output without the flag; a block-sampler flag needs --mode block
+    dlm.decoding = dlm.decoding.replace(mode="verified", threshold=0.5)
     dlm.save_pretrained(tmp_path / "dlm")
     assert main(argv) == 0
     assert capsys.readouterr().out == printed
-    assert main(argv + ["--tokens-per-step", "2"]) == 0
-    block = dlm.generate(ids, max_new_tokens=12, tokens_per_step=2)
+    assert main(argv + ["--tokens-per-step", "2"]) == 2
+    assert "tokens_per_step does not apply to verified decoding (only to block)" in capsys.readouterr().err
+    assert main(argv + ["--mode", "block", "--tokens-per-step", "2"]) == 0
+    block = dlm.generate(ids, max_new_tokens=12, mode="block", tokens_per_step=2)
     assert f"{block.nfe} forward passes of the batch" in capsys.readouterr().out
 
 
@@ -197,7 +199,7 @@ def test_graded_like_the_other_samplers():
     dlm = make_dlm("llama", 4)
     problems = [{"question": "tom has 3 apples", "answer": "#### 7"}, {"question": "ana has 9 pears", "answer": "#### 2"}]
     result = evaluate_answers(dlm, problems, DataArguments(), max_new_tokens=10, batch_size=2, threshold=0.5,
-                              verified=True)
+                              mode="verified")
     out = verified_generate(dlm, *_rendered(dlm, problems), max_new_tokens=10, threshold=0.5)
     assert result.nfe == out.nfe and result.row_forwards == int(out.nfe_per_row.sum())
     assert out.nfe_per_row.tolist() != [0, 0]
@@ -220,7 +222,7 @@ def test_chat_replies_with_verified_decoding():
     dlm = make_dlm("llama", 4)
     output = io.StringIO()
     assert run_chat(dlm, io.StringIO("tom has 5 apples\n/exit\n"), output, max_new_tokens=8,
-                    sampling={"verified": True, "threshold": 0.5}) == 0
+                    sampling={"mode": "verified", "threshold": 0.5}) == 0
     text = dlm.tokenizer.apply_chat_template([{"role": "user", "content": "tom has 5 apples"}],
                                              add_generation_prompt=True, tokenize=False)
     ids = torch.tensor([dlm.tokenizer(text, add_special_tokens=False).input_ids])
@@ -231,7 +233,7 @@ def test_chat_replies_with_verified_decoding():
     assert f"bot> {reply}\n" in output.getvalue()  # streamed as each verify pass adds tokens
     whole = io.StringIO()
     assert run_chat(dlm, io.StringIO("tom has 5 apples\n/exit\n"), whole, max_new_tokens=8,
-                    sampling={"verified": True, "threshold": 0.5}, stream=False) == 0
+                    sampling={"mode": "verified", "threshold": 0.5}, stream=False) == 0
     assert whole.getvalue() == output.getvalue()
 
 
@@ -271,49 +273,56 @@ def test_streamer_gets_the_prompt_then_each_verify_pass_tokens(stop):
         verified_generate(dlm, PROMPTS, MASK, max_new_tokens=4, streamer=Recorder())
 
 
-def test_saved_decoding_verified_is_the_default_until_a_block_sampler_option_is_set(tmp_path, monkeypatch):
+def test_the_saved_mode_decodes_until_a_call_names_another(tmp_path, monkeypatch):
     from conftest import adapted_with_saved_base
 
     from llm2diff import load
-    from llm2diff.sampling.sampler import GenerateOutput
 
     dlm = adapted_with_saved_base(tmp_path, "llama", clean_attention="causal",
                                   lora=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     no_eos(dlm)
     expected = verified_generate(dlm, PROMPTS, MASK, max_new_tokens=11, threshold=0.9)
-    block = dlm.generate(PROMPTS, MASK, max_new_tokens=11)
-    assert isinstance(block, GenerateOutput)  # decoding "block": the block sampler
-    dlm.config.decoding = "verified"
+    assert dlm.generate(PROMPTS, MASK, max_new_tokens=11).mode == "block"  # the library's default mode
+    dlm.decoding = dlm.decoding.replace(mode="verified")
     out = dlm.generate(PROMPTS, MASK, max_new_tokens=11)  # no saved threshold: 0.9
+    assert out.mode == "verified" and out.decoding.mode == "verified"
     assert torch.equal(out.sequences, expected.sequences) and out.nfe == expected.nfe
-    dlm.config.threshold = 0.5
+    dlm.decoding = dlm.decoding.replace(threshold=0.5)
     assert dlm.generate(PROMPTS, MASK, max_new_tokens=11).nfe == \
         verified_generate(dlm, PROMPTS, MASK, max_new_tokens=11, threshold=0.5).nfe
-    for option in ({"tokens_per_step": 1}, {"temperature": 0.0}, {"commit_rule": "threshold"}, {"seed": 3},
-                   {"use_cache": False}, {"record_trajectory": True}, {"use_saved_defaults": False},
-                   {"verified": False}):
-        assert isinstance(dlm.generate(PROMPTS, MASK, max_new_tokens=11, **option), GenerateOutput), option
+    # the mode is never inferred from the settings a call names: a block-sampler setting is refused, not obeyed
+    for option in ({"tokens_per_step": 2}, {"temperature": 0.7}, {"commit_rule": "threshold"}, {"seed": 3},
+                   {"use_cache": False}, {"record_trajectory": True}):
+        with pytest.raises(ValueError, match="does not apply to verified decoding .only to block.*set mode to 'block'"):
+            dlm.generate(PROMPTS, MASK, max_new_tokens=11, **option)
+        assert dlm.generate(PROMPTS, MASK, max_new_tokens=11, mode="block", **option).mode == "block", option
+    assert dlm.generate(PROMPTS, MASK, max_new_tokens=11, tokens_per_step=1).mode == "verified"  # a default: no-op
+    with pytest.warns(FutureWarning, match="`verified` is deprecated in DiffusionLM.generate: use mode="):
+        assert dlm.generate(PROMPTS, MASK, max_new_tokens=11, verified=False).mode == "block"
+    with pytest.warns(FutureWarning, match="`use_saved_defaults` is deprecated"):
+        assert dlm.generate(PROMPTS, MASK, max_new_tokens=11, use_saved_defaults=False).mode == "block"
     with monkeypatch.context() as m:  # FlashAttention ignores the 4D masks verified decoding passes
-        m.setattr("llm2diff.modeling.diffusion_lm.uses_flash_attention", lambda model: True)
-        m.setattr("llm2diff.sampling.sampler.uses_flash_attention", lambda model: False)  # the block sampler's own
-        assert isinstance(dlm.generate(PROMPTS, MASK, max_new_tokens=11), GenerateOutput)
+        m.setattr("llm2diff.sampling.verified.uses_flash_attention", lambda model: True)
+        with pytest.raises(ValueError, match="passes 4D masks, which FlashAttention ignores"):
+            dlm.generate(PROMPTS, MASK, max_new_tokens=11)
     dlm.save_pretrained(tmp_path / "m")
     again = load(tmp_path / "m")
     no_eos(again)
-    assert again.config.decoding == "verified"
+    assert again.decoding == dlm.decoding and (tmp_path / "m" / "decoding_config.json").is_file()
     assert torch.equal(again.generate(PROMPTS, MASK, max_new_tokens=11).sequences,
                        verified_generate(again, PROMPTS, MASK, max_new_tokens=11, threshold=0.5).sequences)
 
 
 def test_saved_decoding_errors():
-    from llm2diff.modeling.config import DiffusionConfig
     from llm2diff.recipe import FinalEvalArguments, RecipeError
+    from llm2diff.sampling.config import DecodingConfig
 
-    with pytest.raises(ValueError, match="decoding 'verified' checks every block with the model's causal clean "
+    with pytest.raises(ValueError, match=r"unknown decoding mode 'fast'; available: block, verified, lossless"):
+        DecodingConfig(mode="fast")
+    block = make_dlm("qwen2", 4, clean_attention="block")
+    with pytest.raises(ValueError, match="verified decoding checks every block with the model's causal clean "
                                          "stream.*train with clean_attention: causal"):
-        DiffusionConfig(decoding="verified")
-    with pytest.raises(ValueError, match="decoding must be one of block, verified, got 'fast'"):
-        DiffusionConfig(decoding="fast", clean_attention="causal")
-    with pytest.raises(RecipeError, match="unknown sampler_decoding 'verifed'; available: block, verified. "
-                                          "Did you mean 'verified'"):
+        block.generate(PROMPTS, MASK, max_new_tokens=4, mode="verified")
+    with pytest.raises(RecipeError, match="unknown sampler_decoding 'verifed'; available: block, verified, "
+                                          "lossless. Did you mean 'verified'"):
         FinalEvalArguments(sampler_decoding="verifed")

@@ -75,10 +75,13 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
                      commit_rule: str | None = None, name: str | None = None, **sampler) -> EvalResult:
     """Generate an answer for every problem and grade it. `use_parent`: the AR parent's greedy `generate`.
 
-    Further keyword arguments go to `DiffusionLM.generate` (other commit rules, correction, `lossless=True`).
+    Further keyword arguments go to `DiffusionLM.generate` as settings (`mode="verified"` or `"lossless"`, other
+    commit rules, correction); the model's saved decoding does not apply (the row is graded with exactly its rule).
     """
+    from llm2diff.sampling.config import DecodingConfig
     from llm2diff.training.data import render_example
 
+    mode = sampler.pop("mode", "block")
     tok = dlm.tokenizer
     rule = f"threshold {threshold}" if threshold is not None else f"{tokens_per_step}/step"
     if commit_rule and commit_rule != "confidence":
@@ -96,13 +99,12 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
             forwards = sequences.shape[1] - ids.shape[1]  # one pass per generated position
             row_forwards_batch = None
         else:
-            # exactly the rule named in the row, not the sampler defaults the model saved
-            rule = {} if sampler.get("verified") or sampler.get("lossless") else \
-                {"tokens_per_step": tokens_per_step, "commit_rule": commit_rule}  # the block sampler's own options
-            out = dlm.generate(ids, mask, max_new_tokens=max_new_tokens, threshold=threshold,
-                               use_saved_defaults=False, **rule, **sampler)
+            # exactly the rule named in the row (the library's defaults under it), not the model's saved decoding
+            block_rule = {"tokens_per_step": tokens_per_step, "commit_rule": commit_rule} if mode == "block" else {}
+            out = dlm.generate(ids, mask, decoding=DecodingConfig().to_dict(), mode=mode,
+                               max_new_tokens=max_new_tokens, threshold=threshold, **block_rule, **sampler)
             sequences = out.sequences
-            forwards = out.nfe if hasattr(out, "nfe") else out.nfe_draft + out.nfe_verify  # lossless: both models
+            forwards = out.nfe  # lossless: both models' passes
             row_forwards_batch = int(out.nfe_per_row.sum()) if getattr(out, "nfe_per_row", None) is not None \
                 else None
         nfe += forwards
@@ -135,7 +137,7 @@ def compare_with_parent(dlm, problems: list[dict], data_args, compare_parent: bo
         results.append(evaluate_answers(dlm, problems, data_args, threshold=threshold, **kwargs))
         if dlm.config.causal_clean:
             name = f"diffusion (block {dlm.config.block_size}, verified, threshold {threshold})"
-            results.append(evaluate_answers(dlm, problems, data_args, threshold=threshold, verified=True, name=name,
+            results.append(evaluate_answers(dlm, problems, data_args, threshold=threshold, mode="verified", name=name,
                                             **kwargs))
     if compare_parent:  # without an adapter the parent is loaded from the recorded base (`dlm.ar_parent`)
         results.append(evaluate_answers(dlm, problems, data_args, use_parent=True, **kwargs))

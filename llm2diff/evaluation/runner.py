@@ -183,7 +183,22 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         return _run(cfg, task, rows, shots, dlm, render, out, library_versions())
 
 
+def eval_decoding(cfg: EvalConfig, dlm):
+    """The resolved `DecodingConfig` the diffusion model is graded with (None for the AR parent): the block
+    sampler, the model's saved decoding, then this evaluation's settings. Each batch adds its own seed."""
+    from llm2diff.sampling.config import DecodingConfig
+
+    if cfg.ar_parent:
+        return None
+    call = {"mode": "block", "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+            "tokens_per_step": cfg.tokens_per_step}
+    call.update({k: getattr(cfg, k) for k in ("threshold", "commit_rule", "confidence_floor")
+                 if getattr(cfg, k) is not None})
+    return DecodingConfig.resolve(dlm.decoding, call)
+
+
 def _run(cfg: EvalConfig, task, rows, shots, dlm, render: PromptRenderer, out: Path, versions) -> dict[str, Any]:
+    decoding = eval_decoding(cfg, dlm)
     results_path = out / "results.jsonl"
     done = read_jsonl_records(results_path)
     ids = [task.row_id(row, i) for i, row in enumerate(rows)]
@@ -203,7 +218,7 @@ def _run(cfg: EvalConfig, task, rows, shots, dlm, render: PromptRenderer, out: P
             if scores_choices:
                 records = [_score_record(task, dlm, row, ids[i], cfg, render, shots) for i, row in pairs]
             else:
-                records = _generate_records(task, dlm, pairs, ids, cfg, render, shots, transforms,
+                records = _generate_records(task, dlm, pairs, ids, cfg, render, shots, transforms, decoding,
                                             seed=cfg.seed + batch.start)
             for record in records:
                 if record["id"] in done:  # written before an interruption: the same record again
@@ -215,13 +230,14 @@ def _run(cfg: EvalConfig, task, rows, shots, dlm, render: PromptRenderer, out: P
                 bar.update(1)
             sink.flush()
     seconds = time.perf_counter() - start
-    summary = summarize(cfg, [done[i] for i in ids], seconds, new_tokens, row_forwards, dlm, versions)
+    summary = summarize(cfg, [done[i] for i in ids], seconds, new_tokens, row_forwards, dlm, versions, decoding)
     write_json_atomic(out / "summary.json", summary)
     write_text_atomic(out / "summary.md", summary_markdown(summary))
     return summary
 
 
-def _generate_records(task, dlm, batch, ids, cfg: EvalConfig, render: PromptRenderer, shots, transforms, seed):
+def _generate_records(task, dlm, batch, ids, cfg: EvalConfig, render: PromptRenderer, shots, transforms, decoding,
+                      seed):
     """Generate for a batch of rows (each under every augmentation when `transforms` is set) and grade them."""
     from llm2diff.evaluation.exact_match import left_pad, until_stop
 
@@ -234,9 +250,7 @@ def _generate_records(task, dlm, batch, ids, cfg: EvalConfig, render: PromptRend
         sequences = dlm.ar_generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens)
         per_row_nfe = None
     else:
-        gen = dlm.generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           threshold=cfg.threshold, tokens_per_step=cfg.tokens_per_step, seed=seed,
-                           commit_rule=cfg.commit_rule, confidence_floor=cfg.confidence_floor)
+        gen = dlm.generate(input_ids, mask, decoding=decoding.to_dict(), seed=seed)
         sequences, per_row_nfe = gen.sequences, gen.nfe_per_row.tolist()
     records = []
     for k, (i, row) in enumerate(batch):
@@ -272,8 +286,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def summarize(cfg: EvalConfig, records: list[dict], seconds: float, new_tokens: int, row_forwards: int, dlm,
-              versions: dict[str, str]) -> dict[str, Any]:
-    """Metrics over all records (resumed ones included); speed over the examples generated in this run."""
+              versions: dict[str, str], decoding=None) -> dict[str, Any]:
+    """Metrics over all records (resumed ones included); speed over the examples generated in this run; the
+    resolved decoding the model was graded with (each batch's seed: `seed` + its first row's index)."""
     n = len(records)
     metrics: dict[str, float] = {"accuracy": sum(r["correct"] for r in records) / n if n else 0.0}
     for key in sorted({k for r in records for k in r["metrics"]}):
@@ -286,10 +301,7 @@ def summarize(cfg: EvalConfig, records: list[dict], seconds: float, new_tokens: 
         ("AR twin (block 1)" if dlm.config.block_size == 1 else f"diffusion (block {dlm.config.block_size})"),
         "task": cfg.task, "source": cfg.source, "split": cfg.split,
         "num_examples": n, "correct": sum(r["correct"] for r in records), "metrics": metrics,
-        "sampler": None if cfg.ar_parent else {"tokens_per_step": cfg.tokens_per_step, "threshold": cfg.threshold,
-                                               "temperature": cfg.temperature, "block_size": dlm.config.block_size,
-                                               "commit_rule": cfg.commit_rule or dlm.config.commit_rule,
-                                               "confidence_floor": cfg.confidence_floor},
+        "block_size": dlm.config.block_size, "decoding": None if decoding is None else decoding.to_dict(),
         "max_new_tokens": cfg.max_new_tokens, "num_shots": cfg.num_shots,
         "tokens_per_second": round(new_tokens / seconds, 2) if seconds and new_tokens else None,
         "nfe_per_token": round(all_nfe / all_tokens, 4) if all_tokens else None,

@@ -24,7 +24,10 @@ CONFIG_NAME = "diffusion_config.json"
 REQUIRED_KEYS: dict[str, tuple[type, ...]] = {"block_size": (int,), "mask_token": (str,), "mask_token_id": (int,),
                                               "vocab_size": (int,), "shift": (bool,)}
 CLEAN_ATTENTION = ("block", "causal")
-DECODINGS = ("block", "verified")
+# sampler settings that diffusion_config.json held before decoding_config.json (`DecodingConfig`) took them over
+LEGACY_SAMPLER_KEYS = ("tokens_per_step", "commit_rule", "significance_weight", "confidence_floor", "threshold",
+                       "temperature", "decoding", "entropy_bound", "sub_block_size", "max_steps_per_block",
+                       "remask_threshold", "remask_budget")
 
 
 @dataclass
@@ -50,13 +53,6 @@ class DiffusionConfig:
         noise: the whole training noise recipe (`llm2diff.noise.masking.NoiseSpec` as a dict), if trained here.
         significance_scorer: the scorer behind semantic noise and the `significance.safetensors` table the
             coarse-to-fine commit rule reads, if any.
-        commit_rule, significance_weight, confidence_floor: sampler defaults for the commit rule.
-        tokens_per_step, threshold, temperature: sampler defaults used when `generate` is not told otherwise.
-        decoding: how `generate` decodes when not told otherwise: "block" (the block sampler with the defaults
-            here) or "verified" (a causal-clean model's verified decoding, threshold rule at `threshold`; a call
-            that sets any option of the block sampler, e.g. a temperature or a streamer, gets the block sampler).
-        entropy_bound, sub_block_size, max_steps_per_block, remask_threshold, remask_budget: the same for the
-            entropy rule, sub-blocks, the cap on steps per block and correction (see `llm2diff.sampling`).
         use_chat_template, system_prompt, prompt_template: how training prompts were rendered, so that
             `llm2diff generate` and evaluation render new prompts the same way.
         base_model_name_or_path: the base checkpoint (hub id, local path or built-in alias) the adapter sits on.
@@ -77,18 +73,6 @@ class DiffusionConfig:
     loss_weighting: str = "elbo"
     noise: dict[str, Any] | None = None
     significance_scorer: str | None = None
-    tokens_per_step: int = 1
-    commit_rule: str = "confidence"
-    significance_weight: float = 2.0
-    confidence_floor: float | None = None
-    threshold: float | None = None
-    temperature: float = 0.0
-    decoding: str = "block"
-    entropy_bound: float = 1.0
-    sub_block_size: int | None = None
-    max_steps_per_block: int | None = None
-    remask_threshold: float | None = None
-    remask_budget: int = 0
     use_chat_template: bool = True
     system_prompt: str | None = None
     prompt_template: str = "Question: {question}\nAnswer: "
@@ -104,12 +88,6 @@ class DiffusionConfig:
             raise ValueError(f"noise window must satisfy 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
         if self.clean_attention not in CLEAN_ATTENTION:
             raise ValueError(f"clean_attention must be one of {', '.join(CLEAN_ATTENTION)}, got {self.clean_attention!r}")
-        if self.decoding not in DECODINGS:
-            raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {self.decoding!r}")
-        if self.decoding == "verified" and not self.causal_clean:
-            raise ValueError("decoding 'verified' checks every block with the model's causal clean stream, which a "
-                             "model trained with clean_attention 'block' does not have: train with clean_attention: "
-                             "causal, or keep decoding 'block'")
         if self.loss_weighting not in ("elbo", "mean", "cart"):
             raise ValueError(f"loss_weighting must be 'elbo', 'mean' or 'cart', got {self.loss_weighting!r}")
 
@@ -134,6 +112,8 @@ class DiffusionConfig:
         ours = library_versions().get("llm2diff")
         newer = _is_newer(saved_by, ours)
         names = {f.name for f in dataclasses.fields(cls)}
+        legacy = {k: data[k] for k in LEGACY_SAMPLER_KEYS if k in data}  # sampler settings of earlier releases
+        data = {k: v for k, v in data.items() if k not in LEGACY_SAMPLER_KEYS}
         unknown = sorted(set(data) - names)
         if unknown:
             why = (f"it was written by llm2diff {saved_by}, newer than this {ours}: upgrade llm2diff" if newer else
@@ -151,7 +131,9 @@ class DiffusionConfig:
         if newer:
             logger.warning("%s was written by llm2diff %s, newer than this %s: settings it added may be missing "
                            "here; upgrade llm2diff to use the model as it was saved", source, saved_by, ours)
-        return cls(**data)
+        config = cls(**data)
+        config.legacy_decoding = legacy_decoding(legacy)
+        return config
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `diffusion_config.json` atomically into `directory` (with the current library versions)."""
@@ -211,3 +193,13 @@ def _is_newer(saved: str | None, ours: str | None) -> bool:
         return Version(saved) > Version(ours)
     except InvalidVersion:
         return False
+
+
+def legacy_decoding(settings: dict[str, Any]) -> dict[str, Any]:
+    """The sampler settings an earlier `diffusion_config.json` held, as `DecodingConfig` settings."""
+    settings = dict(settings)
+    if "decoding" in settings:
+        settings["mode"] = settings.pop("decoding")
+    if settings.get("remask_budget") == 0:  # 0 meant "2 if a remask threshold is set", as None does now
+        settings["remask_budget"] = None
+    return settings

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,7 +27,9 @@ from llm2diff.modeling.config import DiffusionConfig, validate_block_size
 from llm2diff.modeling.mask_token import choose_mask_token
 from llm2diff.atomic import atomic_save, finish_interrupted_save
 from llm2diff.integrity import check_safetensors
-from llm2diff.sampling.sampler import BlockSampler, GenerateOutput, SamplerSettings, uses_flash_attention
+from llm2diff.sampling.config import DecodingConfig
+from llm2diff.sampling.output import GenerateOutput
+from llm2diff.sampling.sampler import uses_flash_attention
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +40,19 @@ class DiffusionLM:
     Attributes:
         model: the underlying (PEFT) model.
         tokenizer: its tokenizer, holding the mask token.
-        config: the `DiffusionConfig`.
+        config: the `DiffusionConfig` (what the model is).
+        decoding: the `DecodingConfig` `generate` starts from (saved as `decoding_config.json`).
         weights_are_parent: without an adapter, whether `model`'s weights are still the AR parent's (True from
             `adapt` without LoRA, before training; training clears it). Then `ar_parent()` is the model itself;
             otherwise it is loaded separately from the recorded base.
     """
 
     def __init__(self, model, tokenizer, config: DiffusionConfig, significance: torch.Tensor | None = None,
-                 weights_are_parent: bool = False):
+                 weights_are_parent: bool = False, decoding: DecodingConfig | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        self.decoding = decoding or DecodingConfig()  # how `generate` decodes unless told otherwise (saved beside)
         self.significance = significance  # (vocab,) token significance in [0, 1] for the coarse-to-fine rule
         self.weights_are_parent = weights_are_parent
         self._separate_parent = None  # the AR parent loaded from the recorded base (models without an adapter)
@@ -222,167 +227,60 @@ class DiffusionLM:
 
     # -- sampling -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
-        temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-        threshold: float | None = None, tokens_per_step: int | None = None,
-        stop_strings: list[str] | str | None = None, use_cache: bool = True, seed: int | None = None,
-        commit_rule: str | None = None, significance_weight: float | None = None,
-        confidence_floor: float | None = None, response_prefix: torch.Tensor | None = None,
-        entropy_bound: float | None = None, sub_block_size: int | None = None, max_steps_per_block: int | None = None,
-        remask_threshold: float | None = None, remask_budget: int | None = None, fuse_commit: bool = True,
-        drop_finished: bool = True, streamer=None, record_trajectory: bool = False, lossless: bool = False,
-        static_cache: bool = False, compile: bool = False, use_saved_defaults: bool = True, merge_lora: bool = False,
-        parent_tail: int = 0, verified: bool | None = None,
-    ) -> GenerateOutput:
-        """Sample block by block (see `llm2diff.sampling.sampler`). Batches must be left-padded.
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 decoding: DecodingConfig | Mapping[str, Any] | None = None, response_prefix: torch.Tensor | None = None,
+                 streamer=None, **overrides: Any) -> GenerateOutput:
+        """Decode after the prompts (left-padded batches) as the resolved `DecodingConfig` says.
 
-        Commit rules (`commit_rule`, see `llm2diff.sampling.rules`): "confidence" (the `tokens_per_step` most
-        confident positions per step, plus every one above `threshold` if set), "threshold" (the same, threshold
-        0.9 unless given), "margin" (top-1 minus top-2; `threshold` applies to the margin), "entropy" (the
-        lowest-entropy positions while their summed entropy stays under `entropy_bound`), "random", and
-        "coarse_to_fine" (confidence weighed with the significance table a semantically trained model saves:
-        priority = log(confidence) + significance_weight * significance). `confidence_floor` stops a step from
-        committing positions below that confidence (each step still commits its most confident one).
-        `sub_block_size` decodes each block left to right in sub-blocks; `max_steps_per_block` caps the steps
-        (the last commits everything left). Correction: with `remask_threshold`, committed tokens of the open
-        block whose probability falls below it are masked again, at most `remask_budget` per block and row.
-        Unset options fall back on the model's `diffusion_config.json` (`use_saved_defaults=False`: on the
-        library's defaults instead, e.g. to grade exactly the rule a report names).
+        The settings are merged once (`DecodingConfig.resolve`): the library defaults, then this model's saved
+        decoding (`self.decoding`, from `decoding_config.json`), then `decoding` (a `DecodingConfig`, whose
+        non-default settings count, or a mapping, every key of which counts), then `overrides` (any setting by
+        name: `generate(ids, threshold=0.7, max_new_tokens=64)`; an override of None is no override, so to unset
+        a saved value give it in `decoding`, e.g. `decoding={"threshold": None}`). The decoder is the resolved `mode`: "block"
+        (the KV-cached block sampler, `llm2diff.sampling.sampler`), "verified" (`llm2diff.sampling.verified`) or
+        "lossless" (`llm2diff.sampling.lossless`); a setting named in this call that the mode would ignore is
+        refused. The settings and what each does: `llm2diff.sampling.config` and docs/sampling.md.
 
-        `response_prefix` (`(batch, P)`, the same length for every row) continues responses whose first P tokens
-        are given, also from inside a block (e.g. rollouts from a reasoning step); `sequences` then holds prompt,
-        prefix and the new tokens. `streamer` (transformers' `TextStreamer` and the like, batch of one) receives
-        each block as soon as it is finished; `record_trajectory` keeps every step's canvas and confidences in
-        `output.trajectory`. `fuse_commit` and `drop_finished` switch off two speed-ups (same tokens either way).
-        `static_cache` preallocates the KV cache (fixed shapes; `llm2diff.sampling.static_cache`) and `compile`
-        runs the model through `torch.compile` (compiled once per DiffusionLM, reused by later calls): the GPU
-        options for steady-state speed; on FlashAttention models the block passes need no mask at all.
-        `merge_lora` folds the LoRA deltas into the base weights for this call (`lora_merged`: one linear per
-        layer instead of three, about 17% faster per pass on SmolLM2 on a CPU; the merged weights are built on the
-        first call and kept, a second copy of the adapted weights; the same tokens up to float rounding).
-        `lossless=True` returns exactly the AR parent's greedy output, drafted by the diffusion model and checked
-        by the parent (`llm2diff.sampling.lossless`); the other sampling options do not apply then, and
-        `parent_tail` (lossless only) lets the parent decode the last positions of a block alone.
-        `verified=True` (a model trained with `clean_attention: causal`) returns exactly the adapted model's own
-        greedy causal decoding: each block is denoised by the threshold rule (`threshold`, else the saved one,
-        else 0.9) and checked by the model's causal stream in the pass that commits it
-        (`llm2diff.sampling.verified`); the other sampling options do not apply then. `verified=None` (unset)
-        follows the saved `decoding`: a model saved with decoding "verified" decodes that way unless the call
-        sets an option only the block sampler has (`tokens_per_step`, `temperature`, `commit_rule`, `seed`, a
-        trajectory, no cache, ...), asks for `lossless`, or passes `use_saved_defaults=False`. A `streamer` works
-        with both (verified decoding hands it the tokens each verify pass adds).
+        `response_prefix` (`(batch, P)`, the same length for every row; block sampler) continues responses whose
+        first P tokens are given; `sequences` then holds prompt, prefix and the new tokens. `streamer` (one
+        prompt; transformers' `TextStreamer` and the like) receives each block as it is finished (verified
+        decoding: the tokens each verify pass adds).
 
-        Returns a `GenerateOutput` with `sequences` (prompt plus new tokens, pad after a row stopped) and `nfe`.
+        Returns a `GenerateOutput` (`llm2diff.sampling.output`): `sequences` (prompt plus new tokens, pad after a
+        row stopped), `num_new_tokens`, `nfe`, `nfe_per_row`, `mode`, the resolved `decoding` and the decoder's
+        own `stats`.
         """
+        from llm2diff.sampling.config import DecodingConfig, check_applicable, explicit_settings
+        from llm2diff.sampling.decoders import decoder
+
         input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        prefix_len = 0 if response_prefix is None or not isinstance(response_prefix, torch.Tensor) \
-            else response_prefix.shape[-1]
+        overrides = {name: value for name, value in overrides.items() if value is not None}  # None: not given
+        overrides, saved, legacy = _legacy_arguments(overrides, self.decoding)
+        for name in legacy:
+            import warnings
+
+            warnings.warn(f"`{name}` is deprecated in DiffusionLM.generate: use {LEGACY_ARGUMENTS[name]}",
+                          FutureWarning, stacklevel=3)
+        call = {**explicit_settings(decoding), **explicit_settings(overrides)}
+        resolved = DecodingConfig.resolve(saved, call)
+        check_applicable({k: v for k, v in call.items() if v != DecodingConfig.__dataclass_fields__[k].default},
+                         resolved.mode)
+        prefix_len = response_prefix.shape[-1] if isinstance(response_prefix, torch.Tensor) else 0
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and input_ids.shape[1] + prefix_len + max_new_tokens > limit:
+        if limit is not None and input_ids.shape[1] + prefix_len + resolved.max_new_tokens > limit:
             raise ValueError(
                 f"prompt length {input_ids.shape[1]}" + (f" + response prefix {prefix_len}" if prefix_len else "")
-                + f" + max_new_tokens {max_new_tokens} exceeds the model's maximum "
+                + f" + max_new_tokens {resolved.max_new_tokens} exceeds the model's maximum "
                 f"length {limit}; shorten the prompt or lower max_new_tokens"
             )
-        block_only = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "tokens_per_step": tokens_per_step,
-                      "commit_rule": commit_rule, "significance_weight": significance_weight,
-                      "confidence_floor": confidence_floor, "response_prefix": response_prefix,
-                      "entropy_bound": entropy_bound, "sub_block_size": sub_block_size,
-                      "max_steps_per_block": max_steps_per_block, "remask_threshold": remask_threshold,
-                      "remask_budget": remask_budget, "seed": seed}
-        if verified is None:
-            verified = (use_saved_defaults and self.config.decoding == "verified" and not lossless
-                        and all(value is None for value in block_only.values()) and use_cache and fuse_commit
-                        and drop_finished and not record_trajectory and not static_cache and not compile
-                        and not uses_flash_attention(self.model))
-        if lossless and verified:
-            raise ValueError("lossless (the AR parent verifies) and verified (the model's own causal stream "
-                             "verifies) are two different decodings: choose one")
-        given = [name for name, value in block_only.items() if value is not None]
-        if lossless and threshold is not None:
-            given.append("threshold")
-        if (lossless or verified) and given:  # the block sampler's options would be silently ignored
-            mode = "lossless decoding (the AR parent's greedy output)" if lossless else \
-                "verified decoding (the model's own greedy causal output)"
-            raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {mode}: leave "
-                             f"{'it' if len(given) == 1 else 'them'} out, or decode with the block sampler")
-        if lossless:
-            from llm2diff.sampling.lossless import lossless_generate
+        if resolved.mode == "verified" and not self.config.causal_clean:
+            raise ValueError("verified decoding checks every block with the model's causal clean stream, which a "
+                             "model trained with clean_attention 'block' does not have: decode with mode 'block' "
+                             "(or 'lossless'), or train with clean_attention: causal")
+        return decoder(resolved.mode)(self, input_ids, attention_mask, resolved, response_prefix=response_prefix,
+                                      streamer=streamer)
 
-            return lossless_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                     stop_strings=stop_strings, merge_lora=merge_lora, parent_tail=parent_tail)
-        if parent_tail:
-            raise ValueError("parent_tail applies to lossless decoding only (lossless=True)")
-        if verified:
-            from llm2diff.sampling.verified import verified_generate
-
-            if threshold is None:
-                threshold = self.config.threshold if use_saved_defaults and self.config.threshold is not None else 0.9
-            return verified_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                     threshold=threshold, stop_strings=stop_strings, merge_lora=merge_lora,
-                                     streamer=streamer)
-        if response_prefix is not None:
-            if not isinstance(response_prefix, torch.Tensor) or response_prefix.dim() != 2 \
-                    or response_prefix.shape[0] != input_ids.shape[0]:
-                raise ValueError("response_prefix must be a (batch, P) tensor of token ids, one row per prompt, all "
-                                 "rows of the same length (group rollouts by prefix length)")
-            if bool((response_prefix == self.config.mask_token_id).any()):
-                raise ValueError("response_prefix contains the mask token; give decided tokens only")
-        if isinstance(stop_strings, str):
-            stop_strings = [stop_strings]
-        c = self.config
-
-        def default(value, name):
-            if value is not None:
-                return value
-            return getattr(c, name) if use_saved_defaults else DiffusionConfig.__dataclass_fields__[name].default
-
-        commit_rule = default(commit_rule, "commit_rule")
-        significance = None
-        if commit_rule == "coarse_to_fine":
-            if self.significance is None:
-                raise ValueError("commit_rule 'coarse_to_fine' needs the token significance table "
-                                 f"({SIGNIFICANCE_NAME}), which models trained with a semantic_scorer save; this "
-                                 "model has none: use commit_rule 'confidence' or train with semantic_scorer set")
-            significance = self.significance.to(self.device)
-        remask_threshold = default(remask_threshold, "remask_threshold")
-        remask_budget = default(remask_budget, "remask_budget")
-        if remask_threshold is not None and not remask_budget:
-            remask_budget = 2  # correction asked for without a budget: a small one
-        settings = SamplerSettings(
-            block_size=c.block_size, mask_token_id=c.mask_token_id, eos_token_ids=self.eos_token_ids,
-            pad_token_id=self.tokenizer.pad_token_id, vocab_size=c.vocab_size, shift=c.shift,
-            causal_clean=c.causal_clean, max_new_tokens=max_new_tokens, temperature=default(temperature, "temperature"), top_k=top_k, top_p=top_p,
-            threshold=default(threshold, "threshold"), tokens_per_step=default(tokens_per_step, "tokens_per_step"),
-            stop_strings=tuple(stop_strings or ()), use_cache=use_cache, seed=seed, commit_rule=commit_rule,
-            significance=significance, significance_weight=default(significance_weight, "significance_weight"),
-            confidence_floor=default(confidence_floor, "confidence_floor"),
-            entropy_bound=default(entropy_bound, "entropy_bound"), sub_block_size=default(sub_block_size, "sub_block_size"),
-            max_steps_per_block=default(max_steps_per_block, "max_steps_per_block"),
-            remask_threshold=remask_threshold, remask_budget=remask_budget, fuse_commit=fuse_commit,
-            drop_finished=drop_finished, static_cache=static_cache,
-        )
-        trajectory = None
-        if record_trajectory:
-            from llm2diff.sampling.trajectory import Trajectory
-
-            trajectory = Trajectory(block_size=c.block_size, mask_token_id=c.mask_token_id,
-                                    prompt_width=input_ids.shape[1])
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            model = self._compiled_model() if compile else self.model
-            sampler = BlockSampler(model, settings, self.tokenizer, streamer=streamer, trajectory=trajectory)
-            merged = self.lora_merged() if merge_lora else contextlib.nullcontext()
-            with self.trained_token_rows_merged(), merged:
-                return sampler.generate(input_ids.to(self.device), attention_mask.to(self.device), response_prefix)
-        finally:
-            self.model.train(was_training)
-
-    def _compiled_model(self):
+    def compiled_model(self):
         """`torch.compile` of the model, made once and kept (recompiles only for new input shapes)."""
         if getattr(self, "_compiled", None) is None:
             self._compiled = torch.compile(self.model, dynamic=False)
@@ -404,9 +302,31 @@ class DiffusionLM:
                 self.model.save_pretrained(tmp, **kwargs)  # transformers 5 always writes safetensors
             self.tokenizer.save_pretrained(tmp)
             self.config.save(tmp)
+            self.decoding.save_pretrained(tmp)
             if self.significance is not None:
                 save_significance(tmp, self.significance)
         return directory
+
+
+# generate() arguments of earlier releases, and the settings that replace them
+LEGACY_ARGUMENTS = {"lossless": "mode='lossless'", "verified": "mode='verified' (False: mode='block')",
+                    "use_saved_defaults": "decoding=DecodingConfig().to_dict() (every setting from the library)"}
+
+
+def _legacy_arguments(overrides: dict[str, Any], saved):
+    """`generate`'s keyword arguments of earlier releases, translated: returns the overrides, the saved layer to
+    merge under them, and the names given (for `generate`'s deprecation warning)."""
+    overrides = dict(overrides)
+    given = [name for name in LEGACY_ARGUMENTS if name in overrides]
+    for name in given:
+        value = overrides.pop(name)
+        if name == "lossless" and value:
+            overrides.setdefault("mode", "lossless")
+        elif name == "verified" and value is not None:
+            overrides.setdefault("mode", "verified" if value else "block")
+        elif name == "use_saved_defaults" and not value:
+            saved = None
+    return overrides, saved, given
 
 
 SIGNIFICANCE_NAME = "significance.safetensors"
@@ -629,7 +549,17 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
         model.to(device)
     if not is_trainable:
         model.eval()
-    return DiffusionLM(model, tokenizer, config, significance=load_significance(path))
+    return DiffusionLM(model, tokenizer, config, significance=load_significance(path), decoding=load_decoding(path, config))
+
+
+def load_decoding(path: str | os.PathLike, config: DiffusionConfig | None = None) -> DecodingConfig:
+    """The decoding saved beside a model: its `decoding_config.json`; for a model saved before that file existed,
+    the sampler settings its `diffusion_config.json` held; else the library defaults."""
+    saved = DecodingConfig.from_pretrained(path)
+    if saved is not None:
+        return saved
+    config = config or DiffusionConfig.load(path)
+    return DecodingConfig.resolve(getattr(config, "legacy_decoding", None))
 
 
 class LoraSwitch:

@@ -101,7 +101,7 @@ def rollout_labels(
     soft, hard = [], []
     for s, end in enumerate(ends):
         prefix = torch.tensor([response[: end + 1]] * num_rollouts)
-        out = policy.generate(prompt, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+        out = policy.generate(prompt, mask, mode="block", max_new_tokens=max_new_tokens, temperature=temperature,
                               threshold=threshold, seed=seed + s, response_prefix=prefix)
         start = prompt.shape[1] + prefix.shape[1]
         correct = 0

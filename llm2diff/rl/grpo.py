@@ -112,6 +112,8 @@ class DiffusionGRPOTrainer(GRPOTrainer):
     Args:
         model: the PEFT model (`DiffusionLM.model`), or the `DiffusionLM` itself.
         diffusion_config: the model's `DiffusionConfig` (taken from the `DiffusionLM` when one is given).
+        decoding: the policy's `DecodingConfig`, which rollouts start from (taken from the `DiffusionLM`; None:
+            the library defaults); they always use the block sampler, with GRPO's temperature, top-k and top-p.
         process_reward: optional `(prompts, completions, completion_ids) -> (step_spans, step_scores)`, per
             completion its steps' inclusive `(start, end)` token spans and one PRM score per step; used when
             `args.process_weight > 0`.
@@ -120,11 +122,13 @@ class DiffusionGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, model, diffusion_config: DiffusionConfig | None = None, reward_funcs=None,
-                 args: DiffusionGRPOConfig | None = None, process_reward: ProcessReward | None = None, **kwargs):
+                 args: DiffusionGRPOConfig | None = None, process_reward: ProcessReward | None = None,
+                 decoding=None, **kwargs):
         from peft import PeftModel
 
         if isinstance(model, DiffusionLM):
             diffusion_config = diffusion_config or model.config
+            decoding = decoding or model.decoding
             kwargs.setdefault("processing_class", model.tokenizer)
             model = model.model
         if diffusion_config is None:
@@ -154,6 +158,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
                                  "+ 1e-4): use scale_rewards='group' and multi_objective_aggregation="
                                  "'sum_then_normalize'")
         self.diffusion_config = diffusion_config
+        self.decoding = decoding  # the policy's saved `DecodingConfig`: rollouts start from it
         self.process_reward = process_reward
         self._last_scored = None
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
@@ -244,8 +249,6 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         input_ids = pad(prompts, padding_value=pad_id, padding_side="left").to(device)
         attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left").to(device)
         c = self.diffusion_config
-        tokens_per_step = self.args.sampler_tokens_per_step or c.tokens_per_step
-        threshold = self.args.sampler_threshold if self.args.sampler_threshold is not None else c.threshold
         with (
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
@@ -254,11 +257,13 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
-            out = DiffusionLM(unwrapped_model, self._tokenizer, c).generate(
-                input_ids, attention_mask, max_new_tokens=self.max_completion_length, temperature=self.temperature,
-                top_k=self.top_k if self.top_k and self.top_k > 0 else None,
+            # the policy's saved decoding, with the block sampler and GRPO's own sampling settings on top
+            out = DiffusionLM(unwrapped_model, self._tokenizer, c, decoding=self.decoding).generate(
+                input_ids, attention_mask, mode="block", max_new_tokens=self.max_completion_length,
+                temperature=self.temperature, top_k=self.top_k if self.top_k and self.top_k > 0 else None,
                 top_p=self.top_p if self.top_p is not None and self.top_p < 1.0 else None,
-                threshold=threshold, tokens_per_step=tokens_per_step, seed=self._generation_seed(), verified=False,
+                threshold=self.args.sampler_threshold, tokens_per_step=self.args.sampler_tokens_per_step,
+                seed=self._generation_seed(),
             )
         completions = out.sequences[:, input_ids.shape[1]:].cpu()
         eos = set(self.eos_token_ids)

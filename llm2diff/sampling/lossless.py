@@ -456,3 +456,19 @@ def _decode_row(drafter: BlockDrafter, verifier: ParentVerifier, stops: StopRule
             return new
         verifier.advance(tokens)
         drafter.accept(tokens)
+
+
+def decode_lossless(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoding, response_prefix=None,
+                    streamer=None):
+    """The "lossless" decoder of `DiffusionLM.generate` (`llm2diff.sampling.decoders`)."""
+    from llm2diff.sampling.output import GenerateOutput
+
+    if response_prefix is not None or streamer is not None:
+        raise ValueError("lossless decoding verifies drafts with the AR parent row by row: it takes no "
+                         "response_prefix and no streamer (set mode 'block' or 'verified')")
+    out = lossless_generate(dlm, input_ids, attention_mask, max_new_tokens=decoding.max_new_tokens,
+                            stop_strings=list(decoding.stop_strings), merge_lora=decoding.merge_lora,
+                            parent_tail=decoding.parent_tail)
+    stats = {"nfe_draft": out.nfe_draft, "nfe_verify": out.nfe_verify, "accepted_lengths": out.accepted_lengths,
+             "parent_steps": out.parent_steps, "prompt_passes": out.prompt_passes}
+    return GenerateOutput(out.sequences, out.num_new_tokens, out.nfe, None, "lossless", decoding, stats)

@@ -54,8 +54,8 @@ from llm2diff.sampling.rules import (
 
 
 @dataclass
-class GenerateOutput:
-    """What `DiffusionLM.generate` returns.
+class SamplerOutput:
+    """What `BlockSampler.generate` returns (`decode_block` hands it on as a `GenerateOutput`).
 
     sequences: `(batch, prompt_len + new)` prompt plus generated tokens, pad after a row stopped.
     nfe: forward passes of the model for the whole batch (prefill included).
@@ -417,7 +417,7 @@ class BlockSampler:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 response_prefix: torch.Tensor | None = None) -> GenerateOutput:
+                 response_prefix: torch.Tensor | None = None) -> SamplerOutput:
         """Sample after the prompt, or after `response_prefix` (`(batch, P)` response tokens already decided).
 
         The prefix's whole blocks are committed to the cache as clean blocks; a prefix that ends inside a block
@@ -471,7 +471,7 @@ class BlockSampler:
             self.streamer.end()
 
         sequences = torch.cat([input_ids, prefix, new_tokens[:, :produced]], dim=1)
-        return GenerateOutput(sequences, ctx.nfe, self.step_counts, num_new, ctx.nfe_per_row, self.remasked,
+        return SamplerOutput(sequences, ctx.nfe, self.step_counts, num_new, ctx.nfe_per_row, self.remasked,
                               self.trajectory)
 
     def denoise_block(self, ctx: BlockContext, length: int, start: torch.Tensor | None = None,
@@ -593,3 +593,57 @@ def _stop_string_end(tokenizer, tokens: list[int], stop_strings: tuple[str, ...]
         if any(stop in prefix for stop in stop_strings):
             return n
     return None
+
+
+def decode_block(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoding, response_prefix=None,
+                 streamer=None):
+    """The "block" decoder of `DiffusionLM.generate` (`llm2diff.sampling.decoders`): the KV-cached block sampler
+    with the settings of `decoding`, on the model's weights (LoRA merged for the call with `merge_lora`)."""
+    import contextlib
+
+    from llm2diff.sampling.output import GenerateOutput
+
+    c = dlm.config
+    if response_prefix is not None:
+        if not isinstance(response_prefix, torch.Tensor) or response_prefix.dim() != 2 \
+                or response_prefix.shape[0] != input_ids.shape[0]:
+            raise ValueError("response_prefix must be a (batch, P) tensor of token ids, one row per prompt, all "
+                             "rows of the same length (group rollouts by prefix length)")
+        if bool((response_prefix == c.mask_token_id).any()):
+            raise ValueError("response_prefix contains the mask token; give decided tokens only")
+    significance = None
+    if decoding.commit_rule == "coarse_to_fine":
+        if dlm.significance is None:
+            raise ValueError("commit_rule 'coarse_to_fine' needs the token significance table, which models trained "
+                             "with a semantic_scorer save (significance.safetensors); this model has none: use "
+                             "commit_rule 'confidence' or train with semantic_scorer set")
+        significance = dlm.significance.to(dlm.device)
+    d = decoding
+    settings = SamplerSettings(
+        block_size=c.block_size, mask_token_id=c.mask_token_id, eos_token_ids=dlm.eos_token_ids,
+        pad_token_id=dlm.tokenizer.pad_token_id, vocab_size=c.vocab_size, shift=c.shift, causal_clean=c.causal_clean,
+        max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
+        threshold=d.threshold, tokens_per_step=d.tokens_per_step, stop_strings=d.stop_strings,
+        use_cache=d.use_cache, seed=d.seed, commit_rule=d.commit_rule, significance=significance,
+        significance_weight=d.significance_weight, confidence_floor=d.confidence_floor,
+        entropy_bound=d.entropy_bound, sub_block_size=d.sub_block_size, max_steps_per_block=d.max_steps_per_block,
+        remask_threshold=d.remask_threshold, remask_budget=d.correction_budget, fuse_commit=d.fuse_commit,
+        drop_finished=d.drop_finished, static_cache=d.static_cache,
+    )
+    trajectory = None
+    if d.record_trajectory:
+        from llm2diff.sampling.trajectory import Trajectory
+
+        trajectory = Trajectory(block_size=c.block_size, mask_token_id=c.mask_token_id, prompt_width=input_ids.shape[1])
+    was_training = dlm.model.training
+    dlm.model.eval()
+    try:
+        model = dlm.compiled_model() if d.compile else dlm.model
+        sampler = BlockSampler(model, settings, dlm.tokenizer, streamer=streamer, trajectory=trajectory)
+        merged = dlm.lora_merged() if d.merge_lora else contextlib.nullcontext()
+        with dlm.trained_token_rows_merged(), merged:
+            out = sampler.generate(input_ids.to(dlm.device), attention_mask.to(dlm.device), response_prefix)
+    finally:
+        dlm.model.train(was_training)
+    return GenerateOutput(out.sequences, out.num_new_tokens, out.nfe, out.nfe_per_row, "block", decoding,
+                          {"tokens_per_step": out.tokens_per_step, "remasked": out.remasked}, out.trajectory)

@@ -186,7 +186,7 @@ def verified_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if not config.causal_clean or not config.shift:
         raise ValueError("self-verified decoding needs a model trained with clean_attention: causal and shift: true "
                          f"(this one: clean_attention {config.clean_attention!r}, shift {config.shift}); its causal "
-                         "stream is the verifier. For a block-attention model use lossless=True (the AR parent "
+                         "stream is the verifier. For a block-attention model use mode='lossless' (the AR parent "
                          "verifies) or the block sampler")
     if uses_flash_attention(dlm.model):
         raise ValueError("self-verified decoding passes 4D masks, which FlashAttention ignores; load the model with "
@@ -282,3 +282,17 @@ def _decode_row(stream: _Stream, stops: StopRule, row: torch.Tensor, max_new_tok
         if len(new) >= max_new_tokens:
             return final(new, start, max_new_tokens)
         final(new, start)
+
+
+def decode_verified(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoding, response_prefix=None,
+                    streamer=None):
+    """The "verified" decoder of `DiffusionLM.generate` (`llm2diff.sampling.decoders`)."""
+    from llm2diff.sampling.output import GenerateOutput
+
+    if response_prefix is not None:
+        raise ValueError("response_prefix continues a response with the block sampler only: set mode 'block'")
+    out = verified_generate(dlm, input_ids, attention_mask, max_new_tokens=decoding.max_new_tokens,
+                            threshold=decoding.verified_threshold, stop_strings=list(decoding.stop_strings),
+                            merge_lora=decoding.merge_lora, streamer=streamer)
+    return GenerateOutput(out.sequences, out.num_new_tokens, out.nfe, out.nfe_per_row, "verified", decoding,
+                          {"accepted_lengths": out.accepted_lengths, "drafted_lengths": out.drafted_lengths})

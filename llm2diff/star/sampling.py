@@ -66,7 +66,7 @@ def _generate(dlm, prompts: list[list[int]], options: SampleOptions, seed: int):
     ids, mask = left_pad(prompts, tok.pad_token_id)
     out = dlm.generate(ids, mask, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                        top_p=options.top_p, tokens_per_step=options.tokens_per_step, threshold=options.threshold,
-                       seed=seed, verified=False)  # sampled rollouts: the block sampler
+                       seed=seed, mode="block")  # sampled rollouts: the block sampler
     rows = [until_stop(r, tok.pad_token_id, dlm.eos_token_ids) for r in out.sequences[:, ids.shape[1]:].tolist()]
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
     return texts, [len(r) for r in rows], out.nfe_per_row.tolist()

@@ -134,6 +134,7 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
     """
     from transformers import set_seed
 
+    from llm2diff.sampling.config import DecodingConfig
     from llm2diff.training.data import is_arc_builtin, load_train_eval, tokenize_dataset
     from llm2diff.training.trainer import DiffusionSFTTrainer
 
@@ -147,9 +148,9 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
         dlm = adapt_base(model_args, data_args, train_args)
     tokenizer = dlm.tokenizer
     dlm.config.training = provenance(recipe, train_args.seed)
-    for name, value in eval_args.sampler_defaults().items():  # how `generate` samples this model by default
-        setattr(dlm.config, name, value)
-    if dlm.config.decoding == "verified" and not dlm.config.causal_clean:  # before training, not after
+    # how `generate` decodes this model by default (decoding_config.json): the recipe's sampler_* keys
+    dlm.decoding = DecodingConfig.resolve(dlm.decoding, eval_args.sampler_defaults())
+    if dlm.decoding.mode == "verified" and not dlm.config.causal_clean:  # before training, not after
         raise RecipeError("sampler_decoding: verified checks every block with the model's causal clean stream, "
                           "which needs clean_attention: causal (this model reads clean blocks bidirectionally); "
                           "set clean_attention: causal or drop sampler_decoding")
@@ -176,7 +177,7 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
         dlm.significance = significance
     trainer = DiffusionSFTTrainer(
         model=dlm.model, args=train_args, diffusion_config=dlm.config, processing_class=tokenizer,
-        train_dataset=train_ds, eval_dataset=eval_ds, significance=significance,
+        train_dataset=train_ds, eval_dataset=eval_ds, significance=significance, decoding=dlm.decoding,
     )
     main_process = train_args.process_index == 0
     with output_lock(train_args.output_dir, enabled=main_process):

@@ -37,13 +37,15 @@ from llm2diff.training.objective import (
 
 class DiffusionSFTTrainer(SFTTrainer):
     def __init__(self, model, args: DiffusionSFTConfig, diffusion_config: DiffusionConfig, processing_class,
-                 train_dataset=None, eval_dataset=None, significance: torch.Tensor | None = None, **kwargs):
+                 train_dataset=None, eval_dataset=None, significance: torch.Tensor | None = None, decoding=None,
+                 **kwargs):
         if diffusion_config.block_size != args.block_size:
             raise ValueError(f"block_size differs: model {diffusion_config.block_size}, recipe {args.block_size}")
         if diffusion_config.clean_attention != args.clean_attention:
             raise ValueError(f"clean_attention differs: model {diffusion_config.clean_attention!r}, recipe "
                              f"{args.clean_attention!r}")
         self.diffusion_config = diffusion_config
+        self.decoding = decoding  # the model's default `DecodingConfig`, saved with every checkpoint
         self.noise_spec = args.noise_spec()
         self.significance = significance  # per-token significance table, saved for the coarse-to-fine sampler
         if self.noise_spec.order == "semantic":
@@ -128,5 +130,7 @@ class DiffusionSFTTrainer(SFTTrainer):
             if arguments.is_file():
                 torch.save(redacted_training_args(self.args), arguments)
             self.diffusion_config.save(staging)
+            if self.decoding is not None:
+                self.decoding.save_pretrained(staging)
             if self.significance is not None:
                 save_significance(staging, self.significance)
