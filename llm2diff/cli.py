@@ -39,102 +39,89 @@ commands:
 
 run `llm2diff <command> --help` for the options of a command."""
 
-# sampler flags (argparse dests) that only the diffusion sampler reads, passed to `DiffusionLM.generate` as they are
-DIFFUSION_FLAGS = ("tokens_per_step", "threshold", "commit_rule", "significance_weight", "confidence_floor",
-                   "entropy_bound", "sub_block_size", "max_steps_per_block", "remask_threshold", "remask_budget",
-                   "temperature", "top_k", "top_p")
+# decoding settings the command line sets another way: the trajectory (--show-steps, --save-trajectory)
+NOT_FLAGS = ("record_trajectory",)
+# flag spellings kept from earlier releases, beside the ones made from the setting's name
+FLAG_ALIASES = {"use_cache": ["--no-cache"], "stop_strings": ["--stop"]}
+
+
+def decoding_flags() -> list[tuple[str, list[str], dict]]:
+    """(setting, option strings, argparse keywords) for every `DecodingConfig` field: the decoding flags of
+    `generate` and `chat`, made from the config itself, so a new setting is a flag without further edits. Every
+    flag defaults to None: left out, the model's saved setting (or the library's) applies."""
+    import dataclasses
+    import typing
+
+    from llm2diff.sampling.config import MODES, DecodingConfig, setting_help
+    from llm2diff.sampling.rules import COMMIT_RULES
+
+    hints = typing.get_type_hints(DecodingConfig)
+    flags = []
+    for f in dataclasses.fields(DecodingConfig):
+        if f.name in NOT_FLAGS:
+            continue
+        kind = hints[f.name]
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind) if typing.get_args(kind) else kind
+        dashed = f.name.replace("_", "-")
+        help_text = setting_help(f.name)
+        if kind is bool:
+            names = [f"--no-{dashed}" if f.default else f"--{dashed}"] + FLAG_ALIASES.get(f.name, [])
+            flags.append((f.name, names, {"dest": f.name, "action": "store_const", "const": not f.default,
+                                          "default": None, "help": help_text}))
+        elif f.name == "stop_strings":
+            flags.append((f.name, FLAG_ALIASES[f.name] + [f"--{dashed}"], {
+                "dest": f.name, "action": "append", "default": None, "metavar": "TEXT",
+                "help": help_text + " Repeatable."}))
+        else:
+            choices = {"mode": MODES, "commit_rule": COMMIT_RULES}.get(f.name)
+            flags.append((f.name, [f"--{dashed}"], {"dest": f.name, "type": base, "choices": choices, "default": None,
+                                                    "help": help_text}))
+    return flags
 
 
 def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    """The sampling options shared by `generate` and `chat`; each defaults to None: the model's saved setting."""
-    from llm2diff.sampling.decoders import DECODERS as MODES
-    from llm2diff.sampling.rules import COMMIT_RULES
-
-    s = p.add_argument_group("sampler (left out: the model's saved setting)")
-    s.add_argument("--tokens-per-step", type=int, default=None, help="tokens committed per denoising step")
-    s.add_argument("--threshold", type=float, default=None,
-                   help="also commit every token above this confidence (margin rule: above this margin)")
-    s.add_argument("--commit-rule", choices=COMMIT_RULES, default=None,
-                   help="which positions to commit first: the most confident; confident above a threshold (0.9 "
-                        "unless given); the largest top-1 minus top-2 margin; the lowest entropy within "
-                        "--entropy-bound; random; or (for a model trained with a semantic_scorer) the most "
-                        "significant predicted tokens weighed with confidence")
-    s.add_argument("--significance-weight", type=float, default=None,
-                   help="coarse_to_fine: priority = log(confidence) + weight * significance")
-    s.add_argument("--confidence-floor", type=float, default=None,
-                   help="do not commit predictions below this confidence (each step still commits one)")
-    s.add_argument("--entropy-bound", type=float, default=None,
-                   help="entropy rule: commit the lowest-entropy positions while their summed entropy (nats) stays "
-                        "under this bound")
-    s.add_argument("--sub-block-size", type=int, default=None,
-                   help="decode each block left to right in sub-blocks of this size (must divide the block size)")
-    s.add_argument("--max-steps-per-block", type=int, default=None,
-                   help="at most this many denoising steps per block; the last one commits every position left")
-    s.add_argument("--remask-threshold", type=float, default=None,
-                   help="correction: mask committed tokens of the open block again when their probability falls "
-                        "below this")
-    s.add_argument("--remask-budget", type=int, default=None,
-                   help="correction: at most this many remasks per block and row (2 when only --remask-threshold "
-                        "is given)")
-    s.add_argument("--temperature", type=float, default=None)
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
-    s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
-    s.add_argument("--seed", type=int, default=None)
+    """The decoding flags shared by `generate` and `chat` (one per `DecodingConfig` setting) and the shortcuts."""
+    s = p.add_argument_group("decoding (a flag left out: the model's saved setting; docs/sampling.md)")
+    for _, names, options in decoding_flags():
+        s.add_argument(*names, **options)
     s.add_argument("--no-saved-defaults", action="store_true",
-                   help="ignore the sampler settings saved with the model: a flag left out takes the library "
-                        "default (1 token per step, most confident first, no threshold or correction)")
-    s.add_argument("--merge-lora", action="store_true",
-                   help="fold the LoRA into the base weights while sampling (faster passes; a second copy of the "
-                        "adapted weights in memory; not on a quantized base)")
+                   help="ignore the decoding saved with the model: a flag left out takes the library default (the "
+                        "block sampler, 1 token per step, most confident first, no threshold or correction)")
     s.add_argument("--lossless", action="store_true",
-                   help="exactly the AR parent's greedy output, drafted by the diffusion model and verified by the "
-                        "parent (without an adapter the parent is loaded from the recorded base; the diffusion "
-                        "sampler flags above do not apply)")
+                   help="short for --mode lossless: exactly the AR parent's greedy output, drafted by the diffusion "
+                        "model and verified by the parent (without an adapter the parent is loaded from the "
+                        "recorded base)")
     s.add_argument("--verified", action="store_true",
-                   help="exactly the model's own greedy causal decoding, each block denoised (--threshold) and "
-                        "checked by the model's causal stream as it is committed (a model trained with "
-                        "clean_attention: causal; the other diffusion sampler flags do not apply)")
-    s.add_argument("--mode", choices=MODES, default=None,
-                   help="the decoder: block (the block sampler), verified or lossless (default: the model's saved "
-                        "mode; --verified and --lossless are short for the last two)")
-    s.add_argument("--parent-tail", type=int, default=0, metavar="N",
-                   help="with --lossless: when the open block has at most N positions left, the parent decodes them "
-                        "itself, one per pass, instead of a draft pass over the whole block (2 is faster on a CPU; "
-                        "default 0: always draft)")
+                   help="short for --mode verified: exactly the model's own greedy causal decoding, each block "
+                        "denoised (--threshold) and checked by the model's causal stream as it is committed (a "
+                        "model trained with clean_attention: causal)")
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    """`DiffusionLM.generate` keyword arguments from the sampler flags: the flags given become settings of the
+    """`DiffusionLM.generate` keyword arguments from the decoding flags: the flags given become settings of the
     call (a flag left out keeps the model's saved setting), `--lossless` / `--verified` set the mode, and
     `--no-saved-defaults` starts from the library's defaults instead of the saved ones."""
-    from llm2diff.sampling.config import DecodingConfig
+    from llm2diff.sampling.config import DecodingConfig, settings_for
 
-    mode = "lossless" if args.lossless else "verified" if args.verified else args.mode
     if args.lossless and args.verified:
         raise ValueError("--lossless and --verified are two different decodings: choose one")
-    if args.mode is not None and (args.lossless or args.verified) and args.mode != mode:
+    mode = "lossless" if args.lossless else "verified" if args.verified else args.mode
+    if args.mode is not None and mode != args.mode:
         raise ValueError(f"--mode {args.mode} contradicts --{mode}: give one of them")
-    given = {name: getattr(args, name) for name in DIFFUSION_FLAGS if getattr(args, name) is not None}
-    given.update({k: v for k, v in (("mode", mode), ("stop_strings", args.stop)) if v is not None})
-    given.update({k: True for k, on in (("merge_lora", args.merge_lora),) if on})
-    if args.no_cache:
-        given["use_cache"] = False
-    if args.parent_tail:
-        given["parent_tail"] = args.parent_tail
+    given = {name: getattr(args, name) for name, _, _ in decoding_flags() if getattr(args, name) is not None}
+    if mode is not None:
+        given["mode"] = mode
     if mode in ("lossless", "verified"):  # the flags a mode would ignore, named as flags
-        from llm2diff.sampling.config import settings_for
-
-        ignored = [f"--{name.replace('_', '-')}" if name != "use_cache" else "--no-cache"
-                   for name in given if name not in settings_for(mode)]
+        flag_of = {name: names[0] for name, names, _ in decoding_flags()}
+        ignored = [flag_of[name] for name in given if name not in settings_for(mode)]
         if args.no_saved_defaults and mode == "lossless":
             ignored.append("--no-saved-defaults")
         if ignored:
             what = ("returns the AR parent's greedy output" if mode == "lossless" else
                     "denoises with the threshold rule and verifies every token")
-            raise ValueError(f"--{mode} {what}, so {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} "
-                             f"not apply: leave {'it' if len(ignored) == 1 else 'them'} out")
+            raise ValueError(f"--{mode} {what}, so {', '.join(sorted(ignored))} "
+                             f"{'does' if len(ignored) == 1 else 'do'} not apply: leave "
+                             f"{'it' if len(ignored) == 1 else 'them'} out")
     return {"decoding": DecodingConfig().to_dict() if args.no_saved_defaults else None, **given}
 
 
@@ -155,7 +142,6 @@ def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm2diff generate", description="Sample from a saved block-diffusion model.")
     p.add_argument("--model", required=True, help="directory written by training (or DiffusionLM.save_pretrained)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=256)
     _add_sampler_flags(p)
     p.add_argument("--no-chat-template", action="store_true",
                    help="render the prompt with the model's plain prompt_template instead of the chat template")
@@ -240,9 +226,9 @@ def cmd_generate(argv: list[str]) -> int:
     width = ids.shape[1]
     if args.stream:
         print(f"### prompt 0: {args.prompt[0]}", flush=True)
-    out = dlm.generate(ids, mask, max_new_tokens=args.max_new_tokens, streamer=BlockPrinter(tok) if args.stream else None,
+    out = dlm.generate(ids, mask, streamer=BlockPrinter(tok) if args.stream else None,
                        record_trajectory=args.show_steps or args.save_trajectory is not None, **sampling)
-    parent = dlm.ar_generate(ids, mask, max_new_tokens=args.max_new_tokens) if args.ar_parent else None
+    parent = dlm.ar_generate(ids, mask, max_new_tokens=out.decoding.max_new_tokens) if args.ar_parent else None
 
     def kept(i: int) -> list[int]:  # the row's generated tokens, end-of-sequence included, no padding
         return out.sequences[i, width: width + int(out.num_new_tokens[i])].tolist()
@@ -293,7 +279,6 @@ def _chat_parser() -> argparse.ArgumentParser:
         prog="llm2diff chat", description="Chat with a saved block-diffusion model in the terminal, each reply "
         "printed block by block. Commands: /reset (forget the conversation), /help, /exit (or Ctrl-D).")
     p.add_argument("--model", required=True, help="directory written by training (or DiffusionLM.save_pretrained)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply, in tokens")
     p.add_argument("--system", default=None, help="system prompt (default: the model's saved one; '' for none)")
     p.add_argument("--no-stream", action="store_true", help="print each reply whole, once it is finished")
     p.add_argument("--device", default=None)
@@ -315,7 +300,8 @@ def cmd_chat(argv: list[str]) -> int:
     _warn_slow_dtype(dlm)
     # a terminal is read with line editing (input()); piped input line by line
     input_stream = None if sys.stdin.isatty() else sys.stdin
-    return run_chat(dlm, input_stream, sys.stdout, max_new_tokens=args.max_new_tokens, system_prompt=args.system,
+    max_new_tokens = sampling.pop("max_new_tokens", None) or dlm.decoding.max_new_tokens
+    return run_chat(dlm, input_stream, sys.stdout, max_new_tokens=max_new_tokens, system_prompt=args.system,
                     sampling=sampling, stream=not args.no_stream)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +197,46 @@ def recipe_dataclasses() -> tuple[type, ...]:
     return (ModelArguments, DataArguments, DiffusionSFTConfig, FinalEvalArguments)
 
 
+class DecodingLayer(dict):
+    """The type of a recipe key that holds decoding settings (declare it with `decoding_field`)."""
+
+
+def decoding_field(help: str) -> Any:
+    """A recipe key holding decoding settings (a mapping of `DecodingConfig` fields, layered over the model's
+    saved decoding), typed `DecodingLayer | None`: `key: {mode: verified, threshold: 0.7}` in YAML;
+    `--key.threshold 0.7` or `--key '{"threshold": 0.7}'` on the command line. Every decoding setting is valid
+    there, by its field name."""
+    return field(default=None, metadata={"help": help})
+
+
+def decoding_layer_keys(classes: tuple[type, ...]) -> list[str]:
+    """The recipe keys of `classes` that hold decoding settings (fields typed `DecodingLayer | None`)."""
+    return [f.name for cls in classes for f in dataclasses.fields(cls) if "DecodingLayer" in str(f.type)]
+
+
+def check_decoding_layer(value: Any, key: str) -> dict[str, Any] | None:
+    """A decoding layer as given in a recipe (a mapping, or JSON text from the command line), its setting names
+    checked (the nearest one named); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"{key} must be a mapping of decoding settings, e.g. "
+                              f"'{{\"threshold\": 0.7}}' ({err})") from None
+    if not isinstance(value, dict):
+        raise RecipeError(f"{key} must be a mapping of decoding settings (e.g. {{mode: verified, threshold: 0.7}}), "
+                          f"got {value!r}")
+    from llm2diff.sampling.config import check_names
+
+    try:
+        check_names(value, key)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+    return dict(value)
+
+
 def valid_keys(classes: tuple[type, ...]) -> list[str]:
     return sorted({f.name for cls in classes for f in dataclasses.fields(cls) if f.init})
 
@@ -251,6 +292,29 @@ def parse_recipe(argv: list[str] | None = None, classes: tuple[type, ...] | None
             if key not in valid:
                 raise RecipeError(unknown_key_message(key, valid, config_path))
         where = f"the command line (recipe {config_path})"
+    # decoding layers: `--decoding.threshold 0.7` sets one setting of the layer named before the dot
+    layers = decoding_layer_keys(classes)
+    for i in range(len(argv) - 1, -1, -1):
+        name, dot, setting = argv[i][2:].partition(".") if argv[i].startswith("--") else ("", "", "")
+        if not dot:
+            continue
+        name = name.replace("-", "_")
+        if name not in layers:
+            raise RecipeError(unknown_key_message(f"{name}.{setting}", valid, "the command line") if name not in valid
+                              else f"{name} holds no decoding settings, so --{name}.{setting} means nothing")
+        setting, eq, text = setting.partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise RecipeError(f"--{name}.{setting} needs a value")
+            text = argv[i + 1]
+            del argv[i + 1]
+        del argv[i]
+        layer = dict(check_decoding_layer(recipe.get(name), name) or {})
+        layer[setting.replace("-", "_")] = yaml.safe_load(text)
+        recipe[name] = check_decoding_layer(layer, name)
+    for key in layers:
+        if key in recipe:
+            recipe[key] = check_decoding_layer(recipe[key], key)
     for key in _cli_keys(argv):
         if key.replace("-", "_") not in valid and key not in ("help",):
             raise RecipeError(unknown_key_message(key, valid, "the command line"))
@@ -269,6 +333,8 @@ def parse_recipe(argv: list[str] | None = None, classes: tuple[type, ...] | None
 
     parser.error = fail
     for action in parser._actions:
+        if action.dest in layers:  # JSON text on the command line, a mapping in the file
+            action.type = lambda text, key=action.dest: check_decoding_layer(text, key)
         if action.dest in recipe:
             action.default = recipe[action.dest]
             action.required = False

@@ -40,7 +40,7 @@ def prompt_ids(dlm, text: str) -> torch.Tensor:
 
 
 def generate(model_dir, capsys, *flags, prompts=(PROMPT,)):
-    argv = ["generate", "--model", str(model_dir), "--max-new-tokens", str(NEW), "--seed", "0"]
+    argv = ["generate", "--model", str(model_dir), "--max-new-tokens", str(NEW)]
     for text in prompts:
         argv += ["--prompt", text]
     code = main(argv + list(flags))

@@ -130,3 +130,57 @@ def test_arc_challenge_end_to_end_by_loglikelihood(model_dir, tmp_path):
         records = [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
         assert len(records) == 2 and all(r["prediction"] in ("A", "B", "C") for r in records)
         assert "acc_norm" in json.loads((tmp_path / name / "summary.json").read_text())["metrics"]
+
+
+@pytest.mark.parametrize("saved", [{"mode": "block", "commit_rule": "threshold", "threshold": 0.6},
+                                   {"mode": "verified", "threshold": 0.7}, {"mode": "lossless"}])
+def test_a_model_is_graded_as_it_decodes_and_the_summary_says_how(tmp_path, saved):
+    """No eval setting: the model's saved decoding, whatever its mode; summary.json records the resolved settings."""
+    from conftest import adapted_with_saved_base
+    from peft import LoraConfig
+
+    from llm2diff import load
+    from llm2diff.evaluation.exact_match import left_pad
+    from llm2diff.evaluation.runner import PromptRenderer
+    from llm2diff.tasks.base import get_task
+
+    dlm = adapted_with_saved_base(tmp_path, "llama", clean_attention="causal",
+                                  lora=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    dlm.decoding = dlm.decoding.replace(**saved)
+    dlm.save_pretrained(tmp_path / "dlm")
+    assert _eval(tmp_path / "dlm", tmp_path / "run") == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["decoding"] == {**dlm.decoding.to_dict(), "max_new_tokens": 8}
+    # the outputs are the saved decoding's own
+    model = load(tmp_path / "dlm")
+    task = get_task("arithmetic")
+    rows = task.load_rows(None, "test", 4)
+    ids, mask = left_pad([PromptRenderer(model)(task, row, []) for row in rows], model.tokenizer.pad_token_id)
+    out = model.generate(ids, mask, max_new_tokens=8, seed=0 if saved["mode"] == "block" else None)
+    assert out.mode == saved["mode"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    texts = [model.tokenizer.decode(out.sequences[i, ids.shape[1]: ids.shape[1] + int(out.num_new_tokens[i])],
+                                    skip_special_tokens=True) for i in range(len(rows))]
+    assert [r["output"] for r in records[:4]] == texts
+
+
+def test_decoding_settings_from_the_command_line_and_the_config_file(model_dir, tmp_path, capsys, caplog):
+    assert _eval(model_dir, tmp_path / "dotted", "--decoding.commit_rule", "threshold", "--decoding.threshold",
+                 "0.5") == 0
+    decoding = json.loads((tmp_path / "dotted" / "summary.json").read_text())["decoding"]
+    assert (decoding["mode"], decoding["commit_rule"], decoding["threshold"]) == ("block", "threshold", 0.5)
+    config = tmp_path / "eval.yaml"
+    config.write_text("task: arithmetic\ndecoding: {tokens_per_step: 2, temperature: 0.5}\n")
+    assert main(["eval", "--config", str(config), "--model", str(model_dir), "--output_dir", str(tmp_path / "file"),
+                 "--max_new_tokens", "8", "--limit", "4", "--decoding.temperature", "0.9"]) == 0
+    decoding = json.loads((tmp_path / "file" / "summary.json").read_text())["decoding"]
+    assert (decoding["tokens_per_step"], decoding["temperature"]) == (2, 0.9)  # the command line wins
+    with caplog.at_level("WARNING"):
+        assert _eval(model_dir, tmp_path / "old", "--tokens_per_step", "2") == 0  # the key of earlier releases
+    assert "eval keys tokens_per_step are deprecated: write them under decoding" in caplog.text
+    assert json.loads((tmp_path / "old" / "summary.json").read_text())["decoding"]["tokens_per_step"] == 2
+    capsys.readouterr()
+    assert _eval(model_dir, tmp_path / "bad", "--decoding.treshold", "0.5") == 2
+    assert "'treshold' is not a decoding setting (in decoding) (did you mean 'threshold'?)" in capsys.readouterr().err
+    assert _eval(model_dir, tmp_path / "bad", "--decodng.threshold", "0.5") == 2
+    assert "unknown recipe key 'decodng.threshold'" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from llm2diff.atomic import read_jsonl_records, write_json_atomic, write_text_atomic
+from llm2diff.recipe import DecodingLayer, check_decoding_layer, decoding_field
 from llm2diff.tasks.base import EvalTask, get_task, parse_task_options
+
+
+logger = logging.getLogger("llm2diff")
+DEPRECATED_SAMPLER_KEYS = ("tokens_per_step", "threshold", "temperature", "commit_rule", "confidence_floor")
 
 
 @dataclass
@@ -43,19 +49,29 @@ class EvalConfig:
         "help": "Task constructor options as JSON, e.g. '{\"mode\": \"strict\"}' for gsm8k."})
     max_new_tokens: int = field(default=256, metadata={"help": "Token budget per answer."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
-    tokens_per_step: int = field(default=1, metadata={"help": "Sampler: tokens committed per step."})
-    threshold: float | None = field(default=None, metadata={"help": "Sampler: commit every token above this."})
-    temperature: float = field(default=0.0, metadata={"help": "Sampler temperature (0 = greedy)."})
-    commit_rule: str | None = field(default=None, metadata={
-        "help": "Sampler commit rule: 'confidence' or 'coarse_to_fine' (needs a semantically trained model); "
-                "default: the model's own."})
-    confidence_floor: float | None = field(default=None, metadata={
-        "help": "Sampler: do not commit predictions below this confidence (each step still commits one)."})
+    decoding: DecodingLayer | None = decoding_field(
+        "Decoding settings over the model's saved decoding (any DecodingConfig field, docs/sampling.md), e.g. "
+        "{mode: block, threshold: 0.9}; unset: the model is graded as it decodes by default. The resolved "
+        "settings are recorded in summary.json.")
     seed: int = field(default=0, metadata={"help": "Seed of the sampler and of any task randomness."})
+    # earlier releases' sampler keys: folded into `decoding` (with a message naming the new key)
+    tokens_per_step: int | None = field(default=None, metadata={"help": "Deprecated: decoding.tokens_per_step."})
+    threshold: float | None = field(default=None, metadata={"help": "Deprecated: decoding.threshold."})
+    temperature: float | None = field(default=None, metadata={"help": "Deprecated: decoding.temperature."})
+    commit_rule: str | None = field(default=None, metadata={"help": "Deprecated: decoding.commit_rule."})
+    confidence_floor: float | None = field(default=None, metadata={"help": "Deprecated: decoding.confidence_floor."})
     output_dir: str | None = field(default=None, metadata={
         "help": "Where results go; default eval/results/<task>-<split>-<model name>[-ar-parent]."})
 
     def __post_init__(self) -> None:
+        self.decoding = check_decoding_layer(self.decoding, "decoding")
+        moved = {k: getattr(self, k) for k in DEPRECATED_SAMPLER_KEYS if getattr(self, k) is not None}
+        if moved:  # the block sampler's settings, as these keys always meant
+            logger.warning("eval keys %s are deprecated: write them under decoding (decoding: %s)",
+                           ", ".join(moved), json.dumps({"mode": "block", **moved}))
+            self.decoding = {"mode": "block", **moved, **(self.decoding or {})}
+            for key in moved:
+                setattr(self, key, None)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.num_shots < 0:
@@ -184,17 +200,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def eval_decoding(cfg: EvalConfig, dlm):
-    """The resolved `DecodingConfig` the diffusion model is graded with (None for the AR parent): the block
-    sampler, the model's saved decoding, then this evaluation's settings. Each batch adds its own seed."""
+    """The resolved `DecodingConfig` the diffusion model is graded with (None for the AR parent): the model's saved
+    decoding, the evaluation's token budget, then its `decoding` settings. Each batch adds its own seed."""
     from llm2diff.sampling.config import DecodingConfig
 
     if cfg.ar_parent:
         return None
-    call = {"mode": "block", "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-            "tokens_per_step": cfg.tokens_per_step}
-    call.update({k: getattr(cfg, k) for k in ("threshold", "commit_rule", "confidence_floor")
-                 if getattr(cfg, k) is not None})
-    return DecodingConfig.resolve(dlm.decoding, call)
+    return DecodingConfig.resolve(dlm.decoding, {"max_new_tokens": cfg.max_new_tokens}, cfg.decoding)
 
 
 def _run(cfg: EvalConfig, task, rows, shots, dlm, render: PromptRenderer, out: Path, versions) -> dict[str, Any]:
@@ -250,7 +262,8 @@ def _generate_records(task, dlm, batch, ids, cfg: EvalConfig, render: PromptRend
         sequences = dlm.ar_generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens)
         per_row_nfe = None
     else:
-        gen = dlm.generate(input_ids, mask, decoding=decoding.to_dict(), seed=seed)
+        seeded = {"seed": seed} if decoding.mode == "block" else {}  # the other decoders draw nothing at random
+        gen = dlm.generate(input_ids, mask, decoding=decoding.to_dict(), **seeded)
         sequences, per_row_nfe = gen.sequences, gen.nfe_per_row.tolist()
     records = []
     for k, (i, row) in enumerate(batch):

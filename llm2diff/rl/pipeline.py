@@ -186,7 +186,9 @@ def _run_rl(rl_args: RLArguments, grpo_args, recipe: dict[str, Any], task, root:
                                           task_options=rl_args.rl_task_options,
                                           max_new_tokens=grpo_args.max_completion_length,
                                           batch_size=rl_args.rl_eval_batch_size, seed=grpo_args.seed,
-                                          output_dir=str(root / "eval")))
+                                          output_dir=str(root / "eval"),
+                                          # graded as STaR grades its rounds: one token per step, greedy
+                                          decoding={"mode": "block", "tokens_per_step": 1, "temperature": 0.0}))
             report["accuracy"] = summary["metrics"]["accuracy"]
         write_json_atomic(root / "rl_report.json", report)
     return report

@@ -79,6 +79,7 @@ class LosslessOutput:
     accepted_lengths: list[int] = field(default_factory=list)
     parent_steps: int = 0
     prompt_passes: int = 0
+    nfe_per_row: torch.Tensor | None = None  # `(batch,)` passes of both models made for each row
 
     @property
     def nfe(self) -> int:
@@ -384,7 +385,7 @@ def lossless_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     was_training = dlm.model.training
     dlm.model.eval()
-    rows, nfe_draft, nfe_verify, accepted_lengths, parent_steps, prompt_passes = [], 0, 0, [], [], 0
+    rows, nfe_draft, nfe_verify, accepted_lengths, parent_steps, prompt_passes, per_row = [], 0, 0, [], [], 0, []
     try:
         switch = LoraSwitch(dlm) if dlm.has_adapter else None  # the LoRA layers found once, switched every round
         with dlm.trained_token_rows_merged():  # the mask row in place once, not rebuilt every pass
@@ -397,12 +398,13 @@ def lossless_generate(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
                 nfe_draft += drafter.nfe
                 nfe_verify += verifier.nfe
                 prompt_passes += verifier.prompt_passes
+                per_row.append(drafter.nfe + verifier.nfe)
     finally:
         dlm.model.train(was_training)
 
     sequences, num_new = padded_rows(dlm, input_ids, rows)
-    return LosslessOutput(sequences, nfe_draft, nfe_verify, num_new, accepted_lengths,
-                          len(parent_steps), prompt_passes)
+    return LosslessOutput(sequences, nfe_draft, nfe_verify, num_new, accepted_lengths, len(parent_steps),
+                          prompt_passes, torch.tensor(per_row, dtype=torch.long, device=sequences.device))
 
 
 def row_inputs(dlm, input_ids, attention_mask, stop_strings, tokenizer) -> tuple[torch.Tensor, torch.Tensor, StopRule]:
@@ -471,4 +473,4 @@ def decode_lossless(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
                             parent_tail=decoding.parent_tail)
     stats = {"nfe_draft": out.nfe_draft, "nfe_verify": out.nfe_verify, "accepted_lengths": out.accepted_lengths,
              "parent_steps": out.parent_steps, "prompt_passes": out.prompt_passes}
-    return GenerateOutput(out.sequences, out.num_new_tokens, out.nfe, None, "lossless", decoding, stats)
+    return GenerateOutput(out.sequences, out.num_new_tokens, out.nfe, out.nfe_per_row, "lossless", decoding, stats)

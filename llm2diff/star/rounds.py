@@ -117,13 +117,20 @@ def _evaluate(star: StarArguments, model_dir: Path, out: Path, seed: int) -> dic
         cfg = EvalConfig(model=str(model_dir), task=star.star_task, source=star.star_source, split=star.star_eval_split,
                          limit=star.star_eval_problems, task_options=star.star_task_options,
                          max_new_tokens=star.star_max_new_tokens, batch_size=star.star_eval_batch_size,
-                         threshold=star.star_eval_threshold, seed=seed, output_dir=str(out))
+                         decoding=star_eval_decoding(star), seed=seed, output_dir=str(out))
         start = time.perf_counter()
         summary = run_eval(cfg)
         summary["stage_seconds"] = round(time.perf_counter() - start, 2)
         write_json_atomic(path, summary)
     state.wait_for_everyone()
     return json.loads(path.read_text())
+
+
+def star_eval_decoding(star: StarArguments) -> dict | None:
+    """How each round's model is graded: one token per step of the block sampler, or the threshold rule at
+    `star_eval_threshold` (the same for every round, whatever a round model saved)."""
+    rule = {"threshold": star.star_eval_threshold} if star.star_eval_threshold is not None else {}
+    return {"mode": "block", "tokens_per_step": 1, "temperature": 0.0, **rule}
 
 
 def build_round_data(samples: dict[str, dict], rationalized: dict[str, dict], star: StarArguments,
