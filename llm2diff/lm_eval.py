@@ -2,7 +2,7 @@
 
     pip install "llm2diff[eval]"          # lm-eval==0.4.13
     python -m llm2diff.lm_eval --model llm2diff \
-        --model_args pretrained=outputs/quickstart,batch_size=8,tokens_per_step=1,elbo_samples=32,seed=0 \
+        --model_args pretrained=outputs/quickstart,batch_size=8,decoding.tokens_per_step=1,elbo_samples=32,seed=0 \
         --include_path eval/lm_eval_tasks --tasks gsm8k_local,arc_challenge_local --limit 50
     python -m llm2diff.lm_eval ... --model_args pretrained=outputs/quickstart,ar_parent=true   # the AR parent
 
@@ -15,7 +15,10 @@ Model arguments (`--model_args key=value,...`):
     ar_parent: evaluate the AR parent (adapter disabled): greedy `generate` and exact log-likelihoods.
     batch_size: prompts per generate call, and Monte-Carlo samples per forward for the ELBO. It wins over
         lm-eval's `--batch_size` (whose default is 1); "auto" means 8.
-    tokens_per_step, threshold: the block sampler's commit rule (`DiffusionLM.generate`).
+    decoding.<setting>: any decoding setting (`DecodingConfig`, docs/sampling.md) over the model's saved ones,
+        e.g. `decoding.mode=verified,decoding.threshold=0.7`; unset: the model decodes as saved. A request that
+        samples (`do_sample`) uses the block sampler with its temperature, top_k and top_p.
+    tokens_per_step, threshold: short for decoding.tokens_per_step, decoding.threshold.
     elbo_samples: Monte-Carlo samples of the masked-diffusion ELBO per (context, continuation).
     seed: seed of the ELBO noise (the same for every request, so the choices of one question share their noise
         draws) and of the sampler (seed + batch number).
@@ -68,6 +71,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 import torch
 from tqdm.auto import tqdm
 
+from llm2diff.sampling.config import DecodingConfig
+
 __all__ = ["LLM2DiffLM", "main"]
 
 logger = logging.getLogger(__name__)
@@ -77,6 +82,21 @@ _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_
 
 
 # -- argument parsing (values arrive as strings from `--model_args`, or typed from Python / lm-eval's parser) ------
+def _decoding_layer(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Take the `decoding.<setting>=value` model arguments out of `arguments`: decoding settings over the model's
+    saved ones (values read as YAML: `decoding.mode=verified`, `decoding.threshold=0.7`)."""
+    import yaml
+
+    from llm2diff.sampling.config import check_names
+
+    layer = {}
+    for key in [k for k in arguments if k.startswith("decoding.")]:
+        value = arguments.pop(key)
+        layer[key.removeprefix("decoding.")] = yaml.safe_load(value) if isinstance(value, str) else value
+    check_names(layer, "the decoding.* model arguments")
+    return layer
+
+
 def _is_none(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", ""})
 
@@ -184,10 +204,15 @@ class LLM2DiffLM(TemplateLM):
     backend = "causal"
 
     def __init__(self, pretrained: Any = None, ar_parent: Any = False, batch_size: Any = DEFAULT_BATCH_SIZE,
-                 tokens_per_step: Any = 1, threshold: Any = None, elbo_samples: Any = 32, seed: Any = 0,
+                 tokens_per_step: Any = None, threshold: Any = None, elbo_samples: Any = 32, seed: Any = 0,
                  max_new_tokens: Any = 256, max_length: Any = None, device: Any = None, dtype: Any = None,
                  max_batch_size: Any = None, trust_remote_code: Any = False, **unknown: Any) -> None:
         super().__init__()
+        self.decoding = _decoding_layer(unknown)  # `decoding.<setting>=value` model arguments
+        if not _is_none(tokens_per_step):
+            self.decoding.setdefault("tokens_per_step", _as_int("tokens_per_step", tokens_per_step))
+        if not _is_none(threshold):
+            self.decoding.setdefault("threshold", _as_optional_float("threshold", threshold))
         if unknown:
             valid = [p for p in inspect.signature(type(self).__init__).parameters if p not in {"self", "unknown"}]
             msgs = []
@@ -201,8 +226,6 @@ class LLM2DiffLM(TemplateLM):
 
         self.ar_parent = _as_bool("ar_parent", ar_parent)
         self.batch_size = _as_batch_size(batch_size)
-        self.tokens_per_step = _as_int("tokens_per_step", tokens_per_step)
-        self.threshold = _as_optional_float("threshold", threshold)
         self.elbo_samples = _as_int("elbo_samples", elbo_samples)
         self.seed = _as_int("seed", seed, minimum=0)
         self.max_new_tokens = _as_int("max_new_tokens", max_new_tokens)
@@ -277,7 +300,7 @@ class LLM2DiffLM(TemplateLM):
         info = {
             "evaluated": "AR parent" if self.ar_parent else "diffusion",
             "block_size": cfg.block_size, "base_model": cfg.base_model_name_or_path,
-            "tokens_per_step": self.tokens_per_step, "threshold": self.threshold,
+            "decoding": None if self.ar_parent else DecodingConfig.resolve(self.dlm.decoding, self.decoding).to_dict(),
             "elbo_samples": self.elbo_samples, "seed": self.seed, "max_new_tokens": self.max_new_tokens,
             **self.stats,
         }
@@ -403,9 +426,13 @@ class LLM2DiffLM(TemplateLM):
             rows = [until_stop(row, tok.pad_token_id, self.dlm.eos_token_ids) for row in sequences[:, width:].tolist()]
             self.stats["row_forwards"] += sum(len(r) for r in rows)
         else:
-            out = self.dlm.generate(ids, mask, mode="block", max_new_tokens=s["max_gen_toks"], temperature=s["temperature"],
-                                    top_k=s["top_k"], top_p=s["top_p"], threshold=self.threshold,
-                                    tokens_per_step=self.tokens_per_step, stop_strings=s["until"] or None, seed=seed)
+            # the model's saved decoding, the `decoding.*` model arguments, then the request; a sampled request
+            # needs the block sampler, the decoder that samples
+            request = {"max_new_tokens": s["max_gen_toks"], "stop_strings": tuple(s["until"] or ())}
+            if s["temperature"] > 0:
+                request.update(mode="block", temperature=s["temperature"], seed=seed, top_k=s["top_k"], top_p=s["top_p"])
+            decoding = DecodingConfig.resolve(self.dlm.decoding, self.decoding, request)
+            out = self.dlm.generate(ids, mask, decoding=decoding.to_dict())
             sequences, num_new = out.sequences.cpu(), out.num_new_tokens.cpu().tolist()
             rows = [sequences[k, width:width + num_new[k]].tolist() for k in range(len(prompts))]
             self.stats["row_forwards"] += int(out.nfe_per_row.sum())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,51 @@ from typing import Any
 import yaml
 
 
+logger = logging.getLogger("llm2diff")
+
+
 class RecipeError(ValueError):
     """A recipe or command line that cannot be used; the message says what to change."""
+
+
+class DecodingLayer(dict):
+    """The type of a recipe key that holds decoding settings (declare it with `decoding_field`)."""
+
+
+def decoding_field(help: str) -> Any:
+    """A recipe key holding decoding settings (a mapping of `DecodingConfig` fields, layered over the model's
+    saved decoding), typed `DecodingLayer | None`: `key: {mode: verified, threshold: 0.7}` in YAML;
+    `--key.threshold 0.7` or `--key '{"threshold": 0.7}'` on the command line. Every decoding setting is valid
+    there, by its field name."""
+    return field(default=None, metadata={"help": help})
+
+
+def decoding_layer_keys(classes: tuple[type, ...]) -> list[str]:
+    """The recipe keys of `classes` that hold decoding settings (fields typed `DecodingLayer | None`)."""
+    return [f.name for cls in classes for f in dataclasses.fields(cls) if "DecodingLayer" in str(f.type)]
+
+
+def check_decoding_layer(value: Any, key: str) -> dict[str, Any] | None:
+    """A decoding layer as given in a recipe (a mapping, or JSON text from the command line), its setting names
+    checked (the nearest one named); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"{key} must be a mapping of decoding settings, e.g. "
+                              f"'{{\"threshold\": 0.7}}' ({err})") from None
+    if not isinstance(value, dict):
+        raise RecipeError(f"{key} must be a mapping of decoding settings (e.g. {{mode: verified, threshold: 0.7}}), "
+                          f"got {value!r}")
+    from llm2diff.sampling.config import check_names
+
+    try:
+        check_names(value, key)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+    return dict(value)
 
 
 @dataclass
@@ -140,8 +184,8 @@ class ModelArguments:
 
 @dataclass
 class FinalEvalArguments:
-    """After training: exact-match accuracy on held-out problems, diffusion model next to its AR parent; and the
-    sampler defaults saved with the model (`sampler_*`)."""
+    """After training: exact-match accuracy on held-out problems, diffusion model next to its AR parent; and how the
+    model decodes by default (`decoding`, saved with it as `decoding_config.json`)."""
 
     final_eval_samples: int = field(default=0, metadata={
         "help": "Held-out problems to grade after training (0 = skip). Uses the eval split, else the built-in task."})
@@ -152,7 +196,12 @@ class FinalEvalArguments:
         "help": "If set, grade the diffusion model a second time committing every token above this confidence."})
     final_eval_compare_parent: bool = field(default=True, metadata={
         "help": "Also grade the untuned AR parent (adapter off, greedy generate) on the same problems."})
-    # the sampler defaults saved with the model (diffusion_config.json); unset keys keep the library's defaults
+    decoding: DecodingLayer | None = decoding_field(
+        "How the model decodes by default, saved with it as decoding_config.json: any DecodingConfig setting "
+        "(docs/sampling.md), e.g. {mode: verified, threshold: 0.7} or {commit_rule: threshold, threshold: 0.7, "
+        "remask_threshold: 0.3}. The final evaluation grades the model this way too; unset settings keep the "
+        "library's defaults.")
+    # earlier releases' keys for the saved decoding: folded into `decoding` (with a message naming the new form)
     sampler_commit_rule: str | None = field(default=None, metadata={
         "help": "Saved default commit rule: confidence, threshold, margin, entropy, random or coarse_to_fine."})
     sampler_tokens_per_step: int | None = field(default=None, metadata={
@@ -182,12 +231,22 @@ class FinalEvalArguments:
             hint = f" Did you mean {near[0]!r}?" if near else ""
             raise RecipeError(f"unknown sampler_decoding {self.sampler_decoding!r}; available: "
                               f"{', '.join(DECODERS)}.{hint}")
+        self.decoding = check_decoding_layer(self.decoding, "decoding")
+        names = {"decoding": "mode"}
+        moved = {names.get(key, key): getattr(self, f.name) for f in dataclasses.fields(self)
+                 if (key := f.name.removeprefix("sampler_")) != f.name and getattr(self, f.name) is not None}
+        if moved:
+            logger.warning("recipe keys %s are deprecated: write them under decoding (decoding: %s)",
+                           ", ".join(f"sampler_{'decoding' if k == 'mode' else k}" for k in moved),
+                           json.dumps(moved))
+            self.decoding = {**moved, **(self.decoding or {})}
+            for f in dataclasses.fields(self):
+                if f.name.startswith("sampler_"):
+                    setattr(self, f.name, None)
 
     def sampler_defaults(self) -> dict[str, Any]:
-        """The `sampler_*` keys that are set, as `DecodingConfig` settings (`sampler_decoding` is `mode`)."""
-        names = {"decoding": "mode"}
-        return {names.get(key, key): getattr(self, f.name) for f in dataclasses.fields(self)
-                if (key := f.name.removeprefix("sampler_")) != f.name and getattr(self, f.name) is not None}
+        """The saved decoding's settings (`decoding`, the deprecated `sampler_*` keys folded in)."""
+        return dict(self.decoding or {})
 
 
 def recipe_dataclasses() -> tuple[type, ...]:
@@ -197,44 +256,18 @@ def recipe_dataclasses() -> tuple[type, ...]:
     return (ModelArguments, DataArguments, DiffusionSFTConfig, FinalEvalArguments)
 
 
-class DecodingLayer(dict):
-    """The type of a recipe key that holds decoding settings (declare it with `decoding_field`)."""
-
-
-def decoding_field(help: str) -> Any:
-    """A recipe key holding decoding settings (a mapping of `DecodingConfig` fields, layered over the model's
-    saved decoding), typed `DecodingLayer | None`: `key: {mode: verified, threshold: 0.7}` in YAML;
-    `--key.threshold 0.7` or `--key '{"threshold": 0.7}'` on the command line. Every decoding setting is valid
-    there, by its field name."""
-    return field(default=None, metadata={"help": help})
-
-
-def decoding_layer_keys(classes: tuple[type, ...]) -> list[str]:
-    """The recipe keys of `classes` that hold decoding settings (fields typed `DecodingLayer | None`)."""
-    return [f.name for cls in classes for f in dataclasses.fields(cls) if "DecodingLayer" in str(f.type)]
-
-
-def check_decoding_layer(value: Any, key: str) -> dict[str, Any] | None:
-    """A decoding layer as given in a recipe (a mapping, or JSON text from the command line), its setting names
-    checked (the nearest one named); None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise RecipeError(f"{key} must be a mapping of decoding settings, e.g. "
-                              f"'{{\"threshold\": 0.7}}' ({err})") from None
-    if not isinstance(value, dict):
-        raise RecipeError(f"{key} must be a mapping of decoding settings (e.g. {{mode: verified, threshold: 0.7}}), "
-                          f"got {value!r}")
-    from llm2diff.sampling.config import check_names
-
-    try:
-        check_names(value, key)
-    except ValueError as err:
-        raise RecipeError(str(err)) from None
-    return dict(value)
+def fold_deprecated_keys(instance: Any, layer: str, keys: dict[str, str]) -> None:
+    """Move the deprecated recipe keys of `instance` that are set (`keys`: recipe key -> decoding setting) into its
+    decoding layer field `layer`, with a message naming the new form; a setting given in the layer itself wins."""
+    moved = {setting: getattr(instance, key) for key, setting in keys.items() if getattr(instance, key) is not None}
+    current = check_decoding_layer(getattr(instance, layer), layer)
+    if moved:
+        logger.warning("recipe keys %s are deprecated: write them under %s (%s: %s)",
+                       ", ".join(k for k in keys if getattr(instance, k) is not None), layer, layer, json.dumps(moved))
+        current = {**moved, **(current or {})}
+        for key in keys:
+            setattr(instance, key, None)
+    setattr(instance, layer, current)
 
 
 def valid_keys(classes: tuple[type, ...]) -> list[str]:

@@ -213,7 +213,7 @@ def test_recipe_trains_logs_the_ar_loss_and_continues_with_the_models_attention(
         path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items()))
         return str(path)
 
-    assert main(["train", "--config", recipe("causal", sampler_decoding="verified", sampler_threshold=0.7)]) == 0
+    assert main(["train", "--config", recipe("causal", decoding={"mode": "verified", "threshold": 0.7})]) == 0
     config = json.loads((root / "causal" / "diffusion_config.json").read_text())
     assert config["clean_attention"] == "causal"
     decoding = json.loads((root / "causal" / "decoding_config.json").read_text())
@@ -230,5 +230,5 @@ def test_recipe_trains_logs_the_ar_loss_and_continues_with_the_models_attention(
     assert dlm.config.causal_clean and train_args.clean_attention == "causal"
     # verified decoding as the saved default needs the causal clean stream: refused before training starts
     assert main(["train", "--config", recipe("bad", clean_attention="block", ar_loss_weight=0.0,
-                                             sampler_decoding="verified")]) == 2
+                                             sampler_decoding="verified")]) == 2  # the deprecated key, still read
     assert not (root / "bad" / "checkpoint-4").exists()

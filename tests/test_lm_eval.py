@@ -252,11 +252,16 @@ def test_model_args_are_parsed_and_checked(model_dir):
     model = LLM2DiffLM.create_from_arg_string(
         f"pretrained={model_dir},ar_parent=false,batch_size=8,tokens_per_step=2,threshold=None,elbo_samples=32,"
         "seed=0,max_new_tokens=256", {"batch_size": 1, "max_batch_size": None, "device": "cpu"})
-    assert (model.ar_parent, model.batch_size, model.tokens_per_step, model.threshold, model.elbo_samples,
-            model.seed, model.max_new_tokens) == (False, 8, 2, None, 32, 0, 256)
+    assert (model.ar_parent, model.batch_size, model.decoding, model.elbo_samples, model.seed,
+            model.max_new_tokens) == (False, 8, {"tokens_per_step": 2}, 32, 0, 256)
     model = LLM2DiffLM.create_from_arg_obj({"pretrained": str(model_dir), "ar_parent": "true", "threshold": "0.9"},
                                            {"batch_size": "4"})
-    assert model.ar_parent is True and model.threshold == 0.9 and model.batch_size == 4
+    assert model.ar_parent is True and model.decoding == {"threshold": 0.9} and model.batch_size == 4
+    model = LLM2DiffLM.create_from_arg_string(f"pretrained={model_dir},decoding.mode=verified,"
+                                              "decoding.threshold=0.7,decoding.stop_strings=[x]")
+    assert model.decoding == {"mode": "verified", "threshold": 0.7, "stop_strings": ["x"]}
+    with pytest.raises(ValueError, match="'tresh' is not a decoding setting .*did you mean 'threshold'"):
+        LLM2DiffLM(pretrained=str(model_dir), **{"decoding.tresh": "0.5"})
     with pytest.raises(ValueError, match="'elbo_sample' \\(did you mean 'elbo_samples'\\?\\)"):
         LLM2DiffLM(pretrained=str(model_dir), elbo_sample=8)
     with pytest.raises(ValueError, match="ar_parent='maybe': expected true or false"):

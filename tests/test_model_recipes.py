@@ -63,6 +63,8 @@ def test_every_model_recipe_ships():
 
 @pytest.mark.parametrize("path", RECIPES, ids=_name)
 def test_model_recipe_parses_and_names_its_model(path):
+    from llm2diff.sampling.config import DecodingConfig
+
     model_args, data_args, train_args, eval_args, recipe = _parse(path)
     model, stem = path.parent.name, path.stem
     assert model_args.model_name_or_path == MODELS[model]
@@ -74,9 +76,12 @@ def test_model_recipe_parses_and_names_its_model(path):
     assert train_args.output_dir == f"outputs/{model}-{stem}"
     assert train_args.gradient_checkpointing and train_args.loss_weighting == "elbo"
     assert train_args.block_size == 32 <= train_args.max_length  # the library checks block_size <= max_length only
-    sub_block = eval_args.sampler_sub_block_size
+    decoding = eval_args.decoding or {}
+    sub_block = decoding.get("sub_block_size")
     assert sub_block is None or train_args.block_size % sub_block == 0  # checked by the sampler only when it runs
-    assert eval_args.sampler_threshold is None  # it would also apply to final_eval's 1-token-per-step pass
+    assert "threshold" not in decoding  # these recipes decode one token per step (sub-blocks of 8) by default
+    DecodingConfig.resolve(decoding)  # every saved setting is a valid one
+    assert not any(key.startswith("sampler_") for key in recipe)  # the deprecated keys are gone from shipped recipes
     assert data_args.use_chat_template
     if model.startswith("qwen3"):
         assert data_args.system_prompt.endswith("/no_think")  # Qwen3's switch: the AR parent answers directly

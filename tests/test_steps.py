@@ -60,8 +60,9 @@ class FaithfulPolicy:
         self.start = step_equations(row["answer"])[0][0]
         self.noise = noise
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, temperature, threshold, seed, response_prefix,
-                 mode="block"):
+    def generate(self, input_ids, attention_mask, decoding, seed, response_prefix):
+        assert decoding["mode"] == "block"
+        max_new_tokens = decoding["max_new_tokens"]
         rng = random.Random(seed)
         tok = self.tokenizer
         rows = []

@@ -326,3 +326,21 @@ def test_saved_decoding_errors():
     with pytest.raises(RecipeError, match="unknown sampler_decoding 'verifed'; available: block, verified, "
                                           "lossless. Did you mean 'verified'"):
         FinalEvalArguments(sampler_decoding="verifed")
+
+
+def test_the_final_evaluation_grades_a_model_as_it_decodes_first():
+    from llm2diff.evaluation.exact_match import compare_with_parent
+    from llm2diff.sampling.config import DecodingConfig
+    from llm2diff.training.data import DataArguments
+
+    dlm = make_dlm("llama", 4)
+    problems = [{"question": "tom has 3 apples", "answer": "#### 7"}, {"question": "ana has 9 pears", "answer": "#### 2"}]
+    dlm.decoding = DecodingConfig(mode="verified", threshold=0.7)
+    results = compare_with_parent(dlm, problems, DataArguments(), max_new_tokens=6, batch_size=2)
+    assert [r.name for r in results] == ["diffusion (block 4, as saved: verified, threshold 0.7)",
+                                         "diffusion (block 4, 1/step)", "AR parent (greedy generate)"]
+    verified = verified_generate(dlm, *_rendered(dlm, problems), max_new_tokens=6, threshold=0.7)
+    assert results[0].nfe == verified.nfe  # graded by verified decoding itself
+    dlm.decoding = DecodingConfig()  # the plain rule: graded once
+    assert [r.name for r in compare_with_parent(dlm, problems, DataArguments(), max_new_tokens=6, batch_size=2,
+                                                compare_parent=False)] == ["diffusion (block 4, 1/step)"]

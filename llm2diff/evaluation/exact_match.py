@@ -72,11 +72,13 @@ def until_stop(tokens: list[int], pad_id: int | None, eos_ids: tuple[int, ...]) 
 
 def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = False, max_new_tokens: int = 96,
                      batch_size: int = 16, tokens_per_step: int = 1, threshold: float | None = None,
-                     commit_rule: str | None = None, name: str | None = None, **sampler) -> EvalResult:
+                     commit_rule: str | None = None, name: str | None = None, decoding=None,
+                     **sampler) -> EvalResult:
     """Generate an answer for every problem and grade it. `use_parent`: the AR parent's greedy `generate`.
 
     Further keyword arguments go to `DiffusionLM.generate` as settings (`mode="verified"` or `"lossless"`, other
     commit rules, correction); the model's saved decoding does not apply (the row is graded with exactly its rule).
+    `decoding` (a `DecodingConfig`) grades with exactly that configuration instead (e.g. the saved one).
     """
     from llm2diff.sampling.config import DecodingConfig
     from llm2diff.training.data import render_example
@@ -86,6 +88,8 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
     rule = f"threshold {threshold}" if threshold is not None else f"{tokens_per_step}/step"
     if commit_rule and commit_rule != "confidence":
         rule += f", {commit_rule}"
+    if decoding is not None:
+        rule = describe_decoding(decoding)
     kind = "AR twin (block 1)" if dlm.config.block_size == 1 else f"diffusion (block {dlm.config.block_size}, {rule})"
     name = name or ("AR parent (greedy generate)" if use_parent else kind)
     correct, new_tokens, nfe, row_forwards, samples = 0, 0, 0, 0, []
@@ -100,9 +104,12 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
             row_forwards_batch = None
         else:
             # exactly the rule named in the row (the library's defaults under it), not the model's saved decoding
-            block_rule = {"tokens_per_step": tokens_per_step, "commit_rule": commit_rule} if mode == "block" else {}
-            out = dlm.generate(ids, mask, decoding=DecodingConfig().to_dict(), mode=mode,
-                               max_new_tokens=max_new_tokens, threshold=threshold, **block_rule, **sampler)
+            if decoding is not None:
+                out = dlm.generate(ids, mask, decoding=decoding.to_dict(), max_new_tokens=max_new_tokens)
+            else:
+                block_rule = {"tokens_per_step": tokens_per_step, "commit_rule": commit_rule} if mode == "block" else {}
+                out = dlm.generate(ids, mask, decoding=DecodingConfig().to_dict(), mode=mode,
+                                   max_new_tokens=max_new_tokens, threshold=threshold, **block_rule, **sampler)
             sequences = out.sequences
             forwards = out.nfe  # lossless: both models' passes
             row_forwards_batch = int(out.nfe_per_row.sum()) if getattr(out, "nfe_per_row", None) is not None \
@@ -125,14 +132,31 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
                       row_forwards, samples)
 
 
+def describe_decoding(decoding) -> str:
+    """A short name for a decoding: its mode and the settings that differ from the library's defaults."""
+    settings = {k: v for k, v in decoding.non_default().items() if k not in ("mode", "max_new_tokens")}
+    text = ", ".join(f"{k} {v}" for k, v in settings.items())
+    return f"as saved: {decoding.mode}" + (f", {text}" if text else "")
+
+
 def compare_with_parent(dlm, problems: list[dict], data_args, compare_parent: bool = True,
                         threshold: float | None = None, **kwargs) -> list[EvalResult]:
-    """The diffusion model with `tokens_per_step` per step, again with `threshold` if given, then the AR parent.
+    """The diffusion model as it decodes by default (its saved `decoding`), with `tokens_per_step` per step, again
+    with `threshold` if given, then the AR parent.
 
-    An AR twin (block size 1) is graded once: with one position per block, a threshold decodes exactly as 1/step.
-    A model with causal clean blocks is also graded by verified decoding at `threshold` (its AR stream's output).
+    The saved decoding's row is left out when it is the plain `tokens_per_step` row. An AR twin (block size 1) is
+    graded once: with one position per block, a threshold decodes exactly as 1/step. A model with causal clean
+    blocks is also graded by verified decoding at `threshold` (its AR stream's output).
     """
-    results = [evaluate_answers(dlm, problems, data_args, **kwargs)]
+    from llm2diff.sampling.config import DecodingConfig
+
+    results = []
+    plain = DecodingConfig(tokens_per_step=kwargs.get("tokens_per_step", 1))
+    saved = getattr(dlm, "decoding", None)
+    if saved is not None and saved.replace(max_new_tokens=plain.max_new_tokens) != plain and \
+            dlm.config.block_size > 1:
+        results.append(evaluate_answers(dlm, problems, data_args, decoding=saved, **kwargs))
+    results.append(evaluate_answers(dlm, problems, data_args, **kwargs))
     if threshold is not None and dlm.config.block_size > 1:
         results.append(evaluate_answers(dlm, problems, data_args, threshold=threshold, **kwargs))
         if dlm.config.causal_clean:

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from llm2diff.atomic import read_jsonl_records, write_json_atomic
+from llm2diff.recipe import DecodingLayer, decoding_field, fold_deprecated_keys
+from llm2diff.sampling.config import DecodingConfig
 
 logger = logging.getLogger("llm2diff")
 
@@ -41,13 +43,21 @@ class PRMArguments:
     prm_num_problems: int = field(default=60, metadata={"help": "Training problems."})
     prm_eval_problems: int = field(default=30, metadata={"help": "Held-out problems."})
     prm_samples_per_problem: int = field(default=2, metadata={"help": "Solutions sampled per problem."})
-    prm_temperature: float = field(default=1.0, metadata={
-        "help": "Sampling temperature of the solutions (high enough to get wrong steps too)."})
+    prm_decoding: DecodingLayer | None = decoding_field(
+        "How the solutions are sampled: decoding settings over the policy's saved ones and this default: the block "
+        "sampler at temperature 1.0 (high enough to get wrong steps too), e.g. {temperature: 1.0, threshold: 0.9}.")
     prm_num_rollouts: int = field(default=4, metadata={"help": "Completions per step prefix (Math-Shepherd N)."})
-    prm_rollout_temperature: float = field(default=0.7, metadata={"help": "Temperature of the rollouts."})
+    prm_rollout_decoding: DecodingLayer | None = decoding_field(
+        "How the rollouts are sampled: decoding settings over the policy's saved ones and this default: the block "
+        "sampler at temperature 0.7, e.g. {temperature: 0.7, threshold: 0.9}.")
     prm_max_new_tokens: int = field(default=48, metadata={"help": "Token budget of solutions and rollouts."})
-    prm_threshold: float | None = field(default=None, metadata={"help": "Sampler threshold (faster sampling)."})
     prm_batch_size: int = field(default=32, metadata={"help": "Sequences per generate call when sampling."})
+    # earlier releases' keys: folded into prm_decoding / prm_rollout_decoding (with a message naming the new form)
+    prm_temperature: float | None = field(default=None, metadata={"help": "Deprecated: prm_decoding.temperature."})
+    prm_rollout_temperature: float | None = field(default=None, metadata={
+        "help": "Deprecated: prm_rollout_decoding.temperature."})
+    prm_threshold: float | None = field(default=None, metadata={
+        "help": "Deprecated: prm_decoding.threshold and prm_rollout_decoding.threshold."})
     prm_steps: str = field(default="lines", metadata={"help": "Step segmentation: 'lines' or 'blocks'."})
     prm_label_type: str = field(default="soft", metadata={
         "help": "'soft': the fraction of correct rollouts; 'hard': whether any rollout is correct."})
@@ -56,6 +66,14 @@ class PRMArguments:
     def __post_init__(self) -> None:
         from llm2diff.prm.steps import SEGMENTATIONS
         from llm2diff.tasks.base import TASKS
+
+        threshold = self.prm_threshold  # it set both, so it goes into both
+        fold_deprecated_keys(self, "prm_decoding", {"prm_temperature": "temperature", "prm_threshold": "threshold"})
+        if threshold is not None:
+            self.prm_rollout_decoding = {"threshold": threshold, **(self.prm_rollout_decoding or {})}
+        fold_deprecated_keys(self, "prm_rollout_decoding", {"prm_rollout_temperature": "temperature"})
+        for which in ("solutions", "rollouts"):  # every setting valid: refused here, not after sampling
+            DecodingConfig.resolve(self.decoding_for(which))
 
         if self.prm_task not in TASKS:
             raise ValueError(f"unknown prm_task {self.prm_task!r}; available: {', '.join(sorted(TASKS))}")
@@ -67,6 +85,17 @@ class PRMArguments:
                      "prm_max_new_tokens", "prm_batch_size", "prm_lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+    def decoding_for(self, which: str) -> dict:
+        """The decoding layer over the policy's saved decoding for the "solutions" or the "rollouts"."""
+        base, layer = ((SOLUTIONS, self.prm_decoding) if which == "solutions" else
+                       (ROLLOUTS, self.prm_rollout_decoding))
+        return {**base, "max_new_tokens": self.prm_max_new_tokens, **(layer or {}), "mode": "block"}
+
+
+SOLUTIONS = {"mode": "block", "temperature": 1.0}
+ROLLOUTS = {"mode": "block", "temperature": 0.7}
 
 
 def prm_dataclasses() -> tuple[type, ...]:
@@ -108,9 +137,10 @@ def label_solutions(dlm, task, rows: list[dict], samples: dict[str, dict], args:
             ends = step_ends(response, tok, args.prm_steps, dlm.config.block_size, dlm.eos_token_ids)
             if not ends:
                 continue
+            rollout = args.decoding_for("rollouts")
             soft, hard = rollout_labels(dlm, task, row, prompt, response, ends, args.prm_num_rollouts,
-                                        args.prm_max_new_tokens, args.prm_rollout_temperature, seed + 7919 * n,
-                                        args.prm_threshold)
+                                        rollout["max_new_tokens"], rollout["temperature"], seed + 7919 * n,
+                                        decoding=rollout)
             record = {"id": key, "prompt_ids": prompt, "response_ids": response, "step_ends": ends,
                       "soft_labels": soft, "hard_labels": hard}
             if args.prm_task == "arithmetic" and args.prm_steps == "lines":
@@ -187,8 +217,7 @@ def _run_prm(prm_args: PRMArguments, train_args, recipe: dict[str, Any], task, r
     from llm2diff.star.sampling import SampleOptions, sample_and_grade
 
     dlm = load(prm_args.prm_policy)
-    options = SampleOptions(max_new_tokens=prm_args.prm_max_new_tokens, temperature=prm_args.prm_temperature,
-                            threshold=prm_args.prm_threshold, batch_size=prm_args.prm_batch_size)
+    options = SampleOptions(prm_args.decoding_for("solutions"), batch_size=prm_args.prm_batch_size)
     start = time.perf_counter()
     labelled = {}
     for split, name, limit in ((prm_args.prm_train_split, "train", prm_args.prm_num_problems),

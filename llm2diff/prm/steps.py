@@ -78,14 +78,17 @@ def arithmetic_step_labels(response_text: str, row: dict) -> list[int]:
 def rollout_labels(
     policy, task, row: dict, prompt_ids: Sequence[int], response_ids: Sequence[int], ends: Sequence[int],
     num_rollouts: int = 8, max_new_tokens: int = 96, temperature: float = 1.0, seed: int = 0,
-    threshold: float | None = None,
+    decoding: dict | None = None,
 ) -> tuple[list[float], list[int]]:
     """Math-Shepherd labels of each step by completing the solution from the step's prefix.
 
     Args:
-        policy: a `DiffusionLM` (anything with its `generate(input_ids, attention_mask, response_prefix=...)`).
+        policy: a `DiffusionLM` (anything with its `generate(input_ids, attention_mask, decoding=...,
+            response_prefix=...)`).
         task: the task whose `grade(text, row)` decides whether a completion is right.
         ends: each step's last token index in `response_ids`.
+        decoding: further decoding settings of the rollouts (e.g. a threshold), over the policy's saved ones; the
+            rollouts always use the block sampler, at `temperature`, `max_new_tokens` past the prefix.
 
     Returns:
         (soft, hard): per step, the fraction of `num_rollouts` completions graded correct, and whether any was.
@@ -101,8 +104,8 @@ def rollout_labels(
     soft, hard = [], []
     for s, end in enumerate(ends):
         prefix = torch.tensor([response[: end + 1]] * num_rollouts)
-        out = policy.generate(prompt, mask, mode="block", max_new_tokens=max_new_tokens, temperature=temperature,
-                              threshold=threshold, seed=seed + s, response_prefix=prefix)
+        rollout = {"temperature": temperature, "max_new_tokens": max_new_tokens, **(decoding or {}), "mode": "block"}
+        out = policy.generate(prompt, mask, decoding=rollout, seed=seed + s, response_prefix=prefix)
         start = prompt.shape[1] + prefix.shape[1]
         correct = 0
         for sequence in out.sequences.tolist():

@@ -35,8 +35,10 @@ from trl.trainer.utils import pad, use_adapter
 from llm2diff.compat import adopt_activation_checkpointing
 from llm2diff.modeling.config import DiffusionConfig
 from llm2diff.modeling.diffusion_lm import DiffusionLM
+from llm2diff.recipe import DecodingLayer, decoding_field, fold_deprecated_keys
 from llm2diff.rl.advantages import process_advantages
 from llm2diff.rl.logprobs import ESTIMATORS, diffusion_token_logps, row_seeds
+from llm2diff.sampling.config import DecodingConfig, check_applicable
 from llm2diff.training.config import check_max_steps
 
 REF_ADAPTER = "ref"  # the adapter name TRL's `_generate_and_score_completions` uses for the reference
@@ -53,10 +55,13 @@ class DiffusionGRPOConfig(GRPOConfig):
         "help": "Probability of replacing each prompt token by the mask token when scoring (d1's prompt masking)."})
     process_weight: float = field(default=0.0, metadata={
         "help": "Weight of the process-reward term in the per-token advantages (0 = outcome rewards only)."})
-    sampler_threshold: float | None = field(default=None, metadata={
-        "help": "Block sampler: commit every position above this confidence (None = the model's default)."})
+    rollout_decoding: DecodingLayer | None = decoding_field(
+        "How completions are sampled: block-sampler settings over the policy's saved decoding (e.g. "
+        "{threshold: 0.9}); the temperature, top_k, top_p and max_completion_length of GRPO itself apply on top.")
+    # earlier releases' keys: folded into rollout_decoding (with a message naming the new form)
+    sampler_threshold: float | None = field(default=None, metadata={"help": "Deprecated: rollout_decoding.threshold."})
     sampler_tokens_per_step: int | None = field(default=None, metadata={
-        "help": "Block sampler: tokens committed per denoising step (None = the model's default)."})
+        "help": "Deprecated: rollout_decoding.tokens_per_step."})
 
     def __post_init__(self):
         adopt_activation_checkpointing(self)  # TRL's default gradient_checkpointing, without a deprecation warning
@@ -69,8 +74,16 @@ class DiffusionGRPOConfig(GRPOConfig):
             raise ValueError(f"mask_prompt_prob must be in [0, 1), got {self.mask_prompt_prob}")
         if self.process_weight < 0:
             raise ValueError(f"process_weight must be >= 0, got {self.process_weight}")
-        if self.sampler_tokens_per_step is not None and self.sampler_tokens_per_step < 1:
-            raise ValueError(f"sampler_tokens_per_step must be >= 1, got {self.sampler_tokens_per_step}")
+        fold_deprecated_keys(self, "rollout_decoding", {"sampler_threshold": "threshold",
+                                                        "sampler_tokens_per_step": "tokens_per_step"})
+        own = {"mode": "the block sampler", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+               "max_new_tokens": "max_completion_length", "seed": "seed"}
+        taken = [k for k in (self.rollout_decoding or {}) if k in own]
+        if taken:
+            raise ValueError(f"rollout_decoding sets {', '.join(taken)}, which GRPO decides itself (its "
+                             f"{', '.join(own[k] for k in taken)}): set {'them' if len(taken) > 1 else 'it'} there")
+        check_applicable(self.rollout_decoding or {}, "block", "rollout_decoding")
+        DecodingConfig.resolve(self.rollout_decoding)
 
 
 ProcessReward = Callable[[list, list, list], tuple[list[list[tuple[int, int]]], list[list[float]]]]
@@ -259,10 +272,10 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         ):
             # the policy's saved decoding, with the block sampler and GRPO's own sampling settings on top
             out = DiffusionLM(unwrapped_model, self._tokenizer, c, decoding=self.decoding).generate(
-                input_ids, attention_mask, mode="block", max_new_tokens=self.max_completion_length,
-                temperature=self.temperature, top_k=self.top_k if self.top_k and self.top_k > 0 else None,
+                input_ids, attention_mask, decoding={**(self.args.rollout_decoding or {}), "mode": "block"},
+                max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                top_k=self.top_k if self.top_k and self.top_k > 0 else None,
                 top_p=self.top_p if self.top_p is not None and self.top_p < 1.0 else None,
-                threshold=self.args.sampler_threshold, tokens_per_step=self.args.sampler_tokens_per_step,
                 seed=self._generation_seed(),
             )
         completions = out.sequences[:, input_ids.shape[1]:].cpu()

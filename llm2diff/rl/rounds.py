@@ -101,7 +101,9 @@ def _rl_stage(args: RoundsArguments, star, train_args, recipe, policy: str, prm_
         output_dir=str(out), max_steps=args.rounds_rl_max_steps, learning_rate=args.rounds_rl_learning_rate,
         num_generations=args.rounds_rl_num_generations, per_device_train_batch_size=args.rounds_rl_batch_size,
         beta=args.rounds_rl_beta, temperature=args.rounds_rl_temperature, diffusion_estimator=args.rounds_rl_estimator,
-        process_weight=weight, max_completion_length=star.star_max_new_tokens, sampler_threshold=star.star_threshold,
+        process_weight=weight, max_completion_length=star.star_max_new_tokens,
+        rollout_decoding={k: v for k, v in star.decoding_for("sampling").items()  # STaR's commit rule; GRPO's own
+                          if k not in ("mode", "temperature", "top_k", "top_p", "max_new_tokens", "seed")},  # sampling
         seed=train_args.seed, use_cpu=train_args.use_cpu, bf16=bool(train_args.bf16), report_to=train_args.report_to,
         logging_steps=5, save_strategy="no")
     return run_rl(rl_args, grpo, recipe)

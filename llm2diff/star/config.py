@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llm2diff.recipe import DecodingLayer, decoding_field, fold_deprecated_keys
+
 RESTARTS = ("initial", "previous")
+SAMPLING = {"mode": "block", "temperature": 0.7, "tokens_per_step": 1}  # rationales: sampled, one token per step
+GRADING = {"mode": "block", "temperature": 0.0, "tokens_per_step": 1}  # held-out problems: greedy, one per step
 
 
 @dataclass
@@ -26,12 +30,10 @@ class StarArguments:
     star_rounds: int = field(default=3, metadata={
         "help": "Rounds after round 0. Raising it and re-running the command continues a finished run."})
     star_samples_per_problem: int = field(default=4, metadata={"help": "Rationales sampled per problem (k)."})
-    star_temperature: float = field(default=0.7, metadata={"help": "Sampling temperature for rationales."})
-    star_top_p: float | None = field(default=None, metadata={"help": "Sampling top-p for rationales."})
-    star_tokens_per_step: int = field(default=1, metadata={"help": "Sampler: tokens committed per step."})
-    star_threshold: float | None = field(default=None, metadata={
-        "help": "Sampler: also commit every token above this confidence (faster sampling)."})
-    star_max_new_tokens: int = field(default=96, metadata={"help": "Token budget per rationale."})
+    star_decoding: DecodingLayer | None = decoding_field(
+        "How rationales are sampled: decoding settings over the round model's saved ones and STaR's defaults "
+        "(the block sampler at temperature 0.7, one token per step), e.g. {temperature: 1.0, threshold: 0.9}.")
+    star_max_new_tokens: int = field(default=96, metadata={"help": "Token budget per rationale (and per graded answer)."})
     star_batch_size: int = field(default=32, metadata={"help": "Sequences per generate call."})
     star_rationalize: bool = field(default=True, metadata={
         "help": "For problems with no correct sample, re-sample with the answer as a hint; keep correct rationales "
@@ -50,17 +52,31 @@ class StarArguments:
     star_init_model: str | None = field(default=None, metadata={
         "help": "A saved llm2diff model to start from (round 0); default: train round 0 from the recipe."})
     star_eval_batch_size: int = field(default=25, metadata={"help": "Prompts per generate call when grading."})
+    star_eval_decoding: DecodingLayer | None = decoding_field(
+        "How every round's model is graded: decoding settings over the round model's saved ones and STaR's "
+        "grading default (the block sampler, one token per step, greedy), e.g. {threshold: 0.9}.")
+    # earlier releases' keys: folded into star_decoding / star_eval_decoding (with a message naming the new form)
+    star_temperature: float | None = field(default=None, metadata={"help": "Deprecated: star_decoding.temperature."})
+    star_top_p: float | None = field(default=None, metadata={"help": "Deprecated: star_decoding.top_p."})
+    star_tokens_per_step: int | None = field(default=None, metadata={
+        "help": "Deprecated: star_decoding.tokens_per_step."})
+    star_threshold: float | None = field(default=None, metadata={"help": "Deprecated: star_decoding.threshold."})
     star_eval_threshold: float | None = field(default=None, metadata={
-        "help": "Sampler threshold when grading (None = one token per step, greedy)."})
+        "help": "Deprecated: star_eval_decoding.threshold."})
 
     def __post_init__(self) -> None:
         from llm2diff.tasks.base import TASKS
+
+        fold_deprecated_keys(self, "star_decoding", {"star_temperature": "temperature", "star_top_p": "top_p",
+                                                     "star_tokens_per_step": "tokens_per_step",
+                                                     "star_threshold": "threshold"})
+        fold_deprecated_keys(self, "star_eval_decoding", {"star_eval_threshold": "threshold"})
 
         if self.star_task not in TASKS:
             raise ValueError(f"unknown star_task {self.star_task!r}; available: {', '.join(sorted(TASKS))}")
         for name in ("star_samples_per_problem", "star_num_problems", "star_eval_problems", "star_rounds",
                      "star_max_new_tokens", "star_batch_size", "star_max_per_problem", "star_train_steps",
-                     "star_eval_batch_size", "star_tokens_per_step"):
+                     "star_eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.star_mix_sft < 0:
@@ -72,8 +88,18 @@ class StarArguments:
                              f"{self.star_hint_template!r}")
         if self.star_learning_rate is not None and self.star_learning_rate <= 0:
             raise ValueError(f"star_learning_rate must be > 0, got {self.star_learning_rate}")
-        if self.star_temperature < 0:
-            raise ValueError(f"star_temperature must be >= 0, got {self.star_temperature}")
+        for which in ("sampling", "grading"):  # every setting valid: refused here, not rounds later
+            self.decoding_for(which)
+
+    def decoding_for(self, which: str) -> dict:
+        """The decoding layer STaR puts over a model's saved decoding for `which` ("sampling" rationales or
+        "grading" held-out problems): STaR's default, then `star_decoding` / `star_eval_decoding`."""
+        from llm2diff.sampling.config import DecodingConfig
+
+        base, layer = ((SAMPLING, self.star_decoding) if which == "sampling" else (GRADING, self.star_eval_decoding))
+        merged = {**base, "max_new_tokens": self.star_max_new_tokens, **(layer or {})}
+        DecodingConfig.resolve(merged)
+        return merged
 
 
 def star_dataclasses() -> tuple[type, ...]:

@@ -117,20 +117,13 @@ def _evaluate(star: StarArguments, model_dir: Path, out: Path, seed: int) -> dic
         cfg = EvalConfig(model=str(model_dir), task=star.star_task, source=star.star_source, split=star.star_eval_split,
                          limit=star.star_eval_problems, task_options=star.star_task_options,
                          max_new_tokens=star.star_max_new_tokens, batch_size=star.star_eval_batch_size,
-                         decoding=star_eval_decoding(star), seed=seed, output_dir=str(out))
+                         decoding=star.decoding_for("grading"), seed=seed, output_dir=str(out))
         start = time.perf_counter()
         summary = run_eval(cfg)
         summary["stage_seconds"] = round(time.perf_counter() - start, 2)
         write_json_atomic(path, summary)
     state.wait_for_everyone()
     return json.loads(path.read_text())
-
-
-def star_eval_decoding(star: StarArguments) -> dict | None:
-    """How each round's model is graded: one token per step of the block sampler, or the threshold rule at
-    `star_eval_threshold` (the same for every round, whatever a round model saved)."""
-    rule = {"threshold": star.star_eval_threshold} if star.star_eval_threshold is not None else {}
-    return {"mode": "block", "tokens_per_step": 1, "temperature": 0.0, **rule}
 
 
 def build_round_data(samples: dict[str, dict], rationalized: dict[str, dict], star: StarArguments,
@@ -232,9 +225,7 @@ class StarRun:
             return json.loads(round_file.read_text())
         seed = train_args.seed + 1000 * r
         dlm = load(previous)
-        options = SampleOptions(max_new_tokens=star.star_max_new_tokens, temperature=star.star_temperature,
-                                top_p=star.star_top_p, tokens_per_step=star.star_tokens_per_step,
-                                threshold=star.star_threshold, batch_size=star.star_batch_size)
+        options = SampleOptions(star.decoding_for("sampling"), batch_size=star.star_batch_size)
         k = star.star_samples_per_problem
         samples, sample_stats = sample_and_grade(dlm, task, self.rows, k, options, seed, out / "samples.jsonl",
                                                  desc=f"round {r}: sampling")
@@ -259,7 +250,7 @@ class StarRun:
         data_rows, counts = build_round_data(samples, rationalized, star, self.sft_rows, seed)
         if not data_rows:
             raise RuntimeError(f"round {r}: no correct rationale among {len(samples)} problems x {k} samples; "
-                               "raise star_samples_per_problem or star_temperature, or start from a stronger model")
+                               "raise star_samples_per_problem or star_decoding.temperature, or start from a stronger model")
         import datasets
 
         if self.state.is_main_process and not (data_dir / "dataset_info.json").is_file():

@@ -1,6 +1,6 @@
 """Sample rationales for a task's problems with the block sampler and grade them (the first two STaR steps).
 
-    records = sample_and_grade(dlm, task, rows, k=4, options=SampleOptions(temperature=0.7), seed=1,
+    records = sample_and_grade(dlm, task, rows, k=4, options=SampleOptions({"temperature": 0.7}), seed=1,
                                out=Path("round-1/samples.jsonl"))
 
 Problems are repeated k times and sampled in batches; every finished batch is appended to `out` (one JSON line per
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -22,11 +22,10 @@ from llm2diff.atomic import read_jsonl_records
 
 @dataclass
 class SampleOptions:
-    max_new_tokens: int = 96
-    temperature: float = 0.7
-    top_p: float | None = None
-    tokens_per_step: int = 1
-    threshold: float | None = None
+    """How to sample: `decoding` (decoding settings over the model's saved ones; always the block sampler, which
+    is the decoder that samples) and the sequences per generate call."""
+
+    decoding: dict = field(default_factory=lambda: {"temperature": 0.7, "max_new_tokens": 96})
     batch_size: int = 32
 
 
@@ -64,9 +63,7 @@ def _generate(dlm, prompts: list[list[int]], options: SampleOptions, seed: int):
 
     tok = dlm.tokenizer
     ids, mask = left_pad(prompts, tok.pad_token_id)
-    out = dlm.generate(ids, mask, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-                       top_p=options.top_p, tokens_per_step=options.tokens_per_step, threshold=options.threshold,
-                       seed=seed, mode="block")  # sampled rollouts: the block sampler
+    out = dlm.generate(ids, mask, decoding={**options.decoding, "mode": "block"}, seed=seed)  # sampled: block
     rows = [until_stop(r, tok.pad_token_id, dlm.eos_token_ids) for r in out.sequences[:, ids.shape[1]:].tolist()]
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
     return texts, [len(r) for r in rows], out.nfe_per_row.tolist()
