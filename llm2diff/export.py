@@ -10,8 +10,9 @@ trained mask-token row into the embedding matrix (and into the LM head when the 
 
 A merged model carries no free AR parent: `dlm.ar_parent()` (and with it `ar_generate`, lossless decoding, AR-parent
 comparisons and the parent-based noise scorers) loads the parent separately from the recorded base
-(`load_parent`), a second copy of the weights. An adapter trained on a quantized base (QLoRA) is merged into the
-full-precision base; `diffusion_config.json` records that under `base_model_source.merged_from`.
+(`llm2diff.modeling.parent.load_parent`), a second copy of the weights. An adapter trained on a quantized base
+(QLoRA) is merged into the full-precision base; `diffusion_config.json` records that under
+`base_model_source.merged_from`.
 """
 
 from __future__ import annotations
@@ -72,27 +73,3 @@ def merge_model(source: str | os.PathLike, out: str | os.PathLike, dtype=None, o
         if (local / FINAL_EVAL_FILE).is_file():
             shutil.copyfile(local / FINAL_EVAL_FILE, tmp / FINAL_EVAL_FILE)
     return out
-
-
-def load_parent(config, dtype=None, device=None, trust_remote_code: bool = False):
-    """The AR parent of a model without an adapter, loaded from its recorded base (`config.base_model_name_or_path`).
-
-    `config` is a `DiffusionConfig` (e.g. `dlm.config`). Returns the stock causal LM (built-in aliases resolve to
-    their local copy; embeddings resized to the saved row count when adapting added the mask token).
-    """
-    from transformers import AutoModelForCausalLM
-
-    from llm2diff.models.builtin import resolve_model_path
-
-    base = config.base_model_name_or_path
-    if not base:
-        raise ValueError("this model records no base model (base_model_name_or_path is empty in "
-                         "diffusion_config.json), so its AR parent cannot be found: load the parent yourself")
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=dtype,
-                                                 trust_remote_code=trust_remote_code, use_safetensors=True)
-    rows = (config.base_model_source or {}).get("embedding_rows")
-    if rows and rows != model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(rows)
-    if device is not None:
-        model.to(device)
-    return model.eval()

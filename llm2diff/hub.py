@@ -126,13 +126,13 @@ def saved_model_files(directory: str | os.PathLike) -> SavedModel:
     if missing:
         why = f" (symbolic links are not model files: {', '.join(linked)})" if linked else ""
         raise FileNotFoundError(f"{directory} is not a model saved by llm2diff: missing " + "; ".join(missing) + why)
-    from llm2diff.modeling.diffusion_lm import load_decoding
+    from llm2diff.sampling.config import saved_decoding
     from llm2diff.sampling.config import DECODING_CONFIG_NAME
 
     config = DiffusionConfig.load(directory)
     extras = [n for n in (SIGNIFICANCE_FILE, FINAL_EVAL_FILE, DECODING_CONFIG_NAME) if n in present]
     files = sorted({CONFIG_NAME, *weight_files, *tokenizer, *extras})
-    return SavedModel(directory, config, files, has_adapter, load_decoding(directory, config))
+    return SavedModel(directory, config, files, has_adapter, saved_decoding(directory, config))
 
 
 # -- credentials -----------------------------------------------------------------------------------------------------

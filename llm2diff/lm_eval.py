@@ -355,7 +355,7 @@ class LLM2DiffLM(TemplateLM):
             ids = torch.tensor([context_ids + continuation_ids], device=self.dlm.device)
             logits = parent(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
                             logits_to_keep=n + 1).logits[0, -(n + 1):-1].float()
-        from llm2diff.sampling.lossless import parent_suppressed_ids
+        from llm2diff.modeling.parent import parent_suppressed_ids
 
         logits[:, parent_suppressed_ids(self.dlm)] = float("-inf")
         return bool((logits.argmax(-1).cpu() == torch.tensor(continuation_ids)).all())

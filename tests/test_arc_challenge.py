@@ -61,15 +61,15 @@ def test_load_rows_by_split_from_a_directory_and_without_ids(tmp_path):
 def test_default_source_is_the_hub_challenge_set(monkeypatch):
     import datasets
 
-    import llm2diff.training.data as data
+    import llm2diff.sources as data
 
     seen = {}
 
-    def fake_load(args, split):
-        seen.update(name=args.dataset_name, config=args.dataset_config, split=split)
+    def fake_load(name, config, split):
+        seen.update(name=name, config=config, split=split)
         return datasets.Dataset.from_list(ROWS)
 
-    monkeypatch.setattr(data, "load_raw_dataset", fake_load)
+    monkeypatch.setattr(data, "load_hub_dataset", fake_load)
     assert len(ARCChallengeTask().load_rows(None, split="validation", limit=2)) == 2
     assert seen == {"name": "allenai/ai2_arc", "config": "ARC-Challenge", "split": "validation"}
 

@@ -78,7 +78,7 @@ def test_saved_beside_the_model_and_read_back(tmp_path):
 
 def test_a_model_saved_before_decoding_config_keeps_its_sampler_settings(tmp_path):
     from llm2diff.modeling.config import DiffusionConfig
-    from llm2diff.modeling.diffusion_lm import load_decoding
+    from llm2diff.sampling.config import saved_decoding
 
     old = {"block_size": 4, "mask_token": "<m>", "mask_token_id": 3, "vocab_size": 10, "shift": True,
            "decoding": "block", "commit_rule": "threshold", "threshold": 0.7, "remask_threshold": 0.3,
@@ -86,7 +86,7 @@ def test_a_model_saved_before_decoding_config_keeps_its_sampler_settings(tmp_pat
     (tmp_path / "diffusion_config.json").write_text(json.dumps(old))
     config = DiffusionConfig.load(tmp_path)
     assert not hasattr(config, "threshold")  # one place for every fact: the decoding is not a model setting
-    decoding = load_decoding(tmp_path, config)
+    decoding = saved_decoding(tmp_path, config)
     assert (decoding.mode, decoding.commit_rule, decoding.threshold, decoding.remask_threshold) == \
         ("block", "threshold", 0.7, 0.3)
     assert decoding.correction_budget == 2  # an old budget of 0 meant "2 with a remask threshold"

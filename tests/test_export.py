@@ -11,7 +11,8 @@ from conftest import make_model, make_tokenizer
 
 from llm2diff import adapt, load
 from llm2diff.cli import main
-from llm2diff.export import load_parent, merge_model
+from llm2diff.export import merge_model
+from llm2diff.modeling.parent import load_parent
 
 
 def _saved_adapter(root, arch: str, tied: bool):

@@ -285,12 +285,12 @@ def test_default_source_is_the_hub_dataset(monkeypatch):
     datasets = pytest.importorskip("datasets")
     seen = []
 
-    def fake_load(args, split):
-        seen.append((args.dataset_name, args.dataset_config, split))
+    def fake_load(name, config, split):
+        seen.append((name, config, split))
         return datasets.Dataset.from_list([{"question": "q", "answer": "#### 3"}] * 4)
 
-    import llm2diff.training.data as data
+    import llm2diff.sources as data
 
-    monkeypatch.setattr(data, "load_raw_dataset", fake_load)
+    monkeypatch.setattr(data, "load_hub_dataset", fake_load)
     assert len(GSM8KTask().load_rows(None, split="test", limit=2)) == 2
     assert seen == [("openai/gsm8k", "main", "test")]

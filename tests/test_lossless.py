@@ -12,7 +12,8 @@ from conftest import ARCHITECTURES, MODEL_VOCAB, make_model, make_tokenizer
 from llm2diff import adapt
 from llm2diff.compat import cache_kwargs
 from llm2diff.sampling import lossless
-from llm2diff.sampling.lossless import lossless_generate, parent_suppressed_ids
+from llm2diff.modeling.parent import parent_suppressed_ids
+from llm2diff.sampling.lossless import lossless_generate
 
 PROMPTS = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 0, 5, 6, 7]])
 MASK = (PROMPTS != 0).long()

@@ -24,12 +24,12 @@ import torch
 
 from llm2diff.modeling.architectures import check_supported
 from llm2diff.modeling.config import DiffusionConfig, validate_block_size
+from llm2diff.modeling.lora import LoraSwitch, lora_state_key
 from llm2diff.modeling.mask_token import choose_mask_token
 from llm2diff.atomic import atomic_save, finish_interrupted_save
 from llm2diff.integrity import check_safetensors
-from llm2diff.sampling.config import DecodingConfig
+from llm2diff.sampling.config import DecodingConfig, saved_decoding
 from llm2diff.sampling.output import GenerateOutput
-from llm2diff.sampling.sampler import uses_flash_attention
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class DiffusionLM:
     def separate_parent(self) -> torch.nn.Module:
         """The AR parent of a model without an adapter, loaded once from the recorded base (see `ar_parent`)."""
         if self._separate_parent is None:
-            from llm2diff.export import load_parent
+            from llm2diff.modeling.parent import load_parent
 
             base = self.config.base_model_name_or_path
             logger.warning("this model has no adapter (full fine-tuning or a merged adapter), so its AR parent is "
@@ -190,7 +190,7 @@ class DiffusionLM:
         which are put back in place before returning."""
         if not hasattr(self, "_merged_lora_cache"):
             self._merged_lora_cache: dict[int, tuple] = {}
-        key = _lora_state_key(layer, weight)
+        key = lora_state_key(layer, weight)
         cached = self._merged_lora_cache.get(id(layer))
         if cached is None or cached[0] != key:
             base = layer.get_base_layer()
@@ -212,7 +212,7 @@ class DiffusionLM:
         The mask token and spare embedding rows are suppressed and generation stops at `eos_token_ids`, as the
         block sampler and lossless mode do, so the three are comparable token for token.
         """
-        from llm2diff.sampling.lossless import parent_suppressed_ids
+        from llm2diff.modeling.parent import parent_suppressed_ids
 
         input_ids, attention_mask = _check_inputs(input_ids, attention_mask)
         kwargs.setdefault("do_sample", False)
@@ -549,88 +549,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
         model.to(device)
     if not is_trainable:
         model.eval()
-    return DiffusionLM(model, tokenizer, config, significance=load_significance(path), decoding=load_decoding(path, config))
-
-
-def load_decoding(path: str | os.PathLike, config: DiffusionConfig | None = None) -> DecodingConfig:
-    """The decoding saved beside a model: its `decoding_config.json`; for a model saved before that file existed,
-    the sampler settings its `diffusion_config.json` held; else the library defaults."""
-    saved = DecodingConfig.from_pretrained(path)
-    if saved is not None:
-        return saved
-    config = config or DiffusionConfig.load(path)
-    return DecodingConfig.resolve(getattr(config, "legacy_decoding", None))
-
-
-class LoraSwitch:
-    """A model's active LoRA layers, found once, then switched off or to their merged weights as often as needed.
-
-    `DiffusionLM.lora_off()` and `lora_merged()` each build one, which walks every module (about 10 ms for
-    SmolLM2 on one CPU thread, with the merged weights' checks); lossless decoding switches twice a round, so it
-    holds one for a whole call. The adapter weights must not change while it is held (inference only).
-    """
-
-    def __init__(self, dlm):
-        from peft.tuners.lora import LoraLayer
-
-        self.dlm = dlm
-        self.layers = [m for m in dlm.model.modules() if isinstance(m, LoraLayer) and not m.disable_adapters]
-        self._merged: list[tuple] | None = None  # (layer, base, weight, bias, merged weight, merged bias or None)
-
-    @contextlib.contextmanager
-    def off(self) -> Iterator[torch.nn.Module]:
-        """The LoRA layers off (`DiffusionLM.lora_off`)."""
-        for layer in self.layers:
-            layer._disable_adapters = True  # PEFT's own flag; enable_adapters() would also touch requires_grad
-        try:
-            yield self.dlm.model
-        finally:
-            for layer in self.layers:
-                layer._disable_adapters = False
-
-    @contextlib.contextmanager
-    def merged(self) -> Iterator[None]:
-        """The merged weights swapped in (`DiffusionLM.lora_merged`), the originals back on leaving."""
-        model = self.dlm.model
-        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-            raise ValueError("merge_lora folds the LoRA into the base weights, which a quantized (QLoRA) base cannot "
-                             "hold: generate without merge_lora, or export a merged full-precision model "
-                             "(llm2diff export --merge)")
-        if self._merged is None:
-            self._merged = []
-            for layer in self.layers:
-                if layer.merged:
-                    continue
-                base = layer.get_base_layer()
-                bias = base.bias.data if getattr(base, "bias", None) is not None else None
-                self._merged.append((layer, base, base.weight.data, bias,
-                                     *self.dlm._merged_lora(layer, base.weight.data, bias)))
-        # with the merged weights in, each layer is marked merged (PEFT then runs its base layer alone)
-        try:
-            for layer, base, _, _, weight, bias in self._merged:
-                base.weight.data = weight
-                if bias is not None:  # lora_bias: merged into the bias too
-                    base.bias.data = bias
-                layer.merged_adapters.extend(a for a in layer.active_adapters if a in layer.lora_A)
-            yield
-        finally:
-            for layer, base, weight, bias, _, merged_bias in self._merged:
-                base.weight.data = weight
-                if merged_bias is not None:
-                    base.bias.data = bias
-                layer.merged_adapters.clear()
-
-
-def _lora_state_key(layer, weight: torch.Tensor) -> tuple:
-    """What a LoRA layer's merged weight depends on: the base weight and the active adapters' A and B (storage
-    and in-place version counters, which optimizer steps advance), and the scaling."""
-    parts = [weight.data_ptr(), weight._version]
-    for name in layer.active_adapters:
-        if name in layer.lora_A:
-            for module in (layer.lora_A[name], layer.lora_B[name]):
-                parts += [(p.data_ptr(), p._version) for p in module.parameters()]
-            parts.append(layer.scaling[name])
-    return tuple(parts)
+    return DiffusionLM(model, tokenizer, config, significance=load_significance(path), decoding=saved_decoding(path, config))
 
 
 def _quantization_to_apply(path: Path, config: DiffusionConfig, quantize: bool | dict | None,

@@ -76,7 +76,7 @@ def evaluate_prm(prm, rows: Iterable[dict], threshold: float = 0.5, batch_size: 
     Returns `{"accuracy", "auroc", "num_steps", "positive_rate"}`; `auroc` is None when the labels hold only one
     class (the AUROC is undefined then), `positive_rate` is the fraction of steps labelled good.
     """
-    from llm2diff.prm.model import check_row
+    from llm2diff.prm.rows import check_row
 
     rows = list(rows)
     for i, row in enumerate(rows):

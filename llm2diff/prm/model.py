@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
-import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,10 +33,10 @@ import torch
 import transformers
 
 from llm2diff.atomic import atomic_save, write_json_atomic
+from llm2diff.prm.rows import ROW_KEYS, check_row, check_step_ends
 
 CONFIG_NAME = "prm_config.json"
 LABEL_TYPES = ("soft", "hard")
-ROW_KEYS = ("prompt_ids", "response_ids", "step_ends", "step_labels")
 IGNORE_INDEX = -100
 #: Names transformers gives the head of a `*ForTokenClassification` model (Qwen2/Qwen3/Llama: "score").
 HEAD_NAMES = ("score", "classifier")
@@ -158,7 +156,7 @@ class ProcessRewardModel:
             raise ValueError(f"got {len(prompts)} prompts, {len(responses)} responses and {len(step_ends)} "
                              "step_ends lists; give one of each per solution")
         for i, (response, ends) in enumerate(zip(responses, step_ends)):
-            _check_step_ends(f"solution {i}", ends, len(response))
+            check_step_ends(f"solution {i}", ends, len(response))
         pad_id = _pad_token_id(self.tokenizer)
         was_training = self.model.training
         self.model.eval()
@@ -324,39 +322,6 @@ def _right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
         ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[i, : len(seq)] = 1
     return ids, mask
-
-
-def _check_step_ends(name: str, ends, response_len: int) -> None:
-    ends = list(ends)
-    for e in ends:
-        if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < response_len:
-            raise ValueError(f"{name}: step end {e!r} is outside the response (length {response_len}); step_ends "
-                             f"index response tokens 0..{response_len - 1}")
-    if any(b <= a for a, b in itertools.pairwise(ends)):
-        raise ValueError(f"{name}: step_ends must be strictly increasing, got {ends}")
-
-
-def _row_name(index: int, row: dict) -> str:
-    return f"row {index}" + (f" (id {row['id']!r})" if "id" in row else "")
-
-
-def check_row(index: int, row: dict, label_type: str = "soft") -> None:
-    """Raise ValueError naming the row if it is not a valid PRM row (see the module docstring)."""
-    name = _row_name(index, row)
-    missing = [k for k in ROW_KEYS if k not in row]
-    if missing:
-        raise ValueError(f"{name} lacks {missing}; PRM rows need {list(ROW_KEYS)}")
-    ends, labels = list(row["step_ends"]), list(row["step_labels"])
-    if not ends:
-        raise ValueError(f"{name} has no steps; drop it or give at least one step end and label")
-    if len(ends) != len(labels):
-        raise ValueError(f"{name} has {len(ends)} step_ends but {len(labels)} step_labels; give one label per step")
-    _check_step_ends(name, ends, len(row["response_ids"]))
-    for y in labels:
-        if not 0.0 <= float(y) <= 1.0:
-            raise ValueError(f"{name}: step label {y!r} is outside [0, 1]")
-        if label_type == "hard" and float(y) not in (0.0, 1.0):
-            raise ValueError(f"{name}: label_type='hard' needs step labels 0 or 1, got {y!r}; use label_type='soft'")
 
 
 @dataclass

@@ -221,6 +221,19 @@ class DecodingConfig:
         return cls.from_dict(data, source=str(path))
 
 
+def saved_decoding(path: str | os.PathLike, config=None) -> DecodingConfig:
+    """The decoding saved beside a model: its `decoding_config.json`; for a model saved before that file existed,
+    the sampler settings its `diffusion_config.json` held; else the library defaults."""
+    saved = DecodingConfig.from_pretrained(path)
+    if saved is not None:
+        return saved
+    if config is None:
+        from llm2diff.modeling.config import DiffusionConfig
+
+        config = DiffusionConfig.load(path)
+    return DecodingConfig.resolve(getattr(config, "legacy_decoding", None))
+
+
 # -- the fields, by what they apply to ---------------------------------------------------------------------------------
 def setting_names() -> list[str]:
     """Every setting, in declaration order."""

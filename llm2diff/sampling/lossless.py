@@ -42,10 +42,11 @@ import torch
 
 from llm2diff.compat import cache_kwargs
 from llm2diff.modeling.attention import stepwise_attention, supports_stepwise_attention
-from llm2diff.modeling.diffusion_lm import LoraSwitch
+from llm2diff.modeling.lora import LoraSwitch
+from llm2diff.modeling.parent import parent_suppressed_ids
 
 from llm2diff.sampling.rules import suppress_ids
-from llm2diff.sampling.sampler import BlockContext, embedding_weight, prompt_fusion_pays, stored_weight
+from llm2diff.sampling.sampler import BlockContext, prompt_fusion_pays
 
 # Generation-config options that would change `generate`'s greedy choice and that lossless mode does not replay.
 UNSUPPORTED_GENERATION_OPTIONS = ("sequence_bias", "no_repeat_ngram_size", "bad_words_ids", "min_length",
@@ -92,14 +93,6 @@ class LosslessOutput:
         if not self.accepted_lengths:
             return 0.0
         return sum(self.accepted_lengths) / len(self.accepted_lengths)
-
-
-def parent_suppressed_ids(dlm) -> list[int]:
-    """Ids the parent never emits here: the mask token and embedding rows beyond the tokenizer (spare rows)."""
-    head = dlm.model.get_output_embeddings()
-    rows = (stored_weight(head) if head is not None else embedding_weight(dlm.model)).shape[0]
-    first_spare = dlm.config.vocab_size if dlm.config.vocab_size is not None else rows
-    return sorted({dlm.config.mask_token_id, *range(first_spare, rows)})
 
 
 def greedy_choices(processors, seen: torch.Tensor, start: int, logits: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llm2diff.compat import cache_kwargs
+from llm2diff.modeling.lora import embedding_weight
 from llm2diff.modeling.attention import (
     CLEAN,
     NOISY,
@@ -162,18 +163,6 @@ def check_sampling_values(temperature: float | None = None, top_k: int | None = 
         raise ValueError(f"{' and '.join(filtered)} filter{'s' if len(filtered) == 1 else ''} what is sampled, but "
                          "temperature 0 decodes greedily (the most likely token), so it would have no effect: set a "
                          f"temperature above 0, or leave {' and '.join(filtered)} out")
-
-
-def embedding_weight(model) -> torch.Tensor:
-    """The input embedding matrix as stored. (`.weight` of PEFT's trainable-token wrapper would build a copy with
-    the trained rows swapped in: about 85 ms for SmolLM2's 49152 x 576 matrix, just to read a dtype or device.)"""
-    return stored_weight(model.get_input_embeddings())
-
-
-def stored_weight(layer) -> torch.Tensor:
-    """`layer.weight` as stored, under PEFT's trainable-token wrapper or layer too (see `embedding_weight`)."""
-    layer = getattr(layer, "token_adapter", layer)  # PEFT's TrainableTokensWrapper
-    return getattr(layer, "base_layer", layer).weight
 
 
 def _left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:

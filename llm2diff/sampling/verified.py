@@ -43,7 +43,8 @@ from llm2diff.compat import cache_kwargs
 from llm2diff.modeling.attention import CLEAN, NOISY, PROMPT, block_diffusion_mask, to_additive_mask
 from llm2diff.sampling.lossless import greedy_choices, padded_rows, parent_logits_processors, row_inputs
 from llm2diff.sampling.rules import suppress_ids
-from llm2diff.sampling.sampler import embedding_weight, uses_flash_attention
+from llm2diff.modeling.lora import embedding_weight
+from llm2diff.sampling.sampler import uses_flash_attention
 
 
 @dataclass

@@ -75,7 +75,7 @@ class EvalTask:
 
 def load_rows(source: str | None, split: str, limit: int | None, what: str, required: tuple[str, ...] = (),
               hub: tuple[str, str | None] | None = None) -> list[dict]:
-    """Rows for an evaluation task from a hub name, a local file or directory (`llm2diff.training.data`).
+    """Rows for an evaluation task from a hub name, a local file or directory (`llm2diff.sources`).
 
     `source` None means the task's default `hub` (name, config). A single local file is the rows whatever `split`
     names; a directory is split by file name. Empty data, missing `required` fields and `limit` < 1 fail with a
@@ -83,7 +83,7 @@ def load_rows(source: str | None, split: str, limit: int | None, what: str, requ
     """
     from pathlib import Path
 
-    from llm2diff.training.data import DataArguments, load_local_dataset, load_raw_dataset, looks_like_local_path
+    from llm2diff.sources import load_hub_dataset, load_local_dataset, looks_like_local_path
 
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
@@ -99,7 +99,8 @@ def load_rows(source: str | None, split: str, limit: int | None, what: str, requ
                 raise empty
             dataset = load_local_dataset(name, "train")
         else:
-            dataset = load_raw_dataset(DataArguments(dataset_name=name, dataset_config=config), split)
+            dataset = load_local_dataset(name, split) if looks_like_local_path(name) else \
+                load_hub_dataset(name, config, split)
     except StopIteration:  # what `datasets` raises on an empty JSON Lines file
         raise empty from None
     except ValueError as error:  # ... and on a JSON file without rows

@@ -111,7 +111,7 @@ def noise_layout(
 def _embedding_weight(model) -> torch.Tensor:
     """The input embedding matrix as stored (for its dtype and device), also through a DistributedDataParallel
     wrapper (whose forward must be used) and PEFT's trainable-token wrapper (whose `.weight` builds a copy)."""
-    from llm2diff.sampling.sampler import embedding_weight
+    from llm2diff.modeling.lora import embedding_weight
 
     return embedding_weight(getattr(model, "module", model))
 
