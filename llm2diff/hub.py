@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm2diff.modeling.config import CONFIG_NAME, DiffusionConfig
+from llm2diff.modeling.config import CONFIG_NAME, SIGNIFICANCE_NAME, DiffusionConfig
 from llm2diff.redact import redact
 
 logger = logging.getLogger(__name__)
 
-SIGNIFICANCE_FILE = "significance.safetensors"  # as `llm2diff.modeling.diffusion_lm.SIGNIFICANCE_NAME`
 FINAL_EVAL_FILE = "final_eval.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FULL_MODEL_CONFIG = "config.json"
@@ -130,7 +129,7 @@ def saved_model_files(directory: str | os.PathLike) -> SavedModel:
     from llm2diff.sampling.config import DECODING_CONFIG_NAME
 
     config = DiffusionConfig.load(directory)
-    extras = [n for n in (SIGNIFICANCE_FILE, FINAL_EVAL_FILE, DECODING_CONFIG_NAME) if n in present]
+    extras = [n for n in (SIGNIFICANCE_NAME, FINAL_EVAL_FILE, DECODING_CONFIG_NAME) if n in present]
     files = sorted({CONFIG_NAME, *weight_files, *tokenizer, *extras})
     return SavedModel(directory, config, files, has_adapter, saved_decoding(directory, config))
 
@@ -252,9 +251,7 @@ def _code(value: Any) -> str:
 
 def _settings(c: dict[str, Any]) -> str:
     noise = c.get("noise") or {}
-    window = f"t in [{c['t_min']}, {c['t_max']}]"
-    noise_text = ", ".join(f"{k}={v}" for k, v in noise.items()) if noise else \
-        f"{c['noise_schedule']} schedule, {window}, loss weighting {c['loss_weighting']}"
+    noise_text = ", ".join(f"{k}={v}" for k, v in noise.items()) if noise else "not recorded (the library's defaults)"
     if c.get("use_chat_template", True):
         prompt = "chat template" + (f", system prompt {_code(c.get('system_prompt'))}" if c.get("system_prompt") else "")
     else:

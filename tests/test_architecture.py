@@ -78,3 +78,27 @@ def test_the_layers_point_one_way():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_each_fact_is_stored_once():
+    import dataclasses
+
+    from llm2diff.modeling.config import LEGACY_NOISE_KEYS, LEGACY_SAMPLER_KEYS, DiffusionConfig
+    from llm2diff.noise.masking import NoiseSpec
+    from llm2diff.training.config import DiffusionSFTConfig
+
+    # the noise lives in DiffusionConfig.noise only; the decoding in decoding_config.json only
+    fields = {f.name for f in dataclasses.fields(DiffusionConfig)}
+    assert not fields & (set(LEGACY_NOISE_KEYS) | set(LEGACY_SAMPLER_KEYS))
+    # every NoiseSpec field is set by a recipe key that exists, named in one place (its metadata)
+    recipe = {f.name for f in dataclasses.fields(DiffusionSFTConfig)}
+    assert set(NoiseSpec.recipe_keys().values()) <= recipe
+    spec = DiffusionSFTConfig(output_dir="unused", use_cpu=True, report_to="none", noise_schedule="cosine",
+                              noise_unit="sequence", loss_weighting="mean", complementary_masks=True,
+                              position_masking_strength=0.5).noise_spec()
+    assert (spec.schedule, spec.unit, spec.weighting, spec.complementary, spec.position_strength) == \
+        ("cosine", "sequence", "mean", True, 0.5)
+    # file names written in one place
+    for literal in ('"significance.safetensors"', '"decoding_config.json"', '"diffusion_config.json"'):
+        where = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if literal in p.read_text()]
+        assert len(where) == 1, (literal, where)

@@ -20,10 +20,13 @@ from llm2diff.atomic import write_json_atomic
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "diffusion_config.json"
+SIGNIFICANCE_NAME = "significance.safetensors"  # the coarse-to-fine table saved beside a semantically trained model
 # what a saved config must say: without these the sampler would guess (block size 32, no mask token)
 REQUIRED_KEYS: dict[str, tuple[type, ...]] = {"block_size": (int,), "mask_token": (str,), "mask_token_id": (int,),
                                               "vocab_size": (int,), "shift": (bool,)}
 CLEAN_ATTENTION = ("block", "causal")
+# the noise settings diffusion_config.json held beside its `noise` dict before (-> their `NoiseSpec` names)
+LEGACY_NOISE_KEYS = {"noise_schedule": "schedule", "t_min": "t_min", "t_max": "t_max", "loss_weighting": "weighting"}
 # sampler settings that diffusion_config.json held before decoding_config.json (`DecodingConfig`) took them over
 LEGACY_SAMPLER_KEYS = ("tokens_per_step", "commit_rule", "significance_weight", "confidence_floor", "threshold",
                        "temperature", "decoding", "entropy_bound", "sub_block_size", "max_steps_per_block",
@@ -46,11 +49,9 @@ class DiffusionConfig:
         clean_attention: how finished (clean) blocks read themselves: "block" (bidirectionally, as the noisy block
             does) or "causal" (as the AR parent reads them; the clean stream is then a causal LM, trainable with an
             AR loss, and the sampler commits a block with a causal pass).
-        noise_schedule: name of the noise schedule ("linear": a token is masked with probability t).
-        t_min, t_max: the window noise levels t are drawn from, per block.
-        loss_weighting: "elbo" (the schedule's ELBO weight, 1/t for linear), "mean" (weight 1) or "cart" (Dream's
-            context-adaptive weights).
-        noise: the whole training noise recipe (`llm2diff.noise.masking.NoiseSpec` as a dict), if trained here.
+        noise: the training noise (`llm2diff.noise.masking.NoiseSpec` as a dict: schedule, window, weighting, ...);
+            None for a model adapted but not trained here (the `NoiseSpec` defaults). `noise_spec`, and the
+            read-only `noise_schedule`, `t_min`, `t_max`, `loss_weighting`, read it.
         significance_scorer: the scorer behind semantic noise and the `significance.safetensors` table the
             coarse-to-fine commit rule reads, if any.
         use_chat_template, system_prompt, prompt_template: how training prompts were rendered, so that
@@ -67,10 +68,6 @@ class DiffusionConfig:
     vocab_size: int | None = None
     shift: bool = True
     clean_attention: str = "block"
-    noise_schedule: str = "linear"
-    t_min: float = 1e-3
-    t_max: float = 1.0
-    loss_weighting: str = "elbo"
     noise: dict[str, Any] | None = None
     significance_scorer: str | None = None
     use_chat_template: bool = True
@@ -84,16 +81,39 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         validate_block_size(self.block_size)
-        if not 0.0 <= self.t_min <= self.t_max <= 1.0:
-            raise ValueError(f"noise window must satisfy 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
         if self.clean_attention not in CLEAN_ATTENTION:
             raise ValueError(f"clean_attention must be one of {', '.join(CLEAN_ATTENTION)}, got {self.clean_attention!r}")
-        if self.loss_weighting not in ("elbo", "mean", "cart"):
-            raise ValueError(f"loss_weighting must be 'elbo', 'mean' or 'cart', got {self.loss_weighting!r}")
+        spec = self.noise_spec
+        if not 0.0 <= spec.t_min <= spec.t_max <= 1.0:
+            raise ValueError(f"noise window must satisfy 0 <= t_min <= t_max <= 1, got t_min={spec.t_min}, "
+                             f"t_max={spec.t_max}")
 
     @property
     def causal_clean(self) -> bool:
         return self.clean_attention == "causal"
+
+    @property
+    def noise_spec(self):
+        """The training noise as a `NoiseSpec` (its defaults when none was recorded)."""
+        from llm2diff.noise.masking import NoiseSpec
+
+        return NoiseSpec(**(self.noise or {}))
+
+    @property
+    def noise_schedule(self) -> str:
+        return self.noise_spec.schedule
+
+    @property
+    def t_min(self) -> float:
+        return self.noise_spec.t_min
+
+    @property
+    def t_max(self) -> float:
+        return self.noise_spec.t_max
+
+    @property
+    def loss_weighting(self) -> str:
+        return self.noise_spec.weighting
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +134,9 @@ class DiffusionConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         legacy = {k: data[k] for k in LEGACY_SAMPLER_KEYS if k in data}  # sampler settings of earlier releases
         data = {k: v for k, v in data.items() if k not in LEGACY_SAMPLER_KEYS}
+        noise_keys = {k: data.pop(k) for k in LEGACY_NOISE_KEYS if k in data}  # stored beside `noise` before
+        if data.get("noise") is None and noise_keys:
+            data["noise"] = {LEGACY_NOISE_KEYS[k]: v for k, v in noise_keys.items()}
         unknown = sorted(set(data) - names)
         if unknown:
             why = (f"it was written by llm2diff {saved_by}, newer than this {ours}: upgrade llm2diff" if newer else

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from llm2diff.modeling.architectures import check_supported
-from llm2diff.modeling.config import DiffusionConfig, validate_block_size
+from llm2diff.modeling.config import SIGNIFICANCE_NAME, DiffusionConfig, validate_block_size
 from llm2diff.modeling.lora import LoraSwitch, lora_state_key
 from llm2diff.modeling.mask_token import choose_mask_token
 from llm2diff.atomic import atomic_save, finish_interrupted_save
@@ -329,7 +329,6 @@ def _legacy_arguments(overrides: dict[str, Any], saved):
     return overrides, saved, given
 
 
-SIGNIFICANCE_NAME = "significance.safetensors"
 
 
 def save_significance(directory: str | os.PathLike, table: torch.Tensor) -> Path:
@@ -407,7 +406,7 @@ def adapt(model, tokenizer, block_size: int = 32, lora=None, mask_token: str | N
             trainable (`trainable_token_indices`) unless the config already names `embed_tokens` there.
         mask_token: force this mask token string (added if the tokenizer lacks it).
         shift: token shift (hidden state i-1 predicts token i); keep it on to preserve what the parent knows.
-        config_fields: further `DiffusionConfig` fields (noise window, sampler defaults, provenance).
+        config_fields: further `DiffusionConfig` fields (the training noise, prompt format, provenance).
     """
     model_type = check_supported(model)
     validate_block_size(block_size)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,9 +53,16 @@ WEIGHTINGS = ("elbo", "mean", "cart")
 NORMALIZATIONS = ("auto", "response", "masked", "sequence")
 
 
+def _key(default, recipe_key: str | None = None):
+    """A `NoiseSpec` field, with the recipe key that sets it when that is not the field's own name."""
+    return field(default=default, metadata={"recipe_key": recipe_key} if recipe_key else {})
+
+
 @dataclass(frozen=True)
 class NoiseSpec:
-    """How the training targets are corrupted and weighted. Each field is the recipe key of the same name.
+    """How the training targets are corrupted and weighted. Each field is set by a recipe key: its own name, or the
+    one its metadata names (`recipe_key`: `noise_schedule`, `noise_unit`, `noise_order`, `position_masking_strength`,
+    `complementary_masks`, `loss_weighting`, `loss_normalization`); `from_recipe` reads them.
 
     schedule: "linear" | "cosine" | "loglinear" (see `llm2diff.noise.schedule`).
     t_min, t_max: the window the noise level t is drawn from (BD3-LM's clipped masking rate).
@@ -71,21 +78,31 @@ class NoiseSpec:
         batch) | "masked" (sum / masked tokens) | "sequence" (per-sequence sum / its response tokens, averaged).
     """
 
-    schedule: str = "linear"
-    t_min: float = 1e-3
-    t_max: float = 1.0
-    t_sampling: str = "uniform"
-    unit: str = "block"
-    order: str = "random"
-    semantic_temperature: float = 0.0
-    position_strength: float = 0.0
-    complementary: bool = False
-    weighting: str = "elbo"
-    cart_p: float = 0.1
-    normalization: str = "auto"
+    schedule: str = _key("linear", "noise_schedule")
+    t_min: float = _key(1e-3)
+    t_max: float = _key(1.0)
+    t_sampling: str = _key("uniform")
+    unit: str = _key("block", "noise_unit")
+    order: str = _key("random", "noise_order")
+    semantic_temperature: float = _key(0.0)
+    position_strength: float = _key(0.0, "position_masking_strength")
+    complementary: bool = _key(False, "complementary_masks")
+    weighting: str = _key("elbo", "loss_weighting")
+    cart_p: float = _key(0.1)
+    normalization: str = _key("auto", "loss_normalization")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def recipe_keys(cls) -> dict[str, str]:
+        """field -> the recipe key that sets it."""
+        return {f.name: f.metadata.get("recipe_key", f.name) for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_recipe(cls, recipe) -> NoiseSpec:
+        """The spec an object with the recipe keys as attributes (`DiffusionSFTConfig`) describes."""
+        return cls(**{name: getattr(recipe, key) for name, key in cls.recipe_keys().items()})
 
     def resolved_normalization(self) -> str:
         if self.normalization != "auto":

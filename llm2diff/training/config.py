@@ -6,6 +6,7 @@ Every field is a recipe key; see docs/recipes.md for the whole reference.
 from __future__ import annotations
 
 import difflib
+import dataclasses
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
@@ -144,12 +145,8 @@ class DiffusionSFTConfig(SFTConfig):
 
     def noise_spec(self) -> NoiseSpec:
         """The `NoiseSpec` these fields describe."""
-        return NoiseSpec(
-            schedule=self.noise_schedule, t_min=self.t_min, t_max=self.t_max, t_sampling=self.t_sampling,
-            unit=self.noise_unit, order=self.noise_order, semantic_temperature=float(self.semantic_temperature),
-            position_strength=self.position_masking_strength, complementary=self.complementary_masks,
-            weighting=self.loss_weighting, cart_p=self.cart_p, normalization=self.loss_normalization,
-        )
+        spec = NoiseSpec.from_recipe(self)
+        return dataclasses.replace(spec, semantic_temperature=float(spec.semantic_temperature))
 
     def anneal_fraction(self, step: int) -> float | None:
         """Fraction of within-block later positions visible at a training step (None when not annealing)."""

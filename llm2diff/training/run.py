@@ -271,8 +271,6 @@ def adapt_base(model_args: ModelArguments, data_args, train_args):
     dlm = adapt(
         model, tokenizer, block_size=train_args.block_size, lora=model_args.lora_config(),
         mask_token=train_args.mask_token, shift=train_args.shift, clean_attention=train_args.clean_attention,
-        noise_schedule=train_args.noise_schedule,
-        t_min=train_args.t_min, t_max=train_args.t_max, loss_weighting=train_args.loss_weighting,
         base_model_name_or_path=model_args.model_name_or_path, use_chat_template=data_args.use_chat_template,
         system_prompt=data_args.system_prompt, prompt_template=data_args.prompt_template,
         noise=train_args.noise_spec().to_dict(), significance_scorer=train_args.semantic_scorer,
