@@ -30,7 +30,8 @@ def main() -> None:
     from llm2diff import load
     from llm2diff.evaluation.exact_match import evaluate_answers
     from llm2diff.hardware import describe
-    from llm2diff.training.data import DataArguments, load_raw_dataset
+    from llm2diff.training.arguments import DataArguments
+    from llm2diff.training.data import load_raw_dataset
 
     torch.set_num_threads(args.threads)
     dlm = load(args.model)

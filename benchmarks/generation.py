@@ -47,7 +47,8 @@ SETTINGS = [
 
 
 def problems_for(dlm, count: int):
-    from llm2diff.training.data import DataArguments, load_raw_dataset
+    from llm2diff.training.arguments import DataArguments
+    from llm2diff.training.data import load_raw_dataset
 
     c = dlm.config
     recipe = (c.training or {}).get("recipe", {})

@@ -71,7 +71,8 @@ def evaluate(name: str, record: dict, args, out: Path) -> dict:
         return json.loads(path.read_text())
     from llm2diff import load
     from llm2diff.evaluation.exact_match import evaluate_answers
-    from llm2diff.training.data import DataArguments, load_raw_dataset
+    from llm2diff.training.arguments import DataArguments
+    from llm2diff.training.data import load_raw_dataset
 
     dlm = load(out / name)
     c = dlm.config

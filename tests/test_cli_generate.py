@@ -13,7 +13,7 @@ from conftest import adapted_with_saved_base
 
 from llm2diff.cli import main
 from llm2diff.modeling.diffusion_lm import DiffusionLM, load
-from llm2diff.sampling.trajectory import render_terminal, replay_terminal
+from llm2diff.sampling.trajectory_render import render_terminal, replay_terminal
 
 PROMPT, OTHER = "tom has 5 apples", "how many pears does ana have"
 NEW = 12  # three blocks of 4

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from helpers_tokenizer import make_chat_tokenizer
+from llm2diff.training.arguments import DataArguments
 from llm2diff.training.data import (
-    DataArguments,
     detect_format,
     load_raw_dataset,
     load_train_eval,

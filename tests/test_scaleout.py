@@ -124,7 +124,8 @@ def test_sharded_config_gives_the_processes_the_intended_plugin(path):
 def test_accelerate_config_header_command_launches_llm2diff_train(path):
     from accelerate.commands.launch import launch_command_parser
 
-    from llm2diff.recipe import recipe_dataclasses, valid_keys
+    from llm2diff.recipe import valid_keys
+    from llm2diff.training.arguments import train_dataclasses
 
     words = _launch_line(path)
     args = launch_command_parser().parse_args(words[2:])
@@ -134,7 +135,7 @@ def test_accelerate_config_header_command_launches_llm2diff_train(path):
     recipe = train_argv[train_argv.index("--config") + 1]
     assert (ROOT / recipe).is_file()
     keys = [w[2:] for w in train_argv if w.startswith("--") and w != "--config"]
-    assert set(keys) <= set(valid_keys(recipe_dataclasses()))
+    assert set(keys) <= set(valid_keys(train_dataclasses()))
     # the quickstart recipe says use_cpu: true (it targets a laptop): GPU configs must turn that off
     if path.stem != "single_device":
         expected = "true" if path.stem == "cpu_2proc" else "false"
@@ -290,7 +291,7 @@ def test_quantization_without_bitsandbytes_names_the_extra(workdir, capsys, monk
 def _quantized_base(workdir, flag):
     from transformers import AutoModelForCausalLM
 
-    from llm2diff.recipe import ModelArguments
+    from llm2diff.training.arguments import ModelArguments
 
     config = ModelArguments(**{flag: True}).quantization_config()
     return AutoModelForCausalLM.from_pretrained(workdir / "tiny-qwen2", quantization_config=config,
@@ -361,6 +362,7 @@ def test_qlora_model_continues_training_on_its_quantized_base(workdir, monkeypat
     from llm2diff import load
     from llm2diff.cli import main
     from llm2diff.recipe import parse_recipe
+    from llm2diff.training.arguments import train_dataclasses
     from llm2diff.training.run import run_train
     from llm2diff.training.trainer import DiffusionSFTTrainer
 
@@ -369,7 +371,8 @@ def test_qlora_model_continues_training_on_its_quantized_base(workdir, monkeypat
     trainers = []
     train = DiffusionSFTTrainer.train
     monkeypatch.setattr(DiffusionSFTTrainer, "train", lambda self, *a, **k: trainers.append(self) or train(self, *a, **k))
-    args = parse_recipe(["--config", _recipe(workdir, "qlora-next", load_in_4bit=True, max_steps=2)])
+    args = parse_recipe(["--config", _recipe(workdir, "qlora-next", load_in_4bit=True, max_steps=2)],
+                        classes=train_dataclasses())
     before = {n: p.detach().float().clone() for n, p in load(first).model.named_parameters() if "lora_B" in n}
     run_train(*args, init_model=str(first))
     model = trainers[0].model
@@ -393,10 +396,12 @@ def test_continuing_a_full_precision_adapter_under_a_4bit_recipe_warns(workdir, 
         pytest.skip("bitsandbytes is not installed")
     from llm2diff.cli import main
     from llm2diff.recipe import parse_recipe
+    from llm2diff.training.arguments import train_dataclasses
     from llm2diff.training.run import continue_from
 
     assert main(["train", "--config", _recipe(workdir, "fp-first", max_steps=1)]) == 0
-    model_args, _, train_args, *_ = parse_recipe(["--config", _recipe(workdir, "fp-next", load_in_4bit=True)])
+    model_args, _, train_args, *_ = parse_recipe(["--config", _recipe(workdir, "fp-next", load_in_4bit=True)],
+                                                 classes=train_dataclasses())
     with caplog.at_level("WARNING", logger="llm2diff"):
         dlm = continue_from(workdir / "fp-first", model_args, train_args)
     assert "trained on a full-precision base; the recipe continues on a 4-bit base" in caplog.text
@@ -453,7 +458,7 @@ def test_loading_a_qlora_adapter_without_bitsandbytes_names_the_extra(tmp_path, 
     from conftest import adapted_with_saved_base
 
     from llm2diff import load
-    from llm2diff.recipe import ModelArguments
+    from llm2diff.training.arguments import ModelArguments
 
     dlm = adapted_with_saved_base(tmp_path)
     record = ModelArguments(load_in_4bit=True).quantization_record() if HAS_BNB else {

@@ -11,12 +11,8 @@ import json
 import pytest
 import torch
 
-from llm2diff.sampling.trajectory import (
-    Trajectory,
-    render_terminal,
-    replay_terminal,
-    save_trajectory,
-)
+from llm2diff.sampling.trajectory import Trajectory
+from llm2diff.sampling.trajectory_render import render_terminal, replay_terminal, save_trajectory
 
 M = 99  # mask id
 WORDS = {10: "The", 11: " cat", 12: " sat", 7: " <b>", 8: "\n", 15: "on", 16: " the", 17: " mat"}

@@ -194,7 +194,7 @@ def test_cli_verified_prints_the_models_greedy_answer(tmp_path, capsys):
 def test_graded_like_the_other_samplers():
     """`evaluate_answers` (the benchmark and final evaluation) counts its passes per row, not one per token."""
     from llm2diff.evaluation.exact_match import evaluate_answers
-    from llm2diff.training.data import DataArguments
+    from llm2diff.training.arguments import DataArguments
 
     dlm = make_dlm("llama", 4)
     problems = [{"question": "tom has 3 apples", "answer": "#### 7"}, {"question": "ana has 9 pears", "answer": "#### 2"}]
@@ -207,7 +207,8 @@ def test_graded_like_the_other_samplers():
 
 def _rendered(dlm, problems):
     from llm2diff.evaluation.exact_match import left_pad
-    from llm2diff.training.data import DataArguments, render_example
+    from llm2diff.training.arguments import DataArguments
+    from llm2diff.training.data import render_example
 
     prompts = [render_example({"question": p["question"], "answer": ""}, dlm.tokenizer, DataArguments())[0]
                for p in problems]
@@ -314,7 +315,8 @@ def test_the_saved_mode_decodes_until_a_call_names_another(tmp_path, monkeypatch
 
 
 def test_saved_decoding_errors():
-    from llm2diff.recipe import FinalEvalArguments, RecipeError
+    from llm2diff.recipe import RecipeError
+    from llm2diff.training.arguments import FinalEvalArguments
     from llm2diff.sampling.config import DecodingConfig
 
     with pytest.raises(ValueError, match=r"unknown decoding mode 'fast'; available: block, verified, lossless"):
@@ -331,7 +333,7 @@ def test_saved_decoding_errors():
 def test_the_final_evaluation_grades_a_model_as_it_decodes_first():
     from llm2diff.evaluation.exact_match import compare_with_parent
     from llm2diff.sampling.config import DecodingConfig
-    from llm2diff.training.data import DataArguments
+    from llm2diff.training.arguments import DataArguments
 
     dlm = make_dlm("llama", 4)
     problems = [{"question": "tom has 3 apples", "answer": "#### 7"}, {"question": "ana has 9 pears", "answer": "#### 2"}]

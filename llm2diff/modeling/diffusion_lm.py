@@ -512,7 +512,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
     adapter = (path / "adapter_config.json").is_file()
     quantization = _quantization_to_apply(path, config, quantize, adapter)
     if quantization is not None:
-        from llm2diff.recipe import ModelArguments
+        from llm2diff.training.arguments import ModelArguments
 
         kwargs["quantization_config"] = ModelArguments.from_quantization_record(quantization).quantization_config()
         if device is None:

@@ -27,6 +27,9 @@ Usage::
 A scorer's `fingerprint()` is its JSON-able identity (name, parameters, model identity); the score cache keys on it
 together with the data content, so changing either recomputes the scores. Write a new scorer by subclassing
 `SignificanceScorer` and implementing `score_batch` (and `fingerprint` when it has parameters).
+
+Over 500 lines because it is one job, what "significant" means: the four scorers of the table, their factory and
+the few helpers they share (the cache that stores their scores is apart, in `score_cache.py`).
 """
 
 from __future__ import annotations

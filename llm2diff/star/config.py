@@ -104,6 +104,6 @@ class StarArguments:
 
 def star_dataclasses() -> tuple[type, ...]:
     """The recipe dataclasses of `llm2diff star`: model, data and trainer keys plus `StarArguments`."""
-    from llm2diff.recipe import recipe_dataclasses
+    from llm2diff.training.arguments import train_dataclasses
 
-    return recipe_dataclasses()[:3] + (StarArguments,)
+    return train_dataclasses()[:3] + (StarArguments,)

@@ -86,7 +86,7 @@ def _train(model_args, data_args, train_args, recipe, out: Path, rows=None, init
     """Train into out/model (resuming from its last checkpoint); out/train.json marks it done."""
     from accelerate import PartialState
 
-    from llm2diff.recipe import FinalEvalArguments
+    from llm2diff.training.arguments import FinalEvalArguments
     from llm2diff.training.run import run_train
 
     marker = out / "train.json"

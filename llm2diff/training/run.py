@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llm2diff.recipe import FinalEvalArguments, ModelArguments, RecipeError
+from llm2diff.recipe import RecipeError
 from llm2diff.rundir import check_run_record, check_writable, output_lock
+from llm2diff.training.arguments import FinalEvalArguments, ModelArguments
 from llm2diff.training.checkpoints import checkpoint_problem, checkpoint_step, checkpoints, newest_complete_checkpoint
 
 logger = logging.getLogger("llm2diff")
