@@ -65,7 +65,7 @@ def length_scaling(dlm, data_args, problem, lengths, settings) -> list[tuple[int
     forward passes per token."""
     import torch
 
-    from llm2diff.evaluation.exact_match import left_pad
+    from llm2diff.evaluation.completions import left_pad
     from llm2diff.training.data import render_example
 
     ids, mask = left_pad([render_example({"question": problem["question"], "answer": ""}, dlm.tokenizer,
@@ -91,7 +91,7 @@ def length_scaling(dlm, data_args, problem, lengths, settings) -> list[tuple[int
 
 def lossless_row(dlm, problems, data_args, max_new_tokens: int, merge_lora: bool = False, parent_tail: int = 0) -> dict:
     """Parent greedy `generate` and lossless mode on the same prompts, one at a time: speed and equality."""
-    from llm2diff.evaluation.exact_match import left_pad
+    from llm2diff.evaluation.completions import left_pad
     from llm2diff.training.data import render_example
 
     parent_s = lossless_s = 0.0
@@ -126,7 +126,7 @@ def verified_identical(dlm, problems, data_args, max_new_tokens: int, threshold:
     one prompt at a time, in the model's dtype): (equal, checked)."""
     import torch
 
-    from llm2diff.evaluation.exact_match import left_pad
+    from llm2diff.evaluation.completions import left_pad
     from llm2diff.sampling.lossless import parent_suppressed_ids
     from llm2diff.training.data import render_example
 

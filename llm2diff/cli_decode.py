@@ -180,7 +180,7 @@ def cmd_generate(argv: list[str]) -> int:
     sampling = _sampling_kwargs(args)
     _check_generate_args(args)
     from llm2diff.chat import BlockPrinter
-    from llm2diff.evaluation.exact_match import left_pad
+    from llm2diff.evaluation.completions import left_pad
     from llm2diff.modeling.diffusion_lm import load
     from llm2diff.training.arguments import DataArguments
     from llm2diff.training.data import render_example

@@ -28,10 +28,11 @@ Model arguments (`--model_args key=value,...`):
         used when CUDA is asked for but absent; the checkpoint's dtype).
 
 What each lm-eval request does:
-    generate_until: prompts batched (grouped by generation settings, longest first) and left-padded; the block
-        sampler (`DiffusionLM.generate`) with the request's `until` strings as `stop_strings`, or the parent's
-        `generate` with a stopping criterion on the decoded text; `max_gen_toks` is the budget; the decoded text
-        is cut before the first stop string. Greedy unless the request sets `do_sample` (then `temperature`,
+    generate_until: prompts batched (grouped by generation settings, longest first) and generated through
+        `llm2diff.evaluation.completions.complete`: the model as it decodes (`DiffusionLM.generate`) or the
+        parent's `generate`, both with the request's `until` strings as `stop_strings` (one stop rule,
+        `llm2diff.sampling.stops`); `max_gen_toks` is the budget; the decoded text is cut before the first stop
+        string. Greedy unless the request sets `do_sample` (then `temperature`,
         `top_k`, `top_p` apply). One process: lm-eval's data parallelism (`accelerate launch`) is not supported.
     loglikelihood: `llm2diff.evaluation.likelihood.loglikelihood`: the Monte-Carlo ELBO (a lower bound of
         log p, `elbo_samples` samples, fixed `seed`), or the parent's exact log-likelihood. `is_greedy` is exact
@@ -72,6 +73,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llm2diff.sampling.config import DecodingConfig
+from llm2diff.sampling.stops import cut_text_at_stop
 
 __all__ = ["LLM2DiffLM", "main"]
 
@@ -168,33 +170,6 @@ def _stop_list(until: Any) -> list[str]:
     if isinstance(until, Sequence):
         return [str(s) for s in until if s]
     raise ValueError(f"generation argument until={until!r}: expected a string or a list of strings")
-
-
-def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    """`text` up to (not including) the earliest occurrence of any of `stop_strings`."""
-    cut = len(text)
-    for stop in stop_strings:
-        if stop:
-            at = text.find(stop)
-            if at != -1:
-                cut = min(cut, at)
-    return text[:cut]
-
-
-def _stop_criteria(tokenizer, stop_strings: Sequence[str], prompt_width: int):
-    """A `StoppingCriteriaList` ending each row of `generate` once its new text holds a stop string. (Hugging Face's
-    own `stop_strings` pre-processes the whole vocabulary and fails on some tokenizers, e.g. word-level ones.)"""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    tail = 4 * max(len(stop) for stop in stop_strings) + 8  # tokens enough to hold any stop (even byte tokens)
-
-    class StopOnStrings(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-            rows = input_ids[:, prompt_width:].tolist()
-            done = [any(stop in tokenizer.decode(row[-tail:]) for stop in stop_strings) for row in rows]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([StopOnStrings()])
 
 
 @register_model("llm2diff")
@@ -410,34 +385,20 @@ class LLM2DiffLM(TemplateLM):
         }
 
     def _generate_batch(self, prompts: list[list[int]], s: dict[str, Any], seed: int) -> list[str]:
-        from llm2diff.evaluation.exact_match import left_pad, until_stop
+        from llm2diff.evaluation.completions import complete
 
-        tok = self.tokenizer
-        ids, mask = left_pad(prompts, tok.pad_token_id)
-        width = ids.shape[1]
+        request = {"max_new_tokens": s["max_gen_toks"], "stop_strings": tuple(s["until"] or ())}
+        if s["temperature"] > 0:  # sampled: for the diffusion model, the block sampler (the decoder that samples)
+            request.update(temperature=s["temperature"], seed=seed, top_k=s["top_k"], top_p=s["top_p"])
         if self.ar_parent:
-            kwargs: dict[str, Any] = {}
-            if s["until"]:
-                kwargs["stopping_criteria"] = _stop_criteria(tok, s["until"], width)
+            done = complete(self.dlm, prompts, request, ar_parent=True)
+        else:  # the model's saved decoding, the `decoding.*` model arguments, then the request
             if s["temperature"] > 0:
-                torch.manual_seed(seed)
-                kwargs.update(do_sample=True, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])
-            sequences = self.dlm.ar_generate(ids, mask, max_new_tokens=s["max_gen_toks"], **kwargs).cpu()
-            rows = [until_stop(row, tok.pad_token_id, self.dlm.eos_token_ids) for row in sequences[:, width:].tolist()]
-            self.stats["row_forwards"] += sum(len(r) for r in rows)
-        else:
-            # the model's saved decoding, the `decoding.*` model arguments, then the request; a sampled request
-            # needs the block sampler, the decoder that samples
-            request = {"max_new_tokens": s["max_gen_toks"], "stop_strings": tuple(s["until"] or ())}
-            if s["temperature"] > 0:
-                request.update(mode="block", temperature=s["temperature"], seed=seed, top_k=s["top_k"], top_p=s["top_p"])
-            decoding = DecodingConfig.resolve(self.dlm.decoding, self.decoding, request)
-            out = self.dlm.generate(ids, mask, decoding=decoding.to_dict())
-            sequences, num_new = out.sequences.cpu(), out.num_new_tokens.cpu().tolist()
-            rows = [sequences[k, width:width + num_new[k]].tolist() for k in range(len(prompts))]
-            self.stats["row_forwards"] += int(out.nfe_per_row.sum())
-        self.stats["generated_tokens"] += sum(len(r) for r in rows)
-        return [cut_at_stop(self.tok_decode(r), s["until"]) for r in rows]
+                request["mode"] = "block"
+            done = complete(self.dlm, prompts, DecodingConfig.resolve(self.dlm.decoding, self.decoding, request))
+        self.stats["row_forwards"] += done.passes
+        self.stats["generated_tokens"] += done.new_tokens
+        return [cut_text_at_stop(self.tok_decode(r.tokens), s["until"]) for r in done.rows]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Batched generation; see the module doc. Returns the continuations in request order."""

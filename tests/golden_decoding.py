@@ -97,7 +97,7 @@ def make_case_model(spec: dict):
 
 def inputs(dlm):
     """The two prompts, chat-rendered and left-padded."""
-    from llm2diff.evaluation.exact_match import left_pad
+    from llm2diff.evaluation.completions import left_pad
 
     tok = dlm.tokenizer
     ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),

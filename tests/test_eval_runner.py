@@ -140,7 +140,7 @@ def test_a_model_is_graded_as_it_decodes_and_the_summary_says_how(tmp_path, save
     from peft import LoraConfig
 
     from llm2diff import load
-    from llm2diff.evaluation.exact_match import left_pad
+    from llm2diff.evaluation.completions import left_pad
     from llm2diff.evaluation.runner import PromptRenderer
     from llm2diff.tasks.base import get_task
 

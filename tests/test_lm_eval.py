@@ -22,7 +22,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from llm2diff import adapt  # noqa: E402
 from llm2diff.evaluation.likelihood import loglikelihood  # noqa: E402
-from llm2diff.lm_eval import LLM2DiffLM, cut_at_stop  # noqa: E402
+from llm2diff.lm_eval import LLM2DiffLM  # noqa: E402
+from llm2diff.sampling.stops import cut_text_at_stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "eval" / "lm_eval_tasks"
@@ -204,9 +205,9 @@ def test_generate_until_cuts_at_stop_strings_and_honours_max_gen_toks(lm, parent
 
 
 def test_cut_at_stop_uses_the_earliest_stop_string():
-    assert cut_at_stop("a b\n\nQuestion: c", ["Question:", "\n\n"]) == "a b"
-    assert cut_at_stop("no stop here", ["Question:"]) == "no stop here"
-    assert cut_at_stop("x", []) == "x"
+    assert cut_text_at_stop("a b\n\nQuestion: c", ["Question:", "\n\n"]) == "a b"
+    assert cut_text_at_stop("no stop here", ["Question:"]) == "no stop here"
+    assert cut_text_at_stop("x", []) == "x"
 
 
 # -- loglikelihood -----------------------------------------------------------------------------------------------

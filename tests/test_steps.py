@@ -65,7 +65,7 @@ class FaithfulPolicy:
         max_new_tokens = decoding["max_new_tokens"]
         rng = random.Random(seed)
         tok = self.tokenizer
-        rows = []
+        rows, num_new = [], []
         for prompt, prefix in zip(input_ids.tolist(), response_prefix.tolist()):
             text = tok.decode(prefix)
             lines = [m for m in (_STEP_LINE.match(line) for line in text.split("\n")) if m]
@@ -79,8 +79,10 @@ class FaithfulPolicy:
                 final = value + (1 if rng.random() < self.noise else 0)
                 rest += f"\n#### {final}"
             rows.append(prompt + prefix + tok.encode(rest) + [1])
+            num_new.append(len(tok.encode(rest)) + 1)
         width = max(len(r) for r in rows)
-        return SimpleNamespace(sequences=torch.tensor([r + [0] * (width - len(r)) for r in rows]))
+        return SimpleNamespace(sequences=torch.tensor([r + [0] * (width - len(r)) for r in rows]), nfe=1,
+                               num_new_tokens=torch.tensor(num_new), nfe_per_row=torch.ones(len(rows), dtype=torch.long))
 
 
 @pytest.mark.parametrize("response", [

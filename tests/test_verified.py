@@ -206,7 +206,7 @@ def test_graded_like_the_other_samplers():
 
 
 def _rendered(dlm, problems):
-    from llm2diff.evaluation.exact_match import left_pad
+    from llm2diff.evaluation.completions import left_pad
     from llm2diff.training.arguments import DataArguments
     from llm2diff.training.data import render_example
 

@@ -9,10 +9,8 @@ the training data was (`llm2diff.training.data.render_example`), and answers are
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
-import torch
 from tqdm.auto import tqdm
 
 from llm2diff.tasks.arithmetic import grade
@@ -47,29 +45,6 @@ class EvalResult:
                 "samples": self.samples[:5]}
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into `(batch, max_len)` ids and attention mask."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
-
-
-def until_stop(tokens: list[int], pad_id: int | None, eos_ids: tuple[int, ...]) -> list[int]:
-    """Generated tokens up to the first end-of-sequence (kept) or padding (dropped)."""
-    out = []
-    for tok in tokens:
-        if tok == pad_id and pad_id not in eos_ids:
-            break
-        out.append(tok)
-        if tok in eos_ids:
-            break
-    return out
-
-
 def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = False, max_new_tokens: int = 96,
                      batch_size: int = 16, tokens_per_step: int = 1, threshold: float | None = None,
                      commit_rule: str | None = None, name: str | None = None, decoding=None,
@@ -80,6 +55,7 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
     commit rules, correction); the model's saved decoding does not apply (the row is graded with exactly its rule).
     `decoding` (a `DecodingConfig`) grades with exactly that configuration instead (e.g. the saved one).
     """
+    from llm2diff.evaluation.completions import Throughput, complete
     from llm2diff.sampling.config import DecodingConfig
     from llm2diff.training.data import render_example
 
@@ -92,44 +68,27 @@ def evaluate_answers(dlm, problems: list[dict], data_args, use_parent: bool = Fa
         rule = describe_decoding(decoding)
     kind = "AR twin (block 1)" if dlm.config.block_size == 1 else f"diffusion (block {dlm.config.block_size}, {rule})"
     name = name or ("AR parent (greedy generate)" if use_parent else kind)
-    correct, new_tokens, nfe, row_forwards, samples = 0, 0, 0, 0, []
-    start = time.perf_counter()
+    if use_parent:
+        decoding = DecodingConfig(max_new_tokens=max_new_tokens)
+    elif decoding is not None:
+        decoding = decoding.replace(max_new_tokens=max_new_tokens)
+    else:  # exactly the rule named in the row (the library's defaults under it), not the model's saved decoding
+        block_rule = {"tokens_per_step": tokens_per_step, "commit_rule": commit_rule} if mode == "block" else {}
+        overrides = {k: v for k, v in {"threshold": threshold, **block_rule, **sampler}.items() if v is not None}
+        decoding = DecodingConfig(mode=mode, max_new_tokens=max_new_tokens).replace(**overrides)
+    correct, samples, cost = 0, [], Throughput()
     for lo in tqdm(range(0, len(problems), batch_size), desc=f"eval {name}", leave=False):
         batch = problems[lo : lo + batch_size]
         prompts = [render_example({"question": p["question"], "answer": ""}, tok, data_args)[0] for p in batch]
-        ids, mask = left_pad(prompts, tok.pad_token_id)
-        if use_parent:
-            sequences = dlm.ar_generate(ids, mask, max_new_tokens=max_new_tokens)
-            forwards = sequences.shape[1] - ids.shape[1]  # one pass per generated position
-            row_forwards_batch = None
-        else:
-            # exactly the rule named in the row (the library's defaults under it), not the model's saved decoding
-            if decoding is not None:
-                out = dlm.generate(ids, mask, decoding=decoding.to_dict(), max_new_tokens=max_new_tokens)
-            else:
-                block_rule = {"tokens_per_step": tokens_per_step, "commit_rule": commit_rule} if mode == "block" else {}
-                out = dlm.generate(ids, mask, decoding=DecodingConfig().to_dict(), mode=mode,
-                                   max_new_tokens=max_new_tokens, threshold=threshold, **block_rule, **sampler)
-            sequences = out.sequences
-            forwards = out.nfe  # lossless: both models' passes
-            row_forwards_batch = int(out.nfe_per_row.sum()) if getattr(out, "nfe_per_row", None) is not None \
-                else None
-        nfe += forwards
-        rows = [until_stop(row, tok.pad_token_id, dlm.eos_token_ids) for row in sequences[:, ids.shape[1]:].tolist()]
-        for problem, tokens in zip(batch, rows):
-            text = tok.decode(tokens, skip_special_tokens=True)
-            ok = grade(text, problem["answer"])
+        done = complete(dlm, prompts, decoding, ar_parent=use_parent)
+        cost.add_batch(done)
+        for problem, row in zip(batch, done.rows):
+            ok = grade(row.text, problem["answer"])
             correct += ok
-            new_tokens += len(tokens)
-            if row_forwards_batch is None:  # AR: prefill + one pass per further token of this row
-                row_forwards += len(tokens)
             if len(samples) < 5:
-                samples.append({"question": problem["question"], "output": text, "correct": bool(ok)})
-        if row_forwards_batch is not None:
-            row_forwards += row_forwards_batch
-    seconds = time.perf_counter() - start
-    return EvalResult(name, correct / max(len(problems), 1), correct, len(problems), new_tokens, seconds, nfe,
-                      row_forwards, samples)
+                samples.append({"question": problem["question"], "output": row.text, "correct": bool(ok)})
+    return EvalResult(name, correct / max(len(problems), 1), correct, len(problems), cost.new_tokens, cost.seconds,
+                      cost.nfe, cost.row_forwards, samples)
 
 
 def describe_decoding(decoding) -> str:

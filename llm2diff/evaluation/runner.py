@@ -251,29 +251,22 @@ def _run(cfg: EvalConfig, task, rows, shots, dlm, render: PromptRenderer, out: P
 def _generate_records(task, dlm, batch, ids, cfg: EvalConfig, render: PromptRenderer, shots, transforms, decoding,
                       seed):
     """Generate for a batch of rows (each under every augmentation when `transforms` is set) and grade them."""
-    from llm2diff.evaluation.exact_match import left_pad, until_stop
+    from llm2diff.evaluation.completions import complete
 
     tok = dlm.tokenizer
     views = transforms or [None]
     prompts = [render(task, row, shots, None if t is None else task.augmented_question(row, t))
                for _, row in batch for t in views]
-    input_ids, mask = left_pad(prompts, tok.pad_token_id)
     if cfg.ar_parent:
-        sequences = dlm.ar_generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens)
-        per_row_nfe = None
+        done = complete(dlm, prompts, {"max_new_tokens": cfg.max_new_tokens}, ar_parent=True)
     else:
         seeded = {"seed": seed} if decoding.mode == "block" else {}  # the other decoders draw nothing at random
-        gen = dlm.generate(input_ids, mask, decoding=decoding.to_dict(), **seeded)
-        sequences, per_row_nfe = gen.sequences, gen.nfe_per_row.tolist()
+        done = complete(dlm, prompts, decoding, **seeded)
     records = []
     for k, (i, row) in enumerate(batch):
-        outputs, new, nfe = [], 0, 0
-        for v in range(len(views)):
-            j = k * len(views) + v
-            tokens = until_stop(sequences[j, input_ids.shape[1]:].tolist(), tok.pad_token_id, dlm.eos_token_ids)
-            outputs.append(tok.decode(tokens, skip_special_tokens=True))
-            new += len(tokens)
-            nfe += len(tokens) if per_row_nfe is None else per_row_nfe[j]
+        views_done = done.rows[k * len(views) : (k + 1) * len(views)]
+        outputs = [r.text for r in views_done]
+        new, nfe = sum(len(r.tokens) for r in views_done), sum(r.passes for r in views_done)
         verdict = task.grade_attempts(outputs, row, transforms) if transforms else task.grade(outputs[0], row)
         records.append({"id": ids[i], "prompt": tok.decode(prompts[k * len(views)]),
                         "output": outputs if transforms else outputs[0], "prediction": _jsonable(verdict.prediction),

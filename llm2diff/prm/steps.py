@@ -95,22 +95,20 @@ def rollout_labels(
     """
     if num_rollouts < 1:
         raise ValueError(f"num_rollouts must be >= 1, got {num_rollouts}")
-    from llm2diff.evaluation.exact_match import until_stop
+    from llm2diff.evaluation.completions import complete
 
     tok = policy.tokenizer
     response = list(response_ids)
-    prompt = torch.tensor([list(prompt_ids)] * num_rollouts)
-    mask = torch.ones_like(prompt)
+    prompts = [list(prompt_ids)] * num_rollouts
     soft, hard = [], []
     for s, end in enumerate(ends):
         prefix = torch.tensor([response[: end + 1]] * num_rollouts)
         rollout = {"temperature": temperature, "max_new_tokens": max_new_tokens, **(decoding or {}), "mode": "block"}
-        out = policy.generate(prompt, mask, decoding=rollout, seed=seed + s, response_prefix=prefix)
-        start = prompt.shape[1] + prefix.shape[1]
+        done = complete(policy, prompts, rollout, seed=seed + s, response_prefix=prefix)
         correct = 0
-        for sequence in out.sequences.tolist():
-            tokens = response[: end + 1] + until_stop(sequence[start:], tok.pad_token_id, policy.eos_token_ids)
-            correct += bool(task.grade(tok.decode(tokens, skip_special_tokens=True), row).correct)
+        for completion in done.rows:
+            text = tok.decode(response[: end + 1] + completion.tokens, skip_special_tokens=True)
+            correct += bool(task.grade(text, row).correct)
         soft.append(correct / num_rollouts)
         hard.append(int(correct > 0))
     return soft, hard

@@ -47,6 +47,7 @@ from llm2diff.modeling.parent import parent_suppressed_ids
 
 from llm2diff.sampling.rules import suppress_ids
 from llm2diff.sampling.sampler import BlockContext, prompt_fusion_pays
+from llm2diff.sampling.stops import StopRule
 
 # Generation-config options that would change `generate`'s greedy choice and that lossless mode does not replay.
 UNSUPPORTED_GENERATION_OPTIONS = ("sequence_bias", "no_repeat_ngram_size", "bad_words_ids", "min_length",
@@ -291,43 +292,6 @@ class ParentVerifier:
         new = torch.tensor([tokens], dtype=torch.long, device=self.history.device)
         self.history = torch.cat([self.history, new], dim=1)
         self.pending = new[:, -1:]
-
-
-class StopRule:
-    """Where `generate` would stop a row: after end-of-sequence, or after the token completing a stop string.
-
-    Stop strings are matched by transformers' own `StopStringCriteria` on the padded prompt plus the new tokens,
-    as `generate(stop_strings=..., tokenizer=...)` matches them. For a tokenizer it cannot read (it needs to map
-    every vocabulary entry to text; `generate` itself fails then), the row stops after the first token at which
-    the decoded new tokens contain a stop string, as the block sampler does.
-    """
-
-    def __init__(self, eos_token_ids, stop_strings, tokenizer):
-        self.eos = {int(i) for i in eos_token_ids}
-        self.strings, self.tokenizer, self.criteria = tuple(stop_strings or ()), tokenizer, None
-        if self.strings:
-            from transformers import StopStringCriteria
-
-            try:
-                self.criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(self.strings))
-            except ValueError:
-                self.criteria = None
-
-    def first_stop(self, row: torch.Tensor, new: list[int], start: int) -> int | None:
-        """Smallest n > start such that generation stops after `new[:n]`, or None. `row` is the padded prompt."""
-        for n in range(start + 1, len(new) + 1):
-            if new[n - 1] in self.eos or self._completes_string(row, new[:n]):
-                return n
-        return None
-
-    def _completes_string(self, row: torch.Tensor, new: list[int]) -> bool:
-        if not self.strings:
-            return False
-        if self.criteria is not None:
-            ids = torch.cat([row, torch.tensor(new, dtype=torch.long, device=row.device)])[None]
-            return bool(self.criteria(ids, None)[0])
-        text = self.tokenizer.decode(new, skip_special_tokens=False)
-        return any(stop in text for stop in self.strings)
 
 
 @torch.no_grad()

@@ -52,6 +52,7 @@ from llm2diff.sampling.rules import (
     sub_block_window,
     suppress_ids,
 )
+from llm2diff.sampling.stops import StopRule
 
 
 @dataclass
@@ -395,6 +396,7 @@ class BlockSampler:
         self.tokenizer = tokenizer
         self.streamer = streamer
         self.trajectory = trajectory
+        self.stops = StopRule(settings.eos_token_ids, settings.stop_strings if tokenizer is not None else (), tokenizer)
         self.step_counts: list[int] = []
         self.remasked = 0
         device = embedding_weight(model).device
@@ -435,6 +437,7 @@ class BlockSampler:
         for b in range(whole):
             ctx.commit(prefix[:, b * s.block_size : (b + 1) * s.block_size], run_model=True)
         start = prefix[:, whole * s.block_size :] if partial else None
+        context = torch.cat([input_ids, prefix], dim=1)  # what stop strings may begin in
 
         produced = 0
         while produced < s.max_new_tokens and not bool(finished.all()):
@@ -448,7 +451,7 @@ class BlockSampler:
             num_new[rows[running]] += length
             before = produced
             produced += length
-            finished = self._apply_stops(new_tokens, produced, finished, num_new)
+            finished = self._apply_stops(context, new_tokens, before, produced, finished, num_new)
             if self.streamer is not None:
                 self.streamer.put(new_tokens[0, before : min(produced, int(num_new[0]))].cpu())
             more = produced < s.max_new_tokens and not bool(finished.all())
@@ -547,41 +550,19 @@ class BlockSampler:
         return select_commits(value, eligible, s.tokens_per_step, threshold, priority, s.confidence_floor)
 
     # -- stopping ----------------------------------------------------------------------------------------------
-    def _apply_stops(self, new_tokens, produced, finished, num_new) -> torch.Tensor:
-        """Mark rows that emitted end-of-sequence or a stop string; pad everything after the stop."""
-        s = self.s
+    def _apply_stops(self, context, new_tokens, checked, produced, finished, num_new) -> torch.Tensor:
+        """Mark rows that stopped (end-of-sequence or a stop string, `llm2diff.sampling.stops`) among the tokens
+        after `checked` (the ones before were checked with the earlier blocks); pad everything after the stop."""
         finished = finished.clone()
         for row in range(new_tokens.shape[0]):
             if finished[row]:
                 continue
-            tokens = new_tokens[row, :produced]
-            stop_at = None
-            for eos in s.eos_token_ids:
-                hits = (tokens == eos).nonzero()
-                if len(hits):
-                    at = int(hits[0]) + 1
-                    stop_at = at if stop_at is None else min(stop_at, at)
-            if s.stop_strings and self.tokenizer is not None:
-                at = _stop_string_end(self.tokenizer, tokens[: stop_at or produced].tolist(), s.stop_strings)
-                if at is not None:
-                    stop_at = at
+            stop_at = self.stops.first_stop(context[row], new_tokens[row, :produced].tolist(), checked)
             if stop_at is not None:
-                new_tokens[row, stop_at:produced] = s.pad_token_id
+                new_tokens[row, stop_at:produced] = self.s.pad_token_id
                 num_new[row] = stop_at
                 finished[row] = True
         return finished
-
-
-def _stop_string_end(tokenizer, tokens: list[int], stop_strings: tuple[str, ...]) -> int | None:
-    """Smallest n such that the first n tokens decode to text containing a stop string, or None."""
-    text = tokenizer.decode(tokens, skip_special_tokens=False)
-    if not any(stop in text for stop in stop_strings):
-        return None
-    for n in range(1, len(tokens) + 1):
-        prefix = tokenizer.decode(tokens[:n], skip_special_tokens=False)
-        if any(stop in prefix for stop in stop_strings):
-            return n
-    return None
 
 
 def decode_block(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoding, response_prefix=None,

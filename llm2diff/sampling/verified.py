@@ -45,6 +45,7 @@ from llm2diff.sampling.lossless import greedy_choices, padded_rows, parent_logit
 from llm2diff.sampling.rules import suppress_ids
 from llm2diff.modeling.lora import embedding_weight
 from llm2diff.sampling.sampler import uses_flash_attention
+from llm2diff.sampling.stops import StopRule
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from llm2diff.atomic import read_jsonl_records
+from llm2diff.evaluation.completions import Throughput
 
 
 @dataclass
@@ -29,50 +30,17 @@ class SampleOptions:
     batch_size: int = 32
 
 
-@dataclass
-class SamplingStats:
-    """Throughput of one sampling stage, batches sampled before an interruption included (`samples.jsonl.stats`)."""
-
-    seconds: float = 0.0
-    new_tokens: int = 0
-    row_forwards: int = 0
-    sequences: int = 0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def nfe_per_token(self) -> float:
-        return self.row_forwards / self.new_tokens if self.new_tokens else 0.0
-
-    def add(self, seconds: float, tokens: int, forwards: int, sequences: int) -> None:
-        self.seconds += seconds
-        self.new_tokens += tokens
-        self.row_forwards += forwards
-        self.sequences += sequences
-
-    def to_dict(self) -> dict:
-        return {"seconds": round(self.seconds, 2), "new_tokens": self.new_tokens, "row_forwards": self.row_forwards,
-                "sequences": self.sequences, "tokens_per_second": round(self.tokens_per_second, 2),
-                "nfe_per_token": round(self.nfe_per_token, 4)}
-
-
 def _generate(dlm, prompts: list[list[int]], options: SampleOptions, seed: int):
-    from llm2diff.evaluation.exact_match import left_pad, until_stop
+    from llm2diff.evaluation.completions import complete
 
-    tok = dlm.tokenizer
-    ids, mask = left_pad(prompts, tok.pad_token_id)
-    out = dlm.generate(ids, mask, decoding={**options.decoding, "mode": "block"}, seed=seed)  # sampled: block
-    rows = [until_stop(r, tok.pad_token_id, dlm.eos_token_ids) for r in out.sequences[:, ids.shape[1]:].tolist()]
-    texts = [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
-    return texts, [len(r) for r in rows], out.nfe_per_row.tolist()
+    done = complete(dlm, prompts, {**options.decoding, "mode": "block"}, seed=seed)  # sampled: the block sampler
+    return [r.text.strip() for r in done.rows], [len(r.tokens) for r in done.rows], [r.passes for r in done.rows]
 
 
 def sample_and_grade(
     dlm, task, rows: list[dict], k: int, options: SampleOptions, seed: int, out: Path,
     questions: list[str] | None = None, desc: str = "sampling",
-) -> tuple[dict[str, dict], SamplingStats]:
+) -> tuple[dict[str, dict], Throughput]:
     """Sample `k` completions per row, grade each with `task.grade`, append one record per row to `out`.
 
     Args:
@@ -81,7 +49,7 @@ def sample_and_grade(
         seed: the sampler seed of this stage; batch b uses `seed + b`, so a resumed run draws as a fresh one would.
 
     Returns:
-        `{row_id: record}` for every row (written now or before) and this call's `SamplingStats`. A record:
+        `{row_id: record}` for every row (written now or before) and this call's `Throughput`. A record:
         `{"id", "question", "samples": [{"text", "correct", "tokens"}], "num_correct"}`.
     """
     from accelerate import PartialState
@@ -96,7 +64,7 @@ def sample_and_grade(
     done = read_jsonl_records(out)
     per_batch = max(1, options.batch_size // k)
     batches = [list(range(lo, min(lo + per_batch, len(rows)))) for lo in range(0, len(rows), per_batch)]
-    stats = SamplingStats()
+    stats = Throughput()
     # per-batch cost, beside the records, so a resumed stage still reports its whole sampling time and throughput
     stats_path = out.with_name(out.name + ".stats")
     out.parent.mkdir(parents=True, exist_ok=True)
