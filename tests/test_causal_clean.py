@@ -20,7 +20,7 @@ from llm2diff.modeling.attention import block_diffusion_mask, block_diffusion_ma
 from llm2diff.modeling.config import DiffusionConfig
 from llm2diff.noise.masking import NoiseSpec
 from llm2diff.sampling.lossless import lossless_generate
-from llm2diff.sampling.sampler import BlockContext
+from llm2diff.sampling.block_cache import BlockContext
 from llm2diff.training.config import DiffusionSFTConfig
 from llm2diff.training.layout import build_layout
 from llm2diff.training.objective import diffusion_loss, layout_logits

@@ -7,7 +7,7 @@ import torch
 from conftest import ARCHITECTURES, make_model, make_tokenizer
 
 from llm2diff import adapt
-from llm2diff.sampling.sampler import BlockContext
+from llm2diff.sampling.block_cache import BlockContext
 from llm2diff.training.layout import build_layout
 from llm2diff.training.objective import layout_logits
 
@@ -55,7 +55,7 @@ def _flash_available() -> bool:
 def test_flash_attention_block_steps_match_sdpa(arch, clean_attention):
     """On flash-attn the block passes use no mask (is_causal=False over cache + block; a causal clean block's
     commit is_causal=True): same tokens as sdpa."""
-    from llm2diff.sampling.sampler import uses_flash_attention
+    from llm2diff.sampling.block_cache import uses_flash_attention
 
     sdpa = adapt(make_model(arch).to("cuda", torch.bfloat16), make_tokenizer(), block_size=4,
                  clean_attention=clean_attention)

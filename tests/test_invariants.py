@@ -10,7 +10,7 @@ from conftest import ARCHITECTURES, MODEL_VOCAB, make_model, make_tokenizer
 
 from llm2diff import adapt, load
 from llm2diff.modeling.attention import block_diffusion_mask, to_additive_mask
-from llm2diff.sampling.sampler import BlockContext
+from llm2diff.sampling.block_cache import BlockContext
 from llm2diff.training.layout import build_layout
 from llm2diff.training.objective import layout_logits
 

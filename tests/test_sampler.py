@@ -218,7 +218,7 @@ def test_prefix_continuation_cache_equals_recompute(dlm):
 
 @pytest.mark.parametrize("arch,causal_clean", [("qwen2", False), ("qwen3", False), ("llama", False), ("qwen2", True)])
 def test_prompt_fused_into_the_first_block_pass_gives_the_same_predictions_one_pass_fewer(arch, causal_clean):
-    from llm2diff.sampling.sampler import BlockContext
+    from llm2diff.sampling.block_cache import BlockContext
 
     model = make_model(arch).eval()
     gen = torch.Generator().manual_seed(0)

@@ -17,7 +17,8 @@ from llm2diff.sampling.rules import (
     select_remasks,
     sub_block_window,
 )
-from llm2diff.sampling.sampler import BlockContext, BlockSampler, SamplerSettings
+from llm2diff.sampling.block_cache import BlockContext
+from llm2diff.sampling.sampler import BlockSampler, SamplerSettings
 
 PROMPTS = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 0, 5, 6, 7]])
 MASK = (PROMPTS != 0).long()

@@ -46,7 +46,7 @@ from llm2diff.modeling.lora import LoraSwitch
 from llm2diff.modeling.parent import parent_suppressed_ids
 
 from llm2diff.sampling.rules import suppress_ids
-from llm2diff.sampling.sampler import BlockContext, prompt_fusion_pays
+from llm2diff.sampling.block_cache import BlockContext, prompt_fusion_pays
 from llm2diff.sampling.stops import StopRule
 
 # Generation-config options that would change `generate`'s greedy choice and that lossless mode does not replay.

@@ -44,7 +44,7 @@ from llm2diff.modeling.attention import CLEAN, NOISY, PROMPT, block_diffusion_ma
 from llm2diff.sampling.lossless import greedy_choices, padded_rows, parent_logits_processors, row_inputs
 from llm2diff.sampling.rules import suppress_ids
 from llm2diff.modeling.lora import embedding_weight
-from llm2diff.sampling.sampler import uses_flash_attention
+from llm2diff.sampling.block_cache import uses_flash_attention
 from llm2diff.sampling.stops import StopRule
 
 
