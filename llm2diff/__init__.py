@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "adapt": "llm2diff.modeling.diffusion_lm",
-    "load": "llm2diff.modeling.diffusion_lm",
+    "adapt": "llm2diff.modeling.loading",
+    "load": "llm2diff.modeling.loading",
     "DiffusionLM": "llm2diff.modeling.diffusion_lm",
     "DiffusionConfig": "llm2diff.modeling.config",
     "DecodingConfig": "llm2diff.sampling.config",
@@ -28,7 +28,8 @@ __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from llm2diff.modeling.config import DiffusionConfig
-    from llm2diff.modeling.diffusion_lm import DiffusionLM, adapt, load
+    from llm2diff.modeling.diffusion_lm import DiffusionLM
+    from llm2diff.modeling.loading import adapt, load
     from llm2diff.sampling.config import DecodingConfig
     from llm2diff.sampling.output import GenerateOutput
 

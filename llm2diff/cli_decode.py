@@ -181,7 +181,7 @@ def cmd_generate(argv: list[str]) -> int:
     _check_generate_args(args)
     from llm2diff.chat import BlockPrinter
     from llm2diff.evaluation.completions import left_pad
-    from llm2diff.modeling.diffusion_lm import load
+    from llm2diff.modeling.loading import load
     from llm2diff.training.arguments import DataArguments
     from llm2diff.training.data import render_example
 
@@ -265,7 +265,7 @@ def cmd_chat(argv: list[str]) -> int:
     args = _chat_parser().parse_args(argv)
     sampling = _sampling_kwargs(args)
     from llm2diff.chat import run_chat
-    from llm2diff.modeling.diffusion_lm import load
+    from llm2diff.modeling.loading import load
 
     dlm = load(args.model, device=args.device, dtype=_dtype(args.dtype))
     _warn_slow_dtype(dlm)

@@ -40,7 +40,8 @@ def merge_model(source: str | os.PathLike, out: str | os.PathLike, dtype=None, o
     from importlib import metadata
 
     from llm2diff.modeling.config import DiffusionConfig
-    from llm2diff.modeling.diffusion_lm import load, save_significance, saved_model_directory
+    from llm2diff.modeling.loading import load, saved_model_directory
+    from llm2diff.modeling.significance import save_significance
 
     out = Path(out).expanduser()
     if Path(source).expanduser().resolve() == out.resolve():

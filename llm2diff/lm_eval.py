@@ -197,7 +197,8 @@ class LLM2DiffLM(TemplateLM):
             raise ValueError(f"unknown llm2diff model argument(s) {', '.join(msgs)}; valid: {', '.join(valid)}")
         if pretrained is None or _is_none(pretrained):
             raise ValueError("model argument pretrained is required: the directory of a saved llm2diff model")
-        from llm2diff.modeling.diffusion_lm import DiffusionLM, load
+        from llm2diff.modeling.diffusion_lm import DiffusionLM
+        from llm2diff.modeling.loading import load
 
         self.ar_parent = _as_bool("ar_parent", ar_parent)
         self.batch_size = _as_batch_size(batch_size)

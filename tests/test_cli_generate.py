@@ -12,7 +12,8 @@ import torch
 from conftest import adapted_with_saved_base
 
 from llm2diff.cli import main
-from llm2diff.modeling.diffusion_lm import DiffusionLM, load
+from llm2diff.modeling.diffusion_lm import DiffusionLM
+from llm2diff.modeling.loading import load
 from llm2diff.sampling.trajectory_render import render_terminal, replay_terminal
 
 PROMPT, OTHER = "tom has 5 apples", "how many pears does ana have"

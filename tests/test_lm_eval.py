@@ -305,6 +305,6 @@ def test_shipped_task_yamls_are_the_stock_tasks_on_local_files(local, stock):
 
 
 def test_importing_llm2diff_does_not_import_lm_eval():
-    code = ("import sys, llm2diff; from llm2diff.modeling import diffusion_lm; "
+    code = ("import sys, llm2diff; from llm2diff.modeling import diffusion_lm, loading; "
             "from llm2diff.evaluation import likelihood, runner; assert 'lm_eval' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})

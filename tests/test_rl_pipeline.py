@@ -29,7 +29,7 @@ def root(tmp_path_factory):
                   t_min=0.3, loss_weighting="mean", seed=0)
     (root / "policy.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items()))
     assert main(["train", "--config", str(root / "policy.yaml")]) == 0
-    from llm2diff.modeling.diffusion_lm import load_tokenizer
+    from llm2diff.modeling.loading import load_tokenizer
     from llm2diff.prm.model import build_prm
 
     # the PRM reads the policy's tokenizer (which holds the mask token the policy added)

@@ -180,7 +180,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     model's files, the rows), so that results of another model or data are never resumed.
     """
     from llm2diff.modeling.config import library_versions
-    from llm2diff.modeling.diffusion_lm import load, saved_model_directory
+    from llm2diff.modeling.loading import load, saved_model_directory
     from llm2diff.rundir import check_writable, model_fingerprint, output_lock, rows_fingerprint
 
     if not cfg.model:

@@ -216,7 +216,7 @@ def build_prm(base_model_name_or_path_or_model, tokenizer=None, lora_r: int = 16
     """
     from transformers import AutoModelForTokenClassification
 
-    from llm2diff.modeling.diffusion_lm import load_tokenizer
+    from llm2diff.modeling.loading import load_tokenizer
     from llm2diff.training.run import check_model_path
 
     if isinstance(base_model_name_or_path_or_model, (str, os.PathLike)):
@@ -273,7 +273,7 @@ def load_prm(directory: str | os.PathLike, dtype=None, device=None, is_trainable
     """
     from transformers import AutoModelForTokenClassification
 
-    from llm2diff.modeling.diffusion_lm import load_tokenizer
+    from llm2diff.modeling.loading import load_tokenizer
     from llm2diff.training.run import check_model_path
 
     directory = Path(directory)

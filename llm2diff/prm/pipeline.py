@@ -211,7 +211,7 @@ def run_prm(prm_args: PRMArguments, train_args, recipe: dict[str, Any]) -> dict[
 
 
 def _run_prm(prm_args: PRMArguments, train_args, recipe: dict[str, Any], task, root: Path) -> dict[str, Any]:
-    from llm2diff.modeling.diffusion_lm import load
+    from llm2diff.modeling.loading import load
     from llm2diff.prm.metrics import auroc, step_label_accuracy
     from llm2diff.prm.model import build_prm, train_prm
     from llm2diff.star.sampling import SampleOptions, sample_and_grade
@@ -240,7 +240,7 @@ def _run_prm(prm_args: PRMArguments, train_args, recipe: dict[str, Any], task, r
     prm_dir = root / "prm"
     report_path = root / "prm_report.json"
     if not (prm_dir / "prm_config.json").is_file():
-        from llm2diff.modeling.diffusion_lm import load_tokenizer
+        from llm2diff.modeling.loading import load_tokenizer
 
         tokenizer = load_tokenizer(prm_args.prm_policy)
         prm = build_prm(base, tokenizer, lora_r=prm_args.prm_lora_r, lora_alpha=2 * prm_args.prm_lora_r,

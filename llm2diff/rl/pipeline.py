@@ -144,7 +144,7 @@ def run_rl(rl_args: RLArguments, grpo_args, recipe: dict[str, Any]) -> dict[str,
 def _run_rl(rl_args: RLArguments, grpo_args, recipe: dict[str, Any], task, root: Path, checkpoint) -> dict[str, Any]:
     import datasets
 
-    from llm2diff.modeling.diffusion_lm import load
+    from llm2diff.modeling.loading import load
     from llm2diff.recipe import RecipeError
     from llm2diff.rl.grpo import DiffusionGRPOTrainer
     from llm2diff.training.checkpoints import checkpoint_step

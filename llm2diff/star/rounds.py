@@ -216,7 +216,7 @@ class StarRun:
         """One round sampled with the `previous` model; the round's model goes to `out/model`. Resumable."""
         from transformers import set_seed
 
-        from llm2diff.modeling.diffusion_lm import load
+        from llm2diff.modeling.loading import load
 
         star, train_args, task = self.star, self.train_args, self.task
         out = out or self.root / f"round-{r}"

@@ -83,7 +83,7 @@ def load_base_model(model_args: ModelArguments, train_args):
     """
     from transformers import AutoModelForCausalLM
 
-    from llm2diff.modeling.diffusion_lm import load_tokenizer
+    from llm2diff.modeling.loading import load_tokenizer
     from llm2diff.models.builtin import read_source_info
 
     from llm2diff.hub import unavailable_model
@@ -265,7 +265,7 @@ def finish_at_checkpoint(trainer, checkpoint: str):
 
 def adapt_base(model_args: ModelArguments, data_args, train_args):
     """Load the recipe's base model and adapt it (mask token, block size, fresh LoRA)."""
-    from llm2diff.modeling.diffusion_lm import adapt
+    from llm2diff.modeling.loading import adapt
 
     check_launch(train_args)
     model, tokenizer, source = load_base_model(model_args, train_args)
@@ -291,7 +291,7 @@ def continue_from(path: str | os.PathLike, model_args: ModelArguments, train_arg
     rounds of a QLoRA recipe go on on the quantized base), else in full precision, with a warning when that differs
     from the base the adapter was trained on.
     """
-    from llm2diff.modeling.diffusion_lm import load, recorded_quantization
+    from llm2diff.modeling.loading import load, recorded_quantization
 
     check_launch(train_args)
     wanted = model_args.quantization_record()

@@ -23,7 +23,7 @@ from llm2diff.atomic import atomic_save
 
 from llm2diff.modeling.attention import resolve_attn_backend
 from llm2diff.modeling.config import DiffusionConfig
-from llm2diff.modeling.diffusion_lm import save_significance
+from llm2diff.modeling.significance import save_significance
 from llm2diff.redact import redacted_training_args
 from llm2diff.training.collator import BlockDiffusionCollator
 from llm2diff.training.config import DiffusionSFTConfig
