@@ -102,3 +102,24 @@ def test_each_fact_is_stored_once():
     for literal in ('"significance.safetensors"', '"decoding_config.json"', '"diffusion_config.json"'):
         where = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if literal in p.read_text()]
         assert len(where) == 1, (literal, where)
+
+
+def test_no_module_over_500_lines_without_a_reason():
+    """A module past about 500 lines says in its docstring why it is one job ("Over 500 lines because ...")."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 500 and "Over 500 lines because" not in (ast.get_docstring(ast.parse(text)) or ""):
+            long.append((str(path.relative_to(PACKAGE)), len(text.splitlines())))
+    assert long == []
+
+
+def test_generate_takes_a_handful_of_named_parameters():
+    """Decoding settings go through `decoding` and keyword settings, never as parameters of their own."""
+    import inspect
+
+    from llm2diff import DiffusionLM
+
+    named = [p.name for p in inspect.signature(DiffusionLM.generate).parameters.values()
+             if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    assert named == ["self", "input_ids", "attention_mask", "decoding", "response_prefix", "streamer"]
