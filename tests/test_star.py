@@ -53,7 +53,7 @@ def test_two_rounds_write_every_artifact_and_resume_without_redoing_work(workdir
     assert main(["star", "--config", recipe]) == 0
     out = workdir / "run"
     printed = capsys.readouterr().out
-    assert "| round | held-out accuracy | pass@k (train)" in printed
+    assert "| round | held-out accuracy | vs round 0 (95% interval) | pass@k (train)" in printed
     for r in (0, 1, 2):
         assert (out / f"round-{r}" / "round.json").is_file()
         assert (out / f"round-{r}" / "eval" / "summary.json").is_file()
@@ -61,6 +61,14 @@ def test_two_rounds_write_every_artifact_and_resume_without_redoing_work(workdir
     full_report = json.loads((out / "report.json").read_text())
     report = full_report["rounds"]
     assert [r["round"] for r in report] == [0, 1, 2]
+    from llm2diff.evaluation.intervals import paired_difference, read_correct
+
+    # each later round's change against round 0, paired over the held-out problems
+    assert "vs_round_0" not in report[0]
+    for r in (1, 2):
+        expected = paired_difference(read_correct(out / "round-0" / "eval"), read_correct(out / f"round-{r}" / "eval"))
+        assert report[r]["vs_round_0"] == expected.to_dict()
+        assert report[r]["vs_round_0"]["n"] == report[r]["eval_examples"]
     assert full_report["recipe"]["seed"] == 0 and "torch" in full_report["versions"]
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![accuracy by round](accuracy.png)" in (out / "report.md").read_text()
@@ -110,7 +118,9 @@ def test_two_rounds_write_every_artifact_and_resume_without_redoing_work(workdir
     # raising star_rounds continues the finished run with round 3
     assert main(["star", "--config", recipe, "--star_rounds", "3"]) == 0
     assert [r["round"] for r in json.loads((out / "report.json").read_text())["rounds"]] == [0, 1, 2, 3]
-    assert json.loads((out / "round-1" / "round.json").read_text()) == report[1]
+    # round.json is the round's own record; the report adds the change against round 0
+    assert json.loads((out / "round-1" / "round.json").read_text()) == \
+        {k: v for k, v in report[1].items() if k != "vs_round_0"}
 
 
 def test_unsolved_problems_are_rationalized_with_the_answer_as_a_hint(workdir):

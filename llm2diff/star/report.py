@@ -16,21 +16,46 @@ def _fmt(value, spec: str = "") -> str:
 def report_table(records: list[dict]) -> str:
     """Markdown table, one row per round."""
     lines = [
-        "| round | held-out accuracy | pass@k (train) | kept | rationalized | SFT mixed | sampling tokens/s "
-        "| NFE/token (sampling) | sample s | rationalize s | train s | eval s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| round | held-out accuracy | vs round 0 (95% interval) | pass@k (train) | kept | rationalized | SFT mixed "
+        "| sampling tokens/s | NFE/token (sampling) | sample s | rationalize s | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         sampling = r.get("sampling") or {}
         seconds = r.get("seconds") or {}
         pass_at_k = None if r.get("pass_at_k") is None else f"{r['pass_at_k']:.1%} (k={r['k']})"
         lines.append(
-            f"| {r['round']} | {r['accuracy']:.1%} ({r['eval_examples']}) | {_fmt(pass_at_k)} | {_fmt(r.get('kept'))} "
+            f"| {r['round']} | {r['accuracy']:.1%} ({r['eval_examples']}) | {_change(r.get('vs_round_0'))} "
+            f"| {_fmt(pass_at_k)} | {_fmt(r.get('kept'))} "
             f"| {_fmt(r.get('rationalized'))} | {_fmt(r.get('sft_mixed'))} | {_fmt(sampling.get('tokens_per_second'), '.1f')} "
             f"| {_fmt(sampling.get('nfe_per_token'), '.2f')} | {_fmt(seconds.get('sample'), '.0f')} "
             f"| {_fmt(seconds.get('rationalize'), '.0f')} | {_fmt(seconds.get('train'), '.0f')} "
             f"| {_fmt(seconds.get('eval'), '.0f')} |")
     return "\n".join(lines)
+
+
+def _change(d: dict | None) -> str:
+    if d is None:
+        return "-"
+    return f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] (+{d['gained']}/-{d['lost']})"
+
+
+def with_changes(root: Path, records: list[dict]) -> list[dict]:
+    """Each later round's held-out change against round 0, paired over the problems both graded
+    (`llm2diff.evaluation.intervals`: bootstrap interval over problems, McNemar's exact p), as `vs_round_0`."""
+    from llm2diff.evaluation.intervals import paired_difference, read_correct
+
+    base = root / "round-0" / "eval" / "results.jsonl"
+    if not base.is_file():
+        return records
+    before = read_correct(base)
+    out = []
+    for r in records:
+        results = root / f"round-{r['round']}" / "eval" / "results.jsonl"
+        if r["round"] > 0 and results.is_file():
+            r = {**r, "vs_round_0": paired_difference(before, read_correct(results)).to_dict()}
+        out.append(r)
+    return out
 
 
 def plot_accuracy(records: list[dict], path: Path, title: str) -> None:
@@ -61,6 +86,7 @@ def plot_accuracy(records: list[dict], path: Path, title: str) -> None:
 
 def write_report(root: Path, records: list[dict], star) -> str:
     """Write report.md, report.json and accuracy.png under `root`; print and return the table."""
+    records = with_changes(root, records)
     table = report_table(records)
     title = f"STaR on {star.star_task}: {len(records) - 1} rounds, k={star.star_samples_per_problem}"
     write_text_atomic(root / "report.md", f"# {title}\n\n{table}\n\n![accuracy by round](accuracy.png)\n")
