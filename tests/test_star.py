@@ -199,9 +199,50 @@ def test_round_data_dedupes_caps_and_prefers_own_rationales():
     rows, counts = build_round_data(samples, rationalized, star, [{"question": "s", "answer": "t"}], seed=0)
     assert [(r["question"], r["answer"], r["origin"]) for r in rows] == [
         ("qa", "x", "sampled"), ("qa", "y", "sampled"), ("qb", "rb", "rationalized"), ("s", "t", "sft")]
-    assert counts == {"kept": 2, "rationalized": 1, "problems_solved": 2, "sft": 1}
+    assert counts == {"kept": 2, "rationalized": 1, "problems_solved": 2, "sft": 1, "wrong_steps": None}
     rows, _ = build_round_data(samples, rationalized, StarArguments(star_max_per_problem=1), [], seed=0)
     assert [r["answer"] for r in rows] == ["x", "rb"]
+
+
+ROW = {"question": "Leo has 1 shell. He finds 2 more shells. He finds 9 more shells. How many shells does Leo have now?",
+       "answer": "Leo starts with 1 shell.\n1 + 2 = 3\n3 + 9 = 12\n#### 12"}
+RIGHT = ROW["answer"]
+LUCKY = "Leo starts with 1 shell.\n1 + 2 = 4\n4 + 9 = 12\n#### 12"  # the right answer after a wrong step
+
+
+def test_process_filtering_drops_answer_right_rationales_with_a_wrong_step():
+    from llm2diff.tasks.base import get_task
+
+    task = get_task("arithmetic")
+    assert task.grade(LUCKY, ROW).correct and task.step_labels(LUCKY, ROW) == [1, 0, 0, 0]
+
+    def labels(problem_id, text):
+        return task.step_labels(text, ROW)
+
+    samples = {"p": {"question": "q", "samples": [{"text": LUCKY, "correct": True}, {"text": RIGHT, "correct": True}]},
+               "u": {"question": "qu", "samples": [{"text": LUCKY, "correct": True}]}}
+    rationalized = {"u": {"samples": [{"text": RIGHT, "correct": True}]}}
+    rows, counts = build_round_data(samples, rationalized, StarArguments(), [], seed=0, step_labels=labels)
+    assert [r["answer"] for r in rows] == [LUCKY, LUCKY]  # answer filtering keeps the lucky guesses
+    assert counts["wrong_steps"] == 2
+    rows, counts = build_round_data(samples, rationalized, StarArguments(star_filter="steps"), [], seed=0,
+                                    step_labels=labels)
+    # process filtering keeps the sound rationale, and falls back on the rationalized one where none is left
+    assert [(r["problem_id"], r["answer"], r["origin"]) for r in rows] == [("p", RIGHT, "sampled"),
+                                                                          ("u", RIGHT, "rationalized")]
+    assert counts["wrong_steps"] == 2 and counts["kept"] == 1 and counts["rationalized"] == 1
+
+
+def test_process_filtering_needs_a_task_with_step_labels():
+    from llm2diff.recipe import RecipeError
+    from llm2diff.star.rounds import check_task
+    from llm2diff.tasks.base import TASKS
+
+    with pytest.raises(ValueError, match="star_filter must be one of answer, steps"):
+        StarArguments(star_filter="prm")
+    without = [name for name in TASKS if name not in ("arithmetic", "ungraded")]
+    with pytest.raises(RecipeError, match="star_filter 'steps' needs exact step labels"):
+        check_task(StarArguments(star_task=without[0], star_filter="steps"))
 
 
 def test_star_under_accelerate_shards_sampling_across_two_processes(workdir):

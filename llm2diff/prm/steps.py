@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from llm2diff.tasks.arithmetic import step_labels as arithmetic_step_labels  # noqa: F401  (the built-in task's)
+
 SEGMENTATIONS = ("lines", "blocks")
 
 
@@ -46,32 +48,6 @@ def step_ends(
             raise ValueError("step segmentation by lines needs the tokenizer")
         ends = [i for i in range(last) if "\n" in tokenizer.decode([ids[i]])]
     return ends + [last]
-
-
-def arithmetic_step_labels(response_text: str, row: dict) -> list[int]:
-    """Exact per-line labels for a built-in arithmetic problem: 1 while every line so far is right.
-
-    A line "a op b = v" is right when it is the next gold step (the generator's value) computed from the value so
-    far; a "#### N" line when N is the gold answer; other lines (the opening sentence) change nothing. Once a line
-    is wrong, every later step is labelled 0 (the prefix can no longer be a correct solution).
-    """
-    from llm2diff.tasks.arithmetic import _STEP_LINE, apply_operation, extract_answer, step_values
-
-    gold = step_values(row["answer"])
-    final = extract_answer(row["answer"])
-    labels, ok, k = [], True, 0
-    for line in response_text.split("\n"):
-        if not line.strip() and labels:
-            continue
-        match = _STEP_LINE.match(line)
-        if match:
-            a, op, b, v = int(match[1]), match[2], int(match[3]), int(match[4])
-            ok = ok and k < len(gold) and v == gold[k] and apply_operation(a, op, b) == v
-            k += 1
-        elif line.strip().startswith("####"):
-            ok = ok and extract_answer(line) == final
-        labels.append(int(ok))
-    return labels
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from llm2diff.recipe import DecodingLayer, decoding_field, fold_deprecated_keys
 
 RESTARTS = ("initial", "previous")
+FILTERS = ("answer", "steps")
 SAMPLING = {"mode": "block", "temperature": 0.7, "tokens_per_step": 1}  # rationales: sampled, one token per step
 GRADING = {"mode": "block", "temperature": 0.0, "tokens_per_step": 1}  # held-out problems: greedy, one per step
 
@@ -40,6 +41,10 @@ class StarArguments:
                 "(stored without the hint)."})
     star_hint_template: str = field(default="{question}\nHint: the final answer is {answer}.", metadata={
         "help": "Prompt used for rationalization; must contain {question} and {answer}."})
+    star_filter: str = field(default="answer", metadata={
+        "help": "Which rationales a round keeps: 'answer' (the final answer is right, as in STaR) or 'steps' (and "
+                "every step is right by the task's exact step labels; the built-in arithmetic task has them). "
+                "Either way the round records how many answer-right rationales carry a wrong step."})
     star_max_per_problem: int = field(default=1, metadata={"help": "Kept rationales per problem (after dedupe)."})
     star_mix_sft: int = field(default=0, metadata={
         "help": "Original SFT rows (the recipe's dataset, question/answer) mixed into each round's data."})
@@ -81,6 +86,8 @@ class StarArguments:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.star_mix_sft < 0:
             raise ValueError(f"star_mix_sft must be >= 0, got {self.star_mix_sft}")
+        if self.star_filter not in FILTERS:
+            raise ValueError(f"star_filter must be one of {', '.join(FILTERS)}, got {self.star_filter!r}")
         if self.star_restart not in RESTARTS:
             raise ValueError(f"star_restart must be one of {', '.join(RESTARTS)}, got {self.star_restart!r}")
         if self.star_rationalize and not all(k in self.star_hint_template for k in ("{question}", "{answer}")):

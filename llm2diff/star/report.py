@@ -16,9 +16,9 @@ def _fmt(value, spec: str = "") -> str:
 def report_table(records: list[dict]) -> str:
     """Markdown table, one row per round."""
     lines = [
-        "| round | held-out accuracy | vs round 0 (95% interval) | pass@k (train) | kept | rationalized | SFT mixed "
-        "| sampling tokens/s | NFE/token (sampling) | sample s | rationalize s | train s | eval s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| round | held-out accuracy | vs round 0 (95% interval) | pass@k (train) | kept | rationalized | wrong steps "
+        "| SFT mixed | sampling tokens/s | NFE/token (sampling) | sample s | rationalize s | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         sampling = r.get("sampling") or {}
@@ -27,7 +27,7 @@ def report_table(records: list[dict]) -> str:
         lines.append(
             f"| {r['round']} | {r['accuracy']:.1%} ({r['eval_examples']}) | {_change(r.get('vs_round_0'))} "
             f"| {_fmt(pass_at_k)} | {_fmt(r.get('kept'))} "
-            f"| {_fmt(r.get('rationalized'))} | {_fmt(r.get('sft_mixed'))} | {_fmt(sampling.get('tokens_per_second'), '.1f')} "
+            f"| {_fmt(r.get('rationalized'))} | {_fmt(r.get('wrong_steps'))} | {_fmt(r.get('sft_mixed'))} | {_fmt(sampling.get('tokens_per_second'), '.1f')} "
             f"| {_fmt(sampling.get('nfe_per_token'), '.2f')} | {_fmt(seconds.get('sample'), '.0f')} "
             f"| {_fmt(seconds.get('rationalize'), '.0f')} | {_fmt(seconds.get('train'), '.0f')} "
             f"| {_fmt(seconds.get('eval'), '.0f')} |")

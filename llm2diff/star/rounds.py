@@ -37,6 +37,7 @@ from llm2diff.atomic import atomic_directory, write_json_atomic
 from llm2diff.recipe import RecipeError
 from llm2diff.star.config import StarArguments
 from llm2diff.star.sampling import SampleOptions, sample_and_grade
+from llm2diff.tasks.base import EvalTask
 
 logger = logging.getLogger("llm2diff")
 
@@ -45,12 +46,15 @@ RUN_FILE = "star_run.json"
 
 def check_task(star: StarArguments):
     """The task, which must have a grader (and a final answer when rationalizing)."""
-    from llm2diff.tasks.base import EvalTask, get_task, parse_task_options
+    from llm2diff.tasks.base import get_task, parse_task_options
 
     task = get_task(star.star_task, **parse_task_options(star.star_task_options, star.star_task))
     if type(task).grade is EvalTask.grade:
         raise RecipeError(f"task {star.star_task!r} has no grader, so its samples cannot be verified; STaR needs a "
                           "task module that implements grade()")
+    if star.star_filter == "steps" and type(task).step_labels is EvalTask.step_labels:
+        raise RecipeError(f"star_filter 'steps' needs exact step labels, and task {star.star_task!r} has none "
+                          "(the built-in arithmetic task has them): use star_filter 'answer'")
     return task
 
 
@@ -127,17 +131,34 @@ def _evaluate(star: StarArguments, model_dir: Path, out: Path, seed: int) -> dic
 
 
 def build_round_data(samples: dict[str, dict], rationalized: dict[str, dict], star: StarArguments,
-                     sft_rows: list[dict], seed: int) -> tuple[list[dict], dict[str, int]]:
-    """The round's training rows: correct rationales (deduped, capped per problem) plus original SFT rows."""
-    rows, counts = [], {"kept": 0, "rationalized": 0, "problems_solved": 0, "sft": 0}
+                     sft_rows: list[dict], seed: int, step_labels=None) -> tuple[list[dict], dict[str, int]]:
+    """The round's training rows: correct rationales (deduped, capped per problem) plus original SFT rows.
+
+    `step_labels(problem_id, text)` gives a rationale's exact step labels (None: the task has none). With them, the
+    answer-right rationales whose steps are not all right are counted (`wrong_steps`), and with
+    `star_filter: steps` they are not kept (a problem left without one falls back on its rationalized samples).
+    """
+    rows = []
+    counts = {"kept": 0, "rationalized": 0, "problems_solved": 0, "sft": 0,
+              "wrong_steps": None if step_labels is None else 0}
+
+    def usable(problem_id: str, text: str) -> bool:
+        if step_labels is None:
+            return True
+        labels = step_labels(problem_id, text)
+        right = bool(labels) and all(labels)
+        counts["wrong_steps"] += not right
+        return right or star.star_filter == "answer"
+
     for problem_id, record in samples.items():
         texts: list[tuple[str, str]] = []
         for sample in record["samples"]:
-            if sample["correct"] and sample["text"] not in {t for t, _ in texts}:
+            if sample["correct"] and sample["text"] not in {t for t, _ in texts} and usable(problem_id, sample["text"]):
                 texts.append((sample["text"], "sampled"))
         if not texts and problem_id in rationalized:
             for sample in rationalized[problem_id]["samples"]:
-                if sample["correct"] and sample["text"] not in {t for t, _ in texts}:
+                if sample["correct"] and sample["text"] not in {t for t, _ in texts} and \
+                        usable(problem_id, sample["text"]):
                     texts.append((sample["text"], "rationalized"))
         texts = texts[: star.star_max_per_problem]
         if texts:
@@ -247,7 +268,14 @@ class StarRun:
                                                            desc=f"round {r}: rationalizing")
         del dlm
         data_dir = out / "data"
-        data_rows, counts = build_round_data(samples, rationalized, star, self.sft_rows, seed)
+        step_labels = None
+        if type(task).step_labels is not EvalTask.step_labels:  # the task knows its steps: count (and filter)
+            by_id = dict(zip(self.row_ids, self.rows))
+
+            def step_labels(problem_id: str, text: str) -> list[int] | None:
+                return task.step_labels(text, by_id[problem_id])
+
+        data_rows, counts = build_round_data(samples, rationalized, star, self.sft_rows, seed, step_labels)
         if not data_rows:
             raise RuntimeError(f"round {r}: no correct rationale among {len(samples)} problems x {k} samples; "
                                "raise star_samples_per_problem or star_decoding.temperature, or start from a stronger model")
@@ -308,6 +336,7 @@ def _round_record(r, evaluation, train, sample_stats, rat_stats, counts, train_m
         "kept": None if counts is None else counts["kept"],
         "rationalized": None if counts is None else counts["rationalized"],
         "sft_mixed": None if counts is None else counts["sft"],
+        "wrong_steps": None if counts is None else counts.get("wrong_steps"),
         "sampling": None if sample_stats is None else sample_stats.to_dict(),
         "rationalizing": None if rat_stats is None else rat_stats.to_dict(),
         "seconds": {"sample": None if sample_stats is None else round(sample_stats.seconds, 1),

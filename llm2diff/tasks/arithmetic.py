@@ -152,6 +152,30 @@ def apply_operation(a: int, op: str, b: int) -> int:
     raise ValueError(f"unsupported operation {op!r}; valid: {SUPPORTED_OPERATIONS}")
 
 
+def step_labels(response_text: str, row: dict) -> list[int]:
+    """Exact per-line labels for a built-in arithmetic problem: 1 while every line so far is right.
+
+    A line "a op b = v" is right when it is the next gold step (the generator's value) computed from the value so
+    far; a "#### N" line when N is the gold answer; other lines (the opening sentence) change nothing. Once a line
+    is wrong, every later step is labelled 0 (the prefix can no longer be a correct solution).
+    """
+    gold = step_values(row["answer"])
+    final = extract_answer(row["answer"])
+    labels, ok, k = [], True, 0
+    for line in response_text.split("\n"):
+        if not line.strip() and labels:
+            continue
+        match = _STEP_LINE.match(line)
+        if match:
+            a, op, b, v = int(match[1]), match[2], int(match[3]), int(match[4])
+            ok = ok and k < len(gold) and v == gold[k] and apply_operation(a, op, b) == v
+            k += 1
+        elif line.strip().startswith("####"):
+            ok = ok and extract_answer(line) == final
+        labels.append(int(ok))
+    return labels
+
+
 def _noun(obj: str, n: int) -> str:
     """``obj`` in singular for exactly one item, plural otherwise."""
     return obj if n == 1 else obj + "s"

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from llm2diff.tasks.arithmetic import ArithmeticTask, extract_answer, grade
+from llm2diff.tasks.arithmetic import ArithmeticTask, extract_answer, grade, step_labels
 from llm2diff.tasks.base import EvalTask, Grade, load_rows
 
 
@@ -42,3 +42,7 @@ class ArithmeticEvalTask(EvalTask):
 
     def grade(self, completion: str, row: dict) -> Grade:
         return Grade(correct=grade(completion, row["answer"]), prediction=extract_answer(completion))
+
+    def step_labels(self, completion: str, row: dict) -> list[int] | None:
+        """Line by line (`llm2diff.tasks.arithmetic.step_labels`): the generator knows every intermediate value."""
+        return step_labels(completion, row)

@@ -55,6 +55,11 @@ class EvalTask:
         """The row's short final answer (e.g. "18"), given as a hint when rationalizing; None if the task has none."""
         return None
 
+    def step_labels(self, completion: str, row: dict) -> list[int] | None:
+        """Exact labels of the completion's steps (1 while every step so far is right), for tasks whose generator
+        knows each intermediate value; None for tasks without them."""
+        return None
+
     def row_id(self, row: dict, index: int) -> str:
         return str(row.get("id", index))
 
