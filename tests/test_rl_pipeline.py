@@ -137,6 +137,16 @@ def test_one_round_of_star_prm_and_rl_runs_end_to_end_and_resumes(root):
     assert record["star_accuracy"] is not None and record["rl_accuracy"] is not None
     report = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [0, 1] and report["recipe"]["rounds"] == 1
+    # one row per stage, each graded stage paired with round 0 over the same held-out problems
+    from llm2diff.evaluation.intervals import paired_difference, read_correct
+
+    stages = report["stages"]
+    assert [(s["round"], s["stage"]) for s in stages] == [(0, "round 0"), (1, "STaR"), (1, "PRM"), (1, "RL")]
+    base = read_correct(out / "round-0" / "eval")
+    assert stages[1]["vs_round_0"] == paired_difference(base, read_correct(out / "round-1" / "star" / "eval")).to_dict()
+    assert stages[3]["vs_round_0"] == paired_difference(base, read_correct(out / "round-1" / "rl" / "eval")).to_dict()
+    assert stages[2]["vs_round_0"] is None and stages[2]["prm_auroc"] is not None
+    assert "| 1 | RL | " in (out / "report.md").read_text()
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     before = (out / "round-1" / "round.json").stat().st_mtime_ns
     assert main(["rounds", "--config", str(path)]) == 0  # finished: nothing is redone

@@ -109,29 +109,61 @@ def _rl_stage(args: RoundsArguments, star, train_args, recipe, policy: str, prm_
     return run_rl(rl_args, grpo, recipe)
 
 
-def rounds_table(records: list[dict]) -> str:
-    lines = ["| round | STaR accuracy | PRM AUROC (rollout / exact) | RL accuracy | STaR s | PRM s | RL s |",
-             "|---|---|---|---|---|---|---|"]
+def stage_rows(root: Path, records: list[dict]) -> list[dict]:
+    """One row per stage of each round (round 0; then STaR, PRM, RL): held-out accuracy, its change against round
+    0 paired over the problems both graded (`llm2diff.evaluation.intervals`), the PRM's AUROC, and the stage's
+    seconds. Stages a round did not run are left out."""
+    from llm2diff.evaluation.intervals import paired_difference, read_correct
+
+    base = root / "round-0" / "eval" / "results.jsonl"
+    before = read_correct(base) if base.is_file() else None
+    rows = []
     for r in records:
-        def pct(x):
-            return "-" if x is None else f"{x:.1%}"
+        n = r["round"]
+        if n == 0:
+            stages = [("round 0", root / "round-0" / "eval", r.get("star_accuracy"), None)]
+        else:
+            stages = [("STaR", root / f"round-{n}" / "star" / "eval", r.get("star_accuracy"), r.get("star_seconds"))]
+            if r.get("prm_seconds") is not None:
+                stages.append(("PRM", None, None, r.get("prm_seconds")))
+            if r.get("rl_seconds") is not None:
+                stages.append(("RL", root / f"round-{n}" / "rl" / "eval", r.get("rl_accuracy"), r.get("rl_seconds")))
+        for stage, eval_dir, accuracy, seconds in stages:
+            change = None
+            if n > 0 and before is not None and eval_dir is not None and (eval_dir / "results.jsonl").is_file():
+                change = paired_difference(before, read_correct(eval_dir)).to_dict()
+            rows.append({"round": n, "stage": stage, "accuracy": accuracy, "vs_round_0": change, "seconds": seconds,
+                         "prm_auroc": (r.get("prm_auroc_rollout"), r.get("prm_auroc_exact")) if stage == "PRM" else None})
+    return rows
 
-        def num(x, spec=".2f"):
-            return "-" if x is None else format(x, spec)
 
-        lines.append(f"| {r['round']} | {pct(r.get('star_accuracy'))} | {num(r.get('prm_auroc_rollout'))} / "
-                     f"{num(r.get('prm_auroc_exact'))} | {pct(r.get('rl_accuracy'))} | {num(r.get('star_seconds'), '.0f')} "
-                     f"| {num(r.get('prm_seconds'), '.0f')} | {num(r.get('rl_seconds'), '.0f')} |")
+def rounds_table(rows: list[dict]) -> str:
+    """The rows of `stage_rows` as a table (the STaR report's format: accuracy, change with interval, cost)."""
+    lines = ["| round | stage | held-out accuracy | vs round 0 (95% interval) | PRM AUROC (rollout / exact) | seconds |",
+             "|---|---|---|---|---|---|"]
+
+    def num(x, spec=".2f"):
+        return "-" if x is None else format(x, spec)
+
+    for row in rows:
+        d = row["vs_round_0"]
+        change = "-" if d is None else (f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] "
+                                        f"(+{d['gained']}/-{d['lost']})")
+        auroc = "-" if row["prm_auroc"] is None else f"{num(row['prm_auroc'][0])} / {num(row['prm_auroc'][1])}"
+        accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.1%}"
+        lines.append(f"| {row['round']} | {row['stage']} | {accuracy} | {change} | {auroc} | {num(row['seconds'], '.0f')} |")
     return "\n".join(lines)
 
 
 def _write_report(root: Path, records: list[dict]) -> None:
     from llm2diff.star.report import plot_accuracy
 
-    table = rounds_table(records)
+    rows = stage_rows(root, records)
+    table = rounds_table(rows)
     write_text_atomic(root / "report.md", f"# STaR -> PRM -> RL rounds\n\n{table}\n\n![accuracy by round](accuracy.png)\n")
     run = json.loads((root / "star_run.json").read_text()) if (root / "star_run.json").is_file() else {}
-    write_json_atomic(root / "report.json", {"rounds": records, **{k: v for k, v in run.items() if k != "key"}})
+    write_json_atomic(root / "report.json", {"rounds": records, "stages": rows,
+                                             **{k: v for k, v in run.items() if k != "key"}})
     points = [{"round": r["round"], "accuracy": r["rl_accuracy"] if r.get("rl_accuracy") is not None
                else r["star_accuracy"]} for r in records]
     plot_accuracy(points, root / "accuracy.png", "held-out accuracy after each round (RL model, else STaR)")
