@@ -233,13 +233,39 @@ def test_process_filtering_drops_answer_right_rationales_with_a_wrong_step():
     assert counts["wrong_steps"] == 2 and counts["kept"] == 1 and counts["rationalized"] == 1
 
 
+def test_prm_filtering_keeps_what_the_prm_accepts_and_says_what_it_turned_away():
+    from llm2diff.tasks.base import get_task
+
+    task = get_task("arithmetic")
+    samples = {"p": {"question": "q", "samples": [{"text": LUCKY, "correct": True}, {"text": RIGHT, "correct": True}]},
+               "u": {"question": "qu", "samples": [{"text": RIGHT + " ", "correct": True}]}}
+    judged = []
+
+    def accepts(problem_id, text):  # a PRM that rejects the lucky guess and one sound rationale
+        judged.append((problem_id, text))
+        return text == RIGHT
+
+    star = StarArguments(star_filter="prm", star_prm="unused")
+    rows, counts = build_round_data(samples, {}, star, [], seed=0,
+                                    step_labels=lambda pid, text: task.step_labels(text, ROW), prm_accepts=accepts)
+    assert [(r["problem_id"], r["answer"]) for r in rows] == [("p", RIGHT)]
+    assert judged == [("p", LUCKY), ("p", RIGHT), ("u", RIGHT + " ")]
+    assert (counts["prm_rejected"], counts["prm_rejected_wrong_steps"], counts["wrong_steps"]) == (2, 1, 1)
+    with pytest.raises(ValueError, match="needs the process reward model"):
+        build_round_data(samples, {}, star, [], seed=0)
+
+
 def test_process_filtering_needs_a_task_with_step_labels():
     from llm2diff.recipe import RecipeError
     from llm2diff.star.rounds import check_task
     from llm2diff.tasks.base import TASKS
 
-    with pytest.raises(ValueError, match="star_filter must be one of answer, steps"):
+    with pytest.raises(ValueError, match="star_filter must be one of answer, steps, prm"):
+        StarArguments(star_filter="process")
+    with pytest.raises(ValueError, match="star_filter 'prm' needs star_prm"):
         StarArguments(star_filter="prm")
+    with pytest.raises(ValueError, match=r"star_prm_threshold must be in \[0, 1\]"):
+        StarArguments(star_filter="prm", star_prm="x", star_prm_threshold=1.5)
     without = [name for name in TASKS if name not in ("arithmetic", "ungraded")]
     with pytest.raises(RecipeError, match="star_filter 'steps' needs exact step labels"):
         check_task(StarArguments(star_task=without[0], star_filter="steps"))
@@ -262,3 +288,29 @@ def test_star_under_accelerate_shards_sampling_across_two_processes(workdir):
     assert sorted(r["id"] for r in records) == ["train-0", "train-1", "train-2", "train-3"]
     assert sorted(r["process"] for r in records) == [0, 0, 1, 1]
     assert json.loads((workdir / "accel" / "report.json").read_text())["rounds"][1]["round"] == 1
+
+
+def test_the_prm_judge_scores_each_rationale_after_its_prompt(tmp_path):
+    """`star_filter: prm` end to end below the round: a saved PRM scores a rationale's lines after the problem's
+    prompt; threshold 0 accepts everything, 1 nothing (a sigmoid never reaches 1), and the verdict is the minimum
+    step score against the threshold."""
+    from conftest import adapted_with_saved_base
+
+    from llm2diff.prm import build_prm
+    from llm2diff.star.rounds import StarRun
+    from llm2diff.tasks.base import get_task
+
+    dlm = adapted_with_saved_base(tmp_path, "qwen2")
+    dlm.save_pretrained(tmp_path / "policy")
+    prm = build_prm(str(tmp_path / "base"), dlm.tokenizer, lora_r=4, lora_alpha=8)  # as llm2diff prm builds it
+    prm.save_pretrained(tmp_path / "prm")
+    run = object.__new__(StarRun)  # the judge needs the run's task, rows and initial model only
+    run.task, run.rows, run.row_ids, run.initial = get_task("arithmetic"), [ROW], ["p"], str(tmp_path / "policy")
+    verdicts = {}
+    for threshold in (0.0, 1.0):
+        run.star = StarArguments(star_filter="prm", star_prm=str(tmp_path / "prm"), star_prm_threshold=threshold)
+        verdicts[threshold] = [run._prm_judge()("p", text) for text in (RIGHT, LUCKY)]
+    assert verdicts == {0.0: [True, True], 1.0: [False, False]}
+    run.star = StarArguments(star_filter="prm", star_prm=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="star_prm .* is not a directory"):
+        run._prm_judge()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from llm2diff.recipe import DecodingLayer, decoding_field, fold_deprecated_keys
 
 RESTARTS = ("initial", "previous")
-FILTERS = ("answer", "steps")
+FILTERS = ("answer", "steps", "prm")
 SAMPLING = {"mode": "block", "temperature": 0.7, "tokens_per_step": 1}  # rationales: sampled, one token per step
 GRADING = {"mode": "block", "temperature": 0.0, "tokens_per_step": 1}  # held-out problems: greedy, one per step
 
@@ -42,9 +42,15 @@ class StarArguments:
     star_hint_template: str = field(default="{question}\nHint: the final answer is {answer}.", metadata={
         "help": "Prompt used for rationalization; must contain {question} and {answer}."})
     star_filter: str = field(default="answer", metadata={
-        "help": "Which rationales a round keeps: 'answer' (the final answer is right, as in STaR) or 'steps' (and "
-                "every step is right by the task's exact step labels; the built-in arithmetic task has them). "
-                "Either way the round records how many answer-right rationales carry a wrong step."})
+        "help": "Which rationales a round keeps: 'answer' (the final answer is right, as in STaR), 'steps' (and "
+                "every step is right by the task's exact step labels; the built-in arithmetic task has them) or "
+                "'prm' (and every step scores at least star_prm_threshold by the process reward model star_prm). "
+                "Where the task has step labels the round records how many answer-right rationales carry a wrong "
+                "step."})
+    star_prm: str | None = field(default=None, metadata={
+        "help": "A trained process reward model (the prm/ directory `llm2diff prm` writes) for star_filter 'prm'."})
+    star_prm_threshold: float = field(default=0.5, metadata={
+        "help": "star_filter 'prm' keeps a rationale when its lowest step score is at least this."})
     star_max_per_problem: int = field(default=1, metadata={"help": "Kept rationales per problem (after dedupe)."})
     star_mix_sft: int = field(default=0, metadata={
         "help": "Original SFT rows (the recipe's dataset, question/answer) mixed into each round's data."})
@@ -88,6 +94,11 @@ class StarArguments:
             raise ValueError(f"star_mix_sft must be >= 0, got {self.star_mix_sft}")
         if self.star_filter not in FILTERS:
             raise ValueError(f"star_filter must be one of {', '.join(FILTERS)}, got {self.star_filter!r}")
+        if self.star_filter == "prm" and not self.star_prm:
+            raise ValueError("star_filter 'prm' needs star_prm: the directory of a trained process reward model "
+                             "(llm2diff prm writes it to <output_dir>/prm)")
+        if not 0.0 <= self.star_prm_threshold <= 1.0:
+            raise ValueError(f"star_prm_threshold must be in [0, 1] (a step score), got {self.star_prm_threshold}")
         if self.star_restart not in RESTARTS:
             raise ValueError(f"star_restart must be one of {', '.join(RESTARTS)}, got {self.star_restart!r}")
         if self.star_rationalize and not all(k in self.star_hint_template for k in ("{question}", "{answer}")):

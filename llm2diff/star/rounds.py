@@ -131,24 +131,42 @@ def _evaluate(star: StarArguments, model_dir: Path, out: Path, seed: int) -> dic
 
 
 def build_round_data(samples: dict[str, dict], rationalized: dict[str, dict], star: StarArguments,
-                     sft_rows: list[dict], seed: int, step_labels=None) -> tuple[list[dict], dict[str, int]]:
+                     sft_rows: list[dict], seed: int, step_labels=None, prm_accepts=None,
+                     ) -> tuple[list[dict], dict[str, int]]:
     """The round's training rows: correct rationales (deduped, capped per problem) plus original SFT rows.
 
     `step_labels(problem_id, text)` gives a rationale's exact step labels (None: the task has none). With them, the
     answer-right rationales whose steps are not all right are counted (`wrong_steps`), and with
     `star_filter: steps` they are not kept (a problem left without one falls back on its rationalized samples).
+    With `star_filter: prm`, `prm_accepts(problem_id, text)` decides instead (the PRM's lowest step score against
+    `star_prm_threshold`); `prm_rejected` counts what it turned away, and `prm_rejected_wrong_steps` how many of
+    those the exact labels also call wrong.
     """
+    if star.star_filter == "steps" and step_labels is None:
+        raise ValueError("star_filter 'steps' needs the task's exact step labels")
+    if star.star_filter == "prm" and prm_accepts is None:
+        raise ValueError("star_filter 'prm' needs the process reward model's verdicts (prm_accepts)")
     rows = []
     counts = {"kept": 0, "rationalized": 0, "problems_solved": 0, "sft": 0,
               "wrong_steps": None if step_labels is None else 0}
+    if star.star_filter == "prm":
+        counts.update(prm_rejected=0, prm_rejected_wrong_steps=None if step_labels is None else 0)
 
     def usable(problem_id: str, text: str) -> bool:
-        if step_labels is None:
-            return True
-        labels = step_labels(problem_id, text)
-        right = bool(labels) and all(labels)
-        counts["wrong_steps"] += not right
-        return right or star.star_filter == "answer"
+        right = None
+        if step_labels is not None:
+            labels = step_labels(problem_id, text)
+            right = bool(labels) and all(labels)
+            counts["wrong_steps"] += not right
+        if star.star_filter == "steps":
+            return right
+        if star.star_filter == "prm":
+            accepted = prm_accepts(problem_id, text)
+            counts["prm_rejected"] += not accepted
+            if not accepted and right is not None:
+                counts["prm_rejected_wrong_steps"] += not right
+            return accepted
+        return True
 
     for problem_id, record in samples.items():
         texts: list[tuple[str, str]] = []
@@ -233,6 +251,35 @@ class StarRun:
             write_json_atomic(r0 / "round.json", record)
         return record
 
+    def _prm_judge(self):
+        """`prm_accepts(problem_id, text)` for `star_filter: prm`: the rationale's steps (its lines, as `llm2diff
+        prm` cuts them) scored by the PRM `star_prm` after the problem's prompt; accepted when the lowest score is
+        at least `star_prm_threshold`."""
+        from llm2diff.evaluation.runner import PromptRenderer
+        from llm2diff.modeling.loading import load
+        from llm2diff.prm.model import check_tokenizer_match, load_prm
+        from llm2diff.prm.steps import step_ends
+
+        star = self.star
+        if not Path(star.star_prm).is_dir():
+            raise FileNotFoundError(f"star_prm {star.star_prm!r} is not a directory: give the prm/ directory that "
+                                    "llm2diff prm wrote")
+        prm = load_prm(star.star_prm)
+        dlm = load(self.initial)  # the prompt format and tokenizer of the policy the rationales came from
+        check_tokenizer_match(prm, dlm.tokenizer)
+        render, tok = PromptRenderer(dlm), dlm.tokenizer
+        by_id = dict(zip(self.row_ids, self.rows))
+
+        def accepts(problem_id: str, text: str) -> bool:
+            response = list(tok(text, add_special_tokens=False).input_ids) + list(dlm.eos_token_ids[:1])
+            ends = step_ends(response, tok, "lines", eos_ids=dlm.eos_token_ids)
+            if not ends:
+                return False
+            scores = prm.step_scores([render(self.task, by_id[problem_id], [])], [response], [ends])[0]
+            return min(scores) >= star.star_prm_threshold
+
+        return accepts
+
     def round(self, r: int, previous: str, out: Path | None = None) -> dict:
         """One round sampled with the `previous` model; the round's model goes to `out/model`. Resumable."""
         from transformers import set_seed
@@ -275,7 +322,9 @@ class StarRun:
             def step_labels(problem_id: str, text: str) -> list[int] | None:
                 return task.step_labels(text, by_id[problem_id])
 
-        data_rows, counts = build_round_data(samples, rationalized, star, self.sft_rows, seed, step_labels)
+        prm_accepts = self._prm_judge() if star.star_filter == "prm" else None
+        data_rows, counts = build_round_data(samples, rationalized, star, self.sft_rows, seed, step_labels,
+                                             prm_accepts)
         if not data_rows:
             raise RuntimeError(f"round {r}: no correct rationale among {len(samples)} problems x {k} samples; "
                                "raise star_samples_per_problem or star_decoding.temperature, or start from a stronger model")
@@ -337,6 +386,8 @@ def _round_record(r, evaluation, train, sample_stats, rat_stats, counts, train_m
         "rationalized": None if counts is None else counts["rationalized"],
         "sft_mixed": None if counts is None else counts["sft"],
         "wrong_steps": None if counts is None else counts.get("wrong_steps"),
+        "prm_rejected": None if counts is None else counts.get("prm_rejected"),
+        "prm_rejected_wrong_steps": None if counts is None else counts.get("prm_rejected_wrong_steps"),
         "sampling": None if sample_stats is None else sample_stats.to_dict(),
         "rationalizing": None if rat_stats is None else rat_stats.to_dict(),
         "seconds": {"sample": None if sample_stats is None else round(sample_stats.seconds, 1),
