@@ -19,6 +19,8 @@ gap between the AR twin and the diffusion model per round (paired over problems,
 <out>/self_improvement.json with the commands that produced them. Asserts nothing.
 
     nohup python benchmarks/self_improvement.py > self_improvement.log 2>&1 &      # hours on a 2-core CPU
+    nohup python benchmarks/self_improvement.py --seeds 1 > seed1.log 2>&1 &       # a second core: runs another
+                                                                                   # process holds are skipped
     python benchmarks/self_improvement.py --seeds 0 --variants plain --rounds 1    # a first look
     python benchmarks/self_improvement.py --table-only                             # the table from what is done
 """
@@ -55,21 +57,29 @@ def star_command(args, model: str, variant: str, seed: int) -> list[str]:
     return command + list(args.extra)
 
 
-def run(args, model: str, variant: str, seed: int) -> None:
+def run(args, model: str, variant: str, seed: int) -> bool:
+    """Run (or resume) one STaR run; False when another process is running it now (its directory is locked)."""
     report = run_dir(Path(args.out), model, variant, seed) / "report.json"
     if report.is_file() and len(json.loads(report.read_text())["rounds"]) == args.rounds + 1:
-        return
+        return True
     command = star_command(args, model, variant, seed)
     print(f"[{model}/{variant}/seed {seed}] {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
     log = run_dir(Path(args.out), model, variant, seed).with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
+    size = log.stat().st_size if log.is_file() else 0
     with log.open("a") as sink:
         proc = subprocess.run(command, check=False, stdout=sink, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode != 0:
+        with log.open() as text:
+            text.seek(size)
+            if "is in use by another llm2diff run" in text.read():  # another instance of this benchmark runs it
+                print(f"[{model}/{variant}/seed {seed}] running in another process: skipped", flush=True)
+                return False
         raise SystemExit(f"[{model}/{variant}/seed {seed}] failed (exit {proc.returncode}); see {log}")
     print(f"[{model}/{variant}/seed {seed}] finished in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    return True
 
 
 def _mean(values):
@@ -189,8 +199,9 @@ def main() -> None:
         print(f"hardware: {describe(args.threads)}", flush=True)
         for seed in seeds:  # one seed of everything first: a partial run already compares the variants
             for model in models:
-                for variant in variants:
-                    run(args, model, variant, seed)
+                for variant in variants:  # the other variants need the plain run's round 0: skip with it
+                    if not run(args, model, variant, seed) and variant == "plain":
+                        break
     summary = summarize(out, models, variants, seeds)
     text = table(summary)
     print(text)

@@ -72,3 +72,20 @@ def test_table_over_seeds_with_paired_intervals_and_the_gap(bench, tmp_path):
     assert "| diffusion | plain | 1 | 50.0% (25.0-75.0, n=40, 2 seeds) | +25.0: [+" in text
     assert "| 1/2 up, 0 down |" in text
     assert "| plain | 0 | seed 0: +50.0 [" in text
+
+
+def test_a_run_another_process_holds_is_skipped_and_a_failure_stops(bench, tmp_path, monkeypatch):
+    args = Namespace(out=str(tmp_path), rounds=1, recipe="r.yaml", extra=[], threads=1)
+    message = {"text": ""}
+
+    def fake_run(command, check, stdout, stderr, env):
+        stdout.write(message["text"])
+        stdout.flush()
+        return Namespace(returncode=1)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    message["text"] = "RunDirectoryError: outputs/x is in use by another llm2diff run (pid 7); two runs ...\n"
+    assert bench.run(args, "diffusion", "plain", 0) is False
+    message["text"] = "ValueError: something else\n"  # the earlier message in the log does not count again
+    with pytest.raises(SystemExit, match="failed"):
+        bench.run(args, "diffusion", "plain", 0)
