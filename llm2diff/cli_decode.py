@@ -108,6 +108,15 @@ def _warn_slow_dtype(dlm) -> None:
     warn_if_slow_dtype(dlm.model.dtype, dlm.model.device, hint="--dtype float32")
 
 
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    """Where and in what precision the model runs (generate and chat)."""
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="weights dtype to sample in (default: the saved one). On a CPU with AMX (bfloat16 tiles) "
+                        "bfloat16 makes a pass over a block cost little more than a one-token pass; without AMX "
+                        "bfloat16 runs slower than float32 (a warning says so)")
+
+
 def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm2diff generate", description="Sample from a saved block-diffusion model.")
     p.add_argument("--model", required=True, help="directory written by training (or DiffusionLM.save_pretrained)")
@@ -116,11 +125,7 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true",
                    help="render the prompt with the model's plain prompt_template instead of the chat template")
     p.add_argument("--ar-parent", action="store_true", help="also show the AR parent's greedy answer (adapter off)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="weights dtype to sample in (default: the saved one). On a CPU with AMX (bfloat16 tiles) "
-                        "bfloat16 makes a pass over a block cost little more than a one-token pass; without AMX "
-                        "bfloat16 runs slower than float32 (a warning says so)")
+    _add_device_flags(p)
     shown = p.add_argument_group("showing the decoding")
     shown.add_argument("--stream", action="store_true", help="print each block as soon as it is finished (one prompt)")
     shown.add_argument("--show-steps", action="store_true",
@@ -252,11 +257,7 @@ def _chat_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="directory written by training (or DiffusionLM.save_pretrained)")
     p.add_argument("--system", default=None, help="system prompt (default: the model's saved one; '' for none)")
     p.add_argument("--no-stream", action="store_true", help="print each reply whole, once it is finished")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="weights dtype to sample in (default: the saved one). On a CPU with AMX (bfloat16 tiles) "
-                        "bfloat16 makes a pass over a block cost little more than a one-token pass; without AMX "
-                        "bfloat16 runs slower than float32 (a warning says so)")
+    _add_device_flags(p)
     _add_sampler_flags(p)
     return p
 
