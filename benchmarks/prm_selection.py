@@ -3,10 +3,12 @@
 Samples k solutions per held-out problem once (the block sampler at the given temperature) and scores every rule
 on the same samples (`llm2diff.prm.select`): the first sample, majority vote over final answers, best-of-k by the
 PRM's lowest or last step score, and the oracle (pass@k). Prints accuracy and the policy's passes per problem for
-each rule, with the paired difference of each rule against the single sample (95% bootstrap interval over
+each rule (with --step-search also the PRM-guided search that builds a solution line by line from k candidates
+per step), with the paired difference of each rule against the single sample (95% bootstrap interval over
 problems), and writes the rows to --out. Asserts nothing.
 
     python benchmarks/prm_selection.py --model outputs/quickstart --prm outputs/quickstart-prm/prm --k 8
+    python benchmarks/prm_selection.py --model outputs/quickstart --prm outputs/quickstart-prm/prm --k 4 --step-search
     python benchmarks/prm_selection.py --model outputs/quickstart --k 8          # without a PRM: single, majority, oracle
 """
 
@@ -32,6 +34,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--step-search", action="store_true",
+                        help="also the PRM-guided step search (k candidate lines per step, the PRM keeps the best)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="outputs/prm_selection.json")
@@ -58,7 +62,7 @@ def main() -> None:
     print(f"model {args.model}, PRM {args.prm or 'none'}, {len(rows)} {args.task} problems ({args.split}), k={args.k}, "
           f"temperature {args.temperature}, seed {args.seed}", flush=True)
     print(f"hardware: {describe(args.threads, dlm.model.device)}", flush=True)
-    result = compare_selection(dlm, task, rows, k=args.k, prm=prm, seed=args.seed,
+    result = compare_selection(dlm, task, rows, k=args.k, prm=prm, seed=args.seed, step_search=args.step_search,
                                decoding={"temperature": args.temperature, "max_new_tokens": args.max_new_tokens})
     print(selection_table(result))
     single = [p["correct"][0] for p in result.chosen]
@@ -66,7 +70,8 @@ def main() -> None:
     for rule in result.correct:
         if rule in ("single", "oracle"):
             continue
-        right = [p["correct"][p["picks"][rule]] for p in result.chosen]
+        right = [p["step_search_correct"] if rule == "prm-steps" else p["correct"][p["picks"][rule]]
+                 for p in result.chosen]
         d = paired_difference(single, right)
         differences[rule] = d.to_dict()
         print(f"{rule} vs single: {format_difference(d)}")

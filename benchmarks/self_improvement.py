@@ -1,27 +1,38 @@
-"""Benchmark: do STaR rounds improve the model, by how much, and which variant helps most (mean over seeds, paired
-intervals over problems).
+"""Benchmark: do STaR rounds, process rewards and RL improve the model, by how much, and which variant helps most
+(mean over seeds, paired intervals over problems).
 
 Runs `llm2diff star` with one recipe (default recipes/star-headroom.yaml: round 0 learns from a small set of easy
 worked problems, the rounds sample harder problems given with final answers only, 300 held-out harder problems) for
 every (model, variant, seed):
   - models: the block-diffusion model (the recipe's block size) and its AR twin (`block_size: 1`);
   - variants, at equal sampling budget (same problems, k and decoding): `plain` STaR (rationalization on, answer
-    filtering), `no-rationalize`, `steps` (process-filtered: keep only rationales whose every step is right);
+    filtering), `no-rationalize`, `steps` (process-filtered: keep only rationales whose every step is right by the
+    task's exact step labels), `prm` (process-filtered by a trained PRM: every step scores >= star_prm_threshold);
   - seeds: the training seed of round 0 and the rounds, and the sampling seed.
 Variants other than `plain` start from the plain run's round-0 model of the same model and seed, so the variants
-differ only in their rounds. Every run is an ordinary STaR run under --out: run the command again to resume; a
-finished run is read, not redone.
+differ only in their rounds. The `prm` variant first trains a PRM on the round-0 model's rollouts
+(`llm2diff prm`, --prm-recipe, into <out>/<model>/reward-model/seed-N).
+
+After STaR (--after, each from the plain run's last round of the same model and seed, at the same held-out
+problems): `rl-outcome` and `rl-process` run `llm2diff rl` (--rl-recipe) with the outcome reward alone and with
+outcome + process rewards from the PRM above; `selection` samples k solutions per held-out problem and compares a
+single sample, majority vote, best-of-k by the PRM and the PRM-guided step search (k candidate lines per step)
+(benchmarks/prm_selection.py --step-search).
+
+Every run is an ordinary run under --out: run the command again to resume; a finished run is read, not redone;
+a run another process holds (its directory is locked) is skipped, so two copies of the command share the work.
 
 The table: per model, variant and round, held-out accuracy (mean, min-max over seeds), the change against round 0
 (mean over seeds, each seed's 95% paired bootstrap interval, and how many seeds' intervals exclude 0), pass@k on
 the training pool, kept / rationalized / wrong-step rationales, sampling tokens/s and passes per token; then the
-gap between the AR twin and the diffusion model per round (paired over problems, per seed). Rows also go to
-<out>/self_improvement.json with the commands that produced them. Asserts nothing.
+gap between the AR twin and the diffusion model per round (paired over problems, per seed); then the stages after
+STaR against the STaR model they start from. Rows also go to <out>/self_improvement.json with the commands that
+produced them. Asserts nothing.
 
     nohup python benchmarks/self_improvement.py > self_improvement.log 2>&1 &      # hours on a 2-core CPU
-    nohup python benchmarks/self_improvement.py --seeds 1 > seed1.log 2>&1 &       # a second core: runs another
-                                                                                   # process holds are skipped
+    nohup python benchmarks/self_improvement.py > second.log 2>&1 &                # a second core shares the work
     python benchmarks/self_improvement.py --seeds 0 --variants plain --rounds 1    # a first look
+    python benchmarks/self_improvement.py --models diffusion --variants prm --after rl-outcome,rl-process,selection
     python benchmarks/self_improvement.py --table-only                             # the table from what is done
 """
 
@@ -39,47 +50,141 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODELS = {"diffusion": {}, "ar-twin": {"block_size": 1}}
-VARIANTS = {"plain": {}, "no-rationalize": {"star_rationalize": False}, "steps": {"star_filter": "steps"}}
+VARIANTS = {"plain": {}, "no-rationalize": {"star_rationalize": False}, "steps": {"star_filter": "steps"},
+            "prm": {"star_filter": "prm"}}
+AFTER = {"rl-outcome": {"process_weight": 0.0}, "rl-process": {}, "selection": {}}
 
 
 def run_dir(out: Path, model: str, variant: str, seed: int) -> Path:
     return out / model / variant / f"seed-{seed}"
 
 
-def star_command(args, model: str, variant: str, seed: int) -> list[str]:
-    fields = {"output_dir": run_dir(Path(args.out), model, variant, seed), "seed": seed, "star_rounds": args.rounds,
-              **MODELS[model], **VARIANTS[variant]}
-    if variant != "plain":  # the same round 0 as the plain run of this model and seed
-        fields["star_init_model"] = run_dir(Path(args.out), model, "plain", seed) / "round-0" / "model"
-    command = [sys.executable, "-m", "llm2diff", "star", "--config", str(args.recipe)]
+def prm_dir(out: Path, model: str, seed: int) -> Path:
+    """Where the PRM trained on (model, seed)'s round-0 rollouts lives (`llm2diff prm` output; the model is prm/)."""
+    return out / model / "reward-model" / f"seed-{seed}"
+
+
+def star_model(out: Path, model: str, seed: int, r: int) -> Path:
+    return run_dir(out, model, "plain", seed) / f"round-{r}" / "model"
+
+
+def _command(subcommand: str, recipe, fields: dict, extra=()) -> list[str]:
+    command = [sys.executable, "-m", "llm2diff", subcommand, "--config", str(recipe)]
     for key, value in fields.items():
         command += [f"--{key}", str(value)]
-    return command + list(args.extra)
+    return command + list(extra)
 
 
-def run(args, model: str, variant: str, seed: int) -> bool:
-    """Run (or resume) one STaR run; False when another process is running it now (its directory is locked)."""
-    report = run_dir(Path(args.out), model, variant, seed) / "report.json"
-    if report.is_file() and len(json.loads(report.read_text())["rounds"]) == args.rounds + 1:
-        return True
-    command = star_command(args, model, variant, seed)
-    print(f"[{model}/{variant}/seed {seed}] {' '.join(command[1:])}", flush=True)
+def star_command(args, model: str, variant: str, seed: int) -> list[str]:
+    out = Path(args.out)
+    fields = {"output_dir": run_dir(out, model, variant, seed), "seed": seed, "star_rounds": args.rounds,
+              **MODELS[model], **VARIANTS[variant]}
+    if variant != "plain":  # the same round 0 as the plain run of this model and seed
+        fields["star_init_model"] = star_model(out, model, seed, 0)
+    if variant == "prm":
+        fields["star_prm"] = prm_dir(out, model, seed) / "prm"
+    return _command("star", args.recipe, fields, args.extra)
+
+
+def prm_command(args, model: str, seed: int) -> list[str]:
+    """Train the PRM of (model, seed): rollouts of the plain run's round-0 model label the steps."""
+    fields = {"output_dir": prm_dir(Path(args.out), model, seed), "seed": seed,
+              "prm_policy": star_model(Path(args.out), model, seed, 0)}
+    return _command("prm", args.prm_recipe, fields)
+
+
+def after_command(args, model: str, stage: str, seed: int) -> list[str]:
+    """A stage after STaR, from the plain run's last round: GRPO (outcome or outcome + process) or selection."""
+    out = Path(args.out)
+    policy = star_model(out, model, seed, args.rounds)
+    prm = prm_dir(out, model, seed) / "prm"
+    if stage == "selection":
+        recipe = _recipe_fields(args.recipe, args.extra)
+        return [sys.executable, str(ROOT / "benchmarks" / "prm_selection.py"), "--model", str(policy),
+                "--prm", str(prm), "--task", recipe.get("star_task", "arithmetic"),
+                "--task-options", recipe.get("star_task_options") or "{}",
+                "--split", recipe.get("star_eval_split", "test"),
+                "--problems", str(recipe.get("star_eval_problems", 300)), "--k", str(args.selection_k),
+                "--max-new-tokens", str(recipe.get("star_max_new_tokens", 64)), "--seed", str(seed), "--step-search",
+                "--threads", str(args.threads), "--out", str(after_dir(out, model, stage, seed) / "selection.json")]
+    fields = {"output_dir": after_dir(out, model, stage, seed), "seed": seed, "rl_policy": policy, "rl_prm": prm,
+              **AFTER[stage]}
+    return _command("rl", args.rl_recipe, fields)
+
+
+def after_dir(out: Path, model: str, stage: str, seed: int) -> Path:
+    return out / model / stage / f"seed-{seed}"
+
+
+def _recipe_fields(path, extra=()) -> dict:
+    """The STaR recipe's keys with the `--key value` overrides every STaR run gets (values as given)."""
+    import yaml
+
+    fields = yaml.safe_load(Path(path).read_text()) or {}
+    extra = list(extra)
+    for key, value in zip(extra[::2], extra[1::2]):
+        fields[key.removeprefix("--")] = value
+    return fields
+
+
+def run_stage(name: str, command: list[str], directory: Path, threads: int) -> bool:
+    """Run (or resume) one run writing `directory`; False when another process holds it now (it is locked)."""
+    print(f"[{name}] {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
-    log = run_dir(Path(args.out), model, variant, seed).with_suffix(".log")
+    log = directory.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     size = log.stat().st_size if log.is_file() else 0
     with log.open("a") as sink:
         proc = subprocess.run(command, check=False, stdout=sink, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if proc.returncode != 0:
         with log.open() as text:
             text.seek(size)
             if "is in use by another llm2diff run" in text.read():  # another instance of this benchmark runs it
-                print(f"[{model}/{variant}/seed {seed}] running in another process: skipped", flush=True)
+                print(f"[{name}] running in another process: skipped", flush=True)
                 return False
-        raise SystemExit(f"[{model}/{variant}/seed {seed}] failed (exit {proc.returncode}); see {log}")
-    print(f"[{model}/{variant}/seed {seed}] finished in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+        raise SystemExit(f"[{name}] failed (exit {proc.returncode}); see {log}")
+    print(f"[{name}] finished in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return True
+
+
+def run(args, model: str, variant: str, seed: int) -> bool:
+    """Run (or resume) one STaR run (after the PRM it needs); False when another process is running it now."""
+    report = run_dir(Path(args.out), model, variant, seed) / "report.json"
+    if report.is_file() and len(json.loads(report.read_text())["rounds"]) == args.rounds + 1:
+        return True
+    if variant == "prm" and not run_prm(args, model, seed):
+        return False
+    return run_stage(f"{model}/{variant}/seed {seed}", star_command(args, model, variant, seed),
+                     run_dir(Path(args.out), model, variant, seed), args.threads)
+
+
+def run_prm(args, model: str, seed: int) -> bool:
+    directory = prm_dir(Path(args.out), model, seed)
+    if (directory / "prm_report.json").is_file():
+        return True
+    return run_stage(f"{model}/reward-model/seed {seed}", prm_command(args, model, seed), directory, args.threads)
+
+
+def run_after(args, model: str, stage: str, seed: int) -> bool:
+    """Run one stage after STaR (the PRM first where it needs one); False when another process holds it."""
+    directory = after_dir(Path(args.out), model, stage, seed)
+    done = directory / ("selection.json" if stage == "selection" else "rl_report.json")
+    if done.is_file():
+        return True
+    if stage != "rl-outcome" and not run_prm(args, model, seed):
+        return False
+    name = f"{model}/{stage}/seed {seed}"
+    if stage != "selection":
+        return run_stage(name, after_command(args, model, stage, seed), directory, args.threads)
+    from llm2diff.rundir import RunDirectoryError, output_lock
+
+    try:  # a script, not an llm2diff run: this process holds its directory
+        with output_lock(directory):
+            return run_stage(name, after_command(args, model, stage, seed), directory, args.threads)
+    except RunDirectoryError:
+        print(f"[{name}] running in another process: skipped", flush=True)
+        return False
 
 
 def _mean(values):
@@ -87,7 +192,7 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def summarize(out: Path, models, variants, seeds) -> dict:
+def summarize(out: Path, models, variants, seeds, last_round: int | None = None) -> dict:
     """Rows of the table from the finished rounds under `out` (a round missing for some seed is left out)."""
     from llm2diff.evaluation.intervals import paired_difference, read_correct, spread
 
@@ -131,7 +236,56 @@ def summarize(out: Path, models, variants, seeds) -> dict:
                     break
                 gaps.append({"variant": variant, "seed": seed, "round": r,
                              **paired_difference(read_correct(diffusion), read_correct(twin)).to_dict()})
-    return {"rows": rows, "gaps": gaps}
+    return {"rows": rows, "gaps": gaps, **summarize_after(out, models, seeds, last_round)}
+
+
+def summarize_after(out: Path, models, seeds, last_round: int | None = None) -> dict:
+    """The PRMs (AUROC against rollout and exact step labels) and the stages after STaR, per model and seed:
+    GRPO's held-out accuracy paired against the STaR model it starts from (the plain run's last round) and against
+    round 0; selection accuracy per rule at k samples and each rule against a single sample."""
+    from llm2diff.evaluation.intervals import paired_difference, read_correct
+
+    reward_models, after = [], []
+    for model in models:
+        for seed in seeds:
+            report = prm_dir(out, model, seed) / "prm_report.json"
+            if report.is_file():
+                data = json.loads(report.read_text())
+                reward_models.append({"model": model, "seed": seed, "eval_steps": data.get("eval_steps"),
+                                      **{k: data.get(k) for k in ("rollout_auroc", "exact_auroc", "rollout_accuracy",
+                                                                  "exact_accuracy")},
+                                      "rollout_vs_exact": data.get("rollout_vs_exact")})
+            star = run_dir(out, model, "plain", seed)
+            last = last_round
+            if last is None and (star / "report.json").is_file():
+                last = max(r["round"] for r in json.loads((star / "report.json").read_text())["rounds"])
+            for stage in ("rl-outcome", "rl-process"):
+                directory = after_dir(out, model, stage, seed)
+                if not (directory / "rl_report.json").is_file():
+                    continue
+                data = json.loads((directory / "rl_report.json").read_text())
+                row = {"model": model, "stage": stage, "seed": seed, "accuracy": data.get("accuracy"),
+                       "train_seconds": data.get("train_seconds"), "from_round": last}
+                now = directory / "eval"
+                for name, r in (("vs_star", last), ("vs_round_0", 0)):
+                    base = star / f"round-{r}" / "eval"
+                    if r is not None and (base / "results.jsonl").is_file() and (now / "results.jsonl").is_file():
+                        row[name] = paired_difference(read_correct(base), read_correct(now)).to_dict()
+                after.append(row)
+            selection = after_dir(out, model, "selection", seed) / "selection.json"
+            if selection.is_file():
+                data = json.loads(selection.read_text())
+                after.append({"model": model, "stage": "selection", "seed": seed, "k": data["k"],
+                              "problems": data["problems"], "rules": data["accuracy"],
+                              "passes_per_problem": data["passes_per_problem"], "vs_single": data.get("vs_single", {}),
+                              "from_round": last})
+    return {"reward_models": reward_models, "after": after}
+
+
+def _interval(d: dict | None) -> str:
+    if not d:
+        return "-"
+    return f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
 
 
 def table(summary: dict) -> str:
@@ -150,14 +304,11 @@ def table(summary: dict) -> str:
             change = excluding = "-"
         kept = "-" if row["kept"] is None else f"{row['kept']:.0f} + {row['rationalized']:.0f}"
 
-        def num(value, spec):
-            return "-" if value is None else format(value, spec)
-
         lines.append(f"| {row['model']} | {row['variant']} | {row['round']} | {100 * acc['mean']:.1f}% "
                      f"({100 * acc['low']:.1f}-{100 * acc['high']:.1f}, n={row['eval_examples']}, "
-                     f"{len(row['seeds'])} seeds) | {change} | {excluding} | {num(row['pass_at_k'], '.0%')} | {kept} "
-                     f"| {num(row['wrong_steps'], '.0f')} | {num(row['tokens_per_second'], '.1f')} "
-                     f"| {num(row['nfe_per_token'], '.2f')} |")
+                     f"{len(row['seeds'])} seeds) | {change} | {excluding} | {_num(row['pass_at_k'], '.0%')} | {kept} "
+                     f"| {_num(row['wrong_steps'], '.0f')} | {_num(row['tokens_per_second'], '.1f')} "
+                     f"| {_num(row['nfe_per_token'], '.2f')} |")
     if summary["gaps"]:
         lines += ["", "| variant | round | AR twin minus diffusion, per seed [95% interval] |", "|---|---|---|"]
         keys = sorted({(g["variant"], g["round"]) for g in summary["gaps"]})
@@ -166,7 +317,39 @@ def table(summary: dict) -> str:
                                  f"{100 * g['high']:+.1f}]" for g in summary["gaps"]
                                  if g["variant"] == variant and g["round"] == r)
             lines.append(f"| {variant} | {r} | {per_seed} |")
+    if summary.get("reward_models"):
+        lines += ["", "| model | seed | PRM AUROC vs rollout labels | vs exact labels | held-out steps | rollout labels "
+                      "agree with exact |", "|---|---|---|---|---|---|"]
+        for row in summary["reward_models"]:
+            agree = (row.get("rollout_vs_exact") or {}).get("agreement")
+            lines.append(f"| {row['model']} | {row['seed']} | {_num(row['rollout_auroc'], '.2f')} "
+                         f"| {_num(row['exact_auroc'], '.2f')} | {row['eval_steps']} | {_num(agree, '.0%')} |")
+    rl = [row for row in summary.get("after", []) if row["stage"] != "selection"]
+    if rl:
+        lines += ["", "| model | after STaR round | stage | seed | held-out accuracy | vs the STaR model [95%] "
+                      "| vs round 0 [95%] | train min |", "|---|---|---|---|---|---|---|---|"]
+        for row in rl:
+            minutes = None if row["train_seconds"] is None else row["train_seconds"] / 60
+            lines.append(f"| {row['model']} | {row['from_round']} | {row['stage']} | {row['seed']} "
+                         f"| {_num(row['accuracy'], '.1%')} | {_interval(row.get('vs_star'))} "
+                         f"| {_interval(row.get('vs_round_0'))} | {_num(minutes, '.0f')} |")
+    chosen = [row for row in summary.get("after", []) if row["stage"] == "selection"]
+    if chosen:
+        rules = list(chosen[0]["rules"])
+        lines += ["", "| model | seed | k | " + " | ".join(rules) + " | best PRM rule vs single [95%] | majority vs "
+                      "single [95%] |", "|---|---|---|" + "---|" * len(rules) + "---|---|"]
+        for row in chosen:
+            prm_rules = [r for r in rules if r.startswith("prm")]
+            best = max(prm_rules, key=lambda r: row["rules"][r]) if prm_rules else None
+            accuracy = " | ".join(f"{100 * row['rules'][r]:.1f}%" for r in rules)
+            lines.append(f"| {row['model']} | {row['seed']} | {row['k']} | {accuracy} "
+                         f"| {(best + ': ' + _interval(row['vs_single'].get(best))) if best else '-'} "
+                         f"| {_interval(row['vs_single'].get('majority'))} |")
     return "\n".join(lines)
+
+
+def _num(value, spec):
+    return "-" if value is None else format(value, spec)
 
 
 def main() -> None:
@@ -176,37 +359,52 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--after", default="", help=f"stages after STaR, comma-separated: {', '.join(AFTER)}")
+    parser.add_argument("--prm-recipe", default=str(ROOT / "recipes" / "star-headroom-prm.yaml"))
+    parser.add_argument("--rl-recipe", default=str(ROOT / "recipes" / "star-headroom-rl.yaml"))
+    parser.add_argument("--selection-k", type=int, default=4, help="samples per problem for the selection stage")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (runs go one at a time)")
     parser.add_argument("--out", default="outputs/self-improvement")
     parser.add_argument("--table-only", action="store_true", help="print the table of what is finished; run nothing")
-    parser.add_argument("extra", nargs="*", help="further recipe overrides for every run, after --, e.g. "
+    parser.add_argument("extra", nargs="*", help="further STaR recipe overrides for every STaR run, after --, e.g. "
                                                  "-- --star_num_problems 50")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     models = [m for m in args.models.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [m for m in models if m not in MODELS] + [v for v in variants if v not in VARIANTS]
+    after = [a for a in args.after.split(",") if a]
+    unknown = [m for m in models if m not in MODELS] + [v for v in variants if v not in VARIANTS] + \
+        [a for a in after if a not in AFTER]
     if unknown:
-        raise SystemExit(f"unknown models/variants {unknown}: models {list(MODELS)}, variants {list(VARIANTS)}")
+        raise SystemExit(f"unknown models/variants/stages {unknown}: models {list(MODELS)}, variants "
+                         f"{list(VARIANTS)}, stages after STaR {list(AFTER)}")
     if "plain" not in variants and not args.table_only:
-        variants = ["plain", *variants]  # the other variants start from its round 0
+        variants = ["plain", *variants]  # the other variants and the stages after STaR start from its rounds
     out = Path(args.out)
     if not args.table_only:
         from llm2diff.hardware import describe
 
-        print(f"self-improvement benchmark: {args.recipe}, models {models}, variants {variants}, seeds {seeds}, "
-              f"{args.rounds} rounds, {args.threads} thread(s) per run", flush=True)
+        print(f"self-improvement benchmark: {args.recipe}, models {models}, variants {variants}, after STaR "
+              f"{after or 'nothing'}, seeds {seeds}, {args.rounds} rounds, {args.threads} thread(s) per run",
+              flush=True)
         print(f"hardware: {describe(args.threads)}", flush=True)
         for seed in seeds:  # one seed of everything first: a partial run already compares the variants
             for model in models:
                 for variant in variants:  # the other variants need the plain run's round 0: skip with it
                     if not run(args, model, variant, seed) and variant == "plain":
                         break
-    summary = summarize(out, models, variants, seeds)
+                else:
+                    for stage in after:
+                        run_after(args, model, stage, seed)
+    summary = summarize(out, models, variants, seeds, args.rounds)
     text = table(summary)
     print(text)
     commands = {f"{m}/{v}/seed-{s}": " ".join(star_command(args, m, v, s)[1:]) for m in models for v in variants
                 for s in seeds}
+    commands.update({f"{m}/reward-model/seed-{s}": " ".join(prm_command(args, m, s)[1:]) for m in models
+                     for s in seeds if "prm" in variants or set(after) - {"rl-outcome"}})
+    commands.update({f"{m}/{a}/seed-{s}": " ".join(after_command(args, m, a, s)[1:]) for m in models for a in after
+                     for s in seeds})
     from llm2diff.atomic import write_json_atomic
 
     write_json_atomic(out / "self_improvement.json", {**summary, "commands": commands, "recipe": str(args.recipe)})

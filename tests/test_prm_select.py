@@ -96,9 +96,61 @@ def test_every_rule_on_the_same_samples():
         result.passes_per_problem["single"]
     assert 0 < result.prm_passes_per_problem <= k  # every solution with a step (an empty one has none)
     assert "| prm-min |" in selection_table(result)
+    # the step search: its own solutions (its own samples), graded and counted as a rule
+    searched = compare_selection(dlm, task, rows, k=k, prm=prm, decoding=layer, seed=0, batch_size=12,
+                                 step_search=True)
+    assert {r: searched.correct[r] for r in result.correct} == result.correct  # the other rules are unchanged
+    assert searched.correct["prm-steps"] == sum(p["step_search_correct"] for p in searched.chosen)
+    assert searched.passes_per_problem["prm-steps"] > searched.passes_per_problem["single"]
+    assert "| prm-steps |" in selection_table(searched)
+    with pytest.raises(ValueError, match="step_search needs a process reward model"):
+        compare_selection(dlm, task, rows, k=2, step_search=True)
     # without a PRM the PRM rules are left out; with another tokenizer's PRM, refused
     plain = compare_selection(dlm, task, rows, k=2, decoding={"temperature": 1.5, "max_new_tokens": 4})
     assert set(plain.correct) == {"single", "majority", "oracle"}
     other = SimpleNamespace(config=SimpleNamespace(tokenizer_fingerprint={"vocab_size": 1, "sha256": "x"}))
     with pytest.raises(ValueError, match="different tokenizer"):
         compare_selection(dlm, task, rows, k=2, prm=other)
+
+
+def test_prm_step_search_keeps_the_best_scored_line_at_each_step(monkeypatch):
+    """The search with scripted candidates and a PRM scoring each step by its first token: the kept line is the
+    best-scored one, the next step continues it (the response prefix), the budget shrinks, and the search ends
+    with the first kept candidate that ends the text."""
+    import llm2diff.evaluation.completions as completions
+    from llm2diff.prm.select import prm_step_search
+
+    dlm = make_dlm("qwen2", 4, scale=0.5)
+    tok = dlm.tokenizer
+    nl = tok.convert_tokens_to_ids("\n")
+    assert tok.decode([nl]) == "\n"
+    eos = dlm.eos_token_ids[0]
+    a, b, c, d, e = tok.encode("tom has 5 apples 3", add_special_tokens=False)
+    script = [[[a, nl], [b, nl], [c, nl]], [[d, nl], [e, eos], [c, nl]]]
+    score_of = {a: 0.2, b: 0.9, c: 0.5, d: 0.3, e: 0.8}
+    calls = []
+
+    def fake_complete(policy, prompts, layer, *, seed, response_prefix=None):
+        prefix = None if response_prefix is None else response_prefix.tolist()
+        calls.append({"budget": layer["max_new_tokens"], "stops": layer["stop_strings"], "prefix": prefix, "seed": seed})
+        cut = [t[: layer["max_new_tokens"]] for t in script[len(calls) - 1]]
+        rows = [completions.Completion(t, tok.decode(t), 2) for t in cut]
+        return completions.Completions(rows, 6, 0.0)
+
+    def step_scores(prompts, responses, ends):  # one end per candidate: its new step; scored by the step's first token
+        return [[score_of[r[e[0] - 1] if r[e[0]] in (nl, eos) else r[e[0]]]] for r, e in zip(responses, ends)]
+
+    monkeypatch.setattr(completions, "complete", fake_complete)
+    prm = SimpleNamespace(step_scores=step_scores)
+    tokens, passes, prm_passes = prm_step_search(dlm, prm, [5, 6], 3, {"max_new_tokens": 10}, seed=4)
+    assert tokens == [b, nl, e, eos]  # b (0.9) over c and a; then e (0.8) over c and d, which ends the text
+    assert [call["prefix"] for call in calls] == [None, [[b, nl]] * 3]
+    assert [call["budget"] for call in calls] == [10, 8] and calls[0]["stops"] == ["\n"]
+    assert [call["seed"] for call in calls] == [4, 5]
+    assert (passes, prm_passes) == (12, 6)
+
+    script[:] = [[[a, nl], [b, nl]]] * 10  # every candidate ends a line: the budget ends the search
+    calls.clear()
+    tokens, _, _ = prm_step_search(dlm, prm, [5], 2, {"max_new_tokens": 5}, seed=0)
+    assert tokens == [b, nl, b, nl, b]  # the last step had one token of budget left: cut at the budget
+    assert [call["budget"] for call in calls] == [5, 3, 1]

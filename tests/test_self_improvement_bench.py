@@ -89,3 +89,61 @@ def test_a_run_another_process_holds_is_skipped_and_a_failure_stops(bench, tmp_p
     message["text"] = "ValueError: something else\n"  # the earlier message in the log does not count again
     with pytest.raises(SystemExit, match="failed"):
         bench.run(args, "diffusion", "plain", 0)
+
+
+def test_the_prm_variant_and_the_stages_after_star_start_from_the_plain_runs(bench, tmp_path):
+    args = Namespace(out=str(tmp_path), rounds=3, recipe=str(ROOT / "recipes" / "star-headroom.yaml"), extra=[],
+                     prm_recipe="p.yaml", rl_recipe="r.yaml", selection_k=4, threads=1)
+    plain = tmp_path / "diffusion" / "plain" / "seed-2"
+    prm = bench.prm_command(args, "diffusion", 2)
+    assert prm[3:6] == ["prm", "--config", "p.yaml"]
+    assert prm[prm.index("--prm_policy") + 1] == str(plain / "round-0" / "model")
+    assert prm[prm.index("--output_dir") + 1] == str(tmp_path / "diffusion" / "reward-model" / "seed-2")
+    star = bench.star_command(args, "diffusion", "prm", 2)
+    assert star[star.index("--star_filter") + 1] == "prm"
+    assert star[star.index("--star_prm") + 1] == str(tmp_path / "diffusion" / "reward-model" / "seed-2" / "prm")
+    outcome = bench.after_command(args, "diffusion", "rl-outcome", 2)
+    process = bench.after_command(args, "diffusion", "rl-process", 2)
+    for command in (outcome, process):
+        assert command[3:6] == ["rl", "--config", "r.yaml"]
+        assert command[command.index("--rl_policy") + 1] == str(plain / "round-3" / "model")
+    assert outcome[outcome.index("--process_weight") + 1] == "0.0" and "--process_weight" not in process
+    selection = bench.after_command(args, "diffusion", "selection", 2)
+    assert selection[1].endswith("prm_selection.py")
+    assert selection[selection.index("--problems") + 1] == "300" and selection[selection.index("--k") + 1] == "4"
+    assert "--step-search" in selection
+    assert json.loads(selection[selection.index("--task-options") + 1])["max_steps"] == 3  # the held-out kind
+    args.extra = ["--star_eval_problems", "50"]  # the STaR runs' overrides hold for the selection stage too
+    selection = bench.after_command(args, "diffusion", "selection", 2)
+    assert selection[selection.index("--problems") + 1] == "50"
+
+
+def test_the_table_after_star_pairs_rl_with_its_star_model(bench, tmp_path):
+    n = 40
+    fake_run(bench, tmp_path, "diffusion", 0, [[i < 10 for i in range(n)], [i < 20 for i in range(n)]])
+    rl = tmp_path / "diffusion" / "rl-process" / "seed-0"
+    (rl / "eval").mkdir(parents=True)
+    (rl / "eval" / "results.jsonl").write_text(
+        "".join(json.dumps({"id": f"test-{i}", "correct": i < 30}) + "\n" for i in range(n)))
+    (rl / "rl_report.json").write_text(json.dumps({"accuracy": 0.75, "train_seconds": 600.0}))
+    reward = tmp_path / "diffusion" / "reward-model" / "seed-0"
+    reward.mkdir(parents=True)
+    (reward / "prm_report.json").write_text(json.dumps({"eval_steps": 90, "rollout_auroc": 0.81, "exact_auroc": 0.7,
+                                                        "rollout_vs_exact": {"agreement": 0.85}}))
+    selection = tmp_path / "diffusion" / "selection" / "seed-0"
+    selection.mkdir(parents=True)
+    (selection / "selection.json").write_text(json.dumps({
+        "k": 4, "problems": n, "accuracy": {"single": 0.5, "majority": 0.6, "prm-min": 0.65, "prm-last": 0.55,
+                                            "oracle": 0.8},
+        "passes_per_problem": {"single": 10.0}, "vs_single": {
+            "majority": {"difference": 0.1, "low": 0.0, "high": 0.2},
+            "prm-min": {"difference": 0.15, "low": 0.05, "high": 0.25}}}))
+    summary = bench.summarize(tmp_path, ["diffusion"], ["plain"], [0], last_round=1)
+    (row,) = [r for r in summary["after"] if r["stage"] == "rl-process"]
+    assert row["from_round"] == 1 and row["vs_star"]["difference"] == 0.25 and row["vs_round_0"]["difference"] == 0.5
+    assert summary["reward_models"][0]["rollout_auroc"] == 0.81
+    text = bench.table(summary)
+    assert "| diffusion | 0 | 0.81 | 0.70 | 90 | 85% |" in text
+    assert "| diffusion | 1 | rl-process | 0 | 75.0% | +25.0 [+" in text and "| 10 |" in text
+    assert "| diffusion | 0 | 4 | 50.0% | 60.0% | 65.0% | 55.0% | 80.0% | prm-min: +15.0 [+5.0, +25.0] " \
+           "| +10.0 [+0.0, +20.0] |" in text

@@ -9,7 +9,11 @@ chooses among the same k solutions, so the rules differ only in how they choose:
   - `majority`: the most frequent final answer among the k (ties: the answer met first; self-consistency);
   - `prm-min` / `prm-last`: the solution whose PRM step scores have the highest minimum / last value (best-of-k by
     the process reward model; each solution's steps end at its lines, as the PRM was trained);
-  - `oracle`: right if any sample is (pass@k, the ceiling of any rule).
+  - `oracle`: right if any sample is (pass@k, the ceiling of any rule);
+  - `prm-steps` (with `step_search=True`): not a choice among the k samples but a PRM-guided search that builds one
+    solution line by line: k candidate continuations of the solution so far, each up to the end of its next line
+    (the block sampler, committing blocks until the line ends), the PRM scores each candidate's new step, the best
+    is kept (`prm_step_search`). About the same policy passes as k whole samples, one PRM pass per candidate.
 Passes per problem are the policy's forward passes for what the rule needs (k samples, or one), and the PRM's
 passes are counted apart (one per solution scored).
 """
@@ -95,12 +99,54 @@ class SelectionResult:
                 "prm_passes_per_problem": self.prm_passes_per_problem, "decoding": self.decoding}
 
 
+def prm_step_search(dlm, prm, prompt: Sequence[int], k: int, decoding: dict, seed: int = 0
+                    ) -> tuple[list[int], int, int]:
+    """One solution built step by step under a process reward model's guidance.
+
+    At each step, k continuations of the solution so far are sampled up to the end of their next line (stop string
+    "\\n"; the block sampler at `decoding`, which holds `max_new_tokens`, the budget of the whole solution), the PRM
+    scores each candidate's new step after the prompt and the chosen lines, and the best candidate is kept; the
+    search ends with the first chosen candidate that ends the text (end of sequence, or no line end within the
+    budget). Returns (the solution's tokens, the policy's passes, the PRM's passes).
+    """
+    import torch
+
+    from llm2diff.evaluation.completions import complete
+    from llm2diff.prm.steps import step_ends
+
+    budget = int(decoding["max_new_tokens"])
+    tok, eos = dlm.tokenizer, set(dlm.eos_token_ids)
+    chosen: list[int] = []
+    passes = prm_passes = 0
+    for step in range(budget):  # every step adds at least one token
+        prefix = torch.tensor([chosen] * k, dtype=torch.long) if chosen else None
+        layer = {**decoding, "max_new_tokens": budget - len(chosen), "stop_strings": ["\n"]}
+        done = complete(dlm, [list(prompt)] * k, layer, seed=seed + step, response_prefix=prefix)
+        passes += sum(c.passes for c in done.rows)
+        full = [chosen + c.tokens for c in done.rows]
+        ends = [step_ends(f, tok, "lines", eos_ids=list(eos)) for f in full]
+        live = [i for i in range(k) if done.rows[i].tokens and ends[i] and ends[i][-1] >= len(chosen)]
+        if not live:
+            break
+        scores = prm.step_scores([list(prompt)] * len(live), [full[i] for i in live], [[ends[i][-1]] for i in live])
+        prm_passes += len(live)
+        best = live[max(range(len(live)), key=lambda j: (scores[j][0], -j))]
+        new = done.rows[best].tokens
+        chosen = full[best]
+        line_ended = "\n" in tok.decode([new[-1]]) and new[-1] not in eos
+        if not line_ended or len(chosen) >= budget:
+            break
+    return chosen, passes, prm_passes
+
+
 def compare_selection(dlm, task, rows: list[dict], k: int = 8, prm=None, decoding: dict | None = None,
-                      seed: int = 0, batch_size: int = 32, render=None) -> SelectionResult:
+                      seed: int = 0, batch_size: int = 32, render=None, step_search: bool = False
+                      ) -> SelectionResult:
     """Sample k solutions per row once and score every rule on them (see the module docstring).
 
     `decoding`: the sampling settings over the model's saved decoding (default: the block sampler at temperature
-    0.7); `render`: prompt renderer (default: the evaluation runner's, the model's saved prompt format).
+    0.7); `render`: prompt renderer (default: the evaluation runner's, the model's saved prompt format);
+    `step_search`: also run the PRM-guided step search with k candidates per step (rule `prm-steps`; needs `prm`).
     """
     from llm2diff.evaluation.completions import complete
     from llm2diff.evaluation.runner import PromptRenderer
@@ -114,6 +160,8 @@ def compare_selection(dlm, task, rows: list[dict], k: int = 8, prm=None, decodin
         check_tokenizer_match(prm, dlm.tokenizer)
     layer = {"temperature": 0.7, **(decoding or {}), "mode": "block"}
     render = render or PromptRenderer(dlm)
+    if step_search and prm is None:
+        raise ValueError("step_search needs a process reward model (prm)")
     rules = [r for r in RULES if prm is not None or not r.startswith("prm")]
     result = SelectionResult(k=k, problems=len(rows), correct=dict.fromkeys(rules, 0), decoding=layer)
     passes = dict.fromkeys(rules, 0)
@@ -149,6 +197,20 @@ def compare_selection(dlm, task, rows: list[dict], k: int = 8, prm=None, decodin
                 passes[rule] += candidates[0].passes if rule == "single" else sum(c.passes for c in candidates)
             result.chosen.append({"problem": lo + j, "picks": picks, "correct": [c.correct for c in candidates],
                                   "answers": [c.answer for c in candidates]})
+    if step_search:
+        from llm2diff.sampling.config import DecodingConfig
+
+        budget = DecodingConfig.resolve(dlm.decoding, layer).max_new_tokens
+        result.correct["prm-steps"], passes["prm-steps"] = 0, 0
+        for i, row in enumerate(rows):
+            tokens, used, scored = prm_step_search(dlm, prm, render(task, row, []), k,
+                                                   {**layer, "max_new_tokens": budget}, seed=seed + 7919 * (i + 1))
+            right = bool(task.grade(dlm.tokenizer.decode(tokens, skip_special_tokens=True), row).correct)
+            result.correct["prm-steps"] += right
+            passes["prm-steps"] += used
+            result.prm_passes_per_problem += scored
+            result.chosen[i]["step_search_correct"] = right
+        rules.append("prm-steps")
     n = max(len(rows), 1)
     result.passes_per_problem = {rule: passes[rule] / n for rule in rules}
     result.prm_passes_per_problem /= n
