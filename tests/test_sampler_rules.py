@@ -168,6 +168,65 @@ def test_correction_retracts_a_planted_wrong_token(dlm):
     assert fixed[0, 2] != dlm.config.mask_token_id
 
 
+def test_select_disputes_takes_the_most_confident_within_budget():
+    best = torch.tensor([[0.95, 0.99, 0.5, 0.97], [0.99, 0.2, 0.2, 0.2]])
+    disputed = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    from llm2diff.sampling.rules import select_disputes
+
+    got = select_disputes(best, disputed, 0.9, torch.tensor([1, 3]))
+    assert got.tolist() == [[False, True, False, False], [True, False, False, False]]  # 0.97 is not disputed
+    assert select_disputes(best, disputed, 0.9, torch.tensor([0, 0])).sum() == 0
+
+
+@pytest.mark.parametrize("action", ["replace", "remask"])
+def test_learned_correction_acts_where_the_model_predicts_another_token(dlm, action):
+    """A wrong token planted at position 2: the model's top prediction there is another token; with an edit
+    threshold below that prediction's probability the sampler replaces it (or remasks and re-denoises it); with one
+    the model never reaches, it keeps it. The block's first token is never disputed (token shift)."""
+    prompt, mask = PROMPTS[:1], MASK[:1]
+    draft = torch.full((1, 4), dlm.config.mask_token_id)
+
+    def run(**kwargs):
+        sampler = BlockSampler(dlm.model, _settings(dlm, **kwargs))
+        with torch.no_grad():
+            ctx = BlockContext(dlm.model, prompt, mask, 4)
+            return sampler.denoise_block(ctx, 4, draft=draft), sampler
+
+    plain, _ = run()
+    draft[0, 2] = (int(plain[0, 2]) + 1) % dlm.config.mask_token_id  # not what the model would put there
+    kept, _ = run()
+    assert int(kept[0, 2]) == int(draft[0, 2])
+    with torch.no_grad():  # the model's reading of the block as the first step sees it
+        ctx = BlockContext(dlm.model, prompt, mask, 4)
+        logits = ctx.block_logits(draft)
+    from llm2diff.sampling.rules import suppress_ids
+
+    probs = suppress_ids(logits, dlm.config.mask_token_id, dlm.config.vocab_size).softmax(-1)[0, 2]
+    top = int(probs.argmax())
+    assert top != int(draft[0, 2])
+    fixed, sampler = run(edit_threshold=float(probs[top]) * 0.99, edit_action=action, remask_budget=1)
+    assert int(fixed[0, 2]) != int(draft[0, 2]) and fixed[0, 2] != dlm.config.mask_token_id
+    if action == "replace":
+        assert sampler.edited == 1 and sampler.remasked == 0 and int(fixed[0, 2]) == top
+    else:
+        assert sampler.edited == 0 and sampler.remasked == 1
+    unsure, sampler = run(edit_threshold=0.999, edit_action=action, remask_budget=1)  # never that sure
+    assert sampler.edited == sampler.remasked == 0 and int(unsure[0, 2]) == int(draft[0, 2])
+
+
+def test_learned_correction_is_bounded_clean_and_counted_in_trajectories(dlm):
+    out = dlm.generate(PROMPTS, MASK, max_new_tokens=12, edit_threshold=0.01, remask_budget=2,
+                       record_trajectory=True)
+    assert 0 < out.stats["edited"] <= 2 * 2 * 3  # at most the budget per block and row
+    assert not (out.sequences[:, 6:] == dlm.config.mask_token_id).any()
+    assert out.num_new_tokens.tolist() == [12, 12]
+    history = out.trajectory.history(row=0) + out.trajectory.history(row=1)
+    assert sum(entry["remasks"] for entry in history) == out.stats["edited"]  # each edit drawn as a retraction
+    assert all(entry["position"] % 4 != 0 or entry["remasks"] == 0 for entry in history)  # never a first token
+    off = dlm.generate(PROMPTS, MASK, max_new_tokens=12)
+    assert off.stats["edited"] == 0
+
+
 def test_correction_budget_bounds_remasks_and_output_is_clean(dlm):
     out = dlm.generate(PROMPTS, MASK, max_new_tokens=12, remask_threshold=0.99, remask_budget=2)
     # every committed token is below 0.99 for a random model: each block retracts exactly its budget per row

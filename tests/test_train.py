@@ -201,3 +201,14 @@ def test_final_eval_grades_an_ar_twin_once(monkeypatch, block_size, causal, expe
     dlm = SimpleNamespace(config=SimpleNamespace(block_size=block_size, causal_clean=causal))
     results = exact_match.compare_with_parent(dlm, [], None, threshold=0.9, max_new_tokens=8)
     assert calls == expected and results == list(range(1, len(expected) + 1))
+
+
+def test_editing_noise_trains_and_logs_its_terms(workdir):
+    recipe = _recipe(workdir, "editrun", max_steps=4, logging_steps=2, save_steps=4, use_lora=True,
+                     edit_fraction=0.3, edit_source="parent", edit_keep_weight=0.1)
+    assert main(["train", "--config", recipe]) == 0
+    logs = json.loads((workdir / "editrun" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in logs if "edit_loss" in entry]
+    assert len(logged) == 2 and all(0 < e["edited_fraction"] < 0.3 and e["keep_loss"] > 0 for e in logged)
+    recorded = json.loads((workdir / "editrun" / "diffusion_config.json").read_text())["training"]["recipe"]
+    assert (recorded["edit_fraction"], recorded["edit_source"]) == (0.3, "parent")

@@ -51,6 +51,7 @@ UNITS = ("block", "sequence")
 ORDERS = ("random", "semantic")
 WEIGHTINGS = ("elbo", "mean", "cart")
 NORMALIZATIONS = ("auto", "response", "masked", "sequence")
+EDIT_SOURCES = ("uniform", "parent", "self")  # editing noise's wrong tokens (`llm2diff.noise.editing`)
 
 
 def _key(default, recipe_key: str | None = None):
@@ -76,6 +77,12 @@ class NoiseSpec:
     cart_p: the geometric kernel's p for "cart".
     normalization: "auto" (response for elbo/cart, masked for mean) | "response" (sum / response tokens in the
         batch) | "masked" (sum / masked tokens) | "sequence" (per-sequence sum / its response tokens, averaged).
+    edit_fraction: editing noise (`llm2diff.noise.editing`): each visible response token of the noisy copy past
+        its block's first is replaced by a wrong one with this probability (0 = off: the absorbing objective alone).
+    edit_source: "uniform" | "parent" | "self": where the wrong tokens come from.
+    edit_loss_weight: weight of the cross-entropy of the true token at corrupted positions (per response token).
+    edit_keep_weight: weight of the cross-entropy of the true token at the visible tokens left right (per response
+        token; teaches keeping them).
     """
 
     schedule: str = _key("linear", "noise_schedule")
@@ -90,6 +97,10 @@ class NoiseSpec:
     weighting: str = _key("elbo", "loss_weighting")
     cart_p: float = _key(0.1)
     normalization: str = _key("auto", "loss_normalization")
+    edit_fraction: float = _key(0.0)
+    edit_source: str = _key("uniform")
+    edit_loss_weight: float = _key(1.0)
+    edit_keep_weight: float = _key(0.0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,6 +162,21 @@ class NoiseSpec:
             raise ValueError("block_size 1 with shift is causal-LM SFT (the AR twin): nothing is masked, so the noise "
                              "options (t_sampling, noise_unit, noise_order, position masking, complementary masks, "
                              "cart) do not apply; leave them at their defaults")
+        if not 0.0 <= self.edit_fraction < 1.0:
+            raise ValueError(f"edit_fraction must be in [0, 1) (the probability that a visible token is replaced by a "
+                             f"wrong one), got {self.edit_fraction}")
+        if self.edit_source not in EDIT_SOURCES:
+            import difflib
+
+            near = difflib.get_close_matches(self.edit_source, EDIT_SOURCES, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"edit_source must be one of {', '.join(EDIT_SOURCES)}, got {self.edit_source!r}.{hint}")
+        if self.edit_loss_weight < 0 or self.edit_keep_weight < 0:
+            raise ValueError(f"edit_loss_weight and edit_keep_weight must be >= 0, got {self.edit_loss_weight} and "
+                             f"{self.edit_keep_weight}")
+        if self.edit_fraction > 0 and block_size == 1:
+            raise ValueError("edit_fraction needs block_size > 1: editing noise corrupts visible tokens inside a block, "
+                             "and a block of one token has none (block_size 1 with shift is causal-LM SFT)")
         if block_size == 1 and self.position_strength > 0:
             raise ValueError("position_masking_strength needs block_size > 1 (positions inside a block)")
 

@@ -31,6 +31,7 @@ from typing import Any
 from llm2diff.sampling.decoders import DECODERS
 
 DECODING_CONFIG_NAME = "decoding_config.json"
+EDIT_ACTIONS = ("replace", "remask")
 MODES = tuple(DECODERS)
 ALL = MODES
 
@@ -73,8 +74,14 @@ class DecodingConfig:
     # -- block sampler: correction ---------------------------------------------------------------------------------
     remask_threshold: float | None = _setting(None, "Correction: mask committed tokens of the open block again when "
                                               "their probability falls below this.", group="correction")
-    remask_budget: int | None = _setting(None, "Correction: at most this many remasks per block and row (2 when "
-                                         "only remask_threshold is set).", group="correction")
+    remask_budget: int | None = _setting(None, "Correction: at most this many corrections (remasks and edits) per "
+                                         "block and row (2 when only a threshold is set).", group="correction")
+    edit_threshold: float | None = _setting(None, "Learned correction (models trained with editing noise): when the "
+                                            "model now predicts another token at a committed position of the open "
+                                            "block with at least this probability, act on it (edit_action).",
+                                            group="correction")
+    edit_action: str = _setting("replace", "Learned correction: 'replace' the disputed token by the model's "
+                                "prediction, or 'remask' it (denoise that position again).", group="correction")
     # -- block sampler: sampling -----------------------------------------------------------------------------------
     temperature: float = _setting(0.0, "Sampling temperature (0 = greedy).", group="sampling")
     top_k: int | None = _setting(None, "Sample among the k most likely tokens (needs temperature > 0).",
@@ -149,6 +156,15 @@ class DecodingConfig:
         if self.remask_threshold is not None and self.remask_budget == 0:
             raise ValueError("remask_threshold is set but remask_budget is 0: give a budget of remasks per block "
                              "(e.g. 2), or unset remask_threshold")
+        if self.edit_threshold is not None and not 0.0 < self.edit_threshold < 1.0:
+            raise ValueError(f"edit_threshold must be in (0, 1) (a probability of the replacing token), got "
+                             f"{self.edit_threshold}")
+        if self.edit_action not in EDIT_ACTIONS:
+            raise ValueError(f"unknown edit_action {self.edit_action!r}; available: {', '.join(EDIT_ACTIONS)}"
+                             f"{_nearest(self.edit_action, EDIT_ACTIONS)}")
+        if self.edit_threshold is not None and self.remask_budget == 0:
+            raise ValueError("edit_threshold is set but remask_budget is 0: give a budget of corrections per block "
+                             "(e.g. 2), or unset edit_threshold")
         if self.parent_tail < 0:
             raise ValueError(f"parent_tail must be >= 0, got {self.parent_tail}")
         if self.static_cache and not self.use_cache:
@@ -156,10 +172,11 @@ class DecodingConfig:
 
     @property
     def correction_budget(self) -> int:
-        """Remasks allowed per block and row: the budget given, else 2 with a remask threshold, else 0."""
+        """Corrections (remasks and edits) allowed per block and row: the budget given, else 2 with a remask or edit
+        threshold, else 0."""
         if self.remask_budget is not None:
             return self.remask_budget
-        return 2 if self.remask_threshold is not None else 0
+        return 2 if self.remask_threshold is not None or self.edit_threshold is not None else 0
 
     @property
     def verified_threshold(self) -> float:

@@ -2,8 +2,8 @@
 
 `choose_tokens` turns logits into a proposed token and its confidence at every position; `commit_priority` ranks
 the proposals by the chosen rule; `select_commits` decides which still-masked positions are committed this step;
-`sub_block_window` and `select_remasks` restrict and revise those choices (semi-autoregressive sub-blocks inside a
-block, ReMDM-style correction).
+`sub_block_window`, `select_remasks` and `select_disputes` restrict and revise those choices (semi-autoregressive
+sub-blocks inside a block, ReMDM-style correction, learned correction).
 
 Rules (`commit_rule`):
   confidence      the most confident `tokens_per_step` positions; with `threshold`, also every position whose
@@ -143,6 +143,26 @@ def select_remasks(
     candidates = revisable & (current_prob < threshold)
     scores = current_prob.masked_fill(~candidates, float("inf"))
     rank = scores.argsort(-1).argsort(-1)
+    return candidates & (rank < budget[:, None])
+
+
+def select_disputes(
+    best_prob: torch.Tensor, disputed: torch.Tensor, threshold: float, budget: torch.Tensor
+) -> torch.Tensor:
+    """Learned correction: which committed positions to act on, where the model now predicts another token.
+
+    Args:
+        best_prob: `(batch, n)` the probability of the model's present top prediction at each position.
+        disputed: `(batch, n)` bool, revisable committed positions whose top prediction differs from the token there.
+        threshold: act only where that prediction's probability reaches it.
+        budget: `(batch,)` corrections each row may still make in this block.
+
+    Returns:
+        `(batch, n)` bool: per row, the most confident disputes, at most `budget` of them.
+    """
+    candidates = disputed & (best_prob >= threshold)
+    scores = best_prob.masked_fill(~candidates, float("-inf"))
+    rank = (-scores).argsort(-1).argsort(-1)
     return candidates & (rank < budget[:, None])
 
 

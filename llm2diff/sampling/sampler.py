@@ -5,8 +5,10 @@ For each block of B positions:
   2. run the block against the cache (bidirectional inside the block), propose a token and a confidence at every
      masked position, commit some of them by the commit rule (`llm2diff.sampling.rules`: most confident k, above a
      threshold, margin, entropy-bounded, random, coarse-to-fine; optionally left to right by sub-blocks, with a cap
-     on steps per block), optionally remask committed tokens the model no longer believes (correction), crop the
-     block's keys/values off the cache again; repeat until the block is clean;
+     on steps per block), optionally correct committed tokens of the block: remask those the model no longer
+     believes (`remask_threshold`, ReMDM-style), or replace / remask those where it now confidently predicts another
+     token (`edit_threshold`, learned correction for models trained with editing noise), within a budget per block;
+     crop the block's keys/values off the cache again; repeat until the block is clean;
   3. append the clean block's keys/values to the cache: they are exactly what the training layout's clean copy
      computes, and its last position's output predicts the next block's first token (token shift). This pass is
      fused with the next block's first denoising step (one forward over [clean block ; noisy block] with a
@@ -40,6 +42,7 @@ from llm2diff.sampling.rules import (
     margin_scores,
     random_priority,
     select_commits,
+    select_disputes,
     select_remasks,
     sub_block_window,
     suppress_ids,
@@ -58,6 +61,7 @@ class SamplerOutput:
     nfe_per_row: `(batch,)` forward passes made while each row was still generating, so
         `num_new_tokens / nfe_per_row` is the row's tokens per forward.
     remasked: tokens retracted by correction (summed over rows).
+    edited: tokens replaced by learned correction (summed over rows).
     trajectory: the recorded denoising steps (`record_trajectory=True`), a `llm2diff.sampling.trajectory.Trajectory`.
     """
 
@@ -68,6 +72,7 @@ class SamplerOutput:
     nfe_per_row: torch.Tensor | None = None
     remasked: int = 0
     trajectory: object | None = None
+    edited: int = 0
 
     @property
     def steps(self) -> int:
@@ -103,6 +108,8 @@ class SamplerSettings:
     max_steps_per_block: int | None = None
     remask_threshold: float | None = None
     remask_budget: int = 0
+    edit_threshold: float | None = None
+    edit_action: str = "replace"
     fuse_commit: bool = True
     drop_finished: bool = True
     static_cache: bool = False
@@ -135,6 +142,18 @@ class SamplerSettings:
         if self.remask_threshold is not None and self.remask_budget == 0:
             raise ValueError("remask_threshold is set but remask_budget is 0: give a budget of remasks per block "
                              "(e.g. 2), or unset remask_threshold")
+        if self.edit_threshold is not None and not 0.0 < self.edit_threshold < 1.0:
+            raise ValueError(f"edit_threshold must be in (0, 1), got {self.edit_threshold}")
+        if self.edit_action not in ("replace", "remask"):
+            raise ValueError(f"edit_action must be 'replace' or 'remask', got {self.edit_action!r}")
+        if self.edit_threshold is not None and self.remask_budget == 0:
+            raise ValueError("edit_threshold is set but remask_budget is 0: give a budget of corrections per block "
+                             "(e.g. 2), or unset edit_threshold")
+
+    @property
+    def corrects(self) -> bool:
+        """Some correction of committed tokens is on (heuristic remasking or learned editing)."""
+        return self.remask_threshold is not None or self.edit_threshold is not None
 
 
 def check_sampling_values(temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
@@ -176,6 +195,7 @@ class BlockSampler:
         self.stops = StopRule(settings.eos_token_ids, settings.stop_strings if tokenizer is not None else (), tokenizer)
         self.step_counts: list[int] = []
         self.remasked = 0
+        self.edited = 0
         device = embedding_weight(model).device
         self.generator = torch.Generator(device=device)
         if settings.seed is not None:
@@ -241,7 +261,7 @@ class BlockSampler:
 
         sequences = torch.cat([input_ids, prefix, new_tokens[:, :produced]], dim=1)
         return SamplerOutput(sequences, ctx.nfe, self.step_counts, num_new, ctx.nfe_per_row, self.remasked,
-                              self.trajectory)
+                              self.trajectory, self.edited)
 
     def denoise_block(self, ctx: BlockContext, length: int, start: torch.Tensor | None = None,
                       draft: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,12 +284,15 @@ class BlockSampler:
             canvas = torch.where(drafted, draft, canvas)
             todo &= ~drafted
         revisable = (positions >= fixed)[None, :].expand(batch, size) & (positions < length) & ~todo
+        # with token shift a block's first token is read from the finished block before, which never sees this
+        # block: nothing in the block can dispute it, so learned correction leaves it alone
+        disputable = (positions > 0) | (not s.shift)
         budget = torch.full((batch,), s.remask_budget, dtype=torch.long, device=device)
         step = 0
         while bool(todo.any()):
             last_step = s.max_steps_per_block is not None and step + 1 >= s.max_steps_per_block
             only_first = s.shift and s.use_cache and not bool(todo[:, 1:].any())
-            if only_first and not (s.remask_threshold is not None and bool(revisable.any())):
+            if only_first and not (s.corrects and bool(revisable.any())):
                 # only first positions left: the clean position before the block predicts them, no block forward
                 first = ctx.first_position_logits()
                 logits = first[:, None].expand(-1, size, -1)
@@ -281,12 +304,28 @@ class BlockSampler:
             tokens, confidence, probs = choose_tokens(allowed, s.temperature, s.top_k, s.top_p, self.generator,
                                                       return_probs=True)
             remask = torch.zeros_like(todo)
-            if s.remask_threshold is not None and checked and not last_step:
-                current = allowed.float().softmax(-1).gather(-1, canvas[..., None]).squeeze(-1)
-                remask = select_remasks(current, revisable, s.remask_threshold, budget)
+            edit = torch.zeros_like(todo)
+            if s.corrects and checked and not last_step:
+                now = allowed.float().softmax(-1)
+                if s.edit_threshold is not None:  # learned: the model now says another token belongs here
+                    best, proposal = now.max(-1)
+                    disputed = select_disputes(best, revisable & disputable & (proposal != canvas),
+                                               s.edit_threshold, budget)
+                    budget -= disputed.sum(-1)
+                    revisable &= ~disputed
+                    if s.edit_action == "replace":
+                        edit = disputed
+                        canvas = torch.where(edit, proposal, canvas)
+                        self.edited += int(edit.sum())
+                    else:
+                        remask = disputed
+                if s.remask_threshold is not None:  # heuristic: the committed token lost the model's belief
+                    current = now.gather(-1, canvas[..., None]).squeeze(-1)
+                    low = select_remasks(current, revisable, s.remask_threshold, budget)
+                    budget -= low.sum(-1)
+                    revisable &= ~low
+                    remask |= low
                 canvas = torch.where(remask, s.mask_token_id, canvas)
-                budget -= remask.sum(-1)
-                revisable &= ~remask
                 self.remasked += int(remask.sum())
             eligible = todo if last_step else sub_block_window(todo, s.sub_block_size)
             commit = todo.clone() if last_step else self._select(tokens, confidence, probs, eligible)
@@ -294,8 +333,8 @@ class BlockSampler:
             todo = (todo & ~commit) | remask
             revisable |= commit
             self.step_counts.append(int((commit & ~ctx.done[:, None]).sum()))
-            if self.trajectory is not None:
-                self._record(ctx, canvas, confidence, commit, remask)
+            if self.trajectory is not None:  # an edit is drawn as a retraction and a commit in one step
+                self._record(ctx, canvas, confidence, commit | edit, remask | edit)
             step += 1
         return canvas
 
@@ -374,7 +413,8 @@ def decode_block(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, dec
         use_cache=d.use_cache, seed=d.seed, commit_rule=d.commit_rule, significance=significance,
         significance_weight=d.significance_weight, confidence_floor=d.confidence_floor,
         entropy_bound=d.entropy_bound, sub_block_size=d.sub_block_size, max_steps_per_block=d.max_steps_per_block,
-        remask_threshold=d.remask_threshold, remask_budget=d.correction_budget, fuse_commit=d.fuse_commit,
+        remask_threshold=d.remask_threshold, remask_budget=d.correction_budget, edit_threshold=d.edit_threshold,
+        edit_action=d.edit_action, fuse_commit=d.fuse_commit,
         drop_finished=d.drop_finished, static_cache=d.static_cache,
     )
     trajectory = None
@@ -393,4 +433,5 @@ def decode_block(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, dec
     finally:
         dlm.model.train(was_training)
     return GenerateOutput(out.sequences, out.num_new_tokens, out.nfe, out.nfe_per_row, "block", decoding,
-                          {"tokens_per_step": out.tokens_per_step, "remasked": out.remasked}, out.trajectory)
+                          {"tokens_per_step": out.tokens_per_step, "remasked": out.remasked, "edited": out.edited},
+                          out.trajectory)

@@ -74,6 +74,19 @@ class DiffusionSFTConfig(SFTConfig):
     loss_normalization: str = field(default="auto", metadata={
         "help": "'auto' (response for elbo/cart, masked for mean), 'response' (sum / response tokens), 'masked' "
                 "(sum / masked tokens), 'sequence' (per-sequence mean, averaged)."})
+    edit_fraction: float = field(default=0.0, metadata={
+        "help": "Editing noise: each visible response token of the noisy copy (past its block's first) is replaced by "
+                "a wrong token with this probability, and the loss asks for the true one there, so the model learns "
+                "to dispute committed tokens (learned retraction). 0 = off: the absorbing objective exactly."})
+    edit_source: str = field(default="uniform", metadata={
+        "help": "Where editing noise's wrong tokens come from: 'uniform' (any other token), 'parent' (the AR "
+                "parent's next-token distribution without the true token; needs LoRA) or 'self' (the model's own "
+                "prediction with the position masked, without the true token)."})
+    edit_loss_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the true token's cross-entropy at corrupted positions (summed, per response token)."})
+    edit_keep_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the true token's cross-entropy at the visible tokens left right (per response token): "
+                "teaches keeping right tokens beside replacing wrong ones. 0 = off."})
     attention_anneal_steps: int = field(default=0, metadata={
         "help": "Anneal attention from causal to block over this many steps (DiffuLLaMA): within a block a "
                 "token sees a later position with probability step / attention_anneal_steps. 0 = off."})

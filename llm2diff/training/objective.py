@@ -54,6 +54,8 @@ class LossStats:
     num_masked: int
     num_response_tokens: int
     ar_loss: torch.Tensor | None = None  # the AR term (mean cross-entropy per response token), when trained
+    # editing noise: (cross-entropy sum, count) at the corrupted tokens, then at the kept visible ones (edit_keep_weight)
+    edit_sums: torch.Tensor | None = None
 
 
 def _repeat_layout(layout: Layout, times: int) -> Layout:
@@ -193,6 +195,36 @@ def layout_logits(
     return logits[0] if clean_select is None else (logits[0], logits[1])
 
 
+@torch.no_grad()
+def apply_edits(model, layout, ids: torch.Tensor, noise, spec, mask_token_id: int,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrupt `spec.edit_fraction` of the visible response tokens of the noisy copy in `ids` (the noised input
+    `apply_noise` returned). Returns (the new input ids, `(rows, R)` bool of the corrupted tokens)."""
+    from llm2diff.noise.editing import draw_edits, edit_candidates, lora_off, wrong_tokens
+
+    edited = draw_edits(edit_candidates(noise, layout.response_block, _block_size(layout)), spec.edit_fraction,
+                        generator)
+    if not edited.any():
+        return ids, edited
+    true = layout.target[edited]
+    vocab = _embedding_weight(model).shape[0]
+    logits = None
+    if spec.edit_source == "self":
+        masked_too = ids.clone()
+        rows, cols = edited.nonzero(as_tuple=True)
+        masked_too[layout.rows[rows], layout.noisy_index[rows, cols]] = mask_token_id
+        logits = layout_logits(model, layout, masked_too, edited)
+    elif spec.edit_source == "parent":
+        causal = replace(layout, causal_clean=True)  # the clean stream as a causal LM: the parent's own reading
+        with lora_off(model):
+            _, logits = layout_logits(model, causal, layout.input_ids, edited, clean_select=edited)
+    replacement = wrong_tokens(true, vocab, [mask_token_id], logits, generator)
+    out = ids.clone()
+    rows, cols = edited.nonzero(as_tuple=True)
+    out[layout.rows[rows], layout.noisy_index[rows, cols]] = replacement
+    return out, edited
+
+
 def diffusion_loss(
     model, layout: Layout, mask_token_id: int, t_min: float = 1e-3, t_max: float = 1.0, weighting: str = "elbo",
     schedule: str = "linear", generator: torch.Generator | None = None, spec: NoiseSpec | None = None,
@@ -214,19 +246,37 @@ def diffusion_loss(
     layout, ids, noise = apply_noise(layout, mask_token_id, spec, generator)
     masked = noise.masked
     valid = noise.valid
+    edited = keep = None
+    select = masked
+    if spec.edit_fraction > 0 and layout.noisy_copy:  # editing noise: wrong tokens among the visible ones
+        from llm2diff.noise.editing import edit_candidates
+
+        ids, edited = apply_edits(model, layout, ids, noise, spec, mask_token_id, generator)
+        select = masked | edited
+        if spec.edit_keep_weight > 0:
+            keep = edit_candidates(noise, layout.response_block, _block_size(layout)) & ~edited
+            select = select | keep
     if ar_weight:
         original = layout.target.shape[0] // (2 if spec.complementary else 1)  # one copy of each example suffices
         clean_select = valid & (torch.arange(valid.shape[0], device=device) < original)[:, None]
-        logits, clean_logits = layout_logits(model, layout, ids, masked, anneal, generator, clean_select)
+        logits, clean_logits = layout_logits(model, layout, ids, select, anneal, generator, clean_select)
     else:
-        logits = layout_logits(model, layout, ids, masked, anneal, generator)
-    ce = F.cross_entropy(logits.float(), layout.target[masked], reduction="none")
+        logits = layout_logits(model, layout, ids, select, anneal, generator)
+    ce = F.cross_entropy(logits.float(), layout.target[select], reduction="none")
     token_loss = torch.zeros(masked.shape, device=device, dtype=ce.dtype)
-    token_loss[masked] = ce
+    token_loss[select] = ce
     normalization = spec.resolved_normalization() if layout.noisy_copy else "response"
     weight = noise.weight if layout.noisy_copy else noise.valid.float()
-    loss = reduce_loss(token_loss, weight, masked, noise.valid, normalization)
-    stats = LossStats(noise.t[masked].detach(), ce.detach(), int(masked.sum()), int(noise.valid.sum()))
+    loss = reduce_loss(token_loss, weight, masked, noise.valid, normalization)  # the absorbing (ELBO) part
+    stats = LossStats(noise.t[masked].detach(), token_loss[masked].detach(), int(masked.sum()), int(noise.valid.sum()))
+    if edited is not None:  # per response token, as the ELBO part: the edit terms add what they teach
+        tokens = valid.sum().clamp(min=1)
+        loss = loss + spec.edit_loss_weight * token_loss[edited].sum() / tokens
+        kept = keep if keep is not None else torch.zeros_like(edited)
+        if keep is not None:
+            loss = loss + spec.edit_keep_weight * token_loss[keep].sum() / tokens
+        stats.edit_sums = torch.stack([token_loss[edited].sum(), edited.sum().to(ce.dtype),
+                                       token_loss[kept].sum(), kept.sum().to(ce.dtype)]).detach()
     if ar_weight:
         ar_loss = F.cross_entropy(clean_logits.float(), layout.target[clean_select])
         loss = loss + ar_weight * ar_loss

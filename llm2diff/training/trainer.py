@@ -110,6 +110,13 @@ class DiffusionSFTTrainer(SFTTrainer):
         self._metrics[mode]["masked_fraction"].append((totals[0] / totals[1].clamp(min=1)).item())
         if stats.ar_loss is not None:
             self._metrics[mode]["ar_loss"].append(self.accelerator.gather_for_metrics(stats.ar_loss[None]).mean().item())
+        if stats.edit_sums is not None:  # editing noise: the loss at corrupted and kept visible tokens
+            edit = self.accelerator.gather_for_metrics(stats.edit_sums[None].float()).sum(0)
+            self._metrics[mode]["edited_fraction"].append((edit[1] / totals[1].clamp(min=1)).item())
+            if edit[1] > 0:
+                self._metrics[mode]["edit_loss"].append((edit[0] / edit[1]).item())
+            if edit[3] > 0:
+                self._metrics[mode]["keep_loss"].append((edit[2] / edit[3]).item())
         for b in range(buckets):
             if counts[b] > 0:
                 name = f"loss_t{b / buckets:.2f}-{(b + 1) / buckets:.2f}"
