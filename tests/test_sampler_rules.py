@@ -227,6 +227,22 @@ def test_learned_correction_is_bounded_clean_and_counted_in_trajectories(dlm):
     assert off.stats["edited"] == 0
 
 
+def test_a_draft_after_a_prefix_is_kept_without_correction_and_checked(dlm):
+    from llm2diff.sampling.config import DecodingConfig
+    from llm2diff.sampling.sampler import run_block_sampler
+
+    decoding = DecodingConfig(max_new_tokens=8)
+    reference = run_block_sampler(dlm, PROMPTS, MASK, decoding)
+    prefix = reference.sequences[:, 6:10]  # the first block, as decided
+    draft = torch.full((2, 4), dlm.config.mask_token_id)
+    draft[:, 2] = (reference.sequences[:, 12] + 1) % dlm.config.mask_token_id  # a planted token
+    out = run_block_sampler(dlm, PROMPTS, MASK, decoding.replace(max_new_tokens=4), prefix, draft)
+    assert torch.equal(out.sequences[:, 6:10], prefix) and torch.equal(out.sequences[:, 12], draft[:, 2])
+    with pytest.raises(ValueError, match="draft must be a .batch, block_size. = .2, 4. tensor after a response prefix "
+                                         "of whole blocks"):
+        run_block_sampler(dlm, PROMPTS, MASK, decoding, prefix[:, :3], draft)
+
+
 def test_correction_budget_bounds_remasks_and_output_is_clean(dlm):
     out = dlm.generate(PROMPTS, MASK, max_new_tokens=12, remask_threshold=0.99, remask_budget=2)
     # every committed token is below 0.99 for a random model: each block retracts exactly its budget per row

@@ -205,12 +205,14 @@ class BlockSampler:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 response_prefix: torch.Tensor | None = None) -> SamplerOutput:
+                 response_prefix: torch.Tensor | None = None, draft: torch.Tensor | None = None) -> SamplerOutput:
         """Sample after the prompt, or after `response_prefix` (`(batch, P)` response tokens already decided).
 
         The prefix's whole blocks are committed to the cache as clean blocks; a prefix that ends inside a block
         fills that block's first positions, and denoising starts at the next one. `sequences` then holds prompt,
-        prefix and new tokens; `num_new_tokens` counts the new ones only.
+        prefix and new tokens; `num_new_tokens` counts the new ones only. `draft` (`(batch, B)`, the mask id where
+        undecided; needs a prefix of whole blocks) pre-commits tokens of the first new block as if an earlier step
+        had committed them, so correction may still retract them (how planted errors are measured).
         """
         s = self.s
         batch = input_ids.shape[0]
@@ -234,6 +236,10 @@ class BlockSampler:
         for b in range(whole):
             ctx.commit(prefix[:, b * s.block_size : (b + 1) * s.block_size], run_model=True)
         start = prefix[:, whole * s.block_size :] if partial else None
+        if draft is not None and (partial or draft.shape != (batch, s.block_size)):
+            raise ValueError(f"draft must be a (batch, block_size) = ({batch}, {s.block_size}) tensor after a "
+                             f"response prefix of whole blocks, got {tuple(draft.shape)} after {prefix.shape[1]} "
+                             "prefix tokens")
         context = torch.cat([input_ids, prefix], dim=1)  # what stop strings may begin in
 
         produced = 0
@@ -241,8 +247,9 @@ class BlockSampler:
             rows = ctx.rows
             offset = start.shape[1] if start is not None else 0
             length = min(s.block_size - offset, s.max_new_tokens - produced)
-            canvas = self.denoise_block(ctx, offset + length, start=start)
-            start = None
+            canvas = self.denoise_block(ctx, offset + length, start=start,
+                                        draft=None if draft is None else draft[ctx.rows].to(device))
+            start = draft = None
             running = ~ctx.done
             new_tokens[rows[running], produced : produced + length] = canvas[running, offset : offset + length]
             num_new[rows[running]] += length
@@ -385,9 +392,19 @@ def decode_block(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, dec
                  streamer=None):
     """The "block" decoder of `DiffusionLM.generate` (`llm2diff.sampling.decoders`): the KV-cached block sampler
     with the settings of `decoding`, on the model's weights (LoRA merged for the call with `merge_lora`)."""
-    import contextlib
-
     from llm2diff.sampling.output import GenerateOutput
+
+    out = run_block_sampler(dlm, input_ids, attention_mask, decoding, response_prefix, streamer=streamer)
+    return GenerateOutput(out.sequences, out.num_new_tokens, out.nfe, out.nfe_per_row, "block", decoding,
+                          {"tokens_per_step": out.tokens_per_step, "remasked": out.remasked, "edited": out.edited},
+                          out.trajectory)
+
+
+def run_block_sampler(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoding, response_prefix=None,
+                      draft=None, streamer=None) -> SamplerOutput:
+    """The block sampler on `dlm` with the resolved `decoding` (a `DecodingConfig`), in eval mode with the trained
+    token rows (and with `merge_lora` the LoRA) merged for the call; `draft` as `BlockSampler.generate` takes it."""
+    import contextlib
 
     c = dlm.config
     if response_prefix is not None:
@@ -429,9 +446,6 @@ def decode_block(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, dec
         sampler = BlockSampler(model, settings, dlm.tokenizer, streamer=streamer, trajectory=trajectory)
         merged = dlm.lora_merged() if d.merge_lora else contextlib.nullcontext()
         with dlm.trained_token_rows_merged(), merged:
-            out = sampler.generate(input_ids.to(dlm.device), attention_mask.to(dlm.device), response_prefix)
+            return sampler.generate(input_ids.to(dlm.device), attention_mask.to(dlm.device), response_prefix, draft)
     finally:
         dlm.model.train(was_training)
-    return GenerateOutput(out.sequences, out.num_new_tokens, out.nfe, out.nfe_per_row, "block", decoding,
-                          {"tokens_per_step": out.tokens_per_step, "remasked": out.remasked, "edited": out.edited},
-                          out.trajectory)

@@ -1,0 +1,218 @@
+"""Benchmark: does learned retraction fix committed mistakes? Planted errors, then accuracy against passes per token.
+
+Two models on the built-in task (held-out problems of the kind each was trained on): --model, trained with editing
+noise (default outputs/quickstart-fast-edit), and --baseline, the same recipe without it (outputs/quickstart-fast).
+Each decodes with the correction methods below over its saved commit rule (threshold 0.7 for both recipes):
+
+    none       no correction
+    heuristic  remask_threshold 0.3, budget 1: remask a committed token whose probability fell (ReMDM-style)
+    replace    edit_threshold E, budget 2: where the model now predicts another token with probability >= E at a
+               committed position of the open block, put that token there (learned)
+    remask     the same disputes, masked and denoised again (learned)
+
+1. Planted errors. Per problem, the model's own greedy answer (one token per step, no correction) is the
+   reference. One position past its block's first, in a block after the first (a seeded choice among the
+   answer's tokens), gets the AR parent's most likely other token there; the block is decoded again after the
+   reference's earlier blocks with that token already committed (a draft), under each method. Detected: the token
+   there changed; fixed: it is the reference token again.
+2. Accuracy against forward passes per token at batch 1, each method, and plain one-token-per-step decoding (what
+   editing noise costs or gives there), with each method's paired difference against `none` of the same model
+   (95% bootstrap interval over problems).
+Prints the tables and writes them to --out with the settings and hardware. Asserts nothing.
+
+    python benchmarks/retraction.py                                        # both quickstart-fast models, 100 problems
+    python benchmarks/retraction.py --problems 20 --skip-accuracy          # the planted errors only, a quick look
+    python benchmarks/retraction.py --model outputs/qs-edit --baseline outputs/quickstart-fast --edit-threshold 0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NO_CORRECTION = {"remask_threshold": None, "edit_threshold": None, "remask_budget": None}
+
+
+def methods(edit_threshold: float) -> dict[str, dict]:
+    """Each correction method as decoding settings over the model's saved commit rule."""
+    return {
+        "none": dict(NO_CORRECTION),
+        "heuristic": {**NO_CORRECTION, "remask_threshold": 0.3, "remask_budget": 1},
+        "replace": {**NO_CORRECTION, "edit_threshold": edit_threshold, "edit_action": "replace", "remask_budget": 2},
+        "remask": {**NO_CORRECTION, "edit_threshold": edit_threshold, "edit_action": "remask", "remask_budget": 2},
+    }
+
+
+ONE_PER_STEP = {**NO_CORRECTION, "commit_rule": "confidence", "threshold": None, "tokens_per_step": 1}
+
+
+def plant_position(reference: list[int], block_size: int, eos_ids, rng: random.Random) -> int | None:
+    """A position of the reference answer past its block's first, in a block after the first, before the
+    end-of-sequence (None when the answer has no such position)."""
+    end = next((i for i, t in enumerate(reference) if t in set(eos_ids)), len(reference))
+    candidates = [i for i in range(block_size, end) if i % block_size]
+    return rng.choice(candidates) if candidates else None
+
+
+def parent_alternative(dlm, prompt: list[int], reference: list[int], position: int) -> int:
+    """The AR parent's most likely token at `position` after the prompt and the reference before it, other than
+    the reference token (and the mask token or spare rows)."""
+    import torch
+
+    from llm2diff.modeling.parent import parent_suppressed_ids
+
+    ids = torch.tensor([prompt + reference[:position]], device=dlm.device)
+    with dlm.ar_parent() as parent, torch.no_grad():
+        logits = parent(input_ids=ids).logits[0, -1].float()
+    logits[parent_suppressed_ids(dlm) + [reference[position]]] = float("-inf")
+    return int(logits.argmax())
+
+
+def reference_answer(dlm, prompt: list[int], max_new_tokens: int) -> list[int]:
+    from llm2diff.evaluation.completions import complete
+
+    return complete(dlm, [prompt], {**ONE_PER_STEP, "max_new_tokens": max_new_tokens}).rows[0].tokens
+
+
+def planted(dlm, prompt: list[int], reference: list[int], position: int, wrong: int, layer: dict) -> int:
+    """Decode the planted block again under `layer`; returns the token that ends up at `position`."""
+    import torch
+
+    from llm2diff.sampling.config import DecodingConfig
+    from llm2diff.sampling.sampler import run_block_sampler
+
+    size = dlm.config.block_size
+    block = position // size
+    prefix = torch.tensor([reference[: block * size]])
+    draft = torch.full((1, size), dlm.config.mask_token_id)
+    draft[0, position % size] = wrong
+    decoding = DecodingConfig.resolve(dlm.decoding, {**layer, "max_new_tokens": size, "stop_strings": []})
+    ids = torch.tensor([prompt])
+    out = run_block_sampler(dlm, ids, torch.ones_like(ids), decoding, prefix, draft)
+    return int(out.sequences[0, len(prompt) + position])
+
+
+def planted_errors(dlm, prompts, max_new_tokens: int, layers: dict[str, dict], seed: int = 0, progress=None) -> dict:
+    """Per method: planted errors detected and fixed (counts) over the problems with a position to plant at."""
+    rng = random.Random(seed)
+    counts = {name: {"planted": 0, "detected": 0, "fixed": 0} for name in layers}
+    for prompt in prompts:
+        reference = reference_answer(dlm, prompt, max_new_tokens)
+        position = plant_position(reference, dlm.config.block_size, dlm.eos_token_ids, rng)
+        if progress is not None:
+            progress.update(1)
+        if position is None:
+            continue
+        wrong = parent_alternative(dlm, prompt, reference, position)
+        for name, layer in layers.items():
+            token = planted(dlm, prompt, reference, position, wrong, layer)
+            counts[name]["planted"] += 1
+            counts[name]["detected"] += token != wrong
+            counts[name]["fixed"] += token == reference[position]
+    return counts
+
+
+def accuracy(dlm, task, rows, prompts, layer: dict, max_new_tokens: int, progress=None) -> dict:
+    """Batch 1: per-problem correctness, forward passes per token, tokens/s and corrections under `layer`."""
+    from llm2diff.evaluation.completions import complete
+
+    correct, passes, tokens, seconds, edited = [], 0, 0, 0.0, 0
+    for row, prompt in zip(rows, prompts):
+        done = complete(dlm, [prompt], {**layer, "max_new_tokens": max_new_tokens})
+        c = done.rows[0]
+        correct.append(bool(task.grade(c.text, row).correct))
+        passes, tokens, seconds = passes + c.passes, tokens + len(c.tokens), seconds + done.seconds
+        if progress is not None:
+            progress.update(1)
+    return {"correct": correct, "accuracy": sum(correct) / max(len(correct), 1),
+            "passes_per_token": passes / max(tokens, 1), "tokens_per_second": tokens / max(seconds, 1e-9)}
+
+
+def held_out(dlm, problems: int):
+    """The built-in task's held-out problems of the kind the model was trained on, and their prompts."""
+    from llm2diff.evaluation.runner import PromptRenderer
+    from llm2diff.tasks.base import get_task
+
+    recipe = (dlm.config.training or {}).get("recipe", {})
+    task = get_task("arithmetic", max_operand=recipe.get("builtin_max_operand", 10),
+                    operations=recipe.get("builtin_operations", "+-"), min_steps=recipe.get("builtin_min_steps", 1),
+                    max_steps=recipe.get("builtin_max_steps", 2))
+    rows = task.load_rows(None, "test", problems)
+    render = PromptRenderer(dlm)
+    return task, rows, [render(task, row, []) for row in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="outputs/quickstart-fast-edit")
+    parser.add_argument("--baseline", default="outputs/quickstart-fast")
+    parser.add_argument("--problems", type=int, default=100)
+    parser.add_argument("--edit-threshold", type=float, default=0.5)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--out", default="outputs/retraction.json")
+    args = parser.parse_args()
+
+    import torch
+    from tqdm import tqdm
+
+    from llm2diff import load
+    from llm2diff.atomic import write_json_atomic
+    from llm2diff.evaluation.intervals import format_difference, paired_difference
+    from llm2diff.hardware import describe
+
+    torch.set_num_threads(args.threads)
+    layers = methods(args.edit_threshold)
+    results = {"args": vars(args), "hardware": describe(args.threads), "models": {}}
+    print(f"hardware: {results['hardware']}", flush=True)
+    for label, path in (("edit-trained", args.model), ("baseline", args.baseline)):
+        if not path:
+            continue
+        dlm = load(path)
+        task, rows, prompts = held_out(dlm, args.problems)
+        row = {"path": path, "decoding": dlm.decoding.non_default()}
+        start = time.perf_counter()
+        with tqdm(total=len(prompts), desc=f"{label}: planted errors") as bar:
+            row["planted"] = planted_errors(dlm, prompts, args.max_new_tokens, layers, args.seed, bar)
+        row["planted_seconds"] = round(time.perf_counter() - start, 1)
+        if not args.skip_accuracy:
+            row["accuracy"] = {}
+            for name, layer in [*layers.items(), ("1/step", ONE_PER_STEP)]:
+                with tqdm(total=len(prompts), desc=f"{label}: {name}") as bar:
+                    row["accuracy"][name] = accuracy(dlm, task, rows, prompts, layer, args.max_new_tokens, bar)
+            base = row["accuracy"]["none"]["correct"]
+            for name, measured in row["accuracy"].items():
+                if name != "none":
+                    measured["vs_none"] = paired_difference(base, measured["correct"]).to_dict()
+        results["models"][label] = row
+        write_json_atomic(Path(args.out), results)
+
+    print(f"\nPlanted errors (the parent's most likely wrong token, one per problem; edit threshold "
+          f"{args.edit_threshold}):\n")
+    print("| model | method | planted | detected | fixed |\n|---|---|---|---|---|")
+    for label, row in results["models"].items():
+        for name, c in row["planted"].items():
+            n = max(c["planted"], 1)
+            print(f"| {label} | {name} | {c['planted']} | {c['detected'] / n:.0%} | {c['fixed'] / n:.0%} |")
+    if not args.skip_accuracy:
+        print(f"\nAccuracy at batch 1 ({args.problems} held-out problems):\n")
+        print("| model | method | accuracy | vs none [95%] | passes/token | tokens/s |\n|---|---|---|---|---|---|")
+        for label, row in results["models"].items():
+            for name, m in row["accuracy"].items():
+                versus = format_difference(paired_difference(row["accuracy"]["none"]["correct"], m["correct"])) \
+                    if name != "none" else "-"
+                print(f"| {label} | {name} | {m['accuracy']:.1%} | {versus} | {m['passes_per_token']:.3f} "
+                      f"| {m['tokens_per_second']:.1f} |")
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

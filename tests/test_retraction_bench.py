@@ -1,0 +1,52 @@
+"""`benchmarks/retraction.py`: where errors are planted, and that without correction a planted token always stays
+(so "detected" measures the correction, not the decoding around it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+
+from llm2diff import adapt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("retraction", ROOT / "benchmarks" / "retraction.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_errors_are_planted_past_a_blocks_first_token_after_the_first_block(bench):
+    eos = 2
+    reference = [10, 11, 12, 13, 14, 15, 16, eos, eos]
+    seen = {bench.plant_position(reference, 4, [eos], random.Random(s)) for s in range(50)}
+    assert seen == {5, 6}  # block 1 without its first token (4), before the end-of-sequence (7)
+    assert bench.plant_position([10, 11, 12, 13, eos], 4, [eos], random.Random(0)) is None
+    assert set(bench.methods(0.4)) == {"none", "heuristic", "replace", "remask"}
+    assert bench.methods(0.4)["replace"]["edit_threshold"] == 0.4
+
+
+def test_a_planted_token_stays_without_correction(bench):
+    dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4)
+    dlm.model.generation_config.eos_token_id = None
+    dlm.tokenizer.eos_token = "<|im_start|>"  # a token this random model never picks: answers run to the budget
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [5, 9]]
+    counts = bench.planted_errors(dlm, prompts, 12, bench.methods(0.05), seed=1)
+    assert all(c["planted"] == 3 for c in counts.values())
+    assert counts["none"]["detected"] == counts["none"]["fixed"] == 0
+    assert all(c["fixed"] <= c["detected"] for c in counts.values())
+    reference = bench.reference_answer(dlm, prompts[0], 12)
+    wrong = bench.parent_alternative(dlm, prompts[0], reference, 5)
+    assert wrong != reference[5] and wrong != dlm.config.mask_token_id
+    with torch.no_grad():
+        logits = dlm.model(input_ids=torch.tensor([prompts[0] + reference[:5]])).logits[0, -1]
+    logits[[reference[5], dlm.config.mask_token_id]] = float("-inf")
+    assert wrong == int(logits[: dlm.config.vocab_size].argmax())  # the parent's most likely other token
