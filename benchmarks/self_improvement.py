@@ -7,7 +7,8 @@ every (model, variant, seed):
   - models: the block-diffusion model (the recipe's block size) and its AR twin (`block_size: 1`);
   - variants, at equal sampling budget (same problems, k and decoding): `plain` STaR (rationalization on, answer
     filtering), `no-rationalize`, `steps` (process-filtered: keep only rationales whose every step is right by the
-    task's exact step labels), `prm` (process-filtered by a trained PRM: every step scores >= star_prm_threshold);
+    task's exact step labels), `steps-balanced` (and each problem's rationales repeated by how rarely it is solved,
+    `star_balance: pass_rate`), `prm` (process-filtered by a trained PRM: every step scores >= star_prm_threshold);
   - seeds: the training seed of round 0 and the rounds, and the sampling seed.
 Variants other than `plain` start from the plain run's round-0 model of the same model and seed, so the variants
 differ only in their rounds. The `prm` variant first trains a PRM on the round-0 model's rollouts
@@ -51,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 MODELS = {"diffusion": {}, "ar-twin": {"block_size": 1}}
 VARIANTS = {"plain": {}, "no-rationalize": {"star_rationalize": False}, "steps": {"star_filter": "steps"},
-            "prm": {"star_filter": "prm"}}
+            "steps-balanced": {"star_filter": "steps", "star_balance": "pass_rate"}, "prm": {"star_filter": "prm"}}
 AFTER = {"rl-outcome": {"process_weight": 0.0}, "rl-process": {}, "selection": {}}
 
 

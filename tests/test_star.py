@@ -204,6 +204,29 @@ def test_round_data_dedupes_caps_and_prefers_own_rationales():
     assert [r["answer"] for r in rows] == ["x", "rb"]
 
 
+def test_pass_rate_balance_repeats_rarely_solved_problems():
+    right = {"text": "r", "correct": True}
+    samples = {  # k = 4: solved by 4, 3, 1 and 0 of the samples
+        "easy": {"question": "qe", "samples": [right, right, right, right]},
+        "mid": {"question": "qm", "samples": [right, {"text": "s", "correct": True}, right,
+                                              {"text": "n", "correct": False}]},
+        "hard": {"question": "qh", "samples": [{"text": "n", "correct": False}] * 3 + [right]},
+        "none": {"question": "qn", "samples": [{"text": "n", "correct": False}] * 4},
+    }
+    rationalized = {"none": {"samples": [{"text": "h", "correct": True}]}}
+    star = StarArguments(star_samples_per_problem=4, star_balance="pass_rate")
+    rows, counts = build_round_data(samples, rationalized, star, [], seed=0)
+    got = {}
+    for r in rows:
+        got[r["problem_id"]] = got.get(r["problem_id"], 0) + 1
+    assert got == {"easy": 1, "mid": 2, "hard": 4, "none": 4}  # ceil(4 / c), a rationalized problem k times
+    assert counts["kept"] == 3 and counts["rationalized"] == 1 and counts["balance_copies"] == 1 + 3 + 3
+    plain, counts = build_round_data(samples, rationalized, StarArguments(star_samples_per_problem=4), [], seed=0)
+    assert len(plain) == 4 and "balance_copies" not in counts
+    with pytest.raises(ValueError, match="star_balance must be one of none, pass_rate, got 'rate'"):
+        StarArguments(star_balance="rate")
+
+
 ROW = {"question": "Leo has 1 shell. He finds 2 more shells. He finds 9 more shells. How many shells does Leo have now?",
        "answer": "Leo starts with 1 shell.\n1 + 2 = 3\n3 + 9 = 12\n#### 12"}
 RIGHT = ROW["answer"]

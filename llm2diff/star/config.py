@@ -12,6 +12,7 @@ from llm2diff.recipe import DecodingLayer, decoding_field, fold_deprecated_keys
 
 RESTARTS = ("initial", "previous")
 FILTERS = ("answer", "steps", "prm")
+BALANCES = ("none", "pass_rate")
 SAMPLING = {"mode": "block", "temperature": 0.7, "tokens_per_step": 1}  # rationales: sampled, one token per step
 GRADING = {"mode": "block", "temperature": 0.0, "tokens_per_step": 1}  # held-out problems: greedy, one per step
 
@@ -52,6 +53,10 @@ class StarArguments:
     star_prm_threshold: float = field(default=0.5, metadata={
         "help": "star_filter 'prm' keeps a rationale when its lowest step score is at least this."})
     star_max_per_problem: int = field(default=1, metadata={"help": "Kept rationales per problem (after dedupe)."})
+    star_balance: str = field(default="none", metadata={
+        "help": "'none': every kept rationale once; 'pass_rate': a problem solved by c of its k samples has its "
+                "kept rationales repeated ceil(k / c) times (rationalized ones k times), so the problems the model "
+                "rarely solves weigh as much as those it always solves (difficulty-aware rejection tuning)."})
     star_mix_sft: int = field(default=0, metadata={
         "help": "Original SFT rows (the recipe's dataset, question/answer) mixed into each round's data."})
     star_restart: str = field(default="initial", metadata={
@@ -99,6 +104,8 @@ class StarArguments:
                              "(llm2diff prm writes it to <output_dir>/prm)")
         if not 0.0 <= self.star_prm_threshold <= 1.0:
             raise ValueError(f"star_prm_threshold must be in [0, 1] (a step score), got {self.star_prm_threshold}")
+        if self.star_balance not in BALANCES:
+            raise ValueError(f"star_balance must be one of {', '.join(BALANCES)}, got {self.star_balance!r}")
         if self.star_restart not in RESTARTS:
             raise ValueError(f"star_restart must be one of {', '.join(RESTARTS)}, got {self.star_restart!r}")
         if self.star_rationalize and not all(k in self.star_hint_template for k in ("{question}", "{answer}")):

@@ -140,7 +140,10 @@ def build_round_data(samples: dict[str, dict], rationalized: dict[str, dict], st
     `star_filter: steps` they are not kept (a problem left without one falls back on its rationalized samples).
     With `star_filter: prm`, `prm_accepts(problem_id, text)` decides instead (the PRM's lowest step score against
     `star_prm_threshold`); `prm_rejected` counts what it turned away, and `prm_rejected_wrong_steps` how many of
-    those the exact labels also call wrong.
+    those the exact labels also call wrong. With `star_balance: pass_rate`, a problem whose kept rationales came
+    from c of its k samples has them repeated ceil(k / c) times (a rationalized one k times), so hard problems
+    weigh as much as easy ones (difficulty-aware, as DART-Math's rejection tuning); `balance_copies` counts the
+    repeats.
     """
     if star.star_filter == "steps" and step_labels is None:
         raise ValueError("star_filter 'steps' needs the task's exact step labels")
@@ -168,11 +171,15 @@ def build_round_data(samples: dict[str, dict], rationalized: dict[str, dict], st
             return accepted
         return True
 
+    k = star.star_samples_per_problem
     for problem_id, record in samples.items():
         texts: list[tuple[str, str]] = []
+        good = 0  # samples (duplicates included) that would be kept: the problem's pass rate for `star_balance`
         for sample in record["samples"]:
-            if sample["correct"] and sample["text"] not in {t for t, _ in texts} and usable(problem_id, sample["text"]):
-                texts.append((sample["text"], "sampled"))
+            if sample["correct"] and usable(problem_id, sample["text"]):
+                good += 1
+                if sample["text"] not in {t for t, _ in texts}:
+                    texts.append((sample["text"], "sampled"))
         if not texts and problem_id in rationalized:
             for sample in rationalized[problem_id]["samples"]:
                 if sample["correct"] and sample["text"] not in {t for t, _ in texts} and \
@@ -181,9 +188,15 @@ def build_round_data(samples: dict[str, dict], rationalized: dict[str, dict], st
         texts = texts[: star.star_max_per_problem]
         if texts:
             counts["problems_solved"] += 1
+        # star_balance 'pass_rate': a problem solved by c of its k samples counts k / c times (rationalized: k)
+        copies = min(k, -(-k // max(good, 1))) if star.star_balance == "pass_rate" else 1
         for text, origin in texts:
-            rows.append({"question": record["question"], "answer": text, "origin": origin, "problem_id": problem_id})
+            for _ in range(copies):
+                rows.append({"question": record["question"], "answer": text, "origin": origin,
+                             "problem_id": problem_id})
             counts["kept" if origin == "sampled" else "rationalized"] += 1
+            if copies > 1:
+                counts["balance_copies"] = counts.get("balance_copies", 0) + copies - 1
     if star.star_mix_sft and sft_rows:
         pick = random.Random(seed).sample(range(len(sft_rows)), min(star.star_mix_sft, len(sft_rows)))
         for i in pick:
@@ -386,6 +399,7 @@ def _round_record(r, evaluation, train, sample_stats, rat_stats, counts, train_m
         "rationalized": None if counts is None else counts["rationalized"],
         "sft_mixed": None if counts is None else counts["sft"],
         "wrong_steps": None if counts is None else counts.get("wrong_steps"),
+        "balance_copies": None if counts is None else counts.get("balance_copies"),
         "prm_rejected": None if counts is None else counts.get("prm_rejected"),
         "prm_rejected_wrong_steps": None if counts is None else counts.get("prm_rejected_wrong_steps"),
         "sampling": None if sample_stats is None else sample_stats.to_dict(),
