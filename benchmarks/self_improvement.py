@@ -391,12 +391,17 @@ def main() -> None:
         print(f"hardware: {describe(args.threads)}", flush=True)
         for seed in seeds:  # one seed of everything first: a partial run already compares the variants
             for model in models:
-                for variant in variants:  # the other variants need the plain run's round 0: skip with it
-                    if not run(args, model, variant, seed) and variant == "plain":
-                        break
+                plain_done = True
+                for variant in variants:  # the other variants need the plain run's round 0 only
+                    finished = run(args, model, variant, seed)
+                    if variant == "plain":
+                        plain_done = finished
+                        if not (star_model(out, model, seed, 0) / "adapter_config.json").is_file():
+                            break  # no round 0 yet (another process is training it): nothing else can start
                 else:
-                    for stage in after:
-                        run_after(args, model, stage, seed)
+                    if plain_done:  # the stages after STaR start from its last round
+                        for stage in after:
+                            run_after(args, model, stage, seed)
     summary = summarize(out, models, variants, seeds, args.rounds)
     text = table(summary)
     print(text)
