@@ -9,12 +9,15 @@ Each decodes with the correction methods below over its saved commit rule (thres
     replace    edit_threshold E, budget 2: where the model now predicts another token with probability >= E at a
                committed position of the open block, put that token there (learned)
     remask     the same disputes, masked and denoised again (learned)
+    reopen     replace, plus reopening finished blocks (reopen_threshold E, budget 2): the pass that appends a
+               finished block reads it, and confident disputes there replace tokens and recompute the block
 
 1. Planted errors. Per problem, the model's own greedy answer (one token per step, no correction) is the
    reference. One position past its block's first, in a block after the first (a seeded choice among the
    answer's tokens), gets the AR parent's most likely other token there; the block is decoded again after the
    reference's earlier blocks with that token already committed (a draft), under each method. Detected: the token
-   there changed; fixed: it is the reference token again.
+   there changed; fixed: it is the reference token again (decoding runs on into the next block, where reopening
+   reads the planted one).
 2. Accuracy against forward passes per token at batch 1, each method, and plain one-token-per-step decoding (what
    editing noise costs or gives there), with each method's paired difference against `none` of the same model
    (95% bootstrap interval over problems).
@@ -36,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-NO_CORRECTION = {"remask_threshold": None, "edit_threshold": None, "remask_budget": None}
+NO_CORRECTION = {"remask_threshold": None, "edit_threshold": None, "remask_budget": None, "reopen_threshold": None}
 
 
 def methods(edit_threshold: float) -> dict[str, dict]:
@@ -46,6 +49,8 @@ def methods(edit_threshold: float) -> dict[str, dict]:
         "heuristic": {**NO_CORRECTION, "remask_threshold": 0.3, "remask_budget": 1},
         "replace": {**NO_CORRECTION, "edit_threshold": edit_threshold, "edit_action": "replace", "remask_budget": 2},
         "remask": {**NO_CORRECTION, "edit_threshold": edit_threshold, "edit_action": "remask", "remask_budget": 2},
+        "reopen": {**NO_CORRECTION, "edit_threshold": edit_threshold, "edit_action": "replace", "remask_budget": 2,
+                   "reopen_threshold": edit_threshold, "reopen_budget": 2},
     }
 
 
@@ -92,7 +97,8 @@ def planted(dlm, prompt: list[int], reference: list[int], position: int, wrong: 
     prefix = torch.tensor([reference[: block * size]])
     draft = torch.full((1, size), dlm.config.mask_token_id)
     draft[0, position % size] = wrong
-    decoding = DecodingConfig.resolve(dlm.decoding, {**layer, "max_new_tokens": size, "stop_strings": []})
+    # the planted block and the next one: reopening reads a finished block in the next block's first pass
+    decoding = DecodingConfig.resolve(dlm.decoding, {**layer, "max_new_tokens": 2 * size, "stop_strings": []})
     ids = torch.tensor([prompt])
     out = run_block_sampler(dlm, ids, torch.ones_like(ids), decoding, prefix, draft)
     return int(out.sequences[0, len(prompt) + position])
@@ -122,7 +128,7 @@ def accuracy(dlm, task, rows, prompts, layer: dict, max_new_tokens: int, progres
     """Batch 1: per-problem correctness, forward passes per token, tokens/s and corrections under `layer`."""
     from llm2diff.evaluation.completions import complete
 
-    correct, passes, tokens, seconds, edited = [], 0, 0, 0.0, 0
+    correct, passes, tokens, seconds = [], 0, 0, 0.0
     for row, prompt in zip(rows, prompts):
         done = complete(dlm, [prompt], {**layer, "max_new_tokens": max_new_tokens})
         c = done.rows[0]

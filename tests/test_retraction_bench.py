@@ -30,7 +30,7 @@ def test_errors_are_planted_past_a_blocks_first_token_after_the_first_block(benc
     seen = {bench.plant_position(reference, 4, [eos], random.Random(s)) for s in range(50)}
     assert seen == {5, 6}  # block 1 without its first token (4), before the end-of-sequence (7)
     assert bench.plant_position([10, 11, 12, 13, eos], 4, [eos], random.Random(0)) is None
-    assert set(bench.methods(0.4)) == {"none", "heuristic", "replace", "remask"}
+    assert set(bench.methods(0.4)) == {"none", "heuristic", "replace", "remask", "reopen"}
     assert bench.methods(0.4)["replace"]["edit_threshold"] == 0.4
 
 

@@ -243,6 +243,50 @@ def test_a_draft_after_a_prefix_is_kept_without_correction_and_checked(dlm):
         run_block_sampler(dlm, PROMPTS, MASK, decoding, prefix[:, :3], draft)
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_reopening_finished_blocks_is_the_same_with_a_cache_and_without(arch):
+    """A threshold a random model reaches reopens finished blocks; the tokens are those of recomputing the whole
+    sequence every step (the cache after a reopened block equals a recompute), fused or not, and bounded."""
+    dlm = _dlm(arch, 4)
+    settings = {"max_new_tokens": 12, "reopen_threshold": 0.02, "reopen_budget": 1, "threshold": 0.5}
+    out = dlm.generate(PROMPTS, MASK, **settings)
+    assert 0 < out.stats["reopened"] <= 1 * 2 * 2  # budget x rows x blocks that have a next block
+    assert not (out.sequences[:, 6:] == dlm.config.mask_token_id).any()
+    for variant in ({"use_cache": False}, {"fuse_commit": False}, {"drop_finished": False}):
+        again = dlm.generate(PROMPTS, MASK, **settings, **variant)
+        assert torch.equal(again.sequences, out.sequences), variant
+        assert again.stats["reopened"] == out.stats["reopened"]
+    plain = dlm.generate(PROMPTS, MASK, max_new_tokens=12, threshold=0.5)
+    assert out.nfe > plain.nfe and plain.stats["reopened"] == 0  # each reopening costs one pass
+
+
+def test_a_reopened_block_is_drawn_and_the_cache_holds_the_corrected_block(dlm):
+    out = dlm.generate(PROMPTS[:1], MASK[:1], max_new_tokens=8, reopen_threshold=0.02, reopen_budget=2,
+                       record_trajectory=True)
+    assert out.stats["reopened"] > 0
+    history = out.trajectory.history(row=0)
+    assert sum(entry["remasks"] for entry in history) == out.stats["reopened"]
+    assert all(entry["position"] >= 1 and entry["position"] < 4 for entry in history if entry["remasks"])
+    assert [entry["token"] for entry in history] == out.sequences[0, 6:14].tolist()  # the drawn tokens are the output
+    # the corrected first block, decoded as a given prefix, continues exactly as the run did
+    again = dlm.generate(PROMPTS[:1], MASK[:1], max_new_tokens=4, response_prefix=out.sequences[:, 6:10])
+    assert torch.equal(again.sequences[0, 10:14], out.sequences[0, 10:14])
+
+
+def test_reopening_refuses_what_it_cannot_do(dlm):
+    from transformers import TextStreamer
+
+    with pytest.raises(ValueError, match="reopen_threshold must be in"):
+        dlm.generate(PROMPTS, MASK, max_new_tokens=4, reopen_threshold=1.5)
+    with pytest.raises(ValueError, match="may rewrite a finished block that a streamer has already shown"):
+        dlm.generate(PROMPTS[:1], MASK[:1], max_new_tokens=4, reopen_threshold=0.5,
+                     streamer=TextStreamer(dlm.tokenizer))
+    c = dlm.config
+    with pytest.raises(ValueError, match="clean_attention: causal reads it causally"):
+        SamplerSettings(block_size=4, mask_token_id=c.mask_token_id, eos_token_ids=(), pad_token_id=0,
+                        causal_clean=True, reopen_threshold=0.5)
+
+
 def test_correction_budget_bounds_remasks_and_output_is_clean(dlm):
     out = dlm.generate(PROMPTS, MASK, max_new_tokens=12, remask_threshold=0.99, remask_budget=2)
     # every committed token is below 0.99 for a random model: each block retracts exactly its budget per row

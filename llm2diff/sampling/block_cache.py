@@ -84,6 +84,13 @@ class BlockContext:
         self.prompt_pending = False  # the prompt's prefill deferred to the first denoising forward (fuse_prompt)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (clean block, its positions), not yet run
         self.last_logits = None  # the clean position before the current block predicts its first token (shift)
+        # learned correction of finished blocks (`reopen`): with `judge` on, the pass that appends a committed block
+        # keeps its predictions of that block's own tokens (`judged`, `(batch, B, vocab)`, index j predicting token
+        # j; with shift index 0 is not a reading of the block), as the training layout's noisy copy reads a fully
+        # visible block; a block-attention clean block is exactly that
+        self.judge = False
+        self.judged: torch.Tensor | None = None
+        self.unread = False  # without a cache: the last committed block has not been read by a pass yet
         if use_cache:
             from transformers import DynamicCache
 
@@ -159,7 +166,11 @@ class BlockContext:
             return
         block, positions = self.pending
         self.pending = None
-        self.last_logits = self._block_forward(block, positions, keep=1, clean=1)[:, -1]
+        size = self.block_size
+        logits = self._block_forward(block, positions, keep=size if self.judge else 1, clean=1)
+        self.last_logits = logits[:, -1]
+        if self.judge:
+            self.judged = self._judged(logits)
         self.key_valid = torch.cat([self.key_valid, torch.ones_like(block, dtype=torch.bool)], dim=1)
 
     def first_position_logits(self) -> torch.Tensor | None:
@@ -182,9 +193,12 @@ class BlockContext:
             self.pending = None
             logits = self._block_forward(torch.cat([block, canvas], dim=1),
                                          torch.cat([positions, self._block_positions()], dim=1),
-                                         keep=size + 1, blocks=2, clean=1)
+                                         keep=2 * size if self.judge else size + 1, blocks=2, clean=1)
             self.cache.crop(-size)
             self.key_valid = torch.cat([self.key_valid, torch.ones_like(block, dtype=torch.bool)], dim=1)
+            if self.judge:
+                self.judged = self._judged(logits[:, :size])
+                logits = logits[:, size - 1 :]
             self.last_logits, logits = logits[:, 0], logits[:, 1:]
         else:
             logits = self._block_forward(canvas, self._block_positions(), keep=size)
@@ -192,6 +206,26 @@ class BlockContext:
         if self.shift:
             return torch.cat([self.last_logits[:, None], logits[:, :-1]], dim=1)
         return logits
+
+    def _judged(self, block_logits: torch.Tensor) -> torch.Tensor:
+        """A committed block's own `(batch, B, vocab)` logits, aligned so index j predicts the block's token j."""
+        if self.shift:  # position j - 1 predicts token j; nothing in the block predicts its first token
+            return torch.cat([torch.full_like(block_logits[:, :1], float("nan")), block_logits[:, :-1]], dim=1)
+        return block_logits
+
+    def reopen(self, block: torch.Tensor) -> None:
+        """Replace the last committed block (already appended) by `block`: its keys/values come off the cache and
+        it is appended again by the next pass, as a newly committed block would be."""
+        size = self.block_size
+        if self.pending is not None or self.num_blocks == 0:
+            raise RuntimeError("reopen needs a committed block whose keys/values are already in the cache")
+        self.generated = torch.cat([self.generated[:, :-size], block], dim=1)
+        self.judged = None
+        self.unread = True
+        if self.use_cache:
+            self.cache.crop(-size)
+            self.key_valid = self.key_valid[:, :-size]
+            self.pending = (block, self._block_positions() - size)
 
     def commit(self, block: torch.Tensor, run_model: bool = True) -> None:
         """Append a clean block. With a cache its keys/values are stored by one forward: right away, or (with
@@ -203,6 +237,7 @@ class BlockContext:
                 self.flush()
         self.generated = torch.cat([self.generated, block], dim=1)
         self.num_blocks += 1
+        self.unread = True
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the batch rows `keep` (indices into the current batch): finished rows leave the batch."""
@@ -234,5 +269,11 @@ class BlockContext:
             self.prompt_lens[:, None] + torch.arange(done + size, device=device),
         ], dim=1)
         mask = to_additive_mask(block_diffusion_mask(segment, block, causal_clean=self.causal_clean), self.dtype)
-        logits = self._forward(ids, mask, positions, keep=size + 1)
+        judge = self.judge and done >= size and self.unread
+        self.unread = False
+        logits = self._forward(ids, mask, positions, keep=2 * size + 1 if judge else size + 1)
+        if judge:  # the last committed block read in the same pass (index 0: the position before it)
+            self.judged = self._judged(logits[:, 1 : size + 1]) if not self.shift else \
+                torch.cat([torch.full_like(logits[:, :1], float("nan")), logits[:, 1:size]], dim=1)
+            logits = logits[:, size:]
         return logits[:, :-1] if self.shift else logits[:, 1:]

@@ -82,6 +82,13 @@ class DecodingConfig:
                                             group="correction")
     edit_action: str = _setting("replace", "Learned correction: 'replace' the disputed token by the model's "
                                 "prediction, or 'remask' it (denoise that position again).", group="correction")
+    reopen_threshold: float | None = _setting(None, "Learned correction of finished blocks (models trained with "
+                                              "editing noise, block clean attention): when the pass that appends a "
+                                              "finished block predicts another token at one of its positions with at "
+                                              "least this probability, the block is reopened: the token replaced, "
+                                              "its keys/values recomputed (one extra pass).", group="correction")
+    reopen_budget: int = _setting(2, "Reopening: at most this many tokens replaced per finished block and row.",
+                                  group="correction")
     # -- block sampler: sampling -----------------------------------------------------------------------------------
     temperature: float = _setting(0.0, "Sampling temperature (0 = greedy).", group="sampling")
     top_k: int | None = _setting(None, "Sample among the k most likely tokens (needs temperature > 0).",
@@ -162,6 +169,11 @@ class DecodingConfig:
         if self.edit_action not in EDIT_ACTIONS:
             raise ValueError(f"unknown edit_action {self.edit_action!r}; available: {', '.join(EDIT_ACTIONS)}"
                              f"{_nearest(self.edit_action, EDIT_ACTIONS)}")
+        if self.reopen_threshold is not None and not 0.0 < self.reopen_threshold < 1.0:
+            raise ValueError(f"reopen_threshold must be in (0, 1) (a probability of the replacing token), got "
+                             f"{self.reopen_threshold}")
+        if self.reopen_budget < 1:
+            raise ValueError(f"reopen_budget must be >= 1, got {self.reopen_budget}")
         if self.edit_threshold is not None and self.remask_budget == 0:
             raise ValueError("edit_threshold is set but remask_budget is 0: give a budget of corrections per block "
                              "(e.g. 2), or unset edit_threshold")

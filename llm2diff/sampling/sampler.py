@@ -32,9 +32,6 @@ import torch
 from llm2diff.modeling.lora import embedding_weight
 from llm2diff.sampling.block_cache import BlockContext, prompt_fusion_pays
 from llm2diff.sampling.rules import (
-    COMMIT_RULES,
-    DEFAULT_THRESHOLD,
-    NO_THRESHOLD,
     choose_tokens,
     coarse_to_fine_priority,
     entropy_bounded_commits,
@@ -47,6 +44,7 @@ from llm2diff.sampling.rules import (
     sub_block_window,
     suppress_ids,
 )
+from llm2diff.sampling.settings import SamplerSettings, check_sampling_values  # noqa: F401  (re-exported)
 from llm2diff.sampling.stops import StopRule
 
 
@@ -62,6 +60,7 @@ class SamplerOutput:
         `num_new_tokens / nfe_per_row` is the row's tokens per forward.
     remasked: tokens retracted by correction (summed over rows).
     edited: tokens replaced by learned correction (summed over rows).
+    reopened: tokens of finished blocks replaced by reopening them (summed over rows).
     trajectory: the recorded denoising steps (`record_trajectory=True`), a `llm2diff.sampling.trajectory.Trajectory`.
     """
 
@@ -73,108 +72,11 @@ class SamplerOutput:
     remasked: int = 0
     trajectory: object | None = None
     edited: int = 0
+    reopened: int = 0
 
     @property
     def steps(self) -> int:
         return len(self.tokens_per_step)
-
-
-@dataclass
-class SamplerSettings:
-    """The knobs of one `generate` call (resolved against the model's defaults)."""
-
-    block_size: int
-    mask_token_id: int
-    eos_token_ids: tuple[int, ...]
-    pad_token_id: int
-    vocab_size: int | None = None
-    shift: bool = True
-    causal_clean: bool = False  # committed blocks read themselves causally (a model with clean_attention: causal)
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    threshold: float | None = None
-    tokens_per_step: int = 1
-    stop_strings: tuple[str, ...] = ()
-    use_cache: bool = True
-    seed: int | None = None
-    commit_rule: str = "confidence"
-    significance: torch.Tensor | None = None
-    significance_weight: float = 2.0
-    confidence_floor: float | None = None
-    entropy_bound: float = 1.0
-    sub_block_size: int | None = None
-    max_steps_per_block: int | None = None
-    remask_threshold: float | None = None
-    remask_budget: int = 0
-    edit_threshold: float | None = None
-    edit_action: str = "replace"
-    fuse_commit: bool = True
-    drop_finished: bool = True
-    static_cache: bool = False
-
-    def __post_init__(self) -> None:
-        check_sampling_values(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                              threshold=self.threshold, tokens_per_step=self.tokens_per_step)
-        if self.commit_rule not in COMMIT_RULES:
-            raise ValueError(f"commit_rule must be one of {', '.join(COMMIT_RULES)}, got {self.commit_rule!r}")
-        if self.commit_rule == "coarse_to_fine" and self.significance is None:
-            raise ValueError("commit_rule 'coarse_to_fine' needs a token significance table")
-        if self.commit_rule == "threshold" and self.threshold is None:
-            self.threshold = DEFAULT_THRESHOLD
-        if self.confidence_floor is not None and not 0.0 <= self.confidence_floor <= 1.0:
-            raise ValueError(f"confidence_floor must be in [0, 1], got {self.confidence_floor}")
-        if self.entropy_bound < 0:
-            raise ValueError(f"entropy_bound must be >= 0 (nats), got {self.entropy_bound}")
-        if self.sub_block_size is not None and (self.sub_block_size < 1 or self.block_size % self.sub_block_size):
-            raise ValueError(f"sub_block_size must divide the block size {self.block_size}, got {self.sub_block_size}")
-        if self.max_steps_per_block is not None and self.max_steps_per_block < 1:
-            raise ValueError(f"max_steps_per_block must be >= 1, got {self.max_steps_per_block}")
-        if self.remask_threshold is not None and not 0.0 < self.remask_threshold < 1.0:
-            raise ValueError(f"remask_threshold must be in (0, 1), got {self.remask_threshold}")
-        if self.remask_budget < 0:
-            raise ValueError(f"remask_budget must be >= 0, got {self.remask_budget}")
-        if self.static_cache and not self.use_cache:
-            raise ValueError("static_cache needs use_cache=True")
-        if self.static_cache:
-            self.drop_finished = False  # a static cache keeps its batch shape
-        if self.remask_threshold is not None and self.remask_budget == 0:
-            raise ValueError("remask_threshold is set but remask_budget is 0: give a budget of remasks per block "
-                             "(e.g. 2), or unset remask_threshold")
-        if self.edit_threshold is not None and not 0.0 < self.edit_threshold < 1.0:
-            raise ValueError(f"edit_threshold must be in (0, 1), got {self.edit_threshold}")
-        if self.edit_action not in ("replace", "remask"):
-            raise ValueError(f"edit_action must be 'replace' or 'remask', got {self.edit_action!r}")
-        if self.edit_threshold is not None and self.remask_budget == 0:
-            raise ValueError("edit_threshold is set but remask_budget is 0: give a budget of corrections per block "
-                             "(e.g. 2), or unset edit_threshold")
-
-    @property
-    def corrects(self) -> bool:
-        """Some correction of committed tokens is on (heuristic remasking or learned editing)."""
-        return self.remask_threshold is not None or self.edit_threshold is not None
-
-
-def check_sampling_values(temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                          threshold: float | None = None, tokens_per_step: int | None = None) -> None:
-    """Refuse sampler values outside their range, and top-k / top-p where they would be silently ignored."""
-    if threshold is not None and not 0.0 <= threshold <= 1.0 and threshold != NO_THRESHOLD:
-        raise ValueError(f"threshold must be in [0, 1] (a confidence, or a margin for the margin rule), got {threshold}")
-    if temperature is not None and temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 = no top-p filter), got {top_p}")
-    if tokens_per_step is not None and tokens_per_step < 1:
-        raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
-    filtered = [name for name, value, off in (("top_k", top_k, 0), ("top_p", top_p, 1.0))
-                if value is not None and value != off]
-    if filtered and not temperature:
-        raise ValueError(f"{' and '.join(filtered)} filter{'s' if len(filtered) == 1 else ''} what is sampled, but "
-                         "temperature 0 decodes greedily (the most likely token), so it would have no effect: set a "
-                         f"temperature above 0, or leave {' and '.join(filtered)} out")
 
 
 class BlockSampler:
@@ -196,6 +98,7 @@ class BlockSampler:
         self.step_counts: list[int] = []
         self.remasked = 0
         self.edited = 0
+        self.reopened = 0
         device = embedding_weight(model).device
         self.generator = torch.Generator(device=device)
         if settings.seed is not None:
@@ -228,6 +131,11 @@ class BlockSampler:
         ctx = BlockContext(self.model, input_ids, attention_mask, s.block_size, s.shift, s.use_cache, s.fuse_commit,
                            static_length=static, causal_clean=s.causal_clean,
                            fuse_prompt=s.fuse_commit and prompt_fusion_pays(input_ids))
+        if s.reopen_threshold is not None:
+            if self.streamer is not None:
+                raise ValueError("reopen_threshold may rewrite a finished block that a streamer has already shown; "
+                                 "stream without it, or reopen without streaming")
+            ctx.judge = True
         new_tokens = torch.full((batch, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         num_new = torch.zeros(batch, dtype=torch.long, device=device)
@@ -243,12 +151,18 @@ class BlockSampler:
         context = torch.cat([input_ids, prefix], dim=1)  # what stop strings may begin in
 
         produced = 0
+        self.previous = None  # (first new-token index, first revisable position, length) of the last committed block
         while produced < s.max_new_tokens and not bool(finished.all()):
             rows = ctx.rows
             offset = start.shape[1] if start is not None else 0
             length = min(s.block_size - offset, s.max_new_tokens - produced)
+            reopened = self.reopened
             canvas = self.denoise_block(ctx, offset + length, start=start,
                                         draft=None if draft is None else draft[ctx.rows].to(device))
+            if self.reopened != reopened:  # the block before was reopened: its corrected tokens replace the old ones
+                lo, first, count = self.previous
+                new_tokens[rows, lo : lo + count] = ctx.generated[:, -s.block_size:][:, first : first + count]
+            self.previous = (produced, offset, length)
             start = draft = None
             running = ~ctx.done
             new_tokens[rows[running], produced : produced + length] = canvas[running, offset : offset + length]
@@ -268,7 +182,7 @@ class BlockSampler:
 
         sequences = torch.cat([input_ids, prefix, new_tokens[:, :produced]], dim=1)
         return SamplerOutput(sequences, ctx.nfe, self.step_counts, num_new, ctx.nfe_per_row, self.remasked,
-                              self.trajectory, self.edited)
+                              self.trajectory, self.edited, self.reopened)
 
     def denoise_block(self, ctx: BlockContext, length: int, start: torch.Tensor | None = None,
                       draft: torch.Tensor | None = None) -> torch.Tensor:
@@ -301,11 +215,11 @@ class BlockSampler:
             only_first = s.shift and s.use_cache and not bool(todo[:, 1:].any())
             if only_first and not (s.corrects and bool(revisable.any())):
                 # only first positions left: the clean position before the block predicts them, no block forward
-                first = ctx.first_position_logits()
+                first = self._reopen_previous(ctx, lambda: ctx.first_position_logits())
                 logits = first[:, None].expand(-1, size, -1)
                 checked = False
             else:
-                logits = ctx.block_logits(canvas)
+                logits = self._reopen_previous(ctx, lambda: ctx.block_logits(canvas))
                 checked = True
             allowed = suppress_ids(logits, s.mask_token_id, s.vocab_size)
             tokens, confidence, probs = choose_tokens(allowed, s.temperature, s.top_k, s.top_p, self.generator,
@@ -345,7 +259,42 @@ class BlockSampler:
             step += 1
         return canvas
 
-    def _record(self, ctx: BlockContext, canvas, confidence, commit, remask) -> None:
+    def _reopen_previous(self, ctx: BlockContext, forward):
+        """Run `forward` (the pass that appends the last committed block, when one is pending); with
+        `reopen_threshold`, read that block as the pass saw it and, where the model predicts another token at one of
+        its revisable positions with at least that probability, replace it (the most confident first, at most
+        `reopen_budget` per row and block) and run the pass again with the corrected block. Returns the logits of
+        the last pass."""
+        s = self.s
+        logits = forward()
+        if s.reopen_threshold is None or ctx.judged is None or self.previous is None:
+            ctx.judged = None
+            return logits
+        _, first, count = self.previous
+        budget = torch.full((ctx.batch_size,), s.reopen_budget, dtype=torch.long, device=ctx.key_valid.device)
+        positions = torch.arange(s.block_size, device=budget.device)
+        revisable = (positions >= first) & (positions < first + count) & ((positions > 0) | (not s.shift))
+        while ctx.judged is not None and bool(budget.any()):
+            judged, ctx.judged = ctx.judged, None
+            allowed = suppress_ids(judged, s.mask_token_id, s.vocab_size)
+            allowed[..., list(s.eos_token_ids)] = float("-inf")  # a correction never ends a row
+            best, proposal = allowed.float().softmax(-1).max(-1)
+            block = ctx.generated[:, -s.block_size:]
+            disputed = revisable[None, :] & (proposal != block) & ~ctx.done[:, None] & ~torch.isnan(best)
+            chosen = select_disputes(best.nan_to_num(0.0), disputed, s.reopen_threshold, budget)
+            if not bool(chosen.any()):
+                break
+            corrected = torch.where(chosen, proposal, block)
+            ctx.reopen(corrected)
+            budget -= chosen.sum(-1)
+            self.reopened += int(chosen.sum())
+            if self.trajectory is not None:  # drawn as a retraction and a commit in the block reopened
+                self._record(ctx, corrected, best, chosen, chosen, block=ctx.num_blocks - 1)
+            logits = forward()
+        ctx.judged = None
+        return logits
+
+    def _record(self, ctx: BlockContext, canvas, confidence, commit, remask, block: int | None = None) -> None:
         """Record a step for every original row (rows that left the batch show a masked, idle block)."""
         total = ctx.nfe_per_row.shape[0]
 
@@ -354,7 +303,8 @@ class BlockSampler:
             out[ctx.rows] = values
             return out
 
-        self.trajectory.record(block=ctx.num_blocks, canvas=full(canvas, self.s.mask_token_id),
+        self.trajectory.record(block=ctx.num_blocks if block is None else block,
+                               canvas=full(canvas, self.s.mask_token_id),
                                confidence=full(confidence, 0.0), committed=full(commit, False),
                                remasked=full(remask, False) if bool(remask.any()) else None)
 
@@ -396,8 +346,8 @@ def decode_block(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, dec
 
     out = run_block_sampler(dlm, input_ids, attention_mask, decoding, response_prefix, streamer=streamer)
     return GenerateOutput(out.sequences, out.num_new_tokens, out.nfe, out.nfe_per_row, "block", decoding,
-                          {"tokens_per_step": out.tokens_per_step, "remasked": out.remasked, "edited": out.edited},
-                          out.trajectory)
+                          {"tokens_per_step": out.tokens_per_step, "remasked": out.remasked, "edited": out.edited,
+                           "reopened": out.reopened}, out.trajectory)
 
 
 def run_block_sampler(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoding, response_prefix=None,
@@ -431,7 +381,8 @@ def run_block_sampler(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
         significance_weight=d.significance_weight, confidence_floor=d.confidence_floor,
         entropy_bound=d.entropy_bound, sub_block_size=d.sub_block_size, max_steps_per_block=d.max_steps_per_block,
         remask_threshold=d.remask_threshold, remask_budget=d.correction_budget, edit_threshold=d.edit_threshold,
-        edit_action=d.edit_action, fuse_commit=d.fuse_commit,
+        edit_action=d.edit_action, reopen_threshold=d.reopen_threshold, reopen_budget=d.reopen_budget,
+        fuse_commit=d.fuse_commit,
         drop_finished=d.drop_finished, static_cache=d.static_cache,
     )
     trajectory = None
