@@ -124,7 +124,7 @@ def _recipe_fields(path, extra=()) -> dict:
     fields = yaml.safe_load(Path(path).read_text()) or {}
     extra = list(extra)
     for key, value in zip(extra[::2], extra[1::2]):
-        fields[key.removeprefix("--")] = value
+        fields[key.removeprefix("--")] = yaml.safe_load(value)  # typed as the recipe's own values
     return fields
 
 
@@ -193,8 +193,38 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def summarize(out: Path, models, variants, seeds, last_round: int | None = None) -> dict:
-    """Rows of the table from the finished rounds under `out` (a round missing for some seed is left out)."""
+def difficulty_groups(recipe_fields: dict) -> dict[str, str]:
+    """Held-out problem id -> difficulty label ("3 steps") for the STaR recipe's task ({} without labels)."""
+    from llm2diff.star.config import StarArguments
+    from llm2diff.star.report import difficulty_groups as groups
+
+    names = StarArguments.__dataclass_fields__
+    return groups(StarArguments(**{k: v for k, v in recipe_fields.items()
+                                   if k in names and k in ("star_task", "star_task_options", "star_source",
+                                                           "star_eval_split", "star_eval_problems")}))
+
+
+def _by_difficulty(paths: list[Path], groups: dict[str, str]) -> dict[str, float] | None:
+    """Mean over seeds of each difficulty group's held-out accuracy."""
+    from llm2diff.evaluation.intervals import read_correct
+
+    if not groups or not paths:
+        return None
+    per_seed = []
+    for path in paths:
+        by: dict[str, list[int]] = {}
+        for problem, right in read_correct(path).items():
+            if problem in groups:
+                by.setdefault(groups[problem], []).append(int(right))
+        per_seed.append({label: sum(v) / len(v) for label, v in by.items()})
+    labels = sorted({label for seed in per_seed for label in seed})
+    return {label: sum(seed.get(label, 0.0) for seed in per_seed) / len(per_seed) for label in labels}
+
+
+def summarize(out: Path, models, variants, seeds, last_round: int | None = None,
+              groups: dict[str, str] | None = None) -> dict:
+    """Rows of the table from the finished rounds under `out` (a round missing for some seed is left out);
+    `groups` (problem id -> difficulty label) adds the accuracy per difficulty."""
     from llm2diff.evaluation.intervals import paired_difference, read_correct, spread
 
     rows, gaps = [], []
@@ -216,6 +246,7 @@ def summarize(out: Path, models, variants, seeds, last_round: int | None = None)
                     if r > 0 and (base / "results.jsonl").is_file() and (now / "results.jsonl").is_file():
                         changes.append(paired_difference(read_correct(base), read_correct(now)).to_dict())
                 sampling = [rec.get("sampling") or {} for rec in records]
+                results = [run_dir(out, model, variant, s) / f"round-{r}" / "eval" / "results.jsonl" for s in have]
                 rows.append({
                     "model": model, "variant": variant, "round": r, "seeds": have,
                     "accuracy": spread([rec["accuracy"] for rec in records]).__dict__,
@@ -227,6 +258,7 @@ def summarize(out: Path, models, variants, seeds, last_round: int | None = None)
                     "wrong_steps": _mean([rec.get("wrong_steps") for rec in records]),
                     "tokens_per_second": _mean([s.get("tokens_per_second") for s in sampling]),
                     "nfe_per_token": _mean([s.get("nfe_per_token") for s in sampling]),
+                    "by_difficulty": _by_difficulty([p for p in results if p.is_file()], groups or {}),
                 })
     for variant in variants:  # the AR twin minus the diffusion model, paired over the same held-out problems
         for seed in seeds:
@@ -291,8 +323,9 @@ def _interval(d: dict | None) -> str:
 
 def table(summary: dict) -> str:
     lines = ["| model | variant | round | held-out accuracy (mean, min-max) | vs round 0: mean, per seed [95% interval] "
-             "| seeds excluding 0 | pass@k | kept + rationalized | wrong steps | tokens/s | NFE/token |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| seeds excluding 0 | by difficulty (mean) | pass@k | kept + rationalized | wrong steps | tokens/s "
+             "| NFE/token |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         acc = row["accuracy"]
         changes = row["vs_round_0"]
@@ -307,7 +340,9 @@ def table(summary: dict) -> str:
 
         lines.append(f"| {row['model']} | {row['variant']} | {row['round']} | {100 * acc['mean']:.1f}% "
                      f"({100 * acc['low']:.1f}-{100 * acc['high']:.1f}, n={row['eval_examples']}, "
-                     f"{len(row['seeds'])} seeds) | {change} | {excluding} | {_num(row['pass_at_k'], '.0%')} | {kept} "
+                     f"{len(row['seeds'])} seeds) | {change} | {excluding} "
+                     f"| {' · '.join(f'{k} {v:.0%}' for k, v in (row.get('by_difficulty') or {}).items()) or '-'} "
+                     f"| {_num(row['pass_at_k'], '.0%')} | {kept} "
                      f"| {_num(row['wrong_steps'], '.0f')} | {_num(row['tokens_per_second'], '.1f')} "
                      f"| {_num(row['nfe_per_token'], '.2f')} |")
     if summary["gaps"]:
@@ -402,7 +437,8 @@ def main() -> None:
                     if plain_done:  # the stages after STaR start from its last round
                         for stage in after:
                             run_after(args, model, stage, seed)
-    summary = summarize(out, models, variants, seeds, args.rounds)
+    summary = summarize(out, models, variants, seeds, args.rounds, difficulty_groups(_recipe_fields(args.recipe,
+                                                                                               args.extra)))
     text = table(summary)
     print(text)
     commands = {f"{m}/{v}/seed-{s}": " ".join(star_command(args, m, v, s)[1:]) for m in models for v in variants

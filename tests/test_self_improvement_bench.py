@@ -70,6 +70,10 @@ def test_table_over_seeds_with_paired_intervals_and_the_gap(bench, tmp_path):
     assert gaps[(0, 0)]["difference"] == 0.5 and gaps[(0, 1)]["difference"] == 0.0
     text = bench.table(summary)
     assert "| diffusion | plain | 1 | 50.0% (25.0-75.0, n=40, 2 seeds) | +25.0: [+" in text
+    groups = {f"test-{i}": "2 steps" if i < 20 else "3 steps" for i in range(n)}  # 10 and 0 right before, 20/10 after
+    grouped = bench.summarize(tmp_path, ["diffusion"], ["plain"], [0, 1], groups=groups)["rows"]
+    assert grouped[1]["by_difficulty"] == {"2 steps": pytest.approx((1.0 + 0.5) / 2), "3 steps": pytest.approx(0.25)}
+    assert "| 2 steps 75% · 3 steps 25% |" in bench.table({"rows": grouped, "gaps": []})
     assert "| 1/2 up, 0 down |" in text
     assert "| plain | 0 | seed 0: +50.0 [" in text
 
@@ -114,6 +118,8 @@ def test_the_prm_variant_and_the_stages_after_star_start_from_the_plain_runs(ben
     assert "--step-search" in selection
     assert json.loads(selection[selection.index("--task-options") + 1])["max_steps"] == 3  # the held-out kind
     args.extra = ["--star_eval_problems", "50"]  # the STaR runs' overrides hold for the selection stage too
+    assert bench._recipe_fields(args.recipe, args.extra)["star_eval_problems"] == 50
+    assert set(bench.difficulty_groups(bench._recipe_fields(args.recipe, args.extra)).values()) == {"2 steps", "3 steps"}
     selection = bench.after_command(args, "diffusion", "selection", 2)
     assert selection[selection.index("--problems") + 1] == "50"
 

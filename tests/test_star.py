@@ -53,7 +53,7 @@ def test_two_rounds_write_every_artifact_and_resume_without_redoing_work(workdir
     assert main(["star", "--config", recipe]) == 0
     out = workdir / "run"
     printed = capsys.readouterr().out
-    assert "| round | held-out accuracy | vs round 0 (95% interval) | pass@k (train)" in printed
+    assert "| round | held-out accuracy | vs round 0 (95% interval) | by difficulty | pass@k (train)" in printed
     for r in (0, 1, 2):
         assert (out / f"round-{r}" / "round.json").is_file()
         assert (out / f"round-{r}" / "eval" / "summary.json").is_file()
@@ -225,6 +225,32 @@ def test_pass_rate_balance_repeats_rarely_solved_problems():
     assert len(plain) == 4 and "balance_copies" not in counts
     with pytest.raises(ValueError, match="star_balance must be one of none, pass_rate, got 'rate'"):
         StarArguments(star_balance="rate")
+
+
+def test_held_out_results_break_down_by_the_tasks_difficulty(tmp_path):
+    from llm2diff.star.report import difficulty_groups, report_table, with_difficulty
+    from llm2diff.tasks.base import get_task
+
+    task = get_task("arithmetic", min_steps=2, max_steps=3)
+    rows = task.load_rows(None, "test", 6)
+    assert {task.difficulty(r) for r in rows} <= {"2 steps", "3 steps"}
+    assert task.difficulty(rows[0]) == f"{len(rows[0]['steps'])} steps"
+    groups = difficulty_groups(StarArguments(star_task_options='{"min_steps": 2, "max_steps": 3}',
+                                             star_eval_problems=6))
+    assert groups == {task.row_id(r, i): task.difficulty(r) for i, r in enumerate(rows)}
+    (tmp_path / "round-1" / "eval").mkdir(parents=True)
+    (tmp_path / "round-1" / "eval" / "results.jsonl").write_text("".join(
+        json.dumps({"id": task.row_id(r, i), "correct": i % 2 == 0}) + "\n" for i, r in enumerate(rows)))
+    records = with_difficulty(tmp_path, [{"round": 0}, {"round": 1}], groups)
+    assert "by_difficulty" not in records[0]
+    by = records[1]["by_difficulty"]
+    for label in by:
+        members = [i for i, r in enumerate(rows) if task.difficulty(r) == label]
+        assert by[label] == {"correct": sum(i % 2 == 0 for i in members), "n": len(members)}
+    line = report_table([{**records[1], "accuracy": 0.5, "eval_examples": 6}]).splitlines()[-1]
+    label, c = next(iter(by.items()))
+    assert f"{label} {c['correct'] / c['n']:.0%} ({c['n']})" in line
+    assert difficulty_groups(StarArguments(star_task="gsm8k")) == {}  # a task without difficulty labels
 
 
 ROW = {"question": "Leo has 1 shell. He finds 2 more shells. He finds 9 more shells. How many shells does Leo have now?",

@@ -43,6 +43,11 @@ class ArithmeticEvalTask(EvalTask):
     def grade(self, completion: str, row: dict) -> Grade:
         return Grade(correct=grade(completion, row["answer"]), prediction=extract_answer(completion))
 
+    def difficulty(self, row: dict) -> str | None:
+        """The number of operations ("3 steps"), from the generator's intermediate values."""
+        steps = row.get("steps")
+        return None if steps is None else f"{len(steps)} steps"
+
     def step_labels(self, completion: str, row: dict) -> list[int] | None:
         """Line by line (`llm2diff.tasks.arithmetic.step_labels`): the generator knows every intermediate value."""
         return step_labels(completion, row)

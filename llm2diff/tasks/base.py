@@ -60,6 +60,11 @@ class EvalTask:
         knows each intermediate value; None for tasks without them."""
         return None
 
+    def difficulty(self, row: dict) -> str | None:
+        """A label grouping the row with problems of its kind (e.g. "3 steps"), by which reports break accuracy
+        down; None for tasks without one."""
+        return None
+
     def row_id(self, row: dict, index: int) -> str:
         return str(row.get("id", index))
 
