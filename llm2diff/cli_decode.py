@@ -228,8 +228,13 @@ def cmd_generate(argv: list[str]) -> int:
               f"{out.acceptance_rate:.0%} of denoised tokens kept, block size {c.block_size}]")
     else:
         row_passes = int(out.nfe_per_row.sum())
+        stats = out.stats or {}
+        corrections = ", ".join(f"{stats[key]} {word}" for key, word in (
+            ("remasked", "remasked"), ("edited", "edited"), ("reopened", "replaced in reopened blocks"))
+            if stats.get(key))
         print(f"\n[{new} new tokens in {len(args.prompt)} rows, {out.nfe} forward passes of the batch, "
-              f"{new / max(row_passes, 1):.2f} tokens per forward per row, block size {c.block_size}]")
+              f"{new / max(row_passes, 1):.2f} tokens per forward per row, block size {c.block_size}"
+              f"{f'; corrections: {corrections}' if corrections else ''}]")
     if args.save_trajectory is not None:
         from llm2diff.sampling.trajectory_render import save_trajectory
 

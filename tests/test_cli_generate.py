@@ -224,3 +224,18 @@ def test_no_saved_defaults_ignores_the_sampler_saved_with_the_model(model_dir, d
     assert capped.nfe < free.nfe
     code, _, err = generate(tmp_path / "capped", capsys, "--no-saved-defaults", "--lossless")
     assert code == 2 and "--no-saved-defaults does not apply" in err
+
+
+def test_the_summary_line_counts_corrections(model_dir, dlm, capsys):
+    code, out, _ = generate(model_dir, capsys, "--reopen-threshold", "0.01", "--reopen-budget", "1",
+                            "--edit-threshold", "0.01", "--remask-budget", "1", "--max-new-tokens", "12")
+    assert code == 0
+    ids = prompt_ids(dlm, PROMPT)
+    reference = dlm.generate(ids, max_new_tokens=12, reopen_threshold=0.01, reopen_budget=1, edit_threshold=0.01,
+                             remask_budget=1)
+    expected = [f"{reference.stats[k]} {w}" for k, w in (("edited", "edited"),
+                                                        ("reopened", "replaced in reopened blocks"))
+                if reference.stats[k]]
+    assert expected and f"; corrections: {', '.join(expected)}]" in out
+    code, plain, _ = generate(model_dir, capsys, "--max-new-tokens", "12")
+    assert "corrections" not in plain
