@@ -14,7 +14,9 @@ Each decodes with the correction methods below over its saved commit rule (thres
 
 1. Planted errors. Per problem, the model's own greedy answer (one token per step, no correction) is the
    reference. One position past its block's first, in a block after the first (a seeded choice among the
-   answer's tokens), gets the AR parent's most likely other token there; the block is decoded again after the
+   answer's tokens), gets a wrong token: by default the model's own most likely other token there with the block
+   still masked (the mistake it would plausibly commit early; --plant parent: the AR parent's most likely other
+   token, an error the model itself would rarely make); the block is decoded again after the
    reference's earlier blocks with that token already committed (a draft), under each method. Detected: the token
    there changed; fixed: it is the reference token again (decoding runs on into the next block, where reopening
    reads the planted one).
@@ -79,6 +81,35 @@ def parent_alternative(dlm, prompt: list[int], reference: list[int], position: i
     return int(logits.argmax())
 
 
+def model_alternative(dlm, prompt: list[int], reference: list[int], position: int) -> int:
+    """The model's own most likely token at `position` other than the reference one, read as the block's first
+    denoising step reads it (the reference's earlier blocks committed, the block all masked): the mistake it would
+    most plausibly commit there early."""
+    import torch
+
+    from llm2diff.sampling.block_cache import BlockContext
+
+    size = dlm.config.block_size
+    block = position // size
+    ids = torch.tensor([prompt], device=dlm.device)
+    was_training = dlm.model.training
+    dlm.model.eval()
+    try:
+        with torch.no_grad(), dlm.trained_token_rows_merged():
+            ctx = BlockContext(dlm.model, ids, torch.ones_like(ids), size, dlm.config.shift,
+                               causal_clean=dlm.config.causal_clean)
+            for b in range(block):
+                ctx.commit(torch.tensor([reference[b * size : (b + 1) * size]], device=dlm.device))
+            logits = ctx.block_logits(torch.full((1, size), dlm.config.mask_token_id, device=dlm.device))[0]
+    finally:
+        dlm.model.train(was_training)
+    from llm2diff.modeling.parent import parent_suppressed_ids
+
+    scores = logits[position % size].float()
+    scores[parent_suppressed_ids(dlm) + [reference[position]]] = float("-inf")
+    return int(scores.argmax())
+
+
 def reference_answer(dlm, prompt: list[int], max_new_tokens: int) -> list[int]:
     from llm2diff.evaluation.completions import complete
 
@@ -104,8 +135,10 @@ def planted(dlm, prompt: list[int], reference: list[int], position: int, wrong: 
     return int(out.sequences[0, len(prompt) + position])
 
 
-def planted_errors(dlm, prompts, max_new_tokens: int, layers: dict[str, dict], seed: int = 0, progress=None) -> dict:
-    """Per method: planted errors detected and fixed (counts) over the problems with a position to plant at."""
+def planted_errors(dlm, prompts, max_new_tokens: int, layers: dict[str, dict], seed: int = 0, progress=None,
+                   source: str = "model") -> dict:
+    """Per method: planted errors detected and fixed (counts) over the problems with a position to plant at.
+    `source`: the wrong token is the model's own second choice there ("model") or the AR parent's ("parent")."""
     rng = random.Random(seed)
     counts = {name: {"planted": 0, "detected": 0, "fixed": 0} for name in layers}
     for prompt in prompts:
@@ -115,7 +148,7 @@ def planted_errors(dlm, prompts, max_new_tokens: int, layers: dict[str, dict], s
             progress.update(1)
         if position is None:
             continue
-        wrong = parent_alternative(dlm, prompt, reference, position)
+        wrong = (model_alternative if source == "model" else parent_alternative)(dlm, prompt, reference, position)
         for name, layer in layers.items():
             token = planted(dlm, prompt, reference, position, wrong, layer)
             counts[name]["planted"] += 1
@@ -161,6 +194,9 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=100)
     parser.add_argument("--edit-threshold", type=float, default=0.5)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--plant", choices=("model", "parent"), default="model",
+                        help="the planted token: the model's own most likely other token with the block masked "
+                             "(its plausible early mistake), or the AR parent's most likely other token")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-accuracy", action="store_true")
@@ -187,7 +223,7 @@ def main() -> None:
         row = {"path": path, "decoding": dlm.decoding.non_default()}
         start = time.perf_counter()
         with tqdm(total=len(prompts), desc=f"{label}: planted errors") as bar:
-            row["planted"] = planted_errors(dlm, prompts, args.max_new_tokens, layers, args.seed, bar)
+            row["planted"] = planted_errors(dlm, prompts, args.max_new_tokens, layers, args.seed, bar, args.plant)
         row["planted_seconds"] = round(time.perf_counter() - start, 1)
         if not args.skip_accuracy:
             row["accuracy"] = {}
@@ -201,7 +237,8 @@ def main() -> None:
         results["models"][label] = row
         write_json_atomic(Path(args.out), results)
 
-    print(f"\nPlanted errors (the parent's most likely wrong token, one per problem; edit threshold "
+    what = "the model's own second choice" if args.plant == "model" else "the AR parent's most likely wrong token"
+    print(f"\nPlanted errors ({what} with the block masked, one per problem; edit threshold "
           f"{args.edit_threshold}):\n")
     print("| model | method | planted | detected | fixed |\n|---|---|---|---|---|")
     for label, row in results["models"].items():

@@ -39,11 +39,22 @@ def test_a_planted_token_stays_without_correction(bench):
     dlm.model.generation_config.eos_token_id = None
     dlm.tokenizer.eos_token = "<|im_start|>"  # a token this random model never picks: answers run to the budget
     prompts = [[5, 6, 7, 8], [9, 10, 11], [5, 9]]
-    counts = bench.planted_errors(dlm, prompts, 12, bench.methods(0.05), seed=1)
-    assert all(c["planted"] == 3 for c in counts.values())
-    assert counts["none"]["detected"] == counts["none"]["fixed"] == 0
-    assert all(c["fixed"] <= c["detected"] for c in counts.values())
+    for source in ("model", "parent"):
+        counts = bench.planted_errors(dlm, prompts, 12, bench.methods(0.05), seed=1, source=source)
+        assert all(c["planted"] == 3 for c in counts.values())
+        assert counts["none"]["detected"] == counts["none"]["fixed"] == 0
+        assert all(c["fixed"] <= c["detected"] for c in counts.values())
     reference = bench.reference_answer(dlm, prompts[0], 12)
+    own = bench.model_alternative(dlm, prompts[0], reference, 5)
+    with torch.no_grad():
+        from llm2diff.sampling.block_cache import BlockContext
+
+        ids = torch.tensor([prompts[0]])
+        ctx = BlockContext(dlm.model, ids, torch.ones_like(ids), 4)
+        ctx.commit(torch.tensor([reference[:4]]))
+        logits = ctx.block_logits(torch.full((1, 4), dlm.config.mask_token_id))[0, 1]
+    logits[[reference[5], dlm.config.mask_token_id]] = float("-inf")
+    assert own == int(logits[: dlm.config.vocab_size].argmax())  # the model's own second choice, block masked
     wrong = bench.parent_alternative(dlm, prompts[0], reference, 5)
     assert wrong != reference[5] and wrong != dlm.config.mask_token_id
     with torch.no_grad():
