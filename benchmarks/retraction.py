@@ -16,10 +16,12 @@ Each decodes with the correction methods below over its saved commit rule (thres
    reference. One position past its block's first, in a block after the first (a seeded choice among the
    answer's tokens), gets a wrong token: by default the model's own most likely other token there with the block
    still masked (the mistake it would plausibly commit early; --plant parent: the AR parent's most likely other
-   token, an error the model itself would rarely make); the block is decoded again after the
-   reference's earlier blocks with that token already committed (a draft), under each method. Detected: the token
-   there changed; fixed: it is the reference token again (decoding runs on into the next block, where reopening
-   reads the planted one).
+   token, an error the model itself would rarely make). Two scenarios, after the reference's earlier blocks:
+   early, the wrong token committed while the rest of its block is masked (the block is then denoised under each
+   method); finished, the block already completed around the error without correction (its other tokens follow
+   it, as with the model's own mistakes; only reopening can act). Decoding runs on into the next block, whose
+   first pass is where reopening reads the planted one. Detected: the token there changed; fixed: it is the
+   reference token again.
 2. Accuracy against forward passes per token at batch 1, each method, and plain one-token-per-step decoding (what
    editing noise costs or gives there), with each method's paired difference against `none` of the same model
    (95% bootstrap interval over problems).
@@ -116,8 +118,12 @@ def reference_answer(dlm, prompt: list[int], max_new_tokens: int) -> list[int]:
     return complete(dlm, [prompt], {**ONE_PER_STEP, "max_new_tokens": max_new_tokens}).rows[0].tokens
 
 
-def planted(dlm, prompt: list[int], reference: list[int], position: int, wrong: int, layer: dict) -> int:
-    """Decode the planted block again under `layer`; returns the token that ends up at `position`."""
+def planted(dlm, prompt: list[int], reference: list[int], position: int, wrong: int, layer: dict,
+            finished: list[int] | None = None) -> tuple[int, list[int]]:
+    """Decode the planted block again under `layer`, then the next block (reopening reads a finished block in the
+    next block's first pass). `finished`: the planted block already whole (every token committed, none to denoise:
+    only reopening can change it); else only the wrong token is committed and the rest is denoised. Returns the
+    token that ends up at `position` and the planted block as decoded."""
     import torch
 
     from llm2diff.sampling.config import DecodingConfig
@@ -126,21 +132,31 @@ def planted(dlm, prompt: list[int], reference: list[int], position: int, wrong: 
     size = dlm.config.block_size
     block = position // size
     prefix = torch.tensor([reference[: block * size]])
-    draft = torch.full((1, size), dlm.config.mask_token_id)
-    draft[0, position % size] = wrong
-    # the planted block and the next one: reopening reads a finished block in the next block's first pass
+    if finished is not None:
+        draft = torch.tensor([finished])
+    else:
+        draft = torch.full((1, size), dlm.config.mask_token_id)
+        draft[0, position % size] = wrong
     decoding = DecodingConfig.resolve(dlm.decoding, {**layer, "max_new_tokens": 2 * size, "stop_strings": []})
     ids = torch.tensor([prompt])
     out = run_block_sampler(dlm, ids, torch.ones_like(ids), decoding, prefix, draft)
-    return int(out.sequences[0, len(prompt) + position])
+    start = len(prompt) + block * size
+    return int(out.sequences[0, len(prompt) + position]), out.sequences[0, start : start + size].tolist()
+
+
+SCENARIOS = ("early", "finished")
 
 
 def planted_errors(dlm, prompts, max_new_tokens: int, layers: dict[str, dict], seed: int = 0, progress=None,
                    source: str = "model") -> dict:
-    """Per method: planted errors detected and fixed (counts) over the problems with a position to plant at.
-    `source`: the wrong token is the model's own second choice there ("model") or the AR parent's ("parent")."""
+    """Per scenario and method: planted errors detected and fixed (counts) over the problems with a position to
+    plant at. `early`: the wrong token committed while the rest of its block is still masked (in-block correction
+    can act as the block fills); `finished`: the block completed around it without correction, so its other tokens
+    follow the error, as the model's own mistakes do (only reopening can act). `source`: the wrong token is the
+    model's own second choice there ("model") or the AR parent's ("parent")."""
     rng = random.Random(seed)
-    counts = {name: {"planted": 0, "detected": 0, "fixed": 0} for name in layers}
+    counts = {scenario: {name: {"planted": 0, "detected": 0, "fixed": 0} for name in layers}
+              for scenario in SCENARIOS}
     for prompt in prompts:
         reference = reference_answer(dlm, prompt, max_new_tokens)
         position = plant_position(reference, dlm.config.block_size, dlm.eos_token_ids, rng)
@@ -149,11 +165,15 @@ def planted_errors(dlm, prompts, max_new_tokens: int, layers: dict[str, dict], s
         if position is None:
             continue
         wrong = (model_alternative if source == "model" else parent_alternative)(dlm, prompt, reference, position)
-        for name, layer in layers.items():
-            token = planted(dlm, prompt, reference, position, wrong, layer)
-            counts[name]["planted"] += 1
-            counts[name]["detected"] += token != wrong
-            counts[name]["fixed"] += token == reference[position]
+        _, around = planted(dlm, prompt, reference, position, wrong, NO_CORRECTION)  # the error's own block
+        for scenario in SCENARIOS:
+            for name, layer in layers.items():
+                token, _ = planted(dlm, prompt, reference, position, wrong, layer,
+                                   around if scenario == "finished" else None)
+                c = counts[scenario][name]
+                c["planted"] += 1
+                c["detected"] += token != wrong
+                c["fixed"] += token == reference[position]
     return counts
 
 
@@ -240,11 +260,14 @@ def main() -> None:
     what = "the model's own second choice" if args.plant == "model" else "the AR parent's most likely wrong token"
     print(f"\nPlanted errors ({what} with the block masked, one per problem; edit threshold "
           f"{args.edit_threshold}):\n")
-    print("| model | method | planted | detected | fixed |\n|---|---|---|---|---|")
+    print("| model | error planted | method | planted | detected | fixed |\n|---|---|---|---|---|---|")
     for label, row in results["models"].items():
-        for name, c in row["planted"].items():
-            n = max(c["planted"], 1)
-            print(f"| {label} | {name} | {c['planted']} | {c['detected'] / n:.0%} | {c['fixed'] / n:.0%} |")
+        for scenario, methods_counts in row["planted"].items():
+            where = "early in its block" if scenario == "early" else "in a finished block"
+            for name, c in methods_counts.items():
+                n = max(c["planted"], 1)
+                print(f"| {label} | {where} | {name} | {c['planted']} | {c['detected'] / n:.0%} "
+                      f"| {c['fixed'] / n:.0%} |")
     if not args.skip_accuracy:
         print(f"\nAccuracy at batch 1 ({args.problems} held-out problems):\n")
         print("| model | method | accuracy | vs none [95%] | passes/token | tokens/s |\n|---|---|---|---|---|---|")

@@ -41,9 +41,12 @@ def test_a_planted_token_stays_without_correction(bench):
     prompts = [[5, 6, 7, 8], [9, 10, 11], [5, 9]]
     for source in ("model", "parent"):
         counts = bench.planted_errors(dlm, prompts, 12, bench.methods(0.05), seed=1, source=source)
-        assert all(c["planted"] == 3 for c in counts.values())
-        assert counts["none"]["detected"] == counts["none"]["fixed"] == 0
-        assert all(c["fixed"] <= c["detected"] for c in counts.values())
+        for scenario in ("early", "finished"):
+            assert all(c["planted"] == 3 for c in counts[scenario].values())
+            assert counts[scenario]["none"]["detected"] == counts[scenario]["none"]["fixed"] == 0
+            assert all(c["fixed"] <= c["detected"] for c in counts[scenario].values())
+        # in a finished block only reopening can change anything
+        assert all(counts["finished"][m]["detected"] == 0 for m in ("heuristic", "replace", "remask"))
     reference = bench.reference_answer(dlm, prompts[0], 12)
     own = bench.model_alternative(dlm, prompts[0], reference, 5)
     with torch.no_grad():
