@@ -220,6 +220,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-planted", action="store_true")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
     parser.add_argument("--out", default="outputs/retraction.json")
     args = parser.parse_args()
 
@@ -233,6 +235,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     layers = methods(args.edit_threshold)
+    if args.methods:
+        unknown = set(args.methods.split(",")) - set(layers) - {"1/step"}
+        if unknown:
+            raise SystemExit(f"unknown methods {sorted(unknown)}: choose among {', '.join(layers)}, 1/step")
+        layers = {name: layer for name, layer in layers.items() if name in args.methods.split(",")}
+    steps = [("1/step", ONE_PER_STEP)] if not args.methods or "1/step" in args.methods.split(",") else []
     results = {"args": vars(args), "hardware": describe(args.threads), "models": {}}
     print(f"hardware: {results['hardware']}", flush=True)
     for label, path in (("edit-trained", args.model), ("baseline", args.baseline)):
@@ -242,18 +250,20 @@ def main() -> None:
         task, rows, prompts = held_out(dlm, args.problems)
         row = {"path": path, "decoding": dlm.decoding.non_default()}
         start = time.perf_counter()
-        with tqdm(total=len(prompts), desc=f"{label}: planted errors") as bar:
-            row["planted"] = planted_errors(dlm, prompts, args.max_new_tokens, layers, args.seed, bar, args.plant)
-        row["planted_seconds"] = round(time.perf_counter() - start, 1)
+        if not args.skip_planted:
+            with tqdm(total=len(prompts), desc=f"{label}: planted errors") as bar:
+                row["planted"] = planted_errors(dlm, prompts, args.max_new_tokens, layers, args.seed, bar, args.plant)
+            row["planted_seconds"] = round(time.perf_counter() - start, 1)
         if not args.skip_accuracy:
             row["accuracy"] = {}
-            for name, layer in [*layers.items(), ("1/step", ONE_PER_STEP)]:
+            for name, layer in [*layers.items(), *steps]:
                 with tqdm(total=len(prompts), desc=f"{label}: {name}") as bar:
                     row["accuracy"][name] = accuracy(dlm, task, rows, prompts, layer, args.max_new_tokens, bar)
-            base = row["accuracy"]["none"]["correct"]
-            for name, measured in row["accuracy"].items():
-                if name != "none":
-                    measured["vs_none"] = paired_difference(base, measured["correct"]).to_dict()
+            if "none" in row["accuracy"]:
+                base = row["accuracy"]["none"]["correct"]
+                for name, measured in row["accuracy"].items():
+                    if name != "none":
+                        measured["vs_none"] = paired_difference(base, measured["correct"]).to_dict()
         results["models"][label] = row
         write_json_atomic(Path(args.out), results)
 
@@ -262,7 +272,7 @@ def main() -> None:
           f"{args.edit_threshold}):\n")
     print("| model | error planted | method | planted | detected | fixed |\n|---|---|---|---|---|---|")
     for label, row in results["models"].items():
-        for scenario, methods_counts in row["planted"].items():
+        for scenario, methods_counts in row.get("planted", {}).items():
             where = "early in its block" if scenario == "early" else "in a finished block"
             for name, c in methods_counts.items():
                 n = max(c["planted"], 1)
@@ -274,7 +284,7 @@ def main() -> None:
         for label, row in results["models"].items():
             for name, m in row["accuracy"].items():
                 versus = format_difference(paired_difference(row["accuracy"]["none"]["correct"], m["correct"])) \
-                    if name != "none" else "-"
+                    if name != "none" and "none" in row["accuracy"] else "-"
                 print(f"| {label} | {name} | {m['accuracy']:.1%} | {versus} | {m['passes_per_token']:.3f} "
                       f"| {m['tokens_per_second']:.1f} |")
     print(f"\nwritten to {args.out}")
