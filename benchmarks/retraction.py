@@ -268,9 +268,10 @@ def main() -> None:
         write_json_atomic(Path(args.out), results)
 
     what = "the model's own second choice" if args.plant == "model" else "the AR parent's most likely wrong token"
-    print(f"\nPlanted errors ({what} with the block masked, one per problem; edit threshold "
-          f"{args.edit_threshold}):\n")
-    print("| model | error planted | method | planted | detected | fixed |\n|---|---|---|---|---|---|")
+    if not args.skip_planted:
+        print(f"\nPlanted errors ({what} with the block masked, one per problem; edit threshold "
+              f"{args.edit_threshold}):\n")
+        print("| model | error planted | method | planted | detected | fixed |\n|---|---|---|---|---|---|")
     for label, row in results["models"].items():
         for scenario, methods_counts in row.get("planted", {}).items():
             where = "early in its block" if scenario == "early" else "in a finished block"
