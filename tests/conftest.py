@@ -106,3 +106,14 @@ def adapted_with_saved_base(root, arch: str = "qwen3", block_size: int = 4, **ad
     lora = adapt_kwargs.pop("lora", None) or LoraConfig(r=4, target_modules="all-linear")
     return adapt(AutoModelForCausalLM.from_pretrained(root / "base"), make_tokenizer(), block_size=block_size,
                  lora=lora, base_model_name_or_path=str(root / "base"), **adapt_kwargs)
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package), for testing its functions."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -81,11 +81,13 @@ def test_apply_edits_changes_only_chosen_visible_tokens_of_the_noisy_copy():
     assert not (new[rows, layout.noisy_index[rows, cols]] == layout.target[edited]).any()
 
 
-def test_the_parent_source_samples_from_the_ar_parents_next_token_distribution(monkeypatch):
+def _edits_reading(monkeypatch, source: str, seed: int):
+    """Apply editing noise (fraction 0.9) from `source` to one example, recording the logits the wrong tokens were
+    drawn from. Returns (dlm, layout, noised ids, noise, edited, those logits)."""
     dlm = _dlm()
     layout = _layout(batch=1)
-    spec = NoiseSpec(edit_fraction=0.9, edit_source="parent")
-    gen = torch.Generator().manual_seed(2)
+    spec = NoiseSpec(edit_fraction=0.9, edit_source=source)
+    gen = torch.Generator().manual_seed(seed)
     _, ids, noise = apply_noise(layout, MASK, spec, gen)
     seen = {}
 
@@ -95,11 +97,16 @@ def test_the_parent_source_samples_from_the_ar_parents_next_token_distribution(m
 
     monkeypatch.setattr(editing, "wrong_tokens", recording)
     _, edited = apply_edits(dlm.model, layout, ids, noise, spec, MASK, gen)
+    return dlm, layout, ids, noise, edited, seen["logits"]
+
+
+def test_the_parent_source_samples_from_the_ar_parents_next_token_distribution(monkeypatch):
+    dlm, layout, _, _, edited, seen = _edits_reading(monkeypatch, "parent", 2)
     sequence = torch.tensor([[5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17]])
     with dlm.ar_parent() as parent, torch.no_grad():
         reference = parent(input_ids=sequence).logits[0]  # the stock causal LM, adapter off
     cols = edited[0].nonzero().squeeze(1)
-    assert torch.allclose(seen["logits"], reference[3 + cols - 1], atol=1e-4)  # token j read at position j - 1
+    assert torch.allclose(seen, reference[3 + cols - 1], atol=1e-4)  # token j read at position j - 1
     with torch.no_grad():
         adapted = dlm.model(input_ids=sequence).logits[0]
     assert not torch.allclose(adapted[3 + cols - 1], reference[3 + cols - 1], atol=1e-2)  # the LoRA matters
@@ -163,19 +170,7 @@ def test_editing_needs_blocks_of_more_than_one_token(tmp_path):
 
 
 def test_the_self_source_reads_the_model_with_the_corrupted_positions_masked(monkeypatch):
-    dlm = _dlm()
-    layout = _layout(batch=1)
-    spec = NoiseSpec(edit_fraction=0.9, edit_source="self")
-    gen = torch.Generator().manual_seed(5)
-    _, ids, noise = apply_noise(layout, MASK, spec, gen)
-    seen = {}
-
-    def recording(true, vocab, excluded, logits=None, generator=None):
-        seen["logits"] = logits
-        return wrong_tokens(true, vocab, excluded, logits, generator)
-
-    monkeypatch.setattr(editing, "wrong_tokens", recording)
-    _, edited = apply_edits(dlm.model, layout, ids, noise, spec, MASK, gen)
+    dlm, layout, ids, noise, edited, seen = _edits_reading(monkeypatch, "self", 5)
     from llm2diff.training.objective import layout_logits
 
     both = ids.clone()
@@ -183,4 +178,4 @@ def test_the_self_source_reads_the_model_with_the_corrupted_positions_masked(mon
     both[rows, layout.noisy_index[rows, cols]] = MASK
     with torch.no_grad():
         reference = layout_logits(dlm.model, layout, both, edited)  # the model's own reading, those masked too
-    assert torch.allclose(seen["logits"], reference, atol=1e-5)
+    assert torch.allclose(seen, reference, atol=1e-5)

@@ -4,7 +4,6 @@ hardware line) on the CPU, so a GPU machine's scarce minutes are not spent on a 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -43,10 +43,7 @@ def test_an_nvidia_smi_that_lists_no_gpu_counts_as_none(tmp_path):
 
 
 def load_random_model():
-    spec = importlib.util.spec_from_file_location("random_model", ROOT / "benchmarks" / "random_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("random_model")
 
 
 def test_random_model_generation_rows_run_on_the_cpu(tmp_path, capsys):

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import load_benchmark, make_model, make_tokenizer
 
 from llm2diff import adapt
 
@@ -18,10 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("retraction", ROOT / "benchmarks" / "retraction.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("retraction")
 
 
 def test_errors_are_planted_past_a_blocks_first_token_after_the_first_block(bench):

@@ -143,6 +143,14 @@ def _settings(dlm, **kwargs):
                            max_new_tokens=8, **kwargs)
 
 
+def _denoise_with_draft(dlm, draft, **settings):
+    """Denoise one block after the first prompt with `draft` pre-committed; returns (canvas, sampler)."""
+    sampler = BlockSampler(dlm.model, _settings(dlm, **settings))
+    with torch.no_grad():
+        ctx = BlockContext(dlm.model, PROMPTS[:1], MASK[:1], 4)
+        return sampler.denoise_block(ctx, 4, draft=draft), sampler
+
+
 def test_correction_retracts_a_planted_wrong_token(dlm):
     prompt, mask = PROMPTS[:1], MASK[:1]
     with torch.no_grad():
@@ -155,10 +163,7 @@ def test_correction_retracts_a_planted_wrong_token(dlm):
     draft[0, 2] = wrong
 
     def run(**kwargs):
-        sampler = BlockSampler(dlm.model, _settings(dlm, **kwargs))
-        with torch.no_grad():
-            ctx = BlockContext(dlm.model, prompt, mask, 4)
-            return sampler.denoise_block(ctx, 4, draft=draft), sampler
+        return _denoise_with_draft(dlm, draft, **kwargs)
 
     kept, _ = run()
     assert int(kept[0, 2]) == wrong  # without correction the planted token stays
@@ -187,10 +192,7 @@ def test_learned_correction_acts_where_the_model_predicts_another_token(dlm, act
     draft = torch.full((1, 4), dlm.config.mask_token_id)
 
     def run(**kwargs):
-        sampler = BlockSampler(dlm.model, _settings(dlm, **kwargs))
-        with torch.no_grad():
-            ctx = BlockContext(dlm.model, prompt, mask, 4)
-            return sampler.denoise_block(ctx, 4, draft=draft), sampler
+        return _denoise_with_draft(dlm, draft, **kwargs)
 
     plain, _ = run()
     draft[0, 2] = (int(plain[0, 2]) + 1) % dlm.config.mask_token_id  # not what the model would put there

@@ -4,22 +4,19 @@ the twin-minus-diffusion gap), on hand-written run directories."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("self_improvement", ROOT / "benchmarks" / "self_improvement.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("self_improvement")
 
 
 def fake_run(bench, out: Path, model: str, seed: int, correct_by_round: list[list[bool]]) -> None:
