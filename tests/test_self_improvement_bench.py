@@ -150,3 +150,21 @@ def test_the_table_after_star_pairs_rl_with_its_star_model(bench, tmp_path):
     assert "| diffusion | 1 | rl-process | 0 | 75.0% | +25.0 [+" in text and "| 10 |" in text
     assert "| diffusion | 0 | 4 | 50.0% | 60.0% | 65.0% | 55.0% | 80.0% | prm-min: +15.0 [+5.0, +25.0] " \
            "| +10.0 [+0.0, +20.0] |" in text
+
+
+def test_variants_start_from_round_zero_while_another_process_runs_the_plain_rounds(bench, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(args, model, variant, seed):
+        calls.append((variant, seed))
+        return variant != "plain"  # the plain runs are held by another process
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "run_after", lambda args, model, stage, seed: calls.append((stage, seed)))
+    (bench.star_model(tmp_path, "diffusion", 0, 0)).mkdir(parents=True)
+    (bench.star_model(tmp_path, "diffusion", 0, 0) / "adapter_config.json").write_text("{}")  # seed 0 has round 0
+    monkeypatch.setattr("sys.argv", ["self_improvement.py", "--out", str(tmp_path), "--seeds", "0,1", "--models",
+                                     "diffusion", "--variants", "steps", "--after", "rl-outcome"])
+    bench.main()
+    # seed 0: the variant runs from round 0, the stage after STaR waits for the plain rounds; seed 1: nothing starts
+    assert calls == [("plain", 0), ("steps", 0), ("plain", 1)]
