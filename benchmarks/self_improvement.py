@@ -34,6 +34,7 @@ produced them. Asserts nothing.
     nohup python benchmarks/self_improvement.py > second.log 2>&1 &                # a second core shares the work
     python benchmarks/self_improvement.py --seeds 0 --variants plain --rounds 1    # a first look
     python benchmarks/self_improvement.py --models diffusion --variants prm --after rl-outcome,rl-process,selection
+    python benchmarks/self_improvement.py --variants steps-balanced --plain-rounds 0   # one variant first
     python benchmarks/self_improvement.py --table-only                             # the table from what is done
 """
 
@@ -76,9 +77,16 @@ def _command(subcommand: str, recipe, fields: dict, extra=()) -> list[str]:
     return command + list(extra)
 
 
+def variant_rounds(args, variant: str) -> int:
+    """How many rounds this invocation runs for `variant` (--plain-rounds can hold the plain run at round 0)."""
+    plain = getattr(args, "plain_rounds", None)
+    return plain if variant == "plain" and plain is not None else args.rounds
+
+
 def star_command(args, model: str, variant: str, seed: int) -> list[str]:
     out = Path(args.out)
-    fields = {"output_dir": run_dir(out, model, variant, seed), "seed": seed, "star_rounds": args.rounds,
+    fields = {"output_dir": run_dir(out, model, variant, seed), "seed": seed,
+              "star_rounds": variant_rounds(args, variant),
               **MODELS[model], **VARIANTS[variant]}
     if variant != "plain":  # the same round 0 as the plain run of this model and seed
         fields["star_init_model"] = star_model(out, model, seed, 0)
@@ -152,7 +160,7 @@ def run_stage(name: str, command: list[str], directory: Path, threads: int) -> b
 def run(args, model: str, variant: str, seed: int) -> bool:
     """Run (or resume) one STaR run (after the PRM it needs); False when another process is running it now."""
     report = run_dir(Path(args.out), model, variant, seed) / "report.json"
-    if report.is_file() and len(json.loads(report.read_text())["rounds"]) == args.rounds + 1:
+    if report.is_file() and len(json.loads(report.read_text())["rounds"]) >= variant_rounds(args, variant) + 1:
         return True
     if variant == "prm" and not run_prm(args, model, seed):
         return False
@@ -395,6 +403,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--plain-rounds", type=int, default=None,
+                        help="rounds of the plain run in this invocation (default --rounds); 0 trains only the "
+                             "round 0 the other variants start from, and leaves its rounds to a later call")
     parser.add_argument("--after", default="", help=f"stages after STaR, comma-separated: {', '.join(AFTER)}")
     parser.add_argument("--prm-recipe", default=str(ROOT / "recipes" / "star-headroom-prm.yaml"))
     parser.add_argument("--rl-recipe", default=str(ROOT / "recipes" / "star-headroom-rl.yaml"))
@@ -430,7 +441,7 @@ def main() -> None:
                 for variant in variants:  # the other variants need the plain run's round 0 only
                     finished = run(args, model, variant, seed)
                     if variant == "plain":
-                        plain_done = finished
+                        plain_done = finished and variant_rounds(args, variant) == args.rounds
                         if not (star_model(out, model, seed, 0) / "adapter_config.json").is_file():
                             break  # no round 0 yet (another process is training it): nothing else can start
                 else:

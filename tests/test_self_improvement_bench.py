@@ -168,3 +168,20 @@ def test_variants_start_from_round_zero_while_another_process_runs_the_plain_rou
     bench.main()
     # seed 0: the variant runs from round 0, the stage after STaR waits for the plain rounds; seed 1: nothing starts
     assert calls == [("plain", 0), ("steps", 0), ("plain", 1)]
+
+
+def test_plain_rounds_zero_trains_only_the_round_zero_the_variants_start_from(bench, tmp_path, monkeypatch):
+    args = Namespace(out=str(tmp_path), rounds=3, plain_rounds=0, recipe="r.yaml", extra=[], threads=1)
+    assert bench.star_command(args, "diffusion", "plain", 1)[bench.star_command(args, "diffusion", "plain", 1)
+                                                             .index("--star_rounds") + 1] == "0"
+    steps = bench.star_command(args, "diffusion", "steps-balanced", 1)
+    assert steps[steps.index("--star_rounds") + 1] == "3"
+    report = bench.run_dir(tmp_path, "diffusion", "plain", 1) / "report.json"
+    report.parent.mkdir(parents=True)
+    report.write_text(json.dumps({"rounds": [{"round": 0}, {"round": 1}]}))  # rounds 2-3 are left for later
+    assert bench.run(args, "diffusion", "plain", 1) is True  # round 0 is there: nothing to run now
+    started = []
+    monkeypatch.setattr(bench, "run_stage", lambda name, command, directory, threads: started.append(command) or True)
+    args.plain_rounds = None
+    assert bench.run(args, "diffusion", "plain", 1) is True  # without the option the plain run continues
+    assert started and started[0][started[0].index("--star_rounds") + 1] == "3"
