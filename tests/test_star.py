@@ -158,12 +158,25 @@ def test_a_different_recipe_in_the_same_output_dir_is_refused(workdir, capsys):
     assert "holds a STaR run of a different recipe" in err and "star_samples_per_problem" in err
 
 
+def test_zero_rounds_trains_round_zero_only_and_a_later_call_continues(workdir):
+    recipe = _recipe(workdir, "zero", star_rounds=0, max_steps=5, star_rationalize=False)
+    assert main(["star", "--config", recipe]) == 0
+    report = json.loads((workdir / "zero" / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [0] and not (workdir / "zero" / "round-1").exists()
+    weights = (workdir / "zero" / "round-0" / "model" / "model.safetensors").read_bytes()
+    assert main(["star", "--config", recipe, "--star_rounds", "1"]) == 0
+    report = json.loads((workdir / "zero" / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    assert (workdir / "zero" / "round-0" / "model" / "model.safetensors").read_bytes() == weights
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"star_samples_per_problem": 0}, "star_samples_per_problem must be >= 1"),
     ({"star_task": "arithmetik"}, "unknown star_task 'arithmetik'"),
     ({"star_restart": "base"}, "star_restart must be one of initial, previous"),
     ({"star_hint_template": "{question} only"}, "must contain {question} and {answer}"),
     ({"star_rounds_": 2}, "did you mean 'star_rounds'"),
+    ({"star_rounds": -1}, "star_rounds must be >= 0"),
 ])
 def test_bad_star_recipes_fail_clearly(workdir, capsys, overrides, message):
     assert main(["star", "--config", _recipe(workdir, "bad", **overrides)]) == 2

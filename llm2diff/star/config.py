@@ -30,7 +30,8 @@ class StarArguments:
     star_num_problems: int = field(default=200, metadata={"help": "Training problems sampled per round."})
     star_eval_problems: int = field(default=100, metadata={"help": "Held-out problems graded per round."})
     star_rounds: int = field(default=3, metadata={
-        "help": "Rounds after round 0. Raising it and re-running the command continues a finished run."})
+        "help": "Rounds after round 0 (0: train and grade round 0 only). Raising it and re-running the command "
+                "continues a finished run."})
     star_samples_per_problem: int = field(default=4, metadata={"help": "Rationales sampled per problem (k)."})
     star_decoding: DecodingLayer | None = decoding_field(
         "How rationales are sampled: decoding settings over the round model's saved ones and STaR's defaults "
@@ -90,7 +91,9 @@ class StarArguments:
 
         if self.star_task not in TASKS:
             raise ValueError(f"unknown star_task {self.star_task!r}; available: {', '.join(sorted(TASKS))}")
-        for name in ("star_samples_per_problem", "star_num_problems", "star_eval_problems", "star_rounds",
+        if self.star_rounds < 0:
+            raise ValueError(f"star_rounds must be >= 0 (0 trains and grades round 0 only), got {self.star_rounds}")
+        for name in ("star_samples_per_problem", "star_num_problems", "star_eval_problems",
                      "star_max_new_tokens", "star_batch_size", "star_max_per_problem", "star_train_steps",
                      "star_eval_batch_size"):
             if getattr(self, name) < 1:
