@@ -212,3 +212,26 @@ def test_editing_noise_trains_and_logs_its_terms(workdir):
     assert len(logged) == 2 and all(0 < e["edited_fraction"] < 0.3 and e["keep_loss"] > 0 for e in logged)
     recorded = json.loads((workdir / "editrun" / "diffusion_config.json").read_text())["training"]["recipe"]
     assert (recorded["edit_fraction"], recorded["edit_source"]) == (0.3, "parent")
+
+
+def test_curriculum_and_self_conditioning_train_save_and_resume(workdir):
+    from llm2diff.modeling.self_conditioning import self_conditioning_module
+
+    recipe = _recipe(workdir, "curriculum", max_steps=4, logging_steps=1, save_steps=2, use_lora=True,
+                     block_size_schedule="2:0.5", self_conditioning="expected_embedding")
+    assert main(["train", "--config", recipe]) == 0
+    out = workdir / "curriculum"
+    logs = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert [e["block_size"] for e in logs if "block_size" in e] == [2, 2, 4, 4]  # 2 for half the steps, then 4
+    dlm = load(out)
+    assert (dlm.config.block_size, dlm.config.self_conditioning) == (4, "expected_embedding")
+    path = self_conditioning_module(dlm.model).modules_to_save["default"].proj.weight
+    assert path.abs().sum() > 0  # trained away from its zero start, saved in the adapter
+    recorded = json.loads((out / "diffusion_config.json").read_text())["training"]["recipe"]
+    assert recorded["block_size_schedule"] == "2:0.5"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "checkpoint-2" / "adapter_model.safetensors"), framework="pt") as f:
+        assert any("llm2diff_self_conditioning" in key for key in f.keys())  # noqa: SIM118 (safe_open is not a dict); checkpoints carry the path too
+    assert main(["train", "--config", recipe, "--max_steps", "6", "--resume_from_checkpoint", "true"]) == 0
+    assert self_conditioning_module(load(out).model).modules_to_save["default"].proj.weight.abs().sum() > 0

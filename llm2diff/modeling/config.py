@@ -49,6 +49,8 @@ class DiffusionConfig:
         clean_attention: how finished (clean) blocks read themselves: "block" (bidirectionally, as the noisy block
             does) or "causal" (as the AR parent reads them; the clean stream is then a causal LM, trainable with an
             AR loss, and the sampler commits a block with a causal pass).
+        self_conditioning: what a denoising pass receives from the previous one at masked positions
+            (`llm2diff.modeling.self_conditioning`: "expected_embedding" or "hidden"), or None.
         noise: the training noise (`llm2diff.noise.masking.NoiseSpec` as a dict: schedule, window, weighting, ...);
             None for a model adapted but not trained here (the `NoiseSpec` defaults). `noise_spec`, and the
             read-only `noise_schedule`, `t_min`, `t_max`, `loss_weighting`, read it.
@@ -68,6 +70,7 @@ class DiffusionConfig:
     vocab_size: int | None = None
     shift: bool = True
     clean_attention: str = "block"
+    self_conditioning: str | None = None
     noise: dict[str, Any] | None = None
     significance_scorer: str | None = None
     use_chat_template: bool = True
@@ -83,6 +86,9 @@ class DiffusionConfig:
         validate_block_size(self.block_size)
         if self.clean_attention not in CLEAN_ATTENTION:
             raise ValueError(f"clean_attention must be one of {', '.join(CLEAN_ATTENTION)}, got {self.clean_attention!r}")
+        from llm2diff.modeling.self_conditioning import check_self_conditioning
+
+        check_self_conditioning(self.self_conditioning, self.block_size)
         spec = self.noise_spec
         if not 0.0 <= spec.t_min <= spec.t_max <= 1.0:
             raise ValueError(f"noise window must satisfy 0 <= t_min <= t_max <= 1, got t_min={spec.t_min}, "

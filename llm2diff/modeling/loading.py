@@ -57,6 +57,12 @@ def adapt(model, tokenizer, block_size: int = 32, lora=None, mask_token: str | N
     )
     config.base_model_source = {**(config.base_model_source or {}), "mask_token_choice": choice.how,
                                 "model_type": model_type, "embedding_rows": model.get_input_embeddings().weight.shape[0]}
+    if config.self_conditioning:  # a zero-initialised path: the adapted model computes what the parent computes
+        from llm2diff.modeling.self_conditioning import ATTRIBUTE, attach_self_conditioning
+
+        attach_self_conditioning(model)
+        if lora is not None:  # trained and saved with the adapter
+            lora.modules_to_save = sorted({*(lora.modules_to_save or []), ATTRIBUTE})
     if lora is not None:
         from peft import get_peft_model
 
@@ -169,6 +175,10 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
         rows = (config.base_model_source or {}).get("embedding_rows")
         if rows and rows != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(rows)
+        if config.self_conditioning:  # PEFT puts the saved projection into it (modules_to_save)
+            from llm2diff.modeling.self_conditioning import attach_self_conditioning
+
+            attach_self_conditioning(model)
         if quantization is not None and is_trainable:
             from peft import prepare_model_for_kbit_training
 
@@ -181,6 +191,13 @@ def load(path: str | os.PathLike, dtype=None, device=None, attn_implementation: 
             config.base_model_source.pop("quantization")
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if config.self_conditioning:
+            from llm2diff.modeling.self_conditioning import attach_self_conditioning, load_self_conditioning_weights
+
+            attach_self_conditioning(model)
+            if not load_self_conditioning_weights(model, path):
+                raise ValueError(f"{path} records self_conditioning {config.self_conditioning!r}, but its weights "
+                                 "hold no llm2diff_self_conditioning.proj.weight: the save is incomplete")
     if device is not None and quantization is None:
         model.to(device)
     if not is_trainable:

@@ -8,6 +8,8 @@ and without a cache recomputes the whole sequence with the block-diffusion mask 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from llm2diff.compat import cache_kwargs
@@ -64,8 +66,10 @@ class BlockContext:
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, block_size: int,
                  shift: bool = True, use_cache: bool = True, fuse: bool = True, static_length: int | None = None,
-                 causal_clean: bool = False, fuse_prompt: bool = False):
+                 causal_clean: bool = False, fuse_prompt: bool = False, keep_hidden: bool = False):
         self.model, self.block_size, self.shift, self.use_cache = model, block_size, shift, use_cache
+        self.keep_hidden = keep_hidden  # keep each block pass's last hidden states (self-conditioning 'hidden')
+        self.block_hidden: torch.Tensor | None = None  # `(batch, B, hidden)` of the last block pass
         self.causal_clean = causal_clean
         self.flash = uses_flash_attention(model) and static_length is None
         self.static_length = static_length  # a fixed-size cache of this many slots (masks padded to it)
@@ -180,8 +184,28 @@ class BlockContext:
         self.flush()
         return self.last_logits
 
-    def block_logits(self, canvas: torch.Tensor) -> torch.Tensor:
-        """`(batch, B, vocab)` predictions for every position of the current block, given its noisy `canvas`."""
+    def block_logits(self, canvas: torch.Tensor, condition: tuple | None = None) -> torch.Tensor:
+        """`(batch, B, vocab)` predictions for every position of the current block, given its noisy `canvas`.
+
+        `condition` (self-conditioning, `(rows, positions within the block, vectors)`): what the previous pass over
+        this block concluded at its masked positions, added to their input embeddings in this pass (the block is
+        the last B positions of every pass that runs it). With `keep_hidden` the pass's last hidden states at the
+        block's positions are kept in `block_hidden`."""
+        from llm2diff.modeling.self_conditioning import (
+            capture_last_hidden,
+            self_conditioned,
+        )
+
+        rows, cols, vectors = condition if condition is not None else (None, None, None)
+        hidden = capture_last_hidden(self.model) if self.keep_hidden else contextlib.nullcontext()
+        with self_conditioned(self.model, rows, None if cols is None else cols - self.block_size, vectors), \
+                hidden as kept:
+            logits = self._block_logits(canvas)
+        if self.keep_hidden:
+            self.block_hidden = kept.value[:, -self.block_size:]
+        return logits
+
+    def _block_logits(self, canvas: torch.Tensor) -> torch.Tensor:
         if not self.use_cache:
             return self._recompute(canvas)
         size = self.block_size

@@ -71,6 +71,9 @@ class DecodingConfig:
                                           "divide the block size).", group="commit")
     max_steps_per_block: int | None = _setting(None, "At most this many denoising steps per block; the last one "
                                                "commits every position left.", group="commit")
+    latent_steps: int = _setting(0, "Self-conditioned models: passes at the start of each block that commit "
+                                 "nothing and only refine what the next pass is conditioned on (each costs a "
+                                 "pass).", group="commit")
     # -- block sampler: correction ---------------------------------------------------------------------------------
     remask_threshold: float | None = _setting(None, "Correction: mask committed tokens of the open block again when "
                                               "their probability falls below this.", group="correction")
@@ -177,6 +180,8 @@ class DecodingConfig:
         if self.edit_threshold is not None and self.remask_budget == 0:
             raise ValueError("edit_threshold is set but remask_budget is 0: give a budget of corrections per block "
                              "(e.g. 2), or unset edit_threshold")
+        if self.latent_steps < 0:
+            raise ValueError(f"latent_steps must be >= 0, got {self.latent_steps}")
         if self.parent_tail < 0:
             raise ValueError(f"parent_tail must be >= 0, got {self.parent_tail}")
         if self.static_cache and not self.use_cache:

@@ -130,7 +130,8 @@ class BlockSampler:
             static = input_ids.shape[1] + (blocks + 2) * s.block_size
         ctx = BlockContext(self.model, input_ids, attention_mask, s.block_size, s.shift, s.use_cache, s.fuse_commit,
                            static_length=static, causal_clean=s.causal_clean,
-                           fuse_prompt=s.fuse_commit and prompt_fusion_pays(input_ids))
+                           fuse_prompt=s.fuse_commit and prompt_fusion_pays(input_ids),
+                           keep_hidden=s.self_conditioning == "hidden")
         if s.reopen_threshold is not None:
             if self.streamer is not None:
                 raise ValueError("reopen_threshold may rewrite a finished block that a streamer has already shown; "
@@ -210,6 +211,8 @@ class BlockSampler:
         disputable = (positions > 0) | (not s.shift)
         budget = torch.full((batch,), s.remask_budget, dtype=torch.long, device=device)
         step = 0
+        condition = None  # self-conditioning: what the last pass concluded at the masked positions, for the next
+        latent = s.latent_steps if s.self_conditioning else 0
         while bool(todo.any()):
             last_step = s.max_steps_per_block is not None and step + 1 >= s.max_steps_per_block
             only_first = s.shift and s.use_cache and not bool(todo[:, 1:].any())
@@ -219,11 +222,18 @@ class BlockSampler:
                 logits = first[:, None].expand(-1, size, -1)
                 checked = False
             else:
-                logits = self._reopen_previous(ctx, lambda: ctx.block_logits(canvas))
+                logits = self._reopen_previous(ctx, lambda: ctx.block_logits(canvas, condition))
                 checked = True
             allowed = suppress_ids(logits, s.mask_token_id, s.vocab_size)
             tokens, confidence, probs = choose_tokens(allowed, s.temperature, s.top_k, s.top_p, self.generator,
                                                       return_probs=True)
+            if latent and checked:  # a latent step: the pass only refines the conditioning, nothing is committed
+                latent -= 1
+                condition = self._conditioning(ctx, logits, canvas)
+                self.step_counts.append(0)
+                if self.trajectory is not None:
+                    self._record(ctx, canvas, confidence, torch.zeros_like(todo), torch.zeros_like(todo))
+                continue
             remask = torch.zeros_like(todo)
             edit = torch.zeros_like(todo)
             if s.corrects and checked and not last_step:
@@ -253,11 +263,27 @@ class BlockSampler:
             canvas = torch.where(commit, tokens, canvas)
             todo = (todo & ~commit) | remask
             revisable |= commit
+            if s.self_conditioning and checked:
+                condition = self._conditioning(ctx, logits, canvas)
             self.step_counts.append(int((commit & ~ctx.done[:, None]).sum()))
             if self.trajectory is not None:  # an edit is drawn as a retraction and a commit in one step
                 self._record(ctx, canvas, confidence, commit | edit, remask | edit)
             step += 1
         return canvas
+
+    def _conditioning(self, ctx: BlockContext, logits: torch.Tensor, canvas: torch.Tensor):
+        """Self-conditioning for the next pass over this block: (rows, positions within the block, vectors) at the
+        positions still masked, from the pass that gave `logits` (`(batch, B, vocab)`, index j predicting token j):
+        the expected embedding of each prediction, or the pass's last hidden state at that position."""
+        from llm2diff.modeling.self_conditioning import expected_embedding
+
+        rows, cols = (canvas == self.s.mask_token_id).nonzero(as_tuple=True)
+        if self.s.self_conditioning == "hidden":
+            vectors = ctx.block_hidden[rows, cols].float()
+        else:
+            vectors = expected_embedding(logits[rows, cols], embedding_weight(self.model), self.s.mask_token_id,
+                                         self.s.vocab_size)
+        return rows, cols, vectors
 
     def _reopen_previous(self, ctx: BlockContext, forward):
         """Run `forward` (the pass that appends the last committed block, when one is pending); with
@@ -382,7 +408,7 @@ def run_block_sampler(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
         entropy_bound=d.entropy_bound, sub_block_size=d.sub_block_size, max_steps_per_block=d.max_steps_per_block,
         remask_threshold=d.remask_threshold, remask_budget=d.correction_budget, edit_threshold=d.edit_threshold,
         edit_action=d.edit_action, reopen_threshold=d.reopen_threshold, reopen_budget=d.reopen_budget,
-        fuse_commit=d.fuse_commit,
+        self_conditioning=c.self_conditioning, latent_steps=d.latent_steps, fuse_commit=d.fuse_commit,
         drop_finished=d.drop_finished, static_cache=d.static_cache,
     )
     trajectory = None

@@ -45,6 +45,8 @@ class SamplerSettings:
     edit_action: str = "replace"
     reopen_threshold: float | None = None
     reopen_budget: int = 2
+    self_conditioning: str | None = None  # what a pass carries to the next at masked positions (the model's kind)
+    latent_steps: int = 0
     fuse_commit: bool = True
     drop_finished: bool = True
     static_cache: bool = False
@@ -94,6 +96,9 @@ class SamplerSettings:
                 raise ValueError("reopen_threshold reads a finished block as the pass that appends it sees it, and a "
                                  "model with clean_attention: causal reads it causally (no position sees the token it "
                                  "judges): use mode 'verified' for such models")
+        if self.latent_steps and not self.self_conditioning:
+            raise ValueError("latent_steps refine the self-conditioning between passes, and this model has none: "
+                             "train it with self_conditioning set, or leave latent_steps at 0")
 
     @property
     def corrects(self) -> bool:

@@ -15,7 +15,9 @@ from llm2diff.compat import adopt_activation_checkpointing
 from llm2diff.modeling.attention import ATTN_BACKENDS
 from llm2diff.modeling.config import CLEAN_ATTENTION, validate_block_size
 from llm2diff.noise.masking import NoiseSpec
+from llm2diff.modeling.self_conditioning import check_self_conditioning
 from llm2diff.noise.scorers import SCORERS
+from llm2diff.training.layout import parse_block_size_schedule, scheduled_block_size
 
 
 @dataclass
@@ -87,6 +89,16 @@ class DiffusionSFTConfig(SFTConfig):
     edit_keep_weight: float = field(default=0.0, metadata={
         "help": "Weight of the true token's cross-entropy at the visible tokens left right (per response token): "
                 "teaches keeping right tokens beside replacing wrong ones. 0 = off."})
+    block_size_schedule: str | None = field(default=None, metadata={
+        "help": "Block-size curriculum: 'size:fraction,...' trains with smaller blocks first, e.g. '2:0.25,4:0.5' = "
+                "block size 2 for the first 25% of the steps, 4 until 50%, then block_size (each size must divide "
+                "block_size; the model is saved with block_size). Logged per step as block_size. None = off."})
+    self_conditioning: str | None = field(default=None, metadata={
+        "help": "Self-conditioning: a denoising pass also receives, at each masked position, what the previous pass "
+                "concluded, through a learned projection that starts at zero: 'expected_embedding' (the token "
+                "embedding expected under the predicted distribution) or 'hidden' (the position's last hidden "
+                "state). Half of the training batches first run a no-grad pass to produce it. Saved with the "
+                "model; the sampler carries it through a block's steps. None = off."})
     attention_anneal_steps: int = field(default=0, metadata={
         "help": "Anneal attention from causal to block over this many steps (DiffuLLaMA): within a block a "
                 "token sees a later position with probability step / attention_anneal_steps. 0 = off."})
@@ -146,6 +158,11 @@ class DiffusionSFTConfig(SFTConfig):
             raise ValueError(f"unknown semantic_scorer {self.semantic_scorer!r}; available: {', '.join(SCORERS)}.{hint}")
         if self.semantic_batch_size < 1:
             raise ValueError(f"semantic_batch_size must be >= 1, got {self.semantic_batch_size}")
+        if self.block_size_schedule:
+            if self.block_size == 1:
+                raise ValueError("block_size_schedule needs block_size > 1: there is no smaller block to start from")
+            parse_block_size_schedule(self.block_size_schedule, self.block_size)
+        check_self_conditioning(self.self_conditioning, self.block_size)
         if self.attention_anneal_steps < 0:
             raise ValueError(f"attention_anneal_steps must be >= 0, got {self.attention_anneal_steps}")
         if self.attention_anneal_steps and self.block_size == 1:
@@ -160,6 +177,11 @@ class DiffusionSFTConfig(SFTConfig):
         """The `NoiseSpec` these fields describe."""
         spec = NoiseSpec.from_recipe(self)
         return dataclasses.replace(spec, semantic_temperature=float(spec.semantic_temperature))
+
+    def block_size_at(self, step: int, max_steps: int) -> int:
+        """The block size trained at optimizer step `step` of `max_steps` (the curriculum's, else block_size)."""
+        return scheduled_block_size(parse_block_size_schedule(self.block_size_schedule, self.block_size),
+                                    self.block_size, step, max_steps)
 
     def anneal_fraction(self, step: int) -> float | None:
         """Fraction of within-block later positions visible at a training step (None when not annealing)."""

@@ -86,6 +86,70 @@ class Layout:
         return self.position_ids[self.rows, first]
 
 
+def reblock(layout: Layout, block_size: int) -> Layout:
+    """The same batch in the layout of a smaller block size that divides the layout's own (a block-size curriculum).
+
+    Responses padded to whole blocks of B are whole blocks of any b dividing B, so only the block structure changes:
+    each block splits into B / b blocks (ids stay unique and ordered within a row), and under token shift the first
+    token of every new block reads the clean copy before it. Equal to `build_layout` at block size b for the same
+    padded responses. At b = 1 with shift every token reads the clean stream (the AR loss), the noisy copy unused.
+    """
+    size = layout.block_size
+    if block_size == size:
+        return layout
+    if not layout.noisy_copy or size % block_size:
+        raise ValueError(f"cannot re-block a layout of block size {size} to {block_size}: the block size must "
+                         "divide the layout's own (and the layout must have a noisy copy)")
+    split = size // block_size
+    valid = layout.target != -100
+    j = torch.arange(layout.target.shape[1], device=layout.target.device).expand_as(layout.target)
+    response_block = torch.where(valid, j // block_size, -1)
+    clean_index = layout.clean_source_index + 1
+    rows = layout.rows[:, None].expand_as(j)
+    block = layout.block.clone()
+    for index in (clean_index, layout.noisy_index):  # old id B-block k -> k * split + (j % B) // b
+        old = layout.block[rows[valid], index[valid]]
+        block[rows[valid], index[valid]] = old * split + (j[valid] % size) // block_size
+    source_index = layout.source_index
+    shift = bool((layout.source_index != layout.noisy_index)[valid].any())  # without shift each token reads itself
+    if shift:  # the first token of each new block reads the clean copy of the token before it
+        first = (j % block_size) == 0
+        source_index = torch.where(valid, torch.where(first, clean_index - 1, layout.noisy_index - 1), 0)
+    return Layout(**{**vars(layout), "block": block, "response_block": response_block, "source_index": source_index,
+                     "block_size": block_size})
+
+
+def parse_block_size_schedule(text: str | None, block_size: int) -> list[tuple[float, int]]:
+    """`"2:0.25,4:0.5"` -> [(0.25, 2), (0.5, 4)]: block size 2 until 25% of the training steps, 4 until 50%, then
+    `block_size`. Each size must divide `block_size`; the fractions must rise within (0, 1]."""
+    if not text:
+        return []
+    phases = []
+    for part in str(text).split(","):
+        size, _, until = part.strip().partition(":")
+        try:
+            phases.append((float(until), int(size)))
+        except ValueError:
+            raise ValueError(f"block_size_schedule entry {part.strip()!r} is not 'size:fraction' (e.g. "
+                             "'2:0.25,4:0.5': block size 2 for the first 25% of the steps, 4 until 50%, then "
+                             "block_size)") from None
+    for (until, size), (before, _) in zip(phases, [(0.0, 0), *phases]):
+        if not before < until <= 1.0:
+            raise ValueError(f"block_size_schedule fractions must rise within (0, 1], got {text!r}")
+        if size < 1 or block_size % size:
+            raise ValueError(f"block_size_schedule size {size} must divide block_size {block_size} (a response "
+                             "padded to whole blocks of block_size is then whole blocks of it too)")
+    return phases
+
+
+def scheduled_block_size(phases: list[tuple[float, int]], block_size: int, step: int, max_steps: int) -> int:
+    """The block size a curriculum trains with at optimizer step `step` (0-based) of `max_steps`."""
+    for until, size in phases:
+        if step < until * max_steps:
+            return size
+    return block_size
+
+
 def pad_response_to_blocks(response: list[int], block_size: int, eos_id: int) -> list[int]:
     """End the response with end-of-sequence and pad it with more of them to a whole number of blocks."""
     response = list(response)

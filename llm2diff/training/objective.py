@@ -225,16 +225,37 @@ def apply_edits(model, layout, ids: torch.Tensor, noise, spec, mask_token_id: in
     return out, edited
 
 
+@torch.no_grad()
+def self_conditioning_inputs(model, layout: Layout, ids: torch.Tensor, masked: torch.Tensor, kind: str,
+                             mask_token_id: int, vocab_size: int | None = None, anneal: float | None = None,
+                             generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """The no-grad pass of self-conditioning: (rows, columns, vectors) of what it concluded at every masked position
+    of the noisy copy, ready for `self_conditioned` (`llm2diff.modeling.self_conditioning`)."""
+    from llm2diff.modeling.self_conditioning import capture_last_hidden, expected_embedding
+
+    r, c = masked.nonzero(as_tuple=True)
+    rows, cols = layout.rows[r], layout.noisy_index[r, c]
+    if kind == "hidden":  # the last hidden state at the masked position itself
+        with capture_last_hidden(model) as hidden:
+            layout_logits(model, layout, ids, masked, anneal, generator)
+        return rows, cols, hidden.value[rows, cols].float()
+    logits = layout_logits(model, layout, ids, masked, anneal, generator)  # the predictions of the masked tokens
+    return rows, cols, expected_embedding(logits, _embedding_weight(model), mask_token_id, vocab_size)
+
+
 def diffusion_loss(
     model, layout: Layout, mask_token_id: int, t_min: float = 1e-3, t_max: float = 1.0, weighting: str = "elbo",
     schedule: str = "linear", generator: torch.Generator | None = None, spec: NoiseSpec | None = None,
-    anneal: float | None = None, ar_weight: float = 0.0,
+    anneal: float | None = None, ar_weight: float = 0.0, self_conditioning: str | None = None,
+    self_conditioning_rate: float = 0.5, vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
     """Noise the layout, run the model once, return the scalar loss and per-token statistics.
 
     `spec` gives the whole noise recipe; without it, plain per-block random noise with the given schedule, window
     and weighting. `ar_weight` > 0 adds that times the AR loss of the causal clean stream (mean cross-entropy per
-    response token; needs a layout with `causal_clean`).
+    response token; needs a layout with `causal_clean`). `self_conditioning` (a kind, see
+    `llm2diff.modeling.self_conditioning`): with probability `self_conditioning_rate` per batch, a no-grad pass over
+    the same noisy input first, whose conclusions at the masked positions condition the trained pass.
     """
     if ar_weight and not (layout.causal_clean and layout.noisy_copy):
         raise ValueError("the AR loss (ar_weight > 0) needs a causal clean stream: a model with clean_attention "
@@ -256,12 +277,20 @@ def diffusion_loss(
         if spec.edit_keep_weight > 0:
             keep = edit_candidates(noise, layout.response_block, _block_size(layout)) & ~edited
             select = select | keep
-    if ar_weight:
-        original = layout.target.shape[0] // (2 if spec.complementary else 1)  # one copy of each example suffices
-        clean_select = valid & (torch.arange(valid.shape[0], device=device) < original)[:, None]
-        logits, clean_logits = layout_logits(model, layout, ids, select, anneal, generator, clean_select)
-    else:
-        logits = layout_logits(model, layout, ids, select, anneal, generator)
+    condition = (None, None, None)
+    if self_conditioning and layout.noisy_copy and bool(masked.any()) and \
+            float(torch.rand((), generator=generator, device=device)) < self_conditioning_rate:
+        condition = self_conditioning_inputs(model, layout, ids, masked, self_conditioning, mask_token_id,
+                                             vocab_size, anneal, generator)
+    from llm2diff.modeling.self_conditioning import self_conditioned
+
+    with self_conditioned(model, *condition):
+        if ar_weight:
+            original = layout.target.shape[0] // (2 if spec.complementary else 1)  # one copy of each example suffices
+            clean_select = valid & (torch.arange(valid.shape[0], device=device) < original)[:, None]
+            logits, clean_logits = layout_logits(model, layout, ids, select, anneal, generator, clean_select)
+        else:
+            logits = layout_logits(model, layout, ids, select, anneal, generator)
     ce = F.cross_entropy(logits.float(), layout.target[select], reduction="none")
     token_loss = torch.zeros(masked.shape, device=device, dtype=ce.dtype)
     token_loss[select] = ce

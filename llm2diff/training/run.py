@@ -275,6 +275,7 @@ def adapt_base(model_args: ModelArguments, data_args, train_args):
         base_model_name_or_path=model_args.model_name_or_path, use_chat_template=data_args.use_chat_template,
         system_prompt=data_args.system_prompt, prompt_template=data_args.prompt_template,
         noise=train_args.noise_spec().to_dict(), significance_scorer=train_args.semantic_scorer,
+        self_conditioning=train_args.self_conditioning,
     )
     if source:  # e.g. the GGUF in a PyPI package that a built-in alias was converted from
         dlm.config.base_model_source = {**dlm.config.base_model_source, "converted_from": source}
@@ -305,6 +306,13 @@ def continue_from(path: str | os.PathLike, model_args: ModelArguments, train_arg
     if dlm.config.block_size != train_args.block_size or dlm.config.shift != train_args.shift:
         raise RecipeError(f"{path} was trained with block_size={dlm.config.block_size}, shift={dlm.config.shift}; "
                           f"the recipe says block_size={train_args.block_size}, shift={train_args.shift}")
+    if dlm.config.self_conditioning != train_args.self_conditioning:  # the model's own path decides
+        if train_args.self_conditioning is not None:
+            raise RecipeError(f"{path} was trained with self_conditioning={dlm.config.self_conditioning!r}; the "
+                              f"recipe says {train_args.self_conditioning!r}, and the path cannot change kind: set "
+                              f"self_conditioning: {dlm.config.self_conditioning or 'null'} (or leave it unset)")
+        logger.info("%s carries self_conditioning %r; training continues with it", path, dlm.config.self_conditioning)
+        train_args.self_conditioning = dlm.config.self_conditioning
     if not dlm.has_adapter and model_args.use_lora:
         raise RecipeError(f"{path} is a full model (no adapter); set use_lora: false to continue training it")
     if dlm.config.clean_attention != train_args.clean_attention:  # the model's attention layout decides

@@ -27,7 +27,7 @@ from llm2diff.modeling.significance import save_significance
 from llm2diff.redact import redacted_training_args
 from llm2diff.training.collator import BlockDiffusionCollator
 from llm2diff.training.config import DiffusionSFTConfig
-from llm2diff.training.layout import Layout
+from llm2diff.training.layout import Layout, reblock
 from llm2diff.training.objective import (
     attention_implementation,
     attn_implementation,
@@ -41,6 +41,9 @@ class DiffusionSFTTrainer(SFTTrainer):
                  **kwargs):
         if diffusion_config.block_size != args.block_size:
             raise ValueError(f"block_size differs: model {diffusion_config.block_size}, recipe {args.block_size}")
+        if diffusion_config.self_conditioning != args.self_conditioning:
+            raise ValueError(f"self_conditioning differs: model {diffusion_config.self_conditioning!r}, recipe "
+                             f"{args.self_conditioning!r}")
         if diffusion_config.clean_attention != args.clean_attention:
             raise ValueError(f"clean_attention differs: model {diffusion_config.clean_attention!r}, recipe "
                              f"{args.clean_attention!r}")
@@ -87,11 +90,15 @@ class DiffusionSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         args = self.args
         layout = Layout(**inputs)
-        # the eval loss is always taken under the final (block) attention mask
+        # the eval loss is always taken under the final (block) attention mask and block size
         anneal = args.anneal_fraction(self.state.global_step) if mode == "train" else None
-        loss, stats = diffusion_loss(model, layout, self.diffusion_config.mask_token_id, spec=self.noise_spec,
-                                     anneal=anneal,
-                                     ar_weight=args.effective_ar_loss_weight)
+        if mode == "train" and args.block_size_schedule:  # a block-size curriculum: this step's block size
+            layout = reblock(layout, args.block_size_at(self.state.global_step, self.state.max_steps))
+            self._metrics[mode]["block_size"].append(layout.block_size)
+        config = self.diffusion_config
+        loss, stats = diffusion_loss(model, layout, config.mask_token_id, spec=self.noise_spec, anneal=anneal,
+                                     ar_weight=args.effective_ar_loss_weight,
+                                     self_conditioning=config.self_conditioning, vocab_size=config.vocab_size)
         if anneal is not None:
             self._metrics[mode]["attention_anneal"].append(anneal)
         self._log_loss_stats(mode, stats)
