@@ -251,6 +251,22 @@ class BlockContext:
             self.key_valid = self.key_valid[:, :-size]
             self.pending = (block, self._block_positions() - size)
 
+    def pop(self, last_logits: torch.Tensor | None) -> None:
+        """Take the last committed block back off (its keys/values come off the cache), so that another block can be
+        committed in its place: backtracking in a search. `last_logits` are the first-position logits from before
+        that block was committed (`self.last_logits` then), which the caller kept. Needs the block's pass to have
+        run (no pending fused commit)."""
+        size = self.block_size
+        if self.num_blocks == 0 or self.pending is not None:
+            raise RuntimeError("pop needs a committed block whose keys/values are already in the cache")
+        self.generated = self.generated[:, :-size]
+        self.num_blocks -= 1
+        self.judged = None
+        if self.use_cache:
+            self.cache.crop(-size)
+            self.key_valid = self.key_valid[:, :-size]
+            self.last_logits = last_logits
+
     def commit(self, block: torch.Tensor, run_model: bool = True) -> None:
         """Append a clean block. With a cache its keys/values are stored by one forward: right away, or (with
         fusion) together with the next block's first denoising step. `run_model=False` skips it (the last block)."""
