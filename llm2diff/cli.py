@@ -105,11 +105,12 @@ def cmd_rounds(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
+    from llm2diff.arc.solve import ARCSolverArguments
     from llm2diff.evaluation.runner import EvalConfig, run_eval, summary_markdown
     from llm2diff.recipe import parse_recipe
 
-    cfg, _ = parse_recipe(argv, classes=(EvalConfig,))
-    summary = run_eval(cfg)
+    cfg, solver, _ = parse_recipe(argv, classes=(EvalConfig, ARCSolverArguments))
+    summary = run_eval(cfg, solver)
     print("\n" + summary_markdown(summary))
     print(f"results in {cfg.resolved_output_dir()}")
     return 0

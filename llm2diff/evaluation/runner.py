@@ -142,7 +142,7 @@ class PromptRenderer:
         return list(self.tokenizer(text).input_ids)
 
 
-def _check_resume(out: Path, cfg: EvalConfig, model: str, rows: dict[str, str]) -> None:
+def _check_resume(out: Path, cfg: EvalConfig, model: str, rows: dict[str, str], solver=None) -> None:
     """Refuse to resume results of another evaluation, of another model or of other rows; record this one.
 
     `model` is the model's fingerprint, `rows` each row's fingerprint by id (a later run may add rows with a
@@ -151,6 +151,8 @@ def _check_resume(out: Path, cfg: EvalConfig, model: str, rows: dict[str, str]) 
     from llm2diff.rundir import describe_changes
 
     key = {**cfg.run_key(), "model_fingerprint": model}
+    if solver is not None and solver.active:  # how ARC rows are solved (absent for plain voting, as before)
+        key.update(solver.to_dict())
     config_file = out / "eval_config.json"
     previous = json.loads(config_file.read_text()) if config_file.is_file() else {}
     earlier_rows = previous.pop("row_fingerprints", {})
@@ -171,8 +173,11 @@ def _check_resume(out: Path, cfg: EvalConfig, model: str, rows: dict[str, str]) 
     write_json_atomic(config_file, {**key, "row_fingerprints": {**earlier_rows, **rows}})
 
 
-def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+def run_eval(cfg: EvalConfig, solver=None) -> dict[str, Any]:
     """Evaluate `cfg.model` (or its AR parent) on `cfg.task`. Returns the summary (also written to disk).
+
+    `solver` (`llm2diff.arc.solve.ARCSolverArguments`): how ARC-AGI rows are solved; beyond plain voting (search,
+    product-of-experts scoring, test-time training) each row goes through `llm2diff.arc.solve.solve_row`.
 
     Rows go in fixed batches of the row list, each drawn with the seed `cfg.seed` + its first row's index, so a
     run resumed after an interruption writes exactly what an uninterrupted run writes. The output directory is
@@ -195,8 +200,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     out = cfg.resolved_output_dir()
     row_digests = {task.row_id(row, i): rows_fingerprint([row, *shots]) for i, row in enumerate(rows)}
     with output_lock(out):
-        _check_resume(out, cfg, model_fingerprint(model_dir), row_digests)
-        return _run(cfg, task, rows, shots, dlm, render, out, library_versions())
+        if solver is not None and solver.active and task.name != "arc_agi":
+            raise ValueError(f"the arc_* solver settings apply to task arc_agi only, not {cfg.task!r}")
+        _check_resume(out, cfg, model_fingerprint(model_dir), row_digests, solver)
+        return _run(cfg, task, rows, shots, dlm, render, out, library_versions(), solver)
 
 
 def eval_decoding(cfg: EvalConfig, dlm):
@@ -209,14 +216,16 @@ def eval_decoding(cfg: EvalConfig, dlm):
     return DecodingConfig.resolve(dlm.decoding, {"max_new_tokens": cfg.max_new_tokens}, cfg.decoding)
 
 
-def _run(cfg: EvalConfig, task, rows, shots, dlm, render: PromptRenderer, out: Path, versions) -> dict[str, Any]:
+def _run(cfg: EvalConfig, task, rows, shots, dlm, render: PromptRenderer, out: Path, versions,
+         solver=None) -> dict[str, Any]:
     decoding = eval_decoding(cfg, dlm)
     results_path = out / "results.jsonl"
     done = read_jsonl_records(results_path)
     ids = [task.row_id(row, i) for i, row in enumerate(rows)]
     transforms = task.transforms(cfg.seed) if getattr(task, "num_augmentations", 1) > 1 else None
     scores_choices = getattr(task, "mode", None) == "loglikelihood" and hasattr(task, "score_choices")
-    rows_per_batch = max(1, cfg.batch_size // len(transforms)) if transforms else cfg.batch_size
+    solving = solver is not None and solver.active
+    rows_per_batch = 1 if solving else max(1, cfg.batch_size // len(transforms)) if transforms else cfg.batch_size
     # fixed batches of the whole list: a resumed run draws each batch exactly as an uninterrupted one would
     batches = [range(lo, min(lo + rows_per_batch, len(rows))) for lo in range(0, len(rows), rows_per_batch)]
     todo = [b for b in batches if any(ids[i] not in done for i in b)]
@@ -229,6 +238,9 @@ def _run(cfg: EvalConfig, task, rows, shots, dlm, render: PromptRenderer, out: P
             pairs = [(i, rows[i]) for i in batch]
             if scores_choices:
                 records = [_score_record(task, dlm, row, ids[i], cfg, render, shots) for i, row in pairs]
+            elif solving:  # ARC: (test-time training,) proposals, scoring; one row at a time, written as it ends
+                records = [_solve_record(task, dlm, row, ids[i], cfg, render, solver, decoding, cfg.seed + i)
+                           for i, row in pairs]
             else:
                 records = _generate_records(task, dlm, pairs, ids, cfg, render, shots, transforms, decoding,
                                             seed=cfg.seed + batch.start)
@@ -243,6 +255,8 @@ def _run(cfg: EvalConfig, task, rows, shots, dlm, render: PromptRenderer, out: P
             sink.flush()
     seconds = time.perf_counter() - start
     summary = summarize(cfg, [done[i] for i in ids], seconds, new_tokens, row_forwards, dlm, versions, decoding)
+    if solving:
+        summary["arc_solver"] = solver.to_dict()
     write_json_atomic(out / "summary.json", summary)
     write_text_atomic(out / "summary.md", summary_markdown(summary))
     return summary
@@ -272,6 +286,16 @@ def _generate_records(task, dlm, batch, ids, cfg: EvalConfig, render: PromptRend
                         "output": outputs if transforms else outputs[0], "prediction": _jsonable(verdict.prediction),
                         "correct": bool(verdict.correct), "metrics": verdict.metrics, "new_tokens": new, "nfe": nfe})
     return records
+
+
+def _solve_record(task, dlm, row, row_id: str, cfg: EvalConfig, render: PromptRenderer, solver, decoding,
+                  seed: int) -> dict:
+    from llm2diff.arc.solve import solve_row
+
+    solved = solve_row(dlm, task, row, solver, render, cfg.max_new_tokens, decoding, cfg.ar_parent, seed)
+    return {"id": row_id, "prompt": dlm.tokenizer.decode(render(task, row, [])), "output": solved["candidates"],
+            "prediction": solved["prediction"], "attempts": solved["attempts"], "correct": bool(solved["correct"]),
+            "metrics": solved["metrics"], "ttt": solved["ttt"], "new_tokens": 0, "nfe": solved["nfe"]}
 
 
 def _score_record(task, dlm, row, row_id: str, cfg: EvalConfig, render: PromptRenderer, shots) -> dict:
