@@ -29,7 +29,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llm2diff.tasks.arc_agi import Grid, all_transforms, cell_accuracy, exact_match, grid_to_text, text_to_grid
+from llm2diff.tasks.arc_agi import (
+    Grid,
+    all_transforms,
+    cell_accuracy,
+    exact_match,
+    grid_to_text,
+    text_to_grid,
+)
 
 PROPOSALS = ("sample", "search")
 SCORINGS = ("vote", "poe")
@@ -180,7 +187,6 @@ def solve_row(dlm, task, row, solver: ARCSolverArguments, render, max_new_tokens
     import contextlib
 
     start = time.perf_counter()
-    ttt_record = None
     if solver.arc_ttt_steps > 0:
         if ar_parent:
             raise ValueError("test-time training trains the model's adapter; the AR parent has none to train: "
