@@ -1,0 +1,1 @@
+"""ARC-AGI solving: test-time training, candidate search with a probability floor, product-of-experts scoring."""
