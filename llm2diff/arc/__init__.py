@@ -1,1 +1,1 @@
-"""ARC-AGI the way the strongest open solvers do it: propose candidate grids, then score them under augmentations."""
+"""ARC-AGI solving: test-time training, candidate search with a probability floor, product-of-experts scoring."""
