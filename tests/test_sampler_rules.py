@@ -475,3 +475,27 @@ def test_generating_with_the_lora_merged_gives_the_same_tokens_and_restores_the_
             assert layers[0].get_base_layer().weight.data_ptr() != kept[id(layers[0])]
             assert all(m.get_base_layer().weight.data_ptr() == kept[id(m)] for m in layers[1:])
             assert (dlm.model(input_ids=canvas).logits - moved).abs().max() < 1e-4
+
+
+def test_a_fused_optimizer_step_rebuilds_the_merged_lora():
+    """torch's fused AdamW (the transformers default) updates parameters without advancing their version counters:
+    the merged weights must still follow the training step."""
+    from peft import LoraConfig
+
+    dlm = adapt(make_model("llama"), make_tokenizer(), block_size=4,
+                lora=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    canvas = torch.tensor([[5, 6, 7, dlm.config.mask_token_id, dlm.config.mask_token_id]])
+    with torch.no_grad(), dlm.lora_merged():
+        dlm.model(input_ids=canvas)  # builds and keeps the merged weights
+    trained = [p for n, p in dlm.model.named_parameters() if "lora_" in n]
+    optimizer = torch.optim.AdamW(trained, lr=0.1, fused=True)
+    versions = [p._version for p in trained]
+    for p in trained:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert [p._version for p in trained] == versions  # the counters did not move
+    with torch.no_grad():
+        moved = dlm.model(input_ids=canvas).logits
+        with dlm.lora_merged():
+            stale = (dlm.model(input_ids=canvas).logits - moved).abs().max()
+    assert stale < 1e-3, f"the merged weights are the ones from before the step (max |diff| {stale})"

@@ -87,10 +87,24 @@ class LoraSwitch:
                 layer.merged_adapters.clear()
 
 
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+
+_OPTIMIZER_STEPS = [0]  # optimizer steps taken in this process (all optimizers), see `lora_state_key`
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def lora_state_key(layer, weight: torch.Tensor) -> tuple:
     """What a LoRA layer's merged weight depends on: the base weight and the active adapters' A and B (storage
-    and in-place version counters, which optimizer steps advance), and the scaling."""
-    parts = [weight.data_ptr(), weight._version]
+    and in-place version counters, which in-place writes advance), the scaling, and the number of optimizer steps
+    taken in this process: fused optimizers (torch's fused AdamW, the transformers default) update parameters
+    without advancing their version counters, so any optimizer step invalidates a merged weight."""
+    parts = [_OPTIMIZER_STEPS[0], weight.data_ptr(), weight._version]
     for name in layer.active_adapters:
         if name in layer.lora_A:
             for module in (layer.lora_A[name], layer.lora_B[name]):
