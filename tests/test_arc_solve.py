@@ -13,6 +13,7 @@ from conftest import CHATML, SPECIALS, make_model
 from llm2diff import adapt
 from llm2diff.arc.solve import ARCSolverArguments, solve_row, views
 from llm2diff.evaluation.runner import PromptRenderer
+from llm2diff.sampling.config import DecodingConfig
 from llm2diff.tasks.arc_agi import ARCAGITask
 
 TASK = {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]},
@@ -151,3 +152,18 @@ def test_eval_solves_rows_writes_them_and_resumes_only_the_same_solver(tmp_path,
     capsys.readouterr()
     assert main([*argv[:-2], "--arc_poe_samples", "2"]) == 2
     assert "arc_poe_samples" in capsys.readouterr().err
+
+
+def test_test_time_training_inside_the_solver_leaves_the_model_as_it_was():
+    from peft import LoraConfig
+
+    tok = grid_tokenizer()
+    dlm = adapt(grid_model("qwen2", tok), tok, block_size=4, lora=LoraConfig(r=4, target_modules="all-linear"))
+    before = {k: v.clone() for k, v in dlm.model.state_dict().items()}
+    solver = ARCSolverArguments(arc_proposal_views=2, arc_ttt_steps=2, arc_ttt_learning_rate=0.01,
+                                arc_ttt_batch_size=2)
+    solved = solve_row(dlm, ARCAGITask(), _row(), solver, PromptRenderer(dlm), 12, seed=0,
+                       decoding=DecodingConfig(max_new_tokens=12))
+    assert solved["ttt"]["steps"] == 2 and solved["metrics"]["ttt_seconds"] > 0
+    after = dlm.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

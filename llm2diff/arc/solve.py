@@ -57,7 +57,8 @@ class ARCSolverArguments:
         "help": "How candidate grids are proposed under each view: 'sample' (decode the view once with the model's "
                 "decoding) or 'search' (every grid above the probability floor arc_floor, depth first)."})
     arc_proposal_views: int = field(default=8, metadata={
-        "help": "Views proposals are made under: identity, the 8 square symmetries, then colour permutations."})
+        "help": "Views proposals are made under: identity first, the other 7 square symmetries, then colour "
+                "permutations."})
     arc_floor: float = field(default=0.05, metadata={
         "help": "search: a path is abandoned once its probability falls below this."})
     arc_max_candidates: int = field(default=8, metadata={"help": "search: at most this many grids per view."})
@@ -69,7 +70,8 @@ class ARCSolverArguments:
         "help": "How candidates are ranked: 'vote' (views that proposed them) or 'poe' (summed log-likelihood "
                 "under arc_scoring_views views: product of experts)."})
     arc_scoring_views: int = field(default=8, metadata={"help": "poe: views every candidate is scored under."})
-    arc_score_top: int = field(default=8, metadata={"help": "poe: score the this many most proposed candidates."})
+    arc_score_top: int = field(default=8, metadata={
+        "help": "poe: score only this many candidates, the most proposed first."})
     arc_poe_samples: int = field(default=4, metadata={
         "help": "poe, diffusion models: Monte-Carlo samples of the ELBO per (candidate, view)."})
     arc_poe_combine: str = field(default="sum", metadata={
