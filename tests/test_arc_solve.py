@@ -68,7 +68,7 @@ def test_plain_voting_through_the_solver_equals_todays_evaluation():
     render = PromptRenderer(dlm)
     today = _generate_records(task, dlm, [(0, row)], ["t0"], cfg, render, [], task.transforms(0), decoding, seed=0)[0]
     solver = ARCSolverArguments(arc_proposal_views=4)
-    assert not solver.active
+    assert not solver.active and ARCSolverArguments(arc_use_solver=True).active  # (benchmarks/arc.py's voting)
     solved = solve_row(dlm, task, row, solver, render, 12, decoding, seed=0)
     assert solved["prediction"] == today["prediction"] and solved["correct"] == today["correct"]
     assert solved["nfe"] == today["nfe"]

@@ -82,6 +82,10 @@ class ARCSolverArguments:
     arc_ttt_seconds: float | None = field(default=None, metadata={"help": "Test-time training: time budget per row."})
     arc_ttt_learning_rate: float = field(default=1e-4, metadata={"help": "Test-time training: learning rate."})
     arc_ttt_batch_size: int = field(default=4, metadata={"help": "Test-time training: rows per step."})
+    arc_use_solver: bool = field(default=False, metadata={
+        "help": "Solve every row through the solver, plain voting too (the same grids as the batched voting path, "
+                "one row at a time), so that each row's record holds every candidate, the passes, the seconds and "
+                "whether any candidate was right (benchmarks/arc.py records every variant this way)."})
 
     def __post_init__(self) -> None:
         _choice("arc_proposal", self.arc_proposal, PROPOSALS)
@@ -96,8 +100,10 @@ class ARCSolverArguments:
 
     @property
     def active(self) -> bool:
-        """Anything beyond today's voting (one sample per view, counted)."""
-        return self.arc_proposal != "sample" or self.arc_scoring != "vote" or self.arc_ttt_steps > 0
+        """Rows go through the solver: anything beyond today's voting (one sample per view, counted), or
+        `arc_use_solver`."""
+        return (self.arc_use_solver or self.arc_proposal != "sample" or self.arc_scoring != "vote"
+                or self.arc_ttt_steps > 0)
 
     def search_settings(self, max_new_tokens: int):
         from llm2diff.arc.search import SearchSettings

