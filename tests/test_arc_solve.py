@@ -167,3 +167,23 @@ def test_test_time_training_inside_the_solver_leaves_the_model_as_it_was():
     assert solved["ttt"]["steps"] == 2 and solved["metrics"]["ttt_seconds"] > 0
     after = dlm.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_every_eval_config_parses_and_the_arc_configs_solve_with_all_three_components():
+    import dataclasses
+    from pathlib import Path
+
+    from llm2diff.evaluation.runner import EvalConfig
+    from llm2diff.recipe import parse_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    configs = sorted((root / "eval").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        cfg, solver, _ = parse_recipe(["--config", str(path)], classes=(EvalConfig, ARCSolverArguments))
+        if cfg.task == "arc_agi":
+            assert (solver.arc_proposal, solver.arc_scoring) == ("search", "poe") and solver.arc_ttt_steps > 0, path
+            assert "llm2diff eval --config" in path.read_text().split("\ntask:")[0], path  # the command it runs
+    docs = (root / "docs" / "arc.md").read_text()
+    missing = [f.name for f in dataclasses.fields(ARCSolverArguments) if f"`{f.name}`" not in docs]
+    assert not missing, f"document these keys in docs/arc.md: {missing}"

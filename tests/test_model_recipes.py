@@ -132,6 +132,7 @@ def test_header_launch_lines_start_this_recipe_with_a_shipped_accelerate_config(
 
 @pytest.mark.parametrize("path", RECIPES, ids=_name)
 def test_header_eval_lines_evaluate_this_recipes_output(path):
+    from llm2diff.arc.solve import ARCSolverArguments
     from llm2diff.evaluation.runner import EvalConfig
     from llm2diff.tasks.base import get_task
 
@@ -143,8 +144,9 @@ def test_header_eval_lines_evaluate_this_recipes_output(path):
         config = argv[argv.index("--config") + 1]
         assert (ROOT / config).is_file(), f"{config} is not a shipped eval config"
         argv[argv.index("--config") + 1] = str(ROOT / config)
-        cfg, _ = parse_recipe(argv, classes=(EvalConfig,))
+        cfg, solver, _ = parse_recipe(argv, classes=(EvalConfig, ARCSolverArguments))
         assert cfg.model == output_dir and cfg.task == TASKS[path.stem]
+        assert not (cfg.ar_parent and solver.arc_ttt_steps), "the AR parent has no adapter to train at test time"
         get_task(cfg.task, **json.loads(cfg.task_options or "{}"))  # the task options are valid (nothing loads)
 
 
