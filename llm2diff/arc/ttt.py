@@ -131,7 +131,7 @@ def ttt_dataset(dlm, task, row: dict, settings: TTTSettings):
     and system prompt), the response as training renders it (`render_example`: the grid text + eos)."""
     from datasets import Dataset
 
-    from llm2diff.evaluation.runner import PromptRenderer
+    from llm2diff.evaluation.prompts import PromptRenderer
     from llm2diff.training.data import DataArguments, render_example
 
     render, config = PromptRenderer(dlm), dlm.config

@@ -22,8 +22,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from llm2diff.atomic import read_jsonl_records, write_json_atomic, write_text_atomic
+from llm2diff.evaluation.prompts import PromptRenderer, plain_text  # noqa: F401  (re-exported)
 from llm2diff.recipe import DecodingLayer, check_decoding_layer, decoding_field
-from llm2diff.tasks.base import EvalTask, get_task, parse_task_options
+from llm2diff.tasks.base import get_task, parse_task_options
 
 
 logger = logging.getLogger("llm2diff")
@@ -89,57 +90,6 @@ class EvalConfig:
         key.pop("output_dir")
         key.pop("limit")
         return key
-
-
-def plain_text(messages: list[dict[str, str]]) -> str:
-    """Messages as plain text: the system turn and a newline, then each user turn followed by the assistant's reply
-    after a space, demonstrations separated by blank lines."""
-    system = [m["content"] for m in messages if m["role"] == "system"]
-    parts: list[str] = []
-    for message in messages:
-        if message["role"] == "user":
-            parts.append(message["content"])
-        elif message["role"] == "assistant" and parts:
-            parts[-1] = f"{parts[-1]} {message['content']}"
-    text = "\n\n".join(parts)
-    return f"{system[0]}\n{text}" if system else text
-
-
-class PromptRenderer:
-    """Prompts -> token ids, in the model's saved prompt format (chat template and system prompt as in training)."""
-
-    def __init__(self, dlm):
-        self.tokenizer = dlm.tokenizer
-        self.config = dlm.config
-
-    @property
-    def chat(self) -> bool:
-        return bool(self.config.use_chat_template and self.tokenizer.chat_template is not None)
-
-    def render_messages(self, messages: list[dict[str, str]]) -> list[int]:
-        """Chat messages (ending with a user turn) -> ids with the generation prompt."""
-        tok, cfg = self.tokenizer, self.config
-        if cfg.system_prompt and (not messages or messages[0]["role"] != "system"):
-            messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
-        if self.chat:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return list(tok(text, add_special_tokens=False).input_ids)
-        return list(tok(plain_text(messages)).input_ids)
-
-    def __call__(self, task: EvalTask, row: dict, shots: list[dict], question: str | None = None) -> list[int]:
-        """The prompt of one row (`question` replaces the row's question text, e.g. for an augmented ARC task)."""
-        if self.chat:
-            messages = task.messages(row, shots)
-            if question is not None:
-                messages[-1] = {"role": "user", "content": question}
-            return self.render_messages(messages)
-        text = task.plain_prompt(row, shots, self.config.prompt_template)
-        if question is not None:
-            text = text[: len(text) - len(self.config.prompt_template.format(question=task.question(row)))]
-            text += self.config.prompt_template.format(question=question)
-        if self.config.system_prompt:
-            text = f"{self.config.system_prompt}\n{text}"
-        return list(self.tokenizer(text).input_ids)
 
 
 def _check_resume(out: Path, cfg: EvalConfig, model: str, rows: dict[str, str], solver=None) -> None:
