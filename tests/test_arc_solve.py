@@ -187,3 +187,15 @@ def test_every_eval_config_parses_and_the_arc_configs_solve_with_all_three_compo
     docs = (root / "docs" / "arc.md").read_text()
     missing = [f.name for f in dataclasses.fields(ARCSolverArguments) if f"`{f.name}`" not in docs]
     assert not missing, f"document these keys in docs/arc.md: {missing}"
+
+
+def test_a_search_that_finds_nothing_falls_back_to_one_decode_per_view():
+    tok = grid_tokenizer()
+    dlm = adapt(grid_model("qwen3", tok), tok, block_size=4)
+    task, row, render = ARCAGITask(), _row(), PromptRenderer(dlm)
+    nothing = ARCSolverArguments(arc_proposal="search", arc_proposal_views=2, arc_floor=1.0, arc_max_passes=50)
+    sampled = solve_row(dlm, task, row, ARCSolverArguments(arc_proposal_views=2, arc_use_solver=True), render, 12)
+    solved = solve_row(dlm, task, row, nothing, render, 12)
+    assert solved["metrics"]["search_fallback"] == 1.0 and sampled["metrics"]["search_fallback"] == 0.0
+    assert solved["attempts"] == sampled["attempts"] and solved["attempts"]
+    assert solved["nfe"] > sampled["nfe"]  # the search's passes are counted too

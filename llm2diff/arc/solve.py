@@ -10,7 +10,8 @@ The stages (each a setting, so the benchmark can add them one at a time):
      bit, after the row.
   2. Proposals under `arc_proposal_views` views (identity, then the square symmetries, then colour permutations):
      `sample` decodes each view once (today's `llm2diff eval` behaviour: the model's decoding), `search`
-     enumerates each view's grids above the probability floor `arc_floor` (`llm2diff.arc.search`). Each grid is
+     enumerates each view's grids above the probability floor `arc_floor` (`llm2diff.arc.search`; when no view
+     has any, each view is decoded once as `sample` does, so a row never goes without attempts). Each grid is
      mapped back to the task's own orientation and colours; a grid proposed under several views counts each.
   3. Scoring: `vote` ranks by the number of views that proposed a grid (then by the best path probability);
      `poe` scores the `arc_score_top` most proposed grids under `arc_scoring_views` views and ranks by the summed
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import difflib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from llm2diff.tasks.arc_agi import (
@@ -167,6 +168,10 @@ def propose(dlm, task, row, solver: ARCSolverArguments, render, max_new_tokens: 
         passes += result.passes
         for candidate in result.candidates:
             add(candidate.grid, transform, candidate.logprob)
+    if not found:  # no grid above the floor under any view: never submit nothing, decode each view once instead
+        sampled, more = propose(dlm, task, row, replace(solver, arc_proposal="sample"), render, max_new_tokens,
+                                decoding, ar_parent, seed)
+        return {key: {**entry, "fallback": True} for key, entry in sampled.items()}, passes + more
     return found, passes
 
 
@@ -195,6 +200,10 @@ def solve_row(dlm, task, row, solver: ARCSolverArguments, render, max_new_tokens
     import contextlib
 
     start = time.perf_counter()
+    if decoding is None and not ar_parent:  # the model's saved decoding, for `sample` proposals
+        from llm2diff.sampling.config import DecodingConfig
+
+        decoding = DecodingConfig.resolve(dlm.decoding, {"max_new_tokens": max_new_tokens})
     if solver.arc_ttt_steps > 0:
         if ar_parent:
             raise ValueError("test-time training trains the model's adapter; the AR parent has none to train: "
@@ -221,6 +230,7 @@ def solve_row(dlm, task, row, solver: ARCSolverArguments, render, max_new_tokens
         "metrics": {"cell_accuracy": cell_accuracy(top, gold), "top1_correct": float(exact_match(top, gold)),
                     "num_candidates": float(len(ranked)),
                     "any_candidate_correct": float(any(exact_match(c["grid"], gold) for c in ranked)),
+                    "search_fallback": float(any(c.get("fallback") for c in ranked)),
                     "proposal_passes": float(passes), "scoring_evaluations": float(evaluations),
                     "ttt_seconds": ttt_seconds, "proposal_seconds": proposed - start - ttt_seconds,
                     "scoring_seconds": scored - proposed, "seconds": scored - start},
