@@ -46,8 +46,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +53,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import run_logged  # noqa: E402
 
 EVAL_CONFIG = "eval/arc_agi_1.yaml"
 MODELS = ("diffusion", "ar-twin", "ar-parent")
@@ -66,7 +66,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "all": {"arc_proposal": "search", "arc_scoring": "poe"},
 }
 TTT_VARIANTS = ("+ttt", "all")
-IN_USE = "is in use by another llm2diff run"  # llm2diff.rundir.output_lock's refusal
 
 
 def parse_names(text: str, known, what: str) -> list[str]:
@@ -208,27 +207,6 @@ def finished(directory: Path, settings: dict[str, Any], solver: dict[str, Any]) 
     if differs:
         raise SystemExit(f"{directory} was evaluated with other settings ({'; '.join(differs)}): give another --out, "
                          "or delete it to evaluate again")
-    return True
-
-
-def run_eval(name: str, command: list[str], directory: Path, threads: int) -> bool:
-    """Run (or resume) one evaluation into `directory`; False when another process holds it now (it is locked)."""
-    print(f"[{name}] {' '.join(command[1:])}", flush=True)
-    start = time.perf_counter()
-    log = directory.with_suffix(".log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    size = log.stat().st_size if log.is_file() else 0
-    with log.open("a") as sink:
-        proc = subprocess.run(command, check=False, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    if proc.returncode != 0:
-        with log.open() as text:
-            text.seek(size)
-            if IN_USE in text.read():  # another copy of this benchmark evaluates it
-                print(f"[{name}] running in another process: skipped", flush=True)
-                return False
-        raise SystemExit(f"[{name}] failed (exit {proc.returncode}); see {log}")
-    print(f"[{name}] finished in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return True
 
 
@@ -383,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
         for model, variant in pairs:
             directory = variant_dir(out, model, variant)
             if not finished(directory, eval_settings(args, model, rows), solver_settings(args, variant)):
-                run_eval(f"{model}/{variant}", eval_command(args, model, variant, rows), directory, args.threads)
+                run_logged(f"{model}/{variant}", eval_command(args, model, variant, rows), directory, args.threads,
+                           cwd=ROOT)
     summary = summarize(out, models, variants)
     text = table(summary, header)
     print(text)

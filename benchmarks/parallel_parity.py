@@ -52,15 +52,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import arithmetic_held_out, run_logged  # noqa: E402
 
 DEFAULT_COMBINED = "self_conditioning=expected_embedding,block_size_schedule=2:0.25,4:0.5"
 # rows trained with these recipe overrides (`combined`: those of --combined)
@@ -82,7 +82,6 @@ ROWS = ("baseline", "self-cond", "self-cond-hidden", "latent-1", "latent-2", "cu
         "ar-twin")
 EVAL_NAME = "parity_eval.json"
 TRAIN_RECORD = "parity_train.json"
-IN_USE = "is in use by another llm2diff run"  # llm2diff.rundir.output_lock's refusal
 KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -224,30 +223,15 @@ def train(args, row: str, seed: int) -> bool:
     check_trained_with(directory, expected)  # a run cut short with other settings would be refused by train
     start_step = resume_step(directory)
     command = train_command(args, row, seed, resume=start_step is not None)
-    print(f"[{name}] {' '.join(command[1:])}", flush=True)
-    log = directory.with_suffix(".log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    size = log.stat().st_size if log.is_file() else 0
-    start = time.perf_counter()
-    with log.open("a") as sink:
-        proc = subprocess.run(command, check=False, stdout=sink, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    seconds = time.perf_counter() - start
-    with log.open() as text:
-        text.seek(size)
-        output = text.read()
-    if proc.returncode != 0:
-        if IN_USE in output:  # another copy of this benchmark started it meanwhile
-            print(f"[{name}] running in another process: skipped", flush=True)
-            return False
-        raise SystemExit(f"[{name}] training failed (exit {proc.returncode}); see {log}")
+    ran: dict = {}
+    if not run_logged(name, command, directory, args.threads, record=ran):
+        return False
     record_path = directory / TRAIN_RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"segments": []}
     record["segments"].append({"from_step": start_step or 0, "to_step": int(recipe_fields(args)["max_steps"]),
-                               "wall_seconds": round(seconds, 1), "train_runtime": train_runtime(output),
+                               "wall_seconds": round(ran["seconds"], 1), "train_runtime": train_runtime(ran["output"]),
                                "command": " ".join(command[1:]), "threads": args.threads})
     write_json_atomic(record_path, record)
-    print(f"[{name}] finished in {seconds / 60:.1f} min", flush=True)
     return True
 
 
@@ -264,21 +248,6 @@ def seconds_per_step(directory: Path) -> float | None:
     steps = sum(s["to_step"] - s["from_step"] for s in segments)
     key = "train_runtime" if all(s.get("train_runtime") is not None for s in segments) else "wall_seconds"
     return sum(s[key] for s in segments) / steps
-
-
-def held_out(dlm, problems: int):
-    """The built-in task's held-out problems of the kind the model was trained on (its recipe's task settings),
-    and their prompts in the model's prompt format: the same problems for every model of the recipe."""
-    from llm2diff.evaluation.runner import PromptRenderer
-    from llm2diff.tasks.base import get_task
-
-    recipe = (dlm.config.training or {}).get("recipe", {})
-    task = get_task("arithmetic", max_operand=recipe.get("builtin_max_operand", 10),
-                    operations=recipe.get("builtin_operations", "+-"), min_steps=recipe.get("builtin_min_steps", 1),
-                    max_steps=recipe.get("builtin_max_steps", 2), num_problems=problems)
-    rows = task.load_rows(None, "test", problems)
-    render = PromptRenderer(dlm)
-    return task, rows, [render(task, row, []) for row in rows]
 
 
 def measure(dlm, task, rows, prompts, layer: dict, max_new_tokens: int, parent_every: int) -> dict:
@@ -371,7 +340,7 @@ def grade(args, row: str, seed: int, model: Path, path: Path, wanted: dict) -> d
 
     print(f"[{row}/seed {seed}] grading {args.problems} held-out problems ({model})", flush=True)
     dlm = load(model)
-    task, rows, prompts = held_out(dlm, args.problems)
+    task, rows, prompts = arithmetic_held_out(dlm, args.problems)
     parent_every = max(1, round(args.problems / args.parent_problems)) if args.parent_problems else 0
     start = time.perf_counter()
     measured = measure(dlm, task, rows, prompts, wanted["layer"], args.max_new_tokens, parent_every)

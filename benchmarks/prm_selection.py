@@ -15,7 +15,6 @@ problems), and writes the rows to --out. Asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

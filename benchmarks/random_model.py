@@ -255,7 +255,7 @@ def generation_table(args, device, dtype, header: str) -> tuple[list[dict], bool
                 row["identical_to_parent"] = bool(torch.equal(*pad))
             table.append(row)
             print(f"[generation] {attn} {name}: {row['tokens_per_s']:.1f} tokens/s", flush=True)
-        del dlm
+        dlm = None  # frees the model before the next backend loads its own
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"\n{header}")

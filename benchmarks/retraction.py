@@ -43,6 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import arithmetic_held_out  # noqa: E402
+
 NO_CORRECTION = {"remask_threshold": None, "edit_threshold": None, "remask_budget": None, "reopen_threshold": None}
 
 
@@ -193,20 +195,6 @@ def accuracy(dlm, task, rows, prompts, layer: dict, max_new_tokens: int, progres
             "passes_per_token": passes / max(tokens, 1), "tokens_per_second": tokens / max(seconds, 1e-9)}
 
 
-def held_out(dlm, problems: int):
-    """The built-in task's held-out problems of the kind the model was trained on, and their prompts."""
-    from llm2diff.evaluation.runner import PromptRenderer
-    from llm2diff.tasks.base import get_task
-
-    recipe = (dlm.config.training or {}).get("recipe", {})
-    task = get_task("arithmetic", max_operand=recipe.get("builtin_max_operand", 10),
-                    operations=recipe.get("builtin_operations", "+-"), min_steps=recipe.get("builtin_min_steps", 1),
-                    max_steps=recipe.get("builtin_max_steps", 2))
-    rows = task.load_rows(None, "test", problems)
-    render = PromptRenderer(dlm)
-    return task, rows, [render(task, row, []) for row in rows]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="outputs/quickstart-fast-edit")
@@ -247,7 +235,7 @@ def main() -> None:
         if not path:
             continue
         dlm = load(path)
-        task, rows, prompts = held_out(dlm, args.problems)
+        task, rows, prompts = arithmetic_held_out(dlm, args.problems)
         row = {"path": path, "decoding": dlm.decoding.non_default()}
         start = time.perf_counter()
         if not args.skip_planted:

@@ -42,14 +42,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import run_logged  # noqa: E402
 
 MODELS = {"diffusion": {}, "ar-twin": {"block_size": 1}}
 VARIANTS = {"plain": {}, "no-rationalize": {"star_rationalize": False}, "steps": {"star_filter": "steps"},
@@ -136,27 +135,6 @@ def _recipe_fields(path, extra=()) -> dict:
     return fields
 
 
-def run_stage(name: str, command: list[str], directory: Path, threads: int) -> bool:
-    """Run (or resume) one run writing `directory`; False when another process holds it now (it is locked)."""
-    print(f"[{name}] {' '.join(command[1:])}", flush=True)
-    start = time.perf_counter()
-    log = directory.with_suffix(".log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    size = log.stat().st_size if log.is_file() else 0
-    with log.open("a") as sink:
-        proc = subprocess.run(command, check=False, stdout=sink, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    if proc.returncode != 0:
-        with log.open() as text:
-            text.seek(size)
-            if "is in use by another llm2diff run" in text.read():  # another instance of this benchmark runs it
-                print(f"[{name}] running in another process: skipped", flush=True)
-                return False
-        raise SystemExit(f"[{name}] failed (exit {proc.returncode}); see {log}")
-    print(f"[{name}] finished in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
-    return True
-
-
 def run(args, model: str, variant: str, seed: int) -> bool:
     """Run (or resume) one STaR run (after the PRM it needs); False when another process is running it now."""
     report = run_dir(Path(args.out), model, variant, seed) / "report.json"
@@ -164,7 +142,7 @@ def run(args, model: str, variant: str, seed: int) -> bool:
         return True
     if variant == "prm" and not run_prm(args, model, seed):
         return False
-    return run_stage(f"{model}/{variant}/seed {seed}", star_command(args, model, variant, seed),
+    return run_logged(f"{model}/{variant}/seed {seed}", star_command(args, model, variant, seed),
                      run_dir(Path(args.out), model, variant, seed), args.threads)
 
 
@@ -172,7 +150,7 @@ def run_prm(args, model: str, seed: int) -> bool:
     directory = prm_dir(Path(args.out), model, seed)
     if (directory / "prm_report.json").is_file():
         return True
-    return run_stage(f"{model}/reward-model/seed {seed}", prm_command(args, model, seed), directory, args.threads)
+    return run_logged(f"{model}/reward-model/seed {seed}", prm_command(args, model, seed), directory, args.threads)
 
 
 def run_after(args, model: str, stage: str, seed: int) -> bool:
@@ -185,12 +163,12 @@ def run_after(args, model: str, stage: str, seed: int) -> bool:
         return False
     name = f"{model}/{stage}/seed {seed}"
     if stage != "selection":
-        return run_stage(name, after_command(args, model, stage, seed), directory, args.threads)
+        return run_logged(name, after_command(args, model, stage, seed), directory, args.threads)
     from llm2diff.rundir import RunDirectoryError, output_lock
 
     try:  # a script, not an llm2diff run: this process holds its directory
         with output_lock(directory):
-            return run_stage(name, after_command(args, model, stage, seed), directory, args.threads)
+            return run_logged(name, after_command(args, model, stage, seed), directory, args.threads)
     except RunDirectoryError:
         print(f"[{name}] running in another process: skipped", flush=True)
         return False

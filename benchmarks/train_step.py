@@ -327,9 +327,9 @@ def merge_rounds(results: list[dict]) -> dict:
 
 
 def report(args, ar: dict, dif: dict) -> None:
+    import peft
     import torch
     import transformers
-    import peft
 
     lora = f"LoRA r={args.lora_r} alpha={2 * args.lora_r} all-linear" if args.lora_r > 0 else "full fine-tune"
     print("== llm2diff train-step benchmark: block diffusion vs AR SFT ==")

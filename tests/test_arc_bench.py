@@ -6,6 +6,7 @@ other settings). No model runs: the evaluations are faked on disk."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -200,7 +201,7 @@ class FakeEval:
 
 def test_main_runs_each_evaluation_once_skips_what_it_cannot_run_and_writes_the_table(bench, tmp_path, monkeypatch):
     fake = FakeEval(bench)
-    monkeypatch.setattr(bench.subprocess, "run", fake)
+    monkeypatch.setattr(subprocess, "run", fake)
     monkeypatch.setattr(bench, "has_ttt", lambda: False)  # test-time training not merged in this checkout
     _model(tmp_path / "m")  # the twin is not trained
     results = tmp_path / "RESULTS.md"
@@ -248,12 +249,12 @@ def test_a_failed_evaluation_stops_and_a_locked_one_is_skipped(bench, tmp_path, 
 
         return Done()
 
-    monkeypatch.setattr(bench.subprocess, "run", failing)
+    monkeypatch.setattr(subprocess, "run", failing)
     directory = tmp_path / "out" / "diffusion" / "voting"
-    assert bench.run_eval("diffusion/voting", ["python", "eval"], directory, 1) is False
+    assert bench.run_logged("diffusion/voting", ["python", "eval"], directory, 1) is False
     message["text"] = "ValueError: something else\n"
     with pytest.raises(SystemExit, match="failed .*see .*voting.log"):
-        bench.run_eval("diffusion/voting", ["python", "eval"], directory, 1)
+        bench.run_logged("diffusion/voting", ["python", "eval"], directory, 1)
 
 
 def test_the_commands_run_through_llm2diff_eval_on_a_tiny_model(bench, tmp_path, monkeypatch):
@@ -285,7 +286,7 @@ def test_the_commands_run_through_llm2diff_eval_on_a_tiny_model(bench, tmp_path,
 
         return Done()
 
-    monkeypatch.setattr(bench.subprocess, "run", in_process)
+    monkeypatch.setattr(subprocess, "run", in_process)
     monkeypatch.chdir(bench.ROOT)  # the eval config's path is relative to the repository root
     bench.main(["--out", str(tmp_path / "out"), "--model", str(tmp_path / "m"), "--twin", str(tmp_path / "t"),
                 "--models", "diffusion", "--parent", "--variants", "voting,+poe", "--source", str(tasks),

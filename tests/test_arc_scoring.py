@@ -134,10 +134,10 @@ def test_ties_go_to_more_proposals_then_to_the_grid_text(dlm, monkeypatch):
 def test_bad_input(dlm):
     assert score_candidates(dlm, TASK, ROW, [], D4) == []
     assert score_candidates(dlm, TASK, ROW, {}, D4) == []
-    with pytest.raises(ValueError, match=r"unknown combine 'summ'; options: sum, mean, min, vote\+sum; did you "
+    with pytest.raises(ValueError, match=r"unknown combine 'summ'; available: sum, mean, min, vote\+sum\. Did you "
                                          r"mean 'sum'\?"):
         score_candidates(dlm, TASK, ROW, GRIDS, D4, combine="summ")
-    with pytest.raises(ValueError, match="did you mean 'vote\\+sum'"):
+    with pytest.raises(ValueError, match="Did you mean 'vote\\+sum'"):
         score_candidates(dlm, TASK, ROW, GRIDS, D4, combine="vote_sum")
     with pytest.raises(ValueError, match="views is empty"):
         score_candidates(dlm, TASK, ROW, GRIDS, [])

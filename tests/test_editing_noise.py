@@ -151,7 +151,7 @@ def test_editing_off_is_todays_objective_and_the_edit_terms_add_what_they_say():
 @pytest.mark.parametrize("changes, message", [
     ({"edit_fraction": 1.0}, r"edit_fraction must be in \[0, 1\)"),
     ({"edit_fraction": -0.1}, r"edit_fraction must be in \[0, 1\)"),
-    ({"edit_source": "parnt"}, "edit_source must be one of uniform, parent, self, got 'parnt'. Did you mean 'parent'"),
+    ({"edit_source": "parnt"}, "unknown edit_source 'parnt'; available: uniform, parent, self. Did you mean 'parent'"),
     ({"edit_keep_weight": -1.0}, "edit_loss_weight and edit_keep_weight must be >= 0"),
 ])
 def test_bad_editing_settings_say_what_is_wrong(changes, message):

@@ -6,6 +6,7 @@ twin, step time), and one evaluation on a tiny random model. No real training.""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -110,7 +111,7 @@ class FakeTraining:
     def __init__(self, runtime: float | None = 300.0, message: str = ""):
         self.commands, self.runtime, self.message = [], runtime, message
 
-    def __call__(self, command, check, stdout, stderr, env):
+    def __call__(self, command, check, stdout, stderr, env, cwd=None):
         self.commands.append(command)
         assert env["OMP_NUM_THREADS"] == "1"
         if self.message:
@@ -127,7 +128,7 @@ class FakeTraining:
 def test_a_finished_run_is_reused_and_an_interrupted_one_resumes(bench, tmp_path, monkeypatch):
     args = make_args(bench, tmp_path)
     fake = FakeTraining(runtime=240.0)
-    monkeypatch.setattr(bench.subprocess, "run", fake)
+    monkeypatch.setattr(subprocess, "run", fake)
     baseline = bench.run_dir(tmp_path, "baseline", 0)
     write_checkpoint(baseline, 120)
     write_checkpoint(baseline, 180)
@@ -151,17 +152,17 @@ def test_a_finished_run_is_reused_and_an_interrupted_one_resumes(bench, tmp_path
 def test_a_run_another_process_holds_is_skipped_and_a_failure_stops(bench, tmp_path, monkeypatch):
     args = make_args(bench, tmp_path)
     fake = FakeTraining(message="RunDirectoryError: x is in use by another llm2diff run (pid 7); two runs ...\n")
-    monkeypatch.setattr(bench.subprocess, "run", fake)
+    monkeypatch.setattr(subprocess, "run", fake)
     assert bench.train(args, "curriculum", 1) is False
     fake.message = "ValueError: unknown recipe key self_conditioning\n"  # the earlier message does not count again
-    with pytest.raises(SystemExit, match="training failed"):
+    with pytest.raises(SystemExit, match=r"\[curriculum/seed 1\] failed \(exit 1\); see .*seed-1.log"):
         bench.train(args, "curriculum", 1)
     assert not (bench.run_dir(tmp_path, "curriculum", 1) / "parity_train.json").exists()
 
 
 def test_a_finished_run_with_other_settings_is_not_reused(bench, tmp_path, monkeypatch):
     args = make_args(bench, tmp_path)
-    monkeypatch.setattr(bench.subprocess, "run", FakeTraining())
+    monkeypatch.setattr(subprocess, "run", FakeTraining())
     combined = bench.run_dir(tmp_path, "combined", 0)
     combined.mkdir(parents=True)
     (combined / "diffusion_config.json").write_text("{}")
@@ -251,7 +252,7 @@ def test_table_pairs_rows_with_the_baseline_and_the_twin(bench, tmp_path):
 
 def test_main_trains_self_cond_once_for_the_latent_rows_and_writes_the_table(bench, tmp_path, monkeypatch):
     fake = FakeTraining()
-    monkeypatch.setattr(bench.subprocess, "run", fake)
+    monkeypatch.setattr(subprocess, "run", fake)
     graded = []
 
     def fake_grade(args, row, seed, model, path, wanted):
@@ -284,7 +285,7 @@ def test_an_evaluation_on_a_tiny_model_counts_passes_tokens_and_the_parent(bench
     from llm2diff import adapt
 
     dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4)
-    task, rows, prompts = bench.held_out(dlm, 4)
+    task, rows, prompts = bench.arithmetic_held_out(dlm, 4)
     assert [row["id"] for row in rows] == ["test-0", "test-1", "test-2", "test-3"]
     result = bench.measure(dlm, task, rows, prompts, {"threshold": 0.9}, max_new_tokens=8, parent_every=2)
     assert result["ids"] == ["test-0", "test-1", "test-2", "test-3"] and len(result["correct"]) == 4

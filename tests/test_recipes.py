@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llm2diff.recipe import RecipeError, parse_recipe, valid_keys
+from llm2diff.recipe import RecipeError, check_choice, parse_recipe, valid_keys
 from llm2diff.training.arguments import train_dataclasses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +84,19 @@ def test_misspelt_key_on_command_line_names_nearest(tmp_path):
     path = _write(tmp_path, "model_name_or_path: x\n")
     with pytest.raises(RecipeError, match=r"unknown recipe key 'learnig_rate' in the command line; did you mean 'learning_rate'\?"):
         parse_recipe(["--config", path, "--learnig_rate", "1e-4"], classes=train_dataclasses())
+
+
+def test_check_choice_names_the_setting_the_options_and_the_nearest():
+    check_choice("mode", "b", ("a", "b"))
+    check_choice("mode", None, ("a", "b"), none_ok=True)
+    with pytest.raises(ValueError, match=r"^unknown mode 'bb'; available: a, b\. Did you mean 'b'\?$"):
+        check_choice("mode", "bb", ("a", "b"))
+    with pytest.raises(ValueError, match=r"^unknown mode 'zzz'; available: aa, b\.$"):  # nothing near: no guess
+        check_choice("mode", "zzz", ("aa", "b"))
+    with pytest.raises(RecipeError, match=r"^unknown mode None; available: a, b\.$"):
+        check_choice("mode", None, ("a", "b"), error=RecipeError)
+    with pytest.raises(ValueError, match=r"available: a, b \(or none\)\."):
+        check_choice("mode", "c", ("a", "b"), none_ok=True)
 
 
 def test_command_line_overrides_file(tmp_path):

@@ -5,6 +5,7 @@ the twin-minus-diffusion gap), on hand-written run directories."""
 from __future__ import annotations
 
 import json
+import subprocess
 from argparse import Namespace
 from pathlib import Path
 
@@ -79,12 +80,12 @@ def test_a_run_another_process_holds_is_skipped_and_a_failure_stops(bench, tmp_p
     args = Namespace(out=str(tmp_path), rounds=1, recipe="r.yaml", extra=[], threads=1)
     message = {"text": ""}
 
-    def fake_run(command, check, stdout, stderr, env):
+    def fake_run(command, check, stdout, stderr, env, cwd=None):
         stdout.write(message["text"])
         stdout.flush()
         return Namespace(returncode=1)
 
-    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     message["text"] = "RunDirectoryError: outputs/x is in use by another llm2diff run (pid 7); two runs ...\n"
     assert bench.run(args, "diffusion", "plain", 0) is False
     message["text"] = "ValueError: something else\n"  # the earlier message in the log does not count again
@@ -181,7 +182,7 @@ def test_plain_rounds_zero_trains_only_the_round_zero_the_variants_start_from(be
     report.write_text(json.dumps({"rounds": [{"round": 0}, {"round": 1}]}))  # rounds 2-3 are left for later
     assert bench.run(args, "diffusion", "plain", 1) is True  # round 0 is there: nothing to run now
     started = []
-    monkeypatch.setattr(bench, "run_stage", lambda name, command, directory, threads: started.append(command) or True)
+    monkeypatch.setattr(bench, "run_logged", lambda name, command, directory, threads: started.append(command) or True)
     args.plain_rounds = None
     assert bench.run(args, "diffusion", "plain", 1) is True  # without the option the plain run continues
     assert started and started[0][started[0].index("--star_rounds") + 1] == "3"

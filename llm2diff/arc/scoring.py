@@ -53,7 +53,6 @@ another order.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -61,6 +60,7 @@ from dataclasses import dataclass, field
 
 from llm2diff.evaluation.likelihood import loglikelihood
 from llm2diff.evaluation.prompts import PromptRenderer
+from llm2diff.recipe import check_choice
 from llm2diff.tasks.arc_agi import Grid, Transform, grid_problem, grid_to_text, text_to_grid
 
 __all__ = ["COMBINES", "ScoredCandidate", "combine_scores", "score_candidates", "top_two", "view_seed"]
@@ -104,10 +104,7 @@ def combine_scores(view_scores: Sequence[float], combine: str = "sum") -> float:
 
 
 def _check_combine(combine: str) -> None:
-    if combine not in COMBINES:
-        near = difflib.get_close_matches(str(combine), COMBINES, n=1, cutoff=0.4)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"unknown combine {combine!r}; options: {', '.join(COMBINES)}{hint}")
+    check_choice("combine", combine, COMBINES, cutoff=0.4)
 
 
 def _grid_of_key(key, where: str) -> Grid:

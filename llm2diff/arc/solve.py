@@ -25,11 +25,11 @@ seconds of each stage.
 
 from __future__ import annotations
 
-import difflib
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from llm2diff.recipe import check_choice
 from llm2diff.tasks.arc_agi import (
     Grid,
     all_transforms,
@@ -41,13 +41,6 @@ from llm2diff.tasks.arc_agi import (
 
 PROPOSALS = ("sample", "search")
 SCORINGS = ("vote", "poe")
-
-
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        near = difflib.get_close_matches(value, options, n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"unknown {name} {value!r}; available: {', '.join(options)}.{hint}")
 
 
 @dataclass
@@ -89,8 +82,8 @@ class ARCSolverArguments:
                 "whether any candidate was right (benchmarks/arc.py records every variant this way)."})
 
     def __post_init__(self) -> None:
-        _choice("arc_proposal", self.arc_proposal, PROPOSALS)
-        _choice("arc_scoring", self.arc_scoring, SCORINGS)
+        check_choice("arc_proposal", self.arc_proposal, PROPOSALS)
+        check_choice("arc_scoring", self.arc_scoring, SCORINGS)
         for name in ("arc_proposal_views", "arc_scoring_views", "arc_score_top", "arc_poe_samples",
                      "arc_ttt_batch_size"):
             if getattr(self, name) < 1:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import logging
 import random
 import tempfile
@@ -53,6 +52,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
+from llm2diff.recipe import check_choice
 from llm2diff.tasks.arc_agi import all_transforms, augment_row, leave_one_out_rows
 
 logger = logging.getLogger(__name__)
@@ -87,10 +87,7 @@ class TTTSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TTT {name} must be an integer >= 1, got {value!r}")
-        if self.mode not in MODES:
-            near = difflib.get_close_matches(str(self.mode), MODES, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ValueError(f"unknown TTT mode {self.mode!r}; available: {', '.join(MODES)}.{hint}")
+        check_choice("TTT mode", self.mode, MODES)
         if self.num_colour_perms < 0:
             raise ValueError(f"TTT num_colour_perms must be >= 0, got {self.num_colour_perms}")
         if self.max_length is not None and self.max_length < 2:

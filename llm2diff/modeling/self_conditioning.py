@@ -26,11 +26,12 @@ next (`llm2diff.sampling.sampler`), and `latent_steps` adds passes that only ref
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from llm2diff.recipe import check_choice
 
 KINDS = ("expected_embedding", "hidden")
 ATTRIBUTE = "llm2diff_self_conditioning"
@@ -52,10 +53,7 @@ def check_self_conditioning(kind: str | None, block_size: int | None = None) -> 
     """Refuse an unknown kind (naming the nearest) or a model with nothing masked to condition (block size 1)."""
     if kind is None:
         return
-    if kind not in KINDS:
-        near = difflib.get_close_matches(str(kind), KINDS, n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"unknown self_conditioning {kind!r}; available: {', '.join(KINDS)} (or none).{hint}")
+    check_choice("self_conditioning", kind, KINDS, none_ok=True)
     if block_size == 1:
         raise ValueError("self_conditioning needs block_size > 1: at block size 1 (the AR twin) no position is ever "
                          "masked, so there is nothing to carry from pass to pass")

@@ -46,6 +46,7 @@ from llm2diff.noise.schedule import (
     mask_probability_rate,
     sample_noise_levels,
 )
+from llm2diff.recipe import check_choice
 
 UNITS = ("block", "sequence")
 ORDERS = ("random", "semantic")
@@ -165,12 +166,7 @@ class NoiseSpec:
         if not 0.0 <= self.edit_fraction < 1.0:
             raise ValueError(f"edit_fraction must be in [0, 1) (the probability that a visible token is replaced by a "
                              f"wrong one), got {self.edit_fraction}")
-        if self.edit_source not in EDIT_SOURCES:
-            import difflib
-
-            near = difflib.get_close_matches(self.edit_source, EDIT_SOURCES, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ValueError(f"edit_source must be one of {', '.join(EDIT_SOURCES)}, got {self.edit_source!r}.{hint}")
+        check_choice("edit_source", self.edit_source, EDIT_SOURCES)
         if self.edit_loss_weight < 0 or self.edit_keep_weight < 0:
             raise ValueError(f"edit_loss_weight and edit_keep_weight must be >= 0, got {self.edit_loss_weight} and "
                              f"{self.edit_keep_weight}")

@@ -35,7 +35,6 @@ the few helpers they share (the cache that stores their scores is apart, in `sco
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import inspect
 import math
@@ -44,6 +43,8 @@ from typing import Any, ContextManager
 
 import numpy as np
 import torch
+
+from llm2diff.recipe import check_choice
 
 SCORERS: tuple[str, ...] = ("idf", "surprisal", "parent_deletion", "embedding_deletion")
 #: Bump when a scorer's computation changes, so cached scores from the old code are not reused.
@@ -408,10 +409,7 @@ def make_scorer(name: str, *, dlm=None, tokenizer=None, vocab_size: int | None =
         embedding_model: sentence-transformers model for "embedding_deletion" (default: bundled all-MiniLM-L6-v2).
         batch_size: rows per forward pass of the "surprisal" scorer.
     """
-    if name not in SCORERS:
-        close = difflib.get_close_matches(str(name), SCORERS, n=1, cutoff=0.0)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"unknown significance scorer {name!r}: {hint}available: {', '.join(SCORERS)}")
+    check_choice("significance scorer", name, SCORERS, cutoff=0.0)
     tokenizer = tokenizer if tokenizer is not None else getattr(dlm, "tokenizer", None)
     if name == "idf":
         if vocab_size is None:

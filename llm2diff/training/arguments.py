@@ -9,13 +9,12 @@ with the model), and `train_dataclasses()`, the command's dataclasses in the ord
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm2diff.recipe import DecodingLayer, RecipeError, check_decoding_layer, decoding_field
+from llm2diff.recipe import DecodingLayer, RecipeError, check_choice, check_decoding_layer, decoding_field
 from llm2diff.sources import builtin_task, is_builtin_dataset
 
 logger = logging.getLogger("llm2diff")
@@ -350,11 +349,8 @@ class FinalEvalArguments:
     def __post_init__(self) -> None:
         from llm2diff.sampling.decoders import DECODERS
 
-        if self.sampler_decoding is not None and self.sampler_decoding not in DECODERS:
-            near = difflib.get_close_matches(str(self.sampler_decoding), DECODERS, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise RecipeError(f"unknown sampler_decoding {self.sampler_decoding!r}; available: "
-                              f"{', '.join(DECODERS)}.{hint}")
+        if self.sampler_decoding is not None:
+            check_choice("sampler_decoding", self.sampler_decoding, DECODERS, error=RecipeError)
         self.decoding = check_decoding_layer(self.decoding, "decoding")
         names = {"decoding": "mode"}
         moved = {names.get(key, key): getattr(self, f.name) for f in dataclasses.fields(self)

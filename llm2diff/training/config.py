@@ -5,7 +5,6 @@ Every field is a recipe key; see docs/recipes.md for the whole reference.
 
 from __future__ import annotations
 
-import difflib
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -14,9 +13,10 @@ from trl import SFTConfig
 from llm2diff.compat import adopt_activation_checkpointing
 from llm2diff.modeling.attention import ATTN_BACKENDS
 from llm2diff.modeling.config import CLEAN_ATTENTION, validate_block_size
-from llm2diff.noise.masking import NoiseSpec
 from llm2diff.modeling.self_conditioning import check_self_conditioning
+from llm2diff.noise.masking import NoiseSpec
 from llm2diff.noise.scorers import SCORERS
+from llm2diff.recipe import check_choice
 from llm2diff.training.layout import parse_block_size_schedule, scheduled_block_size
 
 
@@ -125,21 +125,14 @@ class DiffusionSFTConfig(SFTConfig):
         check_max_steps(self.max_steps)
         validate_block_size(self.block_size, self.max_length)
         self.noise_spec().validate(self.block_size, self.shift)
-        if self.attn_backend not in ATTN_BACKENDS:
-            near = difflib.get_close_matches(self.attn_backend, ATTN_BACKENDS, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ValueError(f"unknown attn_backend {self.attn_backend!r}; available: {', '.join(ATTN_BACKENDS)}.{hint}")
+        check_choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         if self.padding_free:
             raise ValueError("padding_free needs FlashAttention, which cannot express the block-diffusion training "
                              "mask; use packing: true instead")
         if self.eval_packing is not None and self.eval_packing != self.packing:
             raise ValueError("eval_packing cannot differ from packing here: one collator packs train and eval batches "
                              "(packing does not change the loss); leave eval_packing unset")
-        if self.clean_attention not in CLEAN_ATTENTION:
-            near = difflib.get_close_matches(self.clean_attention, CLEAN_ATTENTION, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ValueError(f"unknown clean_attention {self.clean_attention!r}; available: "
-                             f"{', '.join(CLEAN_ATTENTION)}.{hint}")
+        check_choice("clean_attention", self.clean_attention, CLEAN_ATTENTION)
         if self.ar_loss_weight < 0:
             raise ValueError(f"ar_loss_weight must be >= 0, got {self.ar_loss_weight}")
         if self.ar_loss_weight and self.clean_attention != "causal":
@@ -152,10 +145,8 @@ class DiffusionSFTConfig(SFTConfig):
             raise ValueError(f"loss_buckets must be >= 1, got {self.loss_buckets}")
         if self.noise_order == "semantic" and not self.semantic_scorer:
             raise ValueError(f"noise_order 'semantic' needs semantic_scorer: one of {', '.join(SCORERS)}")
-        if self.semantic_scorer is not None and self.semantic_scorer not in SCORERS:
-            near = difflib.get_close_matches(self.semantic_scorer, SCORERS, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ValueError(f"unknown semantic_scorer {self.semantic_scorer!r}; available: {', '.join(SCORERS)}.{hint}")
+        if self.semantic_scorer is not None:
+            check_choice("semantic_scorer", self.semantic_scorer, SCORERS)
         if self.semantic_batch_size < 1:
             raise ValueError(f"semantic_batch_size must be >= 1, got {self.semantic_batch_size}")
         if self.block_size_schedule:
