@@ -8,7 +8,8 @@ every (model, variant, seed):
   - variants, at equal sampling budget (same problems, k and decoding): `plain` STaR (rationalization on, answer
     filtering), `no-rationalize`, `steps` (process-filtered: keep only rationales whose every step is right by the
     task's exact step labels), `steps-balanced` (and each problem's rationales repeated by how rarely it is solved,
-    `star_balance: pass_rate`), `prm` (process-filtered by a trained PRM: every step scores >= star_prm_threshold);
+    `star_balance: pass_rate`), `steps-balanced-hot` (the same, sampling rationales at temperature 1.3 instead of
+    the recipe's 0.7: more exploration, the same problems, k and commit rule), `prm` (process-filtered by a trained PRM: every step scores >= star_prm_threshold);
   - seeds: the training seed of round 0 and the rounds, and the sampling seed.
 Variants other than `plain` start from the plain run's round-0 model of the same model and seed, so the variants
 differ only in their rounds. The `prm` variant first trains a PRM on the round-0 model's rollouts
@@ -52,7 +53,10 @@ from benchmarks.common import run_logged  # noqa: E402
 
 MODELS = {"diffusion": {}, "ar-twin": {"block_size": 1}}
 VARIANTS = {"plain": {}, "no-rationalize": {"star_rationalize": False}, "steps": {"star_filter": "steps"},
-            "steps-balanced": {"star_filter": "steps", "star_balance": "pass_rate"}, "prm": {"star_filter": "prm"}}
+            "steps-balanced": {"star_filter": "steps", "star_balance": "pass_rate"},
+            "steps-balanced-hot": {"star_filter": "steps", "star_balance": "pass_rate",
+                                   "star_decoding": {"temperature": 1.3, "threshold": 0.9}},
+            "prm": {"star_filter": "prm"}}
 AFTER = {"rl-outcome": {"process_weight": 0.0}, "rl-process": {}, "selection": {}}
 
 
@@ -72,7 +76,7 @@ def star_model(out: Path, model: str, seed: int, r: int) -> Path:
 def _command(subcommand: str, recipe, fields: dict, extra=()) -> list[str]:
     command = [sys.executable, "-m", "llm2diff", subcommand, "--config", str(recipe)]
     for key, value in fields.items():
-        command += [f"--{key}", str(value)]
+        command += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
     return command + list(extra)
 
 

@@ -186,3 +186,16 @@ def test_plain_rounds_zero_trains_only_the_round_zero_the_variants_start_from(be
     args.plain_rounds = None
     assert bench.run(args, "diffusion", "plain", 1) is True  # without the option the plain run continues
     assert started and started[0][started[0].index("--star_rounds") + 1] == "3"
+
+
+def test_the_hot_variant_samples_at_temperature_1_3_over_the_recipes_commit_rule(bench, tmp_path):
+    from llm2diff.recipe import parse_recipe
+    from llm2diff.star.config import star_dataclasses
+
+    args = Namespace(out=str(tmp_path), rounds=3, plain_rounds=None, recipe=str(ROOT / "recipes" / "star-headroom.yaml"),
+                     extra=[], threads=1)
+    command = bench.star_command(args, "diffusion", "steps-balanced-hot", 2)
+    *_, star, recipe = parse_recipe(command[command.index("--config"):], classes=star_dataclasses())
+    assert star.star_decoding == {"temperature": 1.3, "threshold": 0.9}
+    assert (star.star_filter, star.star_balance) == ("steps", "pass_rate")
+    assert command[command.index("--star_init_model") + 1].endswith("plain/seed-2/round-0/model")
