@@ -398,3 +398,48 @@ def test_trainer_settings_are_checked(tmp_path):
     with pytest.raises(TypeError, match="PeftModel"):
         DiffusionGRPOTrainer(model=make_model("qwen3"), diffusion_config=dlm.config, reward_funcs=[_contains_apples],
                              args=_args(tmp_path), train_dataset=_dataset(), processing_class=dlm.tokenizer)
+
+
+# -- self-conditioned models ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["expected_embedding", "hidden"])
+def test_a_self_conditioned_model_is_scored_as_the_sampler_runs_it(kind):
+    """one_pass on a self-conditioned model = the sampler's second pass over each fully masked block (conditioned on
+    the first, as with latent_steps 1), clean earlier blocks before it; a fresh path scores as without it; the
+    path gets a gradient."""
+    from peft import LoraConfig
+
+    from llm2diff.modeling.lora import embedding_weight
+    from llm2diff.modeling.self_conditioning import expected_embedding, self_conditioning_module
+    from llm2diff.sampling.block_cache import BlockContext
+
+    dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4, self_conditioning=kind,
+                lora=LoraConfig(r=4, target_modules="all-linear"))
+    c = dlm.config
+    fresh = logps(dlm, "coupled", seed=3, self_conditioning=kind, vocab_size=c.vocab_size)
+    torch.testing.assert_close(fresh, logps(dlm, "coupled", seed=3), rtol=0, atol=1e-6)
+    module = self_conditioning_module(dlm.model).modules_to_save["default"]
+    with torch.no_grad():
+        module.proj.weight.copy_(torch.randn(module.proj.weight.shape, generator=torch.Generator().manual_seed(0)))
+    got = logps(dlm, "one_pass", self_conditioning=kind, vocab_size=c.vocab_size)
+    assert not torch.allclose(got, logps(dlm, "one_pass"), atol=1e-3)  # the path is used
+    got.sum().backward()
+    assert module.proj.weight.grad is not None and module.proj.weight.grad.abs().sum() > 0
+    mask_id = c.mask_token_id
+    for b in range(2):
+        prompt = PROMPTS[b][PROMPT_MASK[b].bool()][None]
+        completion = COMPLETIONS[b][COMPLETION_MASK[b].bool()].tolist()
+        ctx = BlockContext(dlm.model, prompt, torch.ones_like(prompt), block_size=4, shift=c.shift,
+                           keep_hidden=kind == "hidden")
+        expected = []
+        with torch.no_grad():
+            for start in range(0, len(completion), 4):
+                canvas = torch.full((1, 4), mask_id)
+                first = ctx.block_logits(canvas)
+                cols = torch.arange(4)
+                carried = ctx.block_hidden[0].float() if kind == "hidden" else \
+                    expected_embedding(first[0], embedding_weight(dlm.model), mask_id, c.vocab_size)
+                second = ctx.block_logits(canvas, (torch.zeros_like(cols), cols, carried))[0].float()
+                block = completion[start:start + 4]
+                expected += torch.log_softmax(second, -1)[torch.arange(len(block)), torch.tensor(block)].tolist()
+                ctx.commit(torch.tensor([block + [dlm.tokenizer.pad_token_id] * (4 - len(block))]))
+        torch.testing.assert_close(got[b, :len(completion)].detach(), torch.tensor(expected), rtol=0, atol=1e-4)

@@ -189,6 +189,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             estimator=self.args.diffusion_estimator, mask_prompt_prob=self.args.mask_prompt_prob, seed=seeds,
             temperature=self.temperature, return_entropy=return_entropy,
             entropy_grad=bool(getattr(self, "_entropy_bonus_enabled", True)), causal_clean=c.causal_clean,
+            self_conditioning=c.self_conditioning, vocab_size=c.vocab_size,
         )
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,

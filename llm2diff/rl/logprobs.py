@@ -33,7 +33,8 @@ from dataclasses import replace
 import torch
 
 from llm2diff.training.layout import build_layout
-from llm2diff.training.objective import _embedding_weight, _repeat_layout, layout_logits
+from llm2diff.modeling.self_conditioning import self_conditioned
+from llm2diff.training.objective import _embedding_weight, _repeat_layout, layout_logits, self_conditioning_inputs
 
 ESTIMATORS = ("one_pass", "coupled")
 
@@ -110,6 +111,7 @@ def diffusion_token_logps(
     estimator: str = "one_pass", mask_prompt_prob: float = 0.0, seed: int | Sequence[int] = 0,
     t: float | None = None, t_range: tuple[float, float] = (0.0, 1.0), temperature: float = 1.0,
     return_entropy: bool = False, entropy_grad: bool = True, causal_clean: bool = False,
+    self_conditioning: str | None = None, vocab_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of the completion tokens under the block-diffusion model.
 
@@ -128,6 +130,10 @@ def diffusion_token_logps(
         temperature: logits are divided by it before the softmax (as TRL's log-probs are).
         return_entropy: also return the `(B, T)` entropy of each scored token's predictive distribution.
         entropy_grad: keep the entropy differentiable (an entropy bonus needs it; False saves memory).
+        self_conditioning, vocab_size: the model's self-conditioning kind and vocabulary size
+            (`DiffusionConfig`). With a kind, a no-grad pass over the same masked input first, whose conclusions at
+            the masked positions condition the scored pass: the model is scored as the sampler runs it (each pass
+            conditioned on the one before) and as training's self-conditioned batches train it.
 
     Returns:
         `(B, T)` float32 log-probs (0 at padding), differentiable w.r.t. the model's parameters; with
@@ -185,7 +191,7 @@ def diffusion_token_logps(
             ids[b, :p][hit] = mask_token_id
 
     # One batched forward over the passes (rows stacked pass after pass).
-    all_ids, selects = [], []
+    all_ids, selects, hides = [], [], []
     for masked in passes:
         pass_ids = ids.clone()
         if layout.noisy_copy:
@@ -193,6 +199,7 @@ def diffusion_token_logps(
             hide = in_response if estimator == "one_pass" else (masked | (in_response & ~valid))
             rows, cols = hide.nonzero(as_tuple=True)
             pass_ids[rows, layout.noisy_index[rows, cols]] = mask_token_id
+            hides.append(hide)
         all_ids.append(pass_ids)
         selects.append(masked)
     n_pass = len(passes)
@@ -209,7 +216,13 @@ def diffusion_token_logps(
         if trainable is not None:
             logps = logps + trainable.sum() * 0.0
         return (logps, entropy) if return_entropy else logps
-    logits = layout_logits(model, stacked, input_ids, select)
+    condition = (None, None, None)
+    if self_conditioning and layout.noisy_copy:
+        hidden = torch.cat(hides).to(device)  # the masked positions of every pass's noisy copy
+        condition = self_conditioning_inputs(model, stacked, input_ids, hidden, self_conditioning, mask_token_id,
+                                             vocab_size)
+    with self_conditioned(model, *condition):
+        logits = layout_logits(model, stacked, input_ids, select)
     rows, cols = select.nonzero(as_tuple=True)
     token, ent = _token_logps(logits, stacked.target[rows, cols], temperature, return_entropy, entropy_grad)
     rows = rows % batch  # pass k's row b is stacked row k * batch + b
