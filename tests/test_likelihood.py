@@ -148,3 +148,29 @@ def test_trained_model_ranks_the_planted_continuation_first():
     for seed in (0, 1, 2):
         first, detail = ranked_first(seed)
         assert first, detail
+
+
+@pytest.mark.parametrize("kind", ["expected_embedding", "hidden"])
+def test_a_self_conditioned_model_is_scored_as_the_sampler_runs_it(kind):
+    """At t = 1 every block is fully masked, so the ELBO is the sum of GRPO's one-pass log-probs (both
+    self-conditioned: a first pass conditions the scored one); a fresh path scores as a model without one."""
+    from llm2diff.modeling.self_conditioning import self_conditioning_module
+    from llm2diff.rl.logprobs import diffusion_token_logps
+
+    dlm = adapt(make_model("llama"), make_tokenizer(), block_size=4, self_conditioning=kind)
+    plain = adapt(make_model("llama"), make_tokenizer(), block_size=4)
+    context, continuation = [5, 6, 7, 8, 9], [20, 21, 22, 23, 24, 25]
+    assert elbo_loglikelihood(dlm, context, continuation, num_samples=4) == \
+        pytest.approx(elbo_loglikelihood(plain, context, continuation, num_samples=4), abs=1e-5)
+    weight = self_conditioning_module(dlm.model).proj.weight
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    full = elbo_samples(dlm, context, continuation, num_samples=2, t_min=1.0, t_max=1.0)
+    c = dlm.config
+    one_pass = diffusion_token_logps(
+        dlm.model, torch.tensor([context]), torch.ones(1, 5, dtype=torch.long), torch.tensor([continuation]),
+        torch.ones(1, 6, dtype=torch.long), c.block_size, c.mask_token_id, dlm.tokenizer.eos_token_id,
+        shift=c.shift, self_conditioning=kind, vocab_size=c.vocab_size)
+    assert full[0] == full[1] == pytest.approx(float(one_pass.sum()), abs=1e-4)
+    assert float(full[0]) != pytest.approx(elbo_loglikelihood(plain, context, continuation, num_samples=1,
+                                                              t_min=1.0, t_max=1.0), abs=1e-3)

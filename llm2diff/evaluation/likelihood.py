@@ -29,6 +29,10 @@ multiple of `block_size`, the layout is padded to whole blocks with extra positi
 not-yet-committed positions of a block are at inference), i.e. the estimate is the ELBO of the real tokens with the
 pads marginalised, never a term for the pads themselves.
 
+A self-conditioned model (`self_conditioning` set) is scored as the sampler runs it: per sample, a first pass over
+the noised input computes what it concludes at the masked positions, which conditions the scored pass (two forwards
+per chunk of samples).
+
 Block size 1 with token shift is the AR twin: every token is predicted from the clean causal prefix with weight 1,
 so the ELBO is deterministic and equals the exact AR log-likelihood (one forward, no sampling).
 """
@@ -43,7 +47,8 @@ import torch.nn.functional as F
 
 from llm2diff.noise.schedule import elbo_weight, sample_token_mask
 from llm2diff.training.layout import Layout, build_layout
-from llm2diff.training.objective import layout_logits
+from llm2diff.modeling.self_conditioning import self_conditioned
+from llm2diff.training.objective import layout_logits, self_conditioning_inputs
 
 __all__ = ["ar_loglikelihood", "elbo_loglikelihood", "elbo_samples", "loglikelihood"]
 
@@ -157,7 +162,12 @@ def elbo_samples(
             rows, cols = hidden[start:stop].nonzero(as_tuple=True)
             ids[rows.to(device), chunk.noisy_index[rows.to(device), cols.to(device)]] = mask_id
             select_dev = select.to(device)
-            logits = layout_logits(model, chunk, ids, select_dev)                   # (num_selected, vocab)
+            condition = (None, None, None)
+            if cfg.self_conditioning:  # scored as the sampler runs it: a first pass conditions the scored one
+                condition = self_conditioning_inputs(model, chunk, ids, hidden[start:stop].to(device),
+                                                     cfg.self_conditioning, mask_id, cfg.vocab_size)
+            with self_conditioned(model, *condition):
+                logits = layout_logits(model, chunk, ids, select_dev)               # (num_selected, vocab)
             ce = F.cross_entropy(logits.float(), chunk.target[select_dev], reduction="none").double().cpu()
             weight = elbo_weight(t[start:stop][select].double(), cfg.noise_schedule)
             sample_rows = select.nonzero(as_tuple=True)[0] + start
