@@ -170,6 +170,30 @@ def test_zero_rounds_trains_round_zero_only_and_a_later_call_continues(workdir):
     assert (workdir / "zero" / "round-0" / "model" / "model.safetensors").read_bytes() == weights
 
 
+def test_a_run_from_another_runs_round_zero_reuses_its_grading_when_the_settings_match(workdir, monkeypatch):
+    import llm2diff.evaluation.runner as runner
+
+    source = _recipe(workdir, "init-source", star_rounds=0, max_steps=5, star_rationalize=False)
+    assert main(["star", "--config", source]) == 0
+    init = workdir / "init-source" / "round-0"
+    graded = []
+    real = runner.run_eval
+    monkeypatch.setattr(runner, "run_eval", lambda cfg, *a, **k: graded.append(cfg.output_dir) or real(cfg, *a, **k))
+    variant = _recipe(workdir, "init-variant", star_rounds=0, star_rationalize=False,
+                      star_init_model=str(init / "model"))
+    assert main(["star", "--config", variant]) == 0
+    eval0 = workdir / "init-variant" / "round-0" / "eval"
+    assert graded == []  # the same model, problems, decoding and seed: copied, not graded again
+    summary = json.loads((eval0 / "summary.json").read_text())
+    assert summary["reused_from"] == str(init / "eval")
+    assert (eval0 / "results.jsonl").read_bytes() == (init / "eval" / "results.jsonl").read_bytes()
+    other = _recipe(workdir, "init-other", star_rounds=0, star_rationalize=False, star_eval_problems=3,
+                    star_init_model=str(init / "model"))
+    assert main(["star", "--config", other]) == 0  # other held-out problems: graded
+    assert graded == [str(workdir / "init-other" / "round-0" / "eval")]
+    assert "reused_from" not in json.loads((workdir / "init-other" / "round-0" / "eval" / "summary.json").read_text())
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"star_samples_per_problem": 0}, "star_samples_per_problem must be >= 1"),
     ({"star_task": "arithmetik"}, "unknown star_task 'arithmetik'"),

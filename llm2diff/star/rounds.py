@@ -110,7 +110,13 @@ def _train(model_args, data_args, train_args, recipe, out: Path, rows=None, init
     return record
 
 
-def _evaluate(star: StarArguments, model_dir: Path, out: Path, seed: int) -> dict:
+def _evaluate(star: StarArguments, model_dir: Path, out: Path, seed: int, reuse: Path | None = None) -> dict:
+    """Grade `model_dir` on the held-out problems into `out` (resumable). `reuse`: an earlier evaluation directory
+    of the same model (e.g. the plain run's round 0 a variant starts from); taken as it is, copied whole, when it
+    was made with exactly these settings, so the variant's round 0 is the same grading, not a second one."""
+    import dataclasses
+    import shutil
+
     from accelerate import PartialState
 
     from llm2diff.evaluation.runner import EvalConfig, run_eval
@@ -122,12 +128,34 @@ def _evaluate(star: StarArguments, model_dir: Path, out: Path, seed: int) -> dic
                          limit=star.star_eval_problems, task_options=star.star_task_options,
                          max_new_tokens=star.star_max_new_tokens, batch_size=star.star_eval_batch_size,
                          decoding=star.decoding_for("grading"), seed=seed, output_dir=str(out))
-        start = time.perf_counter()
-        summary = run_eval(cfg)
-        summary["stage_seconds"] = round(time.perf_counter() - start, 2)
-        write_json_atomic(path, summary)
+        if reuse is not None and _same_evaluation(reuse / "summary.json", dataclasses.asdict(cfg)):
+            with atomic_directory(out) as tmp:
+                shutil.copytree(reuse, tmp, dirs_exist_ok=True)
+                summary = json.loads((tmp / "summary.json").read_text())
+                summary["reused_from"] = str(reuse)
+                write_json_atomic(tmp / "summary.json", summary)
+            logger.info("%s: the evaluation in %s has these settings; reused, not graded again", out, reuse)
+        else:
+            start = time.perf_counter()
+            summary = run_eval(cfg)
+            summary["stage_seconds"] = round(time.perf_counter() - start, 2)
+            write_json_atomic(path, summary)
     state.wait_for_everyone()
     return json.loads(path.read_text())
+
+
+def _same_evaluation(summary_path: Path, config: dict) -> bool:
+    """Whether the evaluation summarised at `summary_path` graded the same model with the same settings as
+    `config` (an `EvalConfig` as a dict; the output directory aside)."""
+    if not summary_path.is_file():
+        return False
+    recorded = dict(json.loads(summary_path.read_text()).get("config") or {})
+    wanted = json.loads(json.dumps(config))  # tuples and paths as the summary stores them
+    if Path(recorded.pop("model", "")).resolve() != Path(wanted.pop("model")).resolve():
+        return False
+    recorded.pop("output_dir", None)
+    wanted.pop("output_dir", None)
+    return recorded == wanted
 
 
 def build_round_data(samples: dict[str, dict], rationalized: dict[str, dict], star: StarArguments,
@@ -258,7 +286,8 @@ class StarRun:
                                                                                train_args.max_steps, train_args.seed),
                             self.recipe, r0)
             self.initial = str(r0 / "model")
-        eval0 = _evaluate(star, Path(self.initial), r0 / "eval", train_args.seed)
+        reuse = Path(self.initial).parent / "eval" if star.star_init_model else None  # a STaR run's round 0
+        eval0 = _evaluate(star, Path(self.initial), r0 / "eval", train_args.seed, reuse)
         record = _round_record(0, eval0, train0, None, None, None, None)
         if self.state.is_main_process:
             write_json_atomic(r0 / "round.json", record)
