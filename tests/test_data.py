@@ -21,6 +21,7 @@ from llm2diff.training.data import (
     load_train_eval,
     looks_like_local_path,
     render_example,
+    rendered_prompt_template,
     tokenize_dataset,
 )
 
@@ -150,6 +151,35 @@ def test_prompt_completion_chat_and_plain(tmp_path: Path, tok) -> None:
     assert chat_prompt_ids == chat_prompt(tok, [{"role": "user", "content": row["prompt"]}])
     assert plain_prompt_ids == ids(tok, row["prompt"])
     assert chat_response == plain_response == ids(tok, row["completion"]) + [tok.eos_token_id]
+
+
+@pytest.mark.parametrize("rows,column", [(QA_ROWS, "question"), (PC_ROWS, "prompt")])
+def test_the_plain_path_records_the_template_eval_must_render_training_prompts_with(tmp_path, plain_tok, rows, column):
+    """A plain-prompt model is evaluated with the template in its config: question/answer data used the recipe's,
+    prompt/completion data its prompts as they are ("{question}"), so eval's prompt is the training prompt."""
+    from types import SimpleNamespace
+
+    from llm2diff.evaluation.prompts import PromptRenderer
+    from llm2diff.tasks.base import EvalTask
+
+    class Questions(EvalTask):
+        def question(self, row):
+            return row[column]
+
+    args = DataArguments(dataset_name=str(write_jsonl(tmp_path / "rows.jsonl", rows)), use_chat_template=False,
+                         system_prompt="Be brief.")
+    template = rendered_prompt_template(args)
+    assert template == ("{question}" if column == "prompt" else args.prompt_template)
+    trained, _ = load_train_eval(args, plain_tok)
+    config = SimpleNamespace(use_chat_template=False, system_prompt="Be brief.", prompt_template=template)
+    render = PromptRenderer(SimpleNamespace(tokenizer=plain_tok, config=config))
+    for row, (prompt_ids, _) in zip(rows, tokenized_rows(trained)):
+        assert render(Questions(), row, []) == prompt_ids
+    assert rendered_prompt_template(DataArguments(dataset_name="builtin:arc-agi-1", use_chat_template=False)) == \
+        "{question}"
+    assert rendered_prompt_template(DataArguments(dataset_name="builtin:arithmetic", use_chat_template=False)) == \
+        args.prompt_template
+    assert rendered_prompt_template(DataArguments(dataset_name=str(tmp_path / "rows.jsonl"))) == args.prompt_template
 
 
 def test_conversational_prompt_completion(tok) -> None:

@@ -199,7 +199,9 @@ class DataArguments:
         default="Question: {question}\nAnswer: ",
         metadata={
             "help": "Prompt for question/answer data when use_chat_template is false. Python format "
-            "string; {question} and any other string column of the example may be used."
+            "string; {question} and any other string column of the example may be used. Saved with the model "
+            "for `llm2diff eval` (as '{question}' when the data is prompt/completion, whose prompts are used as "
+            "they are)."
         },
     )
     builtin_num_train: int = field(

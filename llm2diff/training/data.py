@@ -365,6 +365,20 @@ def _cap(ds: "datasets.Dataset", limit: int | None) -> "datasets.Dataset":
     return ds if limit is None or len(ds) <= limit else ds.select(range(limit))
 
 
+def rendered_prompt_template(args: DataArguments) -> str:
+    """The prompt template that describes how the plain path renders the train split's prompts, for the model's
+    config (`llm2diff eval` renders questions with it): the recipe's `prompt_template` for question/answer data,
+    "{question}" for prompt/completion data (its prompts are used as they are, e.g. the ARC built-ins'). With the
+    chat template (or conversational data) the template is not used; the recipe's is returned unchanged."""
+    if args.use_chat_template:
+        return args.prompt_template
+    if is_builtin_dataset(args.dataset_name):
+        fmt = "prompt_completion" if is_arc_builtin(args.dataset_name) else "question_answer"
+    else:
+        fmt = detect_format(load_raw_dataset(args, args.train_split).column_names)
+    return "{question}" if fmt == "prompt_completion" else args.prompt_template
+
+
 def load_train_eval(
     args: DataArguments, tokenizer: "PreTrainedTokenizerBase", max_length: int = 1024
 ) -> tuple["datasets.Dataset", "datasets.Dataset | None"]:

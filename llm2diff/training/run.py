@@ -137,7 +137,13 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
     from transformers import set_seed
 
     from llm2diff.sampling.config import DecodingConfig
-    from llm2diff.training.data import is_arc_builtin, load_train_eval, tokenize_dataset, write_arc_holdout
+    from llm2diff.training.data import (
+        is_arc_builtin,
+        load_train_eval,
+        rendered_prompt_template,
+        tokenize_dataset,
+        write_arc_holdout,
+    )
     from llm2diff.training.trainer import DiffusionSFTTrainer
 
     if train_rows is None and is_arc_builtin(data_args.dataset_name) and eval_args.final_eval_samples > 0:
@@ -148,6 +154,8 @@ def run_train(model_args: ModelArguments, data_args, train_args, eval_args: Fina
         dlm = continue_from(init_model, model_args, train_args)
     else:
         dlm = adapt_base(model_args, data_args, train_args)
+        if train_rows is None:  # prompt/completion rows on the plain path are used as they are: eval must too
+            dlm.config.prompt_template = rendered_prompt_template(data_args)
     tokenizer = dlm.tokenizer
     dlm.config.training = provenance(recipe, train_args.seed)
     # how `generate` decodes this model by default (decoding_config.json): the recipe's sampler_* keys
