@@ -26,8 +26,9 @@ a run another process holds (its directory is locked) is skipped, so two copies 
 
 The table: per model, variant and round, held-out accuracy (mean, min-max over seeds), the change against round 0
 (mean over seeds, each seed's 95% paired bootstrap interval, and how many seeds' intervals exclude 0), pass@k on
-the training pool, kept / rationalized / wrong-step rationales, sampling tokens/s and passes per token; then the
-gap between the AR twin and the diffusion model per round (paired over problems, per seed); then the stages after
+the training pool, kept / rationalized / wrong-step rationales, sampling tokens/s and passes per token; then each
+variant against plain STaR (and against the variant it varies: steps-balanced-hot against steps-balanced,
+steps-balanced against steps) at the same round, paired over the same problems per seed; then the gap between the AR twin and the diffusion model per round (paired over problems, per seed); then the stages after
 STaR against the STaR model they start from. Rows also go to <out>/self_improvement.json with the commands that
 produced them. Asserts nothing.
 
@@ -57,6 +58,8 @@ VARIANTS = {"plain": {}, "no-rationalize": {"star_rationalize": False}, "steps":
             "steps-balanced-hot": {"star_filter": "steps", "star_balance": "pass_rate",
                                    "star_decoding": {"temperature": 1.3, "threshold": 0.9}},
             "prm": {"star_filter": "prm"}}
+# each variant is compared with plain STaR at the same round, seed and problems; and these with the variant they vary
+AGAINST = {"steps-balanced-hot": "steps-balanced", "steps-balanced": "steps"}
 AFTER = {"rl-outcome": {"process_weight": 0.0}, "rl-process": {}, "selection": {}}
 
 
@@ -234,7 +237,7 @@ def summarize(out: Path, models, variants, seeds, last_round: int | None = None,
                     base = run_dir(out, model, variant, s) / "round-0" / "eval"
                     now = run_dir(out, model, variant, s) / f"round-{r}" / "eval"
                     if r > 0 and (base / "results.jsonl").is_file() and (now / "results.jsonl").is_file():
-                        changes.append(paired_difference(read_correct(base), read_correct(now)).to_dict())
+                        changes.append({"seed": s, **paired_difference(read_correct(base), read_correct(now)).to_dict()})
                 sampling = [rec.get("sampling") or {} for rec in records]
                 results = [run_dir(out, model, variant, s) / f"round-{r}" / "eval" / "results.jsonl" for s in have]
                 rows.append({
@@ -259,7 +262,32 @@ def summarize(out: Path, models, variants, seeds, last_round: int | None = None,
                     break
                 gaps.append({"variant": variant, "seed": seed, "round": r,
                              **paired_difference(read_correct(diffusion), read_correct(twin)).to_dict()})
-    return {"rows": rows, "gaps": gaps, **summarize_after(out, models, seeds, last_round)}
+    return {"rows": rows, "gaps": gaps, "versus": summarize_versus(out, models, variants, seeds),
+            **summarize_after(out, models, seeds, last_round)}
+
+
+def summarize_versus(out: Path, models, variants, seeds) -> list[dict]:
+    """Each variant against plain STaR (and against the variant it varies, `AGAINST`) at the same round: per seed,
+    the paired difference over the same held-out problems, for the rounds both have graded."""
+    from llm2diff.evaluation.intervals import paired_difference, read_correct
+
+    rows = []
+    for model in models:
+        for variant in variants:
+            for against in dict.fromkeys(a for a in ("plain", AGAINST.get(variant)) if a and a != variant):
+                for r in range(1, 100):
+                    per_seed = []
+                    for seed in seeds:
+                        mine = run_dir(out, model, variant, seed) / f"round-{r}" / "eval"
+                        theirs = run_dir(out, model, against, seed) / f"round-{r}" / "eval"
+                        if (mine / "results.jsonl").is_file() and (theirs / "results.jsonl").is_file():
+                            per_seed.append({"seed": seed, **paired_difference(read_correct(theirs),
+                                                                               read_correct(mine)).to_dict()})
+                    if not per_seed:
+                        break
+                    rows.append({"model": model, "variant": variant, "against": against, "round": r,
+                                 "per_seed": per_seed})
+    return rows
 
 
 def summarize_after(out: Path, models, seeds, last_round: int | None = None) -> dict:
@@ -321,7 +349,8 @@ def table(summary: dict) -> str:
         changes = row["vs_round_0"]
         if changes:
             mean = sum(c["difference"] for c in changes) / len(changes)
-            per_seed = "; ".join(f"[{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]" for c in changes)
+            per_seed = "; ".join(f"seed {c.get('seed', '?')}: [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
+                                 for c in changes)
             change = f"{100 * mean:+.1f}: {per_seed}"
             excluding = f"{sum(c['low'] > 0 for c in changes)}/{len(changes)} up, {sum(c['high'] < 0 for c in changes)} down"
         else:
@@ -335,6 +364,16 @@ def table(summary: dict) -> str:
                      f"| {_num(row['pass_at_k'], '.0%')} | {kept} "
                      f"| {_num(row['wrong_steps'], '.0f')} | {_num(row['tokens_per_second'], '.1f')} "
                      f"| {_num(row['nfe_per_token'], '.2f')} |")
+    if summary.get("versus"):
+        lines += ["", "| model | variant | against | round | difference: mean, per seed [95% interval] "
+                      "| seeds excluding 0 |", "|---|---|---|---|---|---|"]
+        for row in summary["versus"]:
+            seeds = row["per_seed"]
+            mean = sum(d["difference"] for d in seeds) / len(seeds)
+            per_seed = "; ".join(f"seed {d['seed']}: {_interval(d)}" for d in seeds)
+            excluding = f"{sum(d['low'] > 0 for d in seeds)}/{len(seeds)} up, {sum(d['high'] < 0 for d in seeds)} down"
+            lines.append(f"| {row['model']} | {row['variant']} | {row['against']} | {row['round']} "
+                         f"| {100 * mean:+.1f}: {per_seed} | {excluding} |")
     if summary["gaps"]:
         lines += ["", "| variant | round | AR twin minus diffusion, per seed [95% interval] |", "|---|---|---|"]
         keys = sorted({(g["variant"], g["round"]) for g in summary["gaps"]})

@@ -20,8 +20,9 @@ def bench():
     return load_benchmark("self_improvement")
 
 
-def fake_run(bench, out: Path, model: str, seed: int, correct_by_round: list[list[bool]]) -> None:
-    root = bench.run_dir(out, model, "plain", seed)
+def fake_run(bench, out: Path, model: str, seed: int, correct_by_round: list[list[bool]], variant: str = "plain"
+             ) -> None:
+    root = bench.run_dir(out, model, variant, seed)
     rounds = []
     for r, correct in enumerate(correct_by_round):
         (root / f"round-{r}" / "eval").mkdir(parents=True)
@@ -67,13 +68,33 @@ def test_table_over_seeds_with_paired_intervals_and_the_gap(bench, tmp_path):
     assert set(gaps) == {(0, 0), (0, 1)}  # seed 1 has no twin
     assert gaps[(0, 0)]["difference"] == 0.5 and gaps[(0, 1)]["difference"] == 0.0
     text = bench.table(summary)
-    assert "| diffusion | plain | 1 | 50.0% (25.0-75.0, n=40, 2 seeds) | +25.0: [+" in text
+    assert "| diffusion | plain | 1 | 50.0% (25.0-75.0, n=40, 2 seeds) | +25.0: seed 0: [+" in text
     groups = {f"test-{i}": "2 steps" if i < 20 else "3 steps" for i in range(n)}  # 10 and 0 right before, 20/10 after
     grouped = bench.summarize(tmp_path, ["diffusion"], ["plain"], [0, 1], groups=groups)["rows"]
     assert grouped[1]["by_difficulty"] == {"2 steps": pytest.approx((1.0 + 0.5) / 2), "3 steps": pytest.approx(0.25)}
     assert "| 2 steps 75% · 3 steps 25% |" in bench.table({"rows": grouped, "gaps": []})
     assert "| 1/2 up, 0 down |" in text
     assert "| plain | 0 | seed 0: +50.0 [" in text
+
+
+def test_each_variant_against_plain_and_the_variant_it_varies_paired_per_seed(bench, tmp_path):
+    n = 40
+    base, better, best = ([i < k for i in range(n)] for k in (10, 20, 30))
+    for seed in (0, 1):
+        fake_run(bench, tmp_path, "diffusion", seed, [base, base, base])
+        fake_run(bench, tmp_path, "diffusion", seed, [base, better, better], variant="steps-balanced")
+    fake_run(bench, tmp_path, "diffusion", 0, [base, best], variant="steps-balanced-hot")  # seed 0, round 1 only
+    versus = bench.summarize(tmp_path, ["diffusion"], ["plain", "steps-balanced", "steps-balanced-hot"],
+                             [0, 1])["versus"]
+    got = {(v["variant"], v["against"], v["round"]): [(d["seed"], d["difference"]) for d in v["per_seed"]]
+           for v in versus}
+    assert got == {("steps-balanced", "plain", 1): [(0, 0.25), (1, 0.25)],
+                   ("steps-balanced", "plain", 2): [(0, 0.25), (1, 0.25)],
+                   ("steps-balanced-hot", "plain", 1): [(0, 0.5)],
+                   ("steps-balanced-hot", "steps-balanced", 1): [(0, 0.25)]}
+    text = bench.table({"rows": [], "gaps": [], "versus": versus})
+    assert "| diffusion | steps-balanced-hot | steps-balanced | 1 | +25.0: seed 0: +25.0 [+" in text
+    assert "| diffusion | steps-balanced | plain | 2 | +25.0: seed 0: +25.0 [" in text and "| 2/2 up, 0 down |" in text
 
 
 def test_a_run_another_process_holds_is_skipped_and_a_failure_stops(bench, tmp_path, monkeypatch):
