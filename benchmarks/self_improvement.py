@@ -29,8 +29,9 @@ The table: per model, variant and round, held-out accuracy (mean, min-max over s
 the training pool, kept / rationalized / wrong-step rationales, sampling tokens/s and passes per token; then each
 variant against plain STaR (and against the variant it varies: steps-balanced-hot against steps-balanced,
 steps-balanced against steps) at the same round, paired over the same problems per seed; then the gap between
-the AR twin and the diffusion model per round (paired over problems, per seed); then the stages after STaR against the STaR model they start from. Rows also go to <out>/self_improvement.json with the commands that
-produced them. Asserts nothing.
+the AR twin and the diffusion model per round (paired over problems, per seed); then the stages after STaR against
+the STaR model they start from. Rows also go to <out>/self_improvement.json with the commands that produced them.
+Asserts nothing.
 
     nohup python benchmarks/self_improvement.py > self_improvement.log 2>&1 &      # hours on a 2-core CPU
     nohup python benchmarks/self_improvement.py > second.log 2>&1 &                # a second core shares the work
