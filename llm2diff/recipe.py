@@ -22,7 +22,6 @@ from typing import Any
 
 import yaml
 
-
 logger = logging.getLogger("llm2diff")
 
 
@@ -94,22 +93,6 @@ def unknown_key_message(key: str, valid: list[str], where: str) -> str:
     return f"unknown recipe key {key!r} in {where}{hint}"
 
 
-def did_you_mean(value: Any, options, cutoff: float = 0.6) -> str:
-    """' Did you mean 'x'?' for the option nearest `value`, or '' when none is near."""
-    near = difflib.get_close_matches(str(value), [str(o) for o in options], n=1, cutoff=cutoff)
-    return f" Did you mean {near[0]!r}?" if near else ""
-
-
-def check_choice(name: str, value: Any, options, *, error: type[Exception] = ValueError, cutoff: float = 0.6,
-                 none_ok: bool = False) -> None:
-    """Raise `error` naming the setting, its value, the options and the nearest one, unless `value` is an option
-    (or None where `none_ok`)."""
-    if value in options or (none_ok and value is None):
-        return
-    listed = ", ".join(str(o) for o in options) + (" (or none)" if none_ok else "")
-    raise error(f"unknown {name} {value!r}; available: {listed}.{did_you_mean(value, options, cutoff)}")
-
-
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -136,9 +119,9 @@ def parse_recipe(argv: list[str] | None, classes: tuple[type, ...]) -> tuple[Any
     Returns the dataclass instances followed by the merged raw recipe (a dict: file values updated by overrides),
     which is recorded with every output: credentials in it (`hub_token`, ...) are redacted.
     """
-    from llm2diff.redact import redact
-
     from transformers import HfArgumentParser
+
+    from llm2diff.redact import redact
 
     argv = list(sys.argv[1:] if argv is None else argv)
     valid = valid_keys(classes)

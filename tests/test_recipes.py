@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llm2diff.recipe import RecipeError, check_choice, parse_recipe, valid_keys
+from llm2diff.names import check_choice
+from llm2diff.recipe import RecipeError, parse_recipe, valid_keys
 from llm2diff.training.arguments import train_dataclasses
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 
 from llm2diff.evaluation.likelihood import loglikelihood
 from llm2diff.evaluation.prompts import PromptRenderer
-from llm2diff.recipe import check_choice
+from llm2diff.names import check_choice
 from llm2diff.tasks.arc_agi import Grid, Transform, grid_problem, grid_to_text, text_to_grid
 
 __all__ = ["COMBINES", "ScoredCandidate", "combine_scores", "score_candidates", "top_two", "view_seed"]

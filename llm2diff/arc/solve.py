@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from llm2diff.recipe import check_choice
+from llm2diff.names import check_choice
 from llm2diff.tasks.arc_agi import (
     Grid,
     all_transforms,

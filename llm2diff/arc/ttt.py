@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
-from llm2diff.recipe import check_choice
+from llm2diff.names import check_choice
 from llm2diff.tasks.arc_agi import all_transforms, augment_row, leave_one_out_rows
 
 logger = logging.getLogger(__name__)

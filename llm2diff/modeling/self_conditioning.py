@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from llm2diff.recipe import check_choice
+from llm2diff.names import check_choice
 
 KINDS = ("expected_embedding", "hidden")
 ATTRIBUTE = "llm2diff_self_conditioning"

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llm2diff.names import check_choice
 from llm2diff.noise.schedule import (
     SCHEDULES,
     T_SAMPLING,
@@ -46,7 +47,6 @@ from llm2diff.noise.schedule import (
     mask_probability_rate,
     sample_noise_levels,
 )
-from llm2diff.recipe import check_choice
 
 UNITS = ("block", "sequence")
 ORDERS = ("random", "semantic")

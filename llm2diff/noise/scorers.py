@@ -44,7 +44,7 @@ from typing import Any, ContextManager
 import numpy as np
 import torch
 
-from llm2diff.recipe import check_choice
+from llm2diff.names import check_choice
 
 SCORERS: tuple[str, ...] = ("idf", "surprisal", "parent_deletion", "embedding_deletion")
 #: Bump when a scorer's computation changes, so cached scores from the old code are not reused.

@@ -14,7 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm2diff.recipe import DecodingLayer, RecipeError, check_choice, check_decoding_layer, decoding_field
+from llm2diff.names import check_choice
+from llm2diff.recipe import DecodingLayer, RecipeError, check_decoding_layer, decoding_field
 from llm2diff.sources import builtin_task, is_builtin_dataset
 
 logger = logging.getLogger("llm2diff")

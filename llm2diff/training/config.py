@@ -14,9 +14,9 @@ from llm2diff.compat import adopt_activation_checkpointing
 from llm2diff.modeling.attention import ATTN_BACKENDS
 from llm2diff.modeling.config import CLEAN_ATTENTION, validate_block_size
 from llm2diff.modeling.self_conditioning import check_self_conditioning
+from llm2diff.names import check_choice
 from llm2diff.noise.masking import NoiseSpec
 from llm2diff.noise.scorers import SCORERS
-from llm2diff.recipe import check_choice
 from llm2diff.training.layout import parse_block_size_schedule, scheduled_block_size
 
 
