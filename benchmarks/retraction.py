@@ -30,6 +30,7 @@ Prints the tables and writes them to --out with the settings and hardware. Asser
     python benchmarks/retraction.py                                        # both quickstart-fast models, 100 problems
     python benchmarks/retraction.py --problems 20 --skip-accuracy          # the planted errors only, a quick look
     python benchmarks/retraction.py --model outputs/qs-edit --baseline outputs/quickstart-fast --edit-threshold 0.3
+    python benchmarks/retraction.py --reopen-thresholds 0.3,0.7,0.9 --methods none,reopen@0.3,reopen@0.7,reopen@0.9
 """
 
 from __future__ import annotations
@@ -48,15 +49,18 @@ from benchmarks.common import arithmetic_held_out  # noqa: E402
 NO_CORRECTION = {"remask_threshold": None, "edit_threshold": None, "remask_budget": None, "reopen_threshold": None}
 
 
-def methods(edit_threshold: float) -> dict[str, dict]:
-    """Each correction method as decoding settings over the model's saved commit rule."""
+def methods(edit_threshold: float, reopen_thresholds=()) -> dict[str, dict]:
+    """Each correction method as decoding settings over the model's saved commit rule; `reopen_thresholds` adds
+    "reopen@E" rows: reopening at its own threshold E (in-block replacement still at `edit_threshold`)."""
+    reopen = {**NO_CORRECTION, "edit_threshold": edit_threshold, "edit_action": "replace", "remask_budget": 2,
+              "reopen_budget": 2}
     return {
         "none": dict(NO_CORRECTION),
         "heuristic": {**NO_CORRECTION, "remask_threshold": 0.3, "remask_budget": 1},
         "replace": {**NO_CORRECTION, "edit_threshold": edit_threshold, "edit_action": "replace", "remask_budget": 2},
         "remask": {**NO_CORRECTION, "edit_threshold": edit_threshold, "edit_action": "remask", "remask_budget": 2},
-        "reopen": {**NO_CORRECTION, "edit_threshold": edit_threshold, "edit_action": "replace", "remask_budget": 2,
-                   "reopen_threshold": edit_threshold, "reopen_budget": 2},
+        "reopen": {**reopen, "reopen_threshold": edit_threshold},
+        **{f"reopen@{e:g}": {**reopen, "reopen_threshold": e} for e in reopen_thresholds},
     }
 
 
@@ -209,6 +213,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-planted", action="store_true")
+    parser.add_argument("--reopen-thresholds", default="",
+                        help="also reopening at each of these thresholds (rows reopen@E), e.g. 0.3,0.7,0.9: where "
+                             "fixing planted errors meets the cost of reopening sound blocks")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
     parser.add_argument("--out", default="outputs/retraction.json")
     args = parser.parse_args()
@@ -222,7 +229,7 @@ def main() -> None:
     from llm2diff.hardware import describe
 
     torch.set_num_threads(args.threads)
-    layers = methods(args.edit_threshold)
+    layers = methods(args.edit_threshold, [float(e) for e in args.reopen_thresholds.split(",") if e])
     if args.methods:
         unknown = set(args.methods.split(",")) - set(layers) - {"1/step"}
         if unknown:

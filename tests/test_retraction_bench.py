@@ -28,6 +28,9 @@ def test_errors_are_planted_past_a_blocks_first_token_after_the_first_block(benc
     assert bench.plant_position([10, 11, 12, 13, eos], 4, [eos], random.Random(0)) is None
     assert set(bench.methods(0.4)) == {"none", "heuristic", "replace", "remask", "reopen"}
     assert bench.methods(0.4)["replace"]["edit_threshold"] == 0.4
+    swept = bench.methods(0.4, [0.3, 0.9])
+    assert swept["reopen@0.9"] == {**swept["reopen"], "reopen_threshold": 0.9}
+    assert swept["reopen@0.3"]["reopen_threshold"] == 0.3 and swept["reopen"]["reopen_threshold"] == 0.4
 
 
 def test_a_planted_token_stays_without_correction(bench):
