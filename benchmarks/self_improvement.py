@@ -272,6 +272,10 @@ def summarize_versus(out: Path, models, variants, seeds) -> list[dict]:
     the paired difference over the same held-out problems, for the rounds both have graded."""
     from llm2diff.evaluation.intervals import paired_difference, read_correct
 
+    def graded(model: str, variant: str, seed: int) -> set[int]:  # rounds whose grading finished (not one under way)
+        path = run_dir(out, model, variant, seed) / "report.json"
+        return {r["round"] for r in json.loads(path.read_text())["rounds"]} if path.is_file() else set()
+
     rows = []
     for model in models:
         for variant in variants:
@@ -281,7 +285,7 @@ def summarize_versus(out: Path, models, variants, seeds) -> list[dict]:
                     for seed in seeds:
                         mine = run_dir(out, model, variant, seed) / f"round-{r}" / "eval"
                         theirs = run_dir(out, model, against, seed) / f"round-{r}" / "eval"
-                        if (mine / "results.jsonl").is_file() and (theirs / "results.jsonl").is_file():
+                        if r in graded(model, variant, seed) and r in graded(model, against, seed):
                             per_seed.append({"seed": seed, **paired_difference(read_correct(theirs),
                                                                                read_correct(mine)).to_dict()})
                     if not per_seed:

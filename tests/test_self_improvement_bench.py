@@ -84,6 +84,9 @@ def test_each_variant_against_plain_and_the_variant_it_varies_paired_per_seed(be
         fake_run(bench, tmp_path, "diffusion", seed, [base, base, base])
         fake_run(bench, tmp_path, "diffusion", seed, [base, better, better], variant="steps-balanced")
     fake_run(bench, tmp_path, "diffusion", 0, [base, best], variant="steps-balanced-hot")  # seed 0, round 1 only
+    under_way = bench.run_dir(tmp_path, "diffusion", "steps-balanced-hot", 1) / "round-1" / "eval"
+    under_way.mkdir(parents=True)  # seed 1 is grading round 1: its first results are no comparison yet
+    (under_way / "results.jsonl").write_text(json.dumps({"id": "test-0", "correct": False}) + "\n")
     versus = bench.summarize(tmp_path, ["diffusion"], ["plain", "steps-balanced", "steps-balanced-hot"],
                              [0, 1])["versus"]
     got = {(v["variant"], v["against"], v["round"]): [(d["seed"], d["difference"]) for d in v["per_seed"]]
