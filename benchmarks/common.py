@@ -1,5 +1,13 @@
-"""What several benchmark scripts share: running one resumable llm2diff run as a logged subprocess, and the
-built-in arithmetic task's held-out problems of the kind a model was trained on.
+"""What several benchmark scripts share: running one resumable llm2diff run as a logged subprocess, the built-in
+arithmetic task's held-out problems of the kind a model was trained on, and the results archive.
+
+The results archive (`benchmarks/results/<benchmark>/<settings>/`, committed with the code) keeps the small record
+files of every measured run (reports, per-problem grading; never models) in the places they have under the
+benchmark's `--out`; `<settings>` names the recipe and a digest of everything that changes a measurement (the
+recipe's values with the command line's overrides, the benchmark's own settings), so a quick look with other
+settings never mixes with, or overwrites, the real table. Output directories do not outlive the machine they were written on, and a table over three seeds takes
+more CPU-hours than one sitting has: each sitting archives what it measured, and the tables read the outputs and
+the archive together, so a table grows across machines and sessions.
 
     from benchmarks.common import arithmetic_held_out, run_logged     # after the script puts the checkout on sys.path
 """
@@ -9,8 +17,10 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"
 IN_USE = "is in use by another llm2diff run"  # llm2diff.rundir.output_lock's refusal
 
 
@@ -56,3 +66,52 @@ def arithmetic_held_out(dlm, problems: int):
     rows = task.load_rows(None, "test", problems)
     render = PromptRenderer(dlm)
     return task, rows, [render(task, row, []) for row in rows]
+
+
+def settings_key(recipe: str | Path, settings: dict) -> str:
+    """`<recipe name>-<8 hex digits>`: the archive folder of one benchmark setting (the digest of `settings`, the
+    parsed recipe values with overrides and the benchmark's settings; comments and key order do not count)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{Path(recipe).stem}-{digest}"
+
+
+def archive_records(out: Path, archive: Path, runs: Iterable[Path],
+                    patterns: Iterable[str] | Callable[[Path], Iterable[str]],
+                    progress: Callable[[Path], int] | None = None) -> list[Path]:
+    """Copy each run's record files (`patterns`: globs relative to the run directory, or a function of the run's
+    directory giving them) from under `out` to the same place under `archive`; returns the runs copied. `runs` are run directories relative to `out`. A run is copied
+    whole (its archived record files replaced) and only when it is at least as far as the archived copy by
+    `progress` (e.g. rounds graded; default: always), so a run begun again on a new machine does not overwrite a
+    more complete one measured earlier."""
+    from llm2diff.atomic import write_bytes_atomic
+
+    copied = []
+    for run in runs:
+        source, target = out / run, archive / run
+        globs = list(patterns(source) if callable(patterns) else patterns)
+        files = sorted({f for pattern in globs for f in source.glob(pattern) if f.is_file()})
+        if not files or (progress is not None and target.is_dir() and progress(source) < progress(target)):
+            continue
+        old_globs = list(patterns(target) if callable(patterns) else patterns)
+        for old in {f for pattern in old_globs for f in target.glob(pattern) if f.is_file()}:
+            old.unlink()
+        for file in files:
+            write_bytes_atomic(target / file.relative_to(source), file.read_bytes())
+        copied.append(run)
+    return copied
+
+
+def locate(roots: Iterable[Path], run: Path, marker: str, progress: Callable[[Path], int] | None = None) -> Path:
+    """Where the run `run` (relative to each root: the outputs, then the archive) is read from: the root whose copy
+    has `marker` and is furthest along by `progress` (the first such root on a tie); the first root when none has
+    it."""
+    roots = list(roots)
+    found = [root / run for root in roots if (root / run / marker).is_file()]
+    if not found:
+        return roots[0] / run
+    if progress is None:
+        return found[0]
+    return max(found, key=progress)  # max keeps the first of equals

@@ -33,6 +33,12 @@ every k-th of the problems in the same process, between them, for the tokens/s r
 <out>/<row>/seed-N/parity_eval.json (per-problem correctness, passes, tokens and seconds, the decoding used, the
 parent's figures, library versions and hardware) and is reused when the command is run again.
 
+Each evaluation's records (parity_eval.json, the model's parity_train.json) are also copied into the committed
+results archive, benchmarks/results/parallel-parity/<recipe>-<digest of the recipe's values, the overrides, problems,
+tokens, threshold and --combined>/ (--archive; '' for none): a (row, seed) found there with the same settings is
+neither trained nor graded again, and the table reads --out and the archive together, so the 21 trainings can be
+spread over machines and sessions.
+
 The table (printed, and written to <out>/parallel_parity.md and .json with the commands): per row, held-out
 accuracy (mean over seeds, min-max), the paired difference against the baseline (mean, each seed's 95% bootstrap
 interval over problems, how many seeds' intervals exclude 0), the AR twin minus the row (the same way), forward
@@ -60,7 +66,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import arithmetic_held_out, run_logged  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    archive_records,
+    arithmetic_held_out,
+    locate,
+    run_logged,
+    settings_key,
+)
 
 DEFAULT_COMBINED = "self_conditioning=expected_embedding,block_size_schedule=2:0.25,4:0.5"
 # rows trained with these recipe overrides (`combined`: those of --combined)
@@ -357,6 +370,38 @@ def grade(args, row: str, seed: int, model: Path, path: Path, wanted: dict) -> d
     return result
 
 
+def archive_root(args) -> Path | None:
+    """This setting's folder of the results archive (None without one): the recipe's values with the overrides
+    after --, the held-out problems, new tokens, threshold and the combined row's overrides."""
+    if not args.archive:
+        return None
+    settings = {"recipe": recipe_fields(args), "problems": args.problems, "max_new_tokens": args.max_new_tokens,
+                "threshold": args.threshold, "combined": parse_combined(args.combined)}
+    return Path(args.archive) / settings_key(args.recipe, settings)
+
+
+def archived(args, row: str, seed: int) -> bool:
+    """Whether the results archive holds (row, seed)'s evaluation with the settings asked for now (then it is
+    neither trained nor graded again: its records stand for it)."""
+    root = archive_root(args)
+    if root is None:
+        return False
+    path = run_dir(root, row, seed) / EVAL_NAME
+    wanted = {"problems": args.problems, "max_new_tokens": args.max_new_tokens, "layer": eval_layer(args, row),
+              "trained_with": overrides(args, row)}
+    if not path.is_file() or (run_dir(Path(args.out), row, seed) / EVAL_NAME).is_file():
+        return False
+    result = json.loads(path.read_text())
+    return all(result.get(k) == v for k, v in wanted.items())
+
+
+def archive(out: Path, archive_dir: Path) -> list[Path]:
+    """Copy every run's record files under `out` (parity_eval.json, parity_train.json: no models) into
+    `archive_dir`; returns the runs copied."""
+    runs = sorted({p.parent.relative_to(out) for name in (EVAL_NAME, TRAIN_RECORD) for p in out.glob(f"*/seed-*/{name}")})
+    return archive_records(out, archive_dir, runs, (EVAL_NAME, TRAIN_RECORD))
+
+
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -370,23 +415,30 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def summarize(out: Path, rows, seeds) -> dict:
-    """Rows of the table from the evaluations under `out` (a seed without an evaluation is left out). The baseline
-    and the AR twin are read for the paired columns whether or not they are among `rows`."""
+def summarize(out: Path | list[Path], rows, seeds) -> dict:
+    """Rows of the table from the evaluations under `out` (or several roots: the outputs, then the results
+    archive; a seed without an evaluation is left out). The baseline and the AR twin are read for the paired columns
+    whether or not they are among `rows`."""
     from llm2diff.evaluation.intervals import paired_difference, spread
 
+    roots = [out] if isinstance(out, Path) else list(out)
+
     def evals(row):
-        return {s: e for s in seeds if (e := _read(run_dir(out, row, s) / EVAL_NAME)) is not None}
+        return {s: e for s in seeds
+                if (e := _read(locate(roots, Path(row) / f"seed-{s}", EVAL_NAME) / EVAL_NAME)) is not None}
+
+    def seconds_per_step_of(row, s):
+        return seconds_per_step(locate(roots, Path(model_row(row)) / f"seed-{s}", TRAIN_RECORD))
 
     baseline, twin = evals("baseline"), evals("ar-twin")
-    base_step = _mean([seconds_per_step(run_dir(out, "baseline", s)) for s in seeds])
+    base_step = _mean([seconds_per_step_of("baseline", s) for s in seeds])
     summary = []
     for row in rows:
         results = evals(row)
         if not results:
             continue
         have = sorted(results)
-        step = _mean([seconds_per_step(run_dir(out, model_row(row), s)) for s in have])
+        step = _mean([seconds_per_step_of(row, s) for s in have])
         summary.append({
             "row": row, "seeds": have, "problems": results[have[0]]["problems"],
             "accuracy": spread([results[s]["accuracy"] for s in have]).__dict__,
@@ -460,6 +512,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every training and evaluation")
     parser.add_argument("--out", default="outputs/parallel-parity")
     parser.add_argument("--table-only", action="store_true", help="print the table of what is done; run nothing")
+    parser.add_argument("--archive", default=str(RESULTS / "parallel-parity"),
+                        help="the results archive: each evaluation's records (parity_eval.json, parity_train.json) "
+                             "are copied here, a (row, seed) archived with the same settings is not run again, and "
+                             "the table reads --out and the archive together (default: %(default)s, committed with "
+                             "the code; '' for none)")
     parser.add_argument("extra", nargs="*", help="further recipe overrides for every training, after --, e.g. "
                                                  "-- --max_steps 20")
     args = parser.parse_args()
@@ -481,9 +538,17 @@ def main() -> None:
         print(f"hardware: {hardware}", flush=True)
         for seed in seeds:  # one seed of every row first: a partial run already compares the rows
             for row in rows:
-                if train(args, row, seed):
-                    evaluate(args, row, seed)
-    summary = summarize(out, rows, seeds)
+                if archived(args, row, seed):
+                    print(f"[{row}/seed {seed}] in the results archive ({archive_root(args)}): not run again", flush=True)
+                elif train(args, row, seed) and evaluate(args, row, seed) is not None and args.archive:
+                    archive(out, archive_root(args))
+    roots = [out]
+    if args.archive:
+        copied = archive(out, archive_root(args))
+        if copied:
+            print(f"archived in {archive_root(args)}: {', '.join(map(str, copied))}", flush=True)
+        roots.append(archive_root(args))
+    summary = summarize(roots, rows, seeds)
     decoding = f"threshold {args.threshold}" if args.threshold is not None else "each model's saved decoding"
     header = (f"parallel parity: {args.recipe}, seeds {','.join(map(str, seeds))}, batch 1, {decoding}\n"
               f"hardware: {hardware}")

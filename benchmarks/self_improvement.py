@@ -31,6 +31,10 @@ variant against plain STaR (and against the variant it varies: steps-balanced-ho
 steps-balanced against steps) at the same round, paired over the same problems per seed; then the gap between
 the AR twin and the diffusion model per round (paired over problems, per seed); then the stages after STaR against
 the STaR model they start from. Rows also go to <out>/self_improvement.json with the commands that produced them.
+Every invocation (--table-only too) copies the runs' record files (reports, per-problem grading; no models) into the
+committed results archive, benchmarks/results/self-improvement/<recipe>-<digest of its values and the overrides
+after -->/ (--archive; '' for none), and the table reads --out and the archive together: runs measured on other
+machines count.
 Asserts nothing.
 
     nohup python benchmarks/self_improvement.py > self_improvement.log 2>&1 &      # hours on a 2-core CPU
@@ -51,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_logged  # noqa: E402
+from benchmarks.common import RESULTS, archive_records, locate, run_logged, settings_key  # noqa: E402
 
 MODELS = {"diffusion": {}, "ar-twin": {"block_size": 1}}
 VARIANTS = {"plain": {}, "no-rationalize": {"star_rationalize": False}, "steps": {"star_filter": "steps"},
@@ -71,6 +75,30 @@ def run_dir(out: Path, model: str, variant: str, seed: int) -> Path:
 def prm_dir(out: Path, model: str, seed: int) -> Path:
     """Where the PRM trained on (model, seed)'s round-0 rollouts lives (`llm2diff prm` output; the model is prm/)."""
     return out / model / "reward-model" / f"seed-{seed}"
+
+
+def _rounds(run: Path) -> int:
+    """Rounds a STaR run has graded (its report.json), for choosing between its copies."""
+    report = run / "report.json"
+    return len(json.loads(report.read_text())["rounds"]) if report.is_file() else -1
+
+
+def _roots(out: Path | list[Path]) -> list[Path]:
+    return [out] if isinstance(out, Path) else list(out)
+
+
+def found_run(out: Path | list[Path], model: str, variant: str, seed: int) -> Path:
+    """The STaR run's directory under the first of the roots (outputs, then archive) with the most rounds graded."""
+    return locate(_roots(out), Path(model) / variant / f"seed-{seed}", "report.json", _rounds)
+
+
+def found_prm(out: Path | list[Path], model: str, seed: int) -> Path:
+    return locate(_roots(out), Path(model) / "reward-model" / f"seed-{seed}", "prm_report.json")
+
+
+def found_after(out: Path | list[Path], model: str, stage: str, seed: int) -> Path:
+    marker = "selection.json" if stage == "selection" else "rl_report.json"
+    return locate(_roots(out), Path(model) / stage / f"seed-{seed}", marker)
 
 
 def star_model(out: Path, model: str, seed: int, r: int) -> Path:
@@ -182,6 +210,26 @@ def run_after(args, model: str, stage: str, seed: int) -> bool:
         return False
 
 
+def records(run: Path) -> list[str]:
+    """The record files of a run directory (globs): a STaR run's report and the grading of the rounds its report
+    lists (not a round being graded now), a reward model's report, a stage after STaR's report and grading."""
+    if (run / "report.json").is_file():
+        graded = [r["round"] for r in json.loads((run / "report.json").read_text())["rounds"]]
+        return ["report.json", "report.md", *(f"round-{r}/eval/{name}" for r in graded
+                                              for name in ("results.jsonl", "summary.json"))]
+    return ["prm_report.json", "rl_report.json", "eval/results.jsonl", "eval/summary.json", "selection.json"]
+
+
+def archive(out: Path, archive_dir: Path) -> list[Path]:
+    """Copy the record files of every run under `out` (STaR runs, reward models, stages after STaR: reports and
+    per-problem grading, no models) into `archive_dir`; a STaR run only when it has graded at least as many rounds
+    as its archived copy. Returns the runs copied."""
+    runs = sorted({p.parent.relative_to(out) for marker in ("report.json", "prm_report.json", "rl_report.json",
+                                                             "selection.json")
+                   for p in out.glob(f"*/*/seed-*/{marker}")})
+    return archive_records(out, archive_dir, runs, records, progress=_rounds)
+
+
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -215,7 +263,7 @@ def _by_difficulty(paths: list[Path], groups: dict[str, str]) -> dict[str, float
     return {label: sum(seed.get(label, 0.0) for seed in per_seed) / len(per_seed) for label in labels}
 
 
-def summarize(out: Path, models, variants, seeds, last_round: int | None = None,
+def summarize(out: Path | list[Path], models, variants, seeds, last_round: int | None = None,
               groups: dict[str, str] | None = None) -> dict:
     """Rows of the table from the finished rounds under `out` (a round missing for some seed is left out);
     `groups` (problem id -> difficulty label) adds the accuracy per difficulty."""
@@ -226,7 +274,7 @@ def summarize(out: Path, models, variants, seeds, last_round: int | None = None,
         for variant in variants:
             reports = {}
             for seed in seeds:
-                path = run_dir(out, model, variant, seed) / "report.json"
+                path = found_run(out, model, variant, seed) / "report.json"
                 if path.is_file():
                     reports[seed] = {r["round"]: r for r in json.loads(path.read_text())["rounds"]}
             rounds = sorted({r for rep in reports.values() for r in rep})
@@ -235,12 +283,12 @@ def summarize(out: Path, models, variants, seeds, last_round: int | None = None,
                 records = [reports[s][r] for s in have]
                 changes = []
                 for s in have:
-                    base = run_dir(out, model, variant, s) / "round-0" / "eval"
-                    now = run_dir(out, model, variant, s) / f"round-{r}" / "eval"
+                    base = found_run(out, model, variant, s) / "round-0" / "eval"
+                    now = found_run(out, model, variant, s) / f"round-{r}" / "eval"
                     if r > 0 and (base / "results.jsonl").is_file() and (now / "results.jsonl").is_file():
                         changes.append({"seed": s, **paired_difference(read_correct(base), read_correct(now)).to_dict()})
                 sampling = [rec.get("sampling") or {} for rec in records]
-                results = [run_dir(out, model, variant, s) / f"round-{r}" / "eval" / "results.jsonl" for s in have]
+                results = [found_run(out, model, variant, s) / f"round-{r}" / "eval" / "results.jsonl" for s in have]
                 rows.append({
                     "model": model, "variant": variant, "round": r, "seeds": have,
                     "accuracy": spread([rec["accuracy"] for rec in records]).__dict__,
@@ -257,8 +305,8 @@ def summarize(out: Path, models, variants, seeds, last_round: int | None = None,
     for variant in variants:  # the AR twin minus the diffusion model, paired over the same held-out problems
         for seed in seeds:
             for r in range(0, 100):
-                twin = run_dir(out, "ar-twin", variant, seed) / f"round-{r}" / "eval" / "results.jsonl"
-                diffusion = run_dir(out, "diffusion", variant, seed) / f"round-{r}" / "eval" / "results.jsonl"
+                twin = found_run(out, "ar-twin", variant, seed) / f"round-{r}" / "eval" / "results.jsonl"
+                diffusion = found_run(out, "diffusion", variant, seed) / f"round-{r}" / "eval" / "results.jsonl"
                 if not (twin.is_file() and diffusion.is_file()):
                     break
                 gaps.append({"variant": variant, "seed": seed, "round": r,
@@ -267,13 +315,13 @@ def summarize(out: Path, models, variants, seeds, last_round: int | None = None,
             **summarize_after(out, models, seeds, last_round)}
 
 
-def summarize_versus(out: Path, models, variants, seeds) -> list[dict]:
+def summarize_versus(out: Path | list[Path], models, variants, seeds) -> list[dict]:
     """Each variant against plain STaR (and against the variant it varies, `AGAINST`) at the same round: per seed,
     the paired difference over the same held-out problems, for the rounds both have graded."""
     from llm2diff.evaluation.intervals import paired_difference, read_correct
 
     def graded(model: str, variant: str, seed: int) -> set[int]:  # rounds whose grading finished (not one under way)
-        path = run_dir(out, model, variant, seed) / "report.json"
+        path = found_run(out, model, variant, seed) / "report.json"
         return {r["round"] for r in json.loads(path.read_text())["rounds"]} if path.is_file() else set()
 
     rows = []
@@ -283,8 +331,8 @@ def summarize_versus(out: Path, models, variants, seeds) -> list[dict]:
                 for r in range(1, 100):
                     per_seed = []
                     for seed in seeds:
-                        mine = run_dir(out, model, variant, seed) / f"round-{r}" / "eval"
-                        theirs = run_dir(out, model, against, seed) / f"round-{r}" / "eval"
+                        mine = found_run(out, model, variant, seed) / f"round-{r}" / "eval"
+                        theirs = found_run(out, model, against, seed) / f"round-{r}" / "eval"
                         if r in graded(model, variant, seed) and r in graded(model, against, seed):
                             per_seed.append({"seed": seed, **paired_difference(read_correct(theirs),
                                                                                read_correct(mine)).to_dict()})
@@ -295,7 +343,7 @@ def summarize_versus(out: Path, models, variants, seeds) -> list[dict]:
     return rows
 
 
-def summarize_after(out: Path, models, seeds, last_round: int | None = None) -> dict:
+def summarize_after(out: Path | list[Path], models, seeds, last_round: int | None = None) -> dict:
     """The PRMs (AUROC against rollout and exact step labels) and the stages after STaR, per model and seed:
     GRPO's held-out accuracy paired against the STaR model it starts from (the plain run's last round) and against
     round 0; selection accuracy per rule at k samples and each rule against a single sample."""
@@ -304,19 +352,19 @@ def summarize_after(out: Path, models, seeds, last_round: int | None = None) -> 
     reward_models, after = [], []
     for model in models:
         for seed in seeds:
-            report = prm_dir(out, model, seed) / "prm_report.json"
+            report = found_prm(out, model, seed) / "prm_report.json"
             if report.is_file():
                 data = json.loads(report.read_text())
                 reward_models.append({"model": model, "seed": seed, "eval_steps": data.get("eval_steps"),
                                       **{k: data.get(k) for k in ("rollout_auroc", "exact_auroc", "rollout_accuracy",
                                                                   "exact_accuracy")},
                                       "rollout_vs_exact": data.get("rollout_vs_exact")})
-            star = run_dir(out, model, "plain", seed)
+            star = found_run(out, model, "plain", seed)
             last = last_round
             if last is None and (star / "report.json").is_file():
                 last = max(r["round"] for r in json.loads((star / "report.json").read_text())["rounds"])
             for stage in ("rl-outcome", "rl-process"):
-                directory = after_dir(out, model, stage, seed)
+                directory = found_after(out, model, stage, seed)
                 if not (directory / "rl_report.json").is_file():
                     continue
                 data = json.loads((directory / "rl_report.json").read_text())
@@ -328,7 +376,7 @@ def summarize_after(out: Path, models, seeds, last_round: int | None = None) -> 
                     if r is not None and (base / "results.jsonl").is_file() and (now / "results.jsonl").is_file():
                         row[name] = paired_difference(read_correct(base), read_correct(now)).to_dict()
                 after.append(row)
-            selection = after_dir(out, model, "selection", seed) / "selection.json"
+            selection = found_after(out, model, "selection", seed) / "selection.json"
             if selection.is_file():
                 data = json.loads(selection.read_text())
                 after.append({"model": model, "stage": "selection", "seed": seed, "k": data["k"],
@@ -439,6 +487,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (runs go one at a time)")
     parser.add_argument("--out", default="outputs/self-improvement")
     parser.add_argument("--table-only", action="store_true", help="print the table of what is finished; run nothing")
+    parser.add_argument("--archive", default=str(RESULTS / "self-improvement"),
+                        help="the results archive: record files (reports, per-problem grading) of every run under "
+                             "--out are copied here, and the table reads --out and the archive together "
+                             "(default: %(default)s, committed with the code; '' for none)")
     parser.add_argument("extra", nargs="*", help="further STaR recipe overrides for every STaR run, after --, e.g. "
                                                  "-- --star_num_problems 50")
     args = parser.parse_args()
@@ -474,8 +526,16 @@ def main() -> None:
                     if plain_done:  # the stages after STaR start from its last round
                         for stage in after:
                             run_after(args, model, stage, seed)
-    summary = summarize(out, models, variants, seeds, args.rounds, difficulty_groups(_recipe_fields(args.recipe,
-                                                                                               args.extra)))
+    roots = [out]
+    if args.archive:
+        # this setting's folder: the STaR recipe's values with the overrides after -- (variants are folders below)
+        root = Path(args.archive) / settings_key(args.recipe, _recipe_fields(args.recipe, args.extra))
+        archived = archive(out, root)
+        if archived:
+            print(f"archived in {root}: {', '.join(map(str, archived))}", flush=True)
+        roots.append(root)
+    summary = summarize(roots, models, variants, seeds, args.rounds,
+                        difficulty_groups(_recipe_fields(args.recipe, args.extra)))
     text = table(summary)
     print(text)
     commands = {f"{m}/{v}/seed-{s}": " ".join(star_command(args, m, v, s)[1:]) for m in models for v in variants

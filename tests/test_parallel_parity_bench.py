@@ -261,8 +261,9 @@ def test_main_trains_self_cond_once_for_the_latent_rows_and_writes_the_table(ben
         return json.loads(path.read_text())
 
     monkeypatch.setattr(bench, "grade", fake_grade)
+    archive = tmp_path / "archive"
     argv = ["parallel_parity.py", "--out", str(tmp_path), "--seeds", "0", "--rows", "latent-1,latent-2,ar-twin",
-            "--problems", "2"]
+            "--problems", "2", "--archive", str(archive)]
     monkeypatch.setattr("sys.argv", argv)
     bench.main()
     assert [c[c.index("--output_dir") + 1] for c in fake.commands] == [str(tmp_path / "self-cond" / "seed-0"),
@@ -276,6 +277,23 @@ def test_main_trains_self_cond_once_for_the_latent_rows_and_writes_the_table(ben
     assert set(written["commands"]) == {"ar-twin/seed-0"} and written["hardware"] in text
     bench.main()  # again: everything is reused
     assert len(fake.commands) == 2 and len(graded) == 3
+    # the records went to this setting's folder of the results archive: another machine (a fresh --out) with the
+    # same archive trains and grades nothing, and its table is the same
+    (folder,) = archive.iterdir()
+    assert folder.name.startswith("quickstart-fast-")
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "ar-twin/seed-0/parity_eval.json", "ar-twin/seed-0/parity_train.json", "latent-1/seed-0/parity_eval.json",
+        "latent-2/seed-0/parity_eval.json", "self-cond/seed-0/parity_train.json"]
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr("sys.argv", [*argv, "--out", str(fresh)])
+    bench.main()
+    assert len(fake.commands) == 2 and len(graded) == 3
+    assert "| latent-2 | self-cond model, latent_steps 2 | 50.0% (50.0-50.0, n=2, 1 seeds) |" in \
+        (fresh / "parallel_parity.md").read_text()
+    # other settings are another folder: nothing archived stands for them
+    monkeypatch.setattr("sys.argv", [*argv, "--out", str(fresh), "--rows", "ar-twin", "--", "--max_steps", "20"])
+    bench.main()
+    assert len(fake.commands) == 3 and len(graded) == 4 and len(list(archive.iterdir())) == 2
     monkeypatch.setattr("sys.argv", [*argv, "--threshold", "0.9"])
     with pytest.raises(SystemExit, match="graded with other settings"):  # an evaluation is not silently reused
         bench.main()

@@ -189,7 +189,7 @@ def test_variants_start_from_round_zero_while_another_process_runs_the_plain_rou
     (bench.star_model(tmp_path, "diffusion", 0, 0)).mkdir(parents=True)
     (bench.star_model(tmp_path, "diffusion", 0, 0) / "adapter_config.json").write_text("{}")  # seed 0 has round 0
     monkeypatch.setattr("sys.argv", ["self_improvement.py", "--out", str(tmp_path), "--seeds", "0,1", "--models",
-                                     "diffusion", "--variants", "steps", "--after", "rl-outcome"])
+                                     "diffusion", "--variants", "steps", "--after", "rl-outcome", "--archive", ""])
     bench.main()
     # seed 0: the variant runs from round 0, the stage after STaR waits for the plain rounds; seed 1: nothing starts
     assert calls == [("plain", 0), ("steps", 0), ("plain", 1)]
@@ -223,3 +223,45 @@ def test_the_hot_variant_samples_at_temperature_1_3_over_the_recipes_commit_rule
     assert star.star_decoding == {"temperature": 1.3, "threshold": 0.9}
     assert (star.star_filter, star.star_balance) == ("steps", "pass_rate")
     assert command[command.index("--star_init_model") + 1].endswith("plain/seed-2/round-0/model")
+
+
+def test_the_archive_keeps_graded_rounds_and_the_table_reads_it_beside_the_outputs(bench, tmp_path, monkeypatch):
+    import shutil
+
+    n = 40
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    base, better = [i < 10 for i in range(n)], [i < 20 for i in range(n)]
+    fake_run(bench, out, "diffusion", 0, [base, better])
+    run = bench.run_dir(out, "diffusion", "plain", 0)
+    (run / "round-2" / "eval").mkdir(parents=True)  # round 2 being graded: not a record yet
+    (run / "round-2" / "eval" / "results.jsonl").write_text(json.dumps({"id": "test-0", "correct": True}) + "\n")
+    (run / "round-1" / "model").mkdir()
+    (run / "round-1" / "model" / "adapter_model.safetensors").write_bytes(b"weights")  # models are not records
+    assert bench.archive(out, archive) == [Path("diffusion/plain/seed-0")]
+    kept = bench.run_dir(archive, "diffusion", "plain", 0)
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
+        "report.json", "round-0/eval/results.jsonl", "round-1/eval/results.jsonl"]
+    # another machine begins the run again: its round 0 does not replace the archived run of two rounds, and the
+    # table reads the archived one
+    shutil.rmtree(out)
+    fake_run(bench, out, "diffusion", 0, [better])
+    assert bench.archive(out, archive) == []
+    rows = {r["round"]: r for r in bench.summarize([out, archive], ["diffusion"], ["plain"], [0])["rows"]}
+    assert rows[0]["accuracy"]["mean"] == 0.25 and rows[1]["vs_round_0"][0]["difference"] == 0.25
+    # once the new run is as far, it replaces the archived copy whole
+    shutil.rmtree(out)
+    fake_run(bench, out, "diffusion", 0, [better, base])
+    assert bench.archive(out, archive) == [Path("diffusion/plain/seed-0")]
+    rows = {r["round"]: r for r in bench.summarize([out, archive], ["diffusion"], ["plain"], [0])["rows"]}
+    assert rows[0]["accuracy"]["mean"] == 0.5 and rows[1]["vs_round_0"][0]["difference"] == -0.25
+    # main archives into the folder of the recipe's setting; other overrides are another folder
+    argv = ["self_improvement.py", "--out", str(out), "--seeds", "0", "--models", "diffusion", "--variants", "plain",
+            "--table-only", "--archive", str(tmp_path / "results")]
+    monkeypatch.setattr("sys.argv", argv)
+    bench.main()
+    monkeypatch.setattr("sys.argv", [*argv, "--", "--star_num_problems", "5"])
+    bench.main()
+    folders = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert len(folders) == 2 and all(f.startswith("star-headroom-") for f in folders)
+    for folder in folders:
+        assert (tmp_path / "results" / folder / "diffusion" / "plain" / "seed-0" / "report.json").is_file()
