@@ -49,6 +49,22 @@ from benchmarks.common import arithmetic_held_out  # noqa: E402
 NO_CORRECTION = {"remask_threshold": None, "edit_threshold": None, "remask_budget": None, "reopen_threshold": None}
 
 
+def thresholds(text: str) -> list[float]:
+    """`--reopen-thresholds`: comma-separated probabilities in (0, 1], e.g. `0.3,0.7,0.9` (argparse's type)."""
+    values = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        try:
+            value = float(piece)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{piece!r} is not a number: give probabilities, e.g. 0.3,0.7,0.9")
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"{value:g} is not a probability in (0, 1]: e.g. 0.3,0.7,0.9")
+        values.append(value)
+    return values
+
+
 def methods(edit_threshold: float, reopen_thresholds=()) -> dict[str, dict]:
     """Each correction method as decoding settings over the model's saved commit rule; `reopen_thresholds` adds
     "reopen@E" rows: reopening at its own threshold E (in-block replacement still at `edit_threshold`)."""
@@ -213,7 +229,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-planted", action="store_true")
-    parser.add_argument("--reopen-thresholds", default="",
+    parser.add_argument("--reopen-thresholds", type=thresholds, default=[],
                         help="also reopening at each of these thresholds (rows reopen@E), e.g. 0.3,0.7,0.9: where "
                              "fixing planted errors meets the cost of reopening sound blocks")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
@@ -229,7 +245,7 @@ def main() -> None:
     from llm2diff.hardware import describe
 
     torch.set_num_threads(args.threads)
-    layers = methods(args.edit_threshold, [float(e) for e in args.reopen_thresholds.split(",") if e])
+    layers = methods(args.edit_threshold, args.reopen_thresholds)
     if args.methods:
         unknown = set(args.methods.split(",")) - set(layers) - {"1/step"}
         if unknown:

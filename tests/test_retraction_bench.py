@@ -63,3 +63,17 @@ def test_a_planted_token_stays_without_correction(bench):
         logits = dlm.model(input_ids=torch.tensor([prompts[0] + reference[:5]])).logits[0, -1]
     logits[[reference[5], dlm.config.mask_token_id]] = float("-inf")
     assert wrong == int(logits[: dlm.config.vocab_size].argmax())  # the parent's most likely other token
+
+
+def test_reopen_thresholds_are_read_as_probabilities_with_a_clear_refusal(bench, monkeypatch, capsys):
+    import argparse
+
+    assert bench.thresholds("0.3, 0.7,0.9") == [0.3, 0.7, 0.9] and bench.thresholds("") == []
+    with pytest.raises(argparse.ArgumentTypeError, match="'high' is not a number: give probabilities"):
+        bench.thresholds("0.3,high")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"1.5 is not a probability in \(0, 1\]"):
+        bench.thresholds("1.5")
+    monkeypatch.setattr("sys.argv", ["retraction.py", "--reopen-thresholds", "0.3,x"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "argument --reopen-thresholds: 'x' is not a number" in capsys.readouterr().err
