@@ -31,6 +31,12 @@ Prints the tables and writes them to --out with the settings and hardware. Asser
     python benchmarks/retraction.py --problems 20 --skip-accuracy          # the planted errors only, a quick look
     python benchmarks/retraction.py --model outputs/qs-edit --baseline outputs/quickstart-fast --edit-threshold 0.3
     python benchmarks/retraction.py --reopen-thresholds 0.3,0.7,0.9 --methods none,reopen@0.3,reopen@0.7,reopen@0.9
+    python benchmarks/retraction.py --causal outputs/quickstart-fast-causal --reopen-thresholds 0.7,0.9
+
+--causal adds a model trained with clean_attention: causal and the AR loss (recipes/quickstart-fast-causal.yaml):
+there the pass that appends a finished block is the model's own AR stream, so reopening is judged causally (each
+token from the tokens before it, not from the block around it, which was written to agree with the error), and its
+accuracy table adds verified decoding (that stream checks every block) for comparison.
 """
 
 from __future__ import annotations
@@ -46,7 +52,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import arithmetic_held_out  # noqa: E402
 
-NO_CORRECTION = {"remask_threshold": None, "edit_threshold": None, "remask_budget": None, "reopen_threshold": None}
+# the block sampler (a causal-clean model's saved decoding is verified decoding), no correction
+NO_CORRECTION = {"mode": "block", "remask_threshold": None, "edit_threshold": None, "remask_budget": None,
+                 "reopen_threshold": None}
+VERIFIED = {"mode": "verified"}  # a causal-clean model's own AR stream checks every block (accuracy rows only)
 
 
 def thresholds(text: str) -> list[float]:
@@ -219,6 +228,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="outputs/quickstart-fast-edit")
     parser.add_argument("--baseline", default="outputs/quickstart-fast")
+    parser.add_argument("--causal", default="",
+                        help="also a model trained with clean_attention: causal and the AR loss (e.g. "
+                             "outputs/quickstart-fast-causal), whose reopening is judged by its own AR stream; its "
+                             "accuracy rows add verified decoding")
     parser.add_argument("--problems", type=int, default=100)
     parser.add_argument("--edit-threshold", type=float, default=0.5)
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -254,7 +267,7 @@ def main() -> None:
     steps = [("1/step", ONE_PER_STEP)] if not args.methods or "1/step" in args.methods.split(",") else []
     results = {"args": vars(args), "hardware": describe(args.threads), "models": {}}
     print(f"hardware: {results['hardware']}", flush=True)
-    for label, path in (("edit-trained", args.model), ("baseline", args.baseline)):
+    for label, path in (("edit-trained", args.model), ("baseline", args.baseline), ("causal-clean", args.causal)):
         if not path:
             continue
         dlm = load(path)
@@ -267,7 +280,8 @@ def main() -> None:
             row["planted_seconds"] = round(time.perf_counter() - start, 1)
         if not args.skip_accuracy:
             row["accuracy"] = {}
-            for name, layer in [*layers.items(), *steps]:
+            verified = [("verified", VERIFIED)] if dlm.config.causal_clean and not args.methods else []
+            for name, layer in [*layers.items(), *steps, *verified]:
                 with tqdm(total=len(prompts), desc=f"{label}: {name}") as bar:
                     row["accuracy"][name] = accuracy(dlm, task, rows, prompts, layer, args.max_new_tokens, bar)
             if "none" in row["accuracy"]:

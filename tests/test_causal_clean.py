@@ -233,3 +233,53 @@ def test_recipe_trains_logs_the_ar_loss_and_continues_with_the_models_attention(
     assert main(["train", "--config", recipe("bad", clean_attention="block", ar_loss_weight=0.0,
                                              sampler_decoding="verified")]) == 2  # the deprecated key, still read
     assert not (root / "bad" / "checkpoint-4").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_causal_clean_models_ar_stream_judges_its_finished_blocks(arch):
+    """Reopening on a causal-clean model reads the pass that appends a block as the AR stream reads it: its
+    prediction of each token of the block (after the first) is the causal LM's, from the tokens before it only."""
+    dlm = adapt(make_model(arch), make_tokenizer(), block_size=4, clean_attention="causal")
+    causal = dlm.model(input_ids=torch.tensor([PROMPT + RESPONSE[:4]])).logits[0, len(PROMPT) : len(PROMPT) + 3]
+    for use_cache, fuse in ((True, True), (True, False), (False, False)):
+        ctx = BlockContext(dlm.model, torch.tensor([PROMPT]), torch.ones(1, len(PROMPT), dtype=torch.long),
+                           block_size=4, use_cache=use_cache, fuse=fuse, causal_clean=True)
+        ctx.judge = True
+        ctx.block_logits(torch.full((1, 4), dlm.config.mask_token_id))
+        ctx.commit(torch.tensor([RESPONSE[:4]]))
+        ctx.block_logits(torch.full((1, 4), dlm.config.mask_token_id))  # the pass that appends the block
+        judged = ctx.judged[0]
+        assert torch.isnan(judged[0]).all()  # nothing in the block predicts its first token
+        assert torch.allclose(judged[1:], causal, atol=1e-4), (use_cache, fuse)
+
+
+def test_reopening_on_a_causal_clean_model_puts_back_what_its_ar_stream_expects():
+    """A token planted at the end of a finished block, where the AR stream wants another: reopening (budget 1,
+    a threshold any prediction reaches) replaces it by the AR stream's choice; the block's other tokens, the AR
+    stream's own greedy choices, stay; the run equals a recompute of every pass."""
+    from llm2diff.sampling.config import DecodingConfig
+    from llm2diff.sampling.rules import suppress_ids
+    from llm2diff.sampling.sampler import run_block_sampler
+
+    dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4, clean_attention="causal")
+    dlm.model.generation_config.eos_token_id = None
+    ids = list(PROMPT)
+    for _ in range(8):  # the AR stream's greedy choices, with what the sampler never writes suppressed
+        logits = dlm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        logits = suppress_ids(logits[None], dlm.config.mask_token_id, dlm.config.vocab_size)[0]
+        ids.append(int(logits.argmax()))
+    greedy = ids[len(PROMPT):]
+    planted = greedy[4:8].copy()
+    planted[3] = (planted[3] + 1) % dlm.config.mask_token_id
+    prompt = torch.tensor([PROMPT])
+    decoding = DecodingConfig.resolve(dlm.decoding, {"reopen_threshold": 1e-6, "reopen_budget": 1,
+                                                     "max_new_tokens": 8, "stop_strings": []})
+    outs = [run_block_sampler(dlm, prompt, torch.ones_like(prompt), decoding.replace(use_cache=use_cache),
+                              torch.tensor([greedy[:4]]), torch.tensor([planted])) for use_cache in (True, False)]
+    for out in outs:
+        assert out.reopened == 1
+        assert out.sequences[0, len(PROMPT) + 4 : len(PROMPT) + 8].tolist() == greedy[4:8]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    plain = run_block_sampler(dlm, prompt, torch.ones_like(prompt), decoding.replace(reopen_threshold=None),
+                              torch.tensor([greedy[:4]]), torch.tensor([planted]))
+    assert plain.sequences[0, len(PROMPT) + 7] == planted[3] and plain.reopened == 0

@@ -77,3 +77,23 @@ def test_reopen_thresholds_are_read_as_probabilities_with_a_clear_refusal(bench,
     with pytest.raises(SystemExit):
         bench.main()
     assert "argument --reopen-thresholds: 'x' is not a number" in capsys.readouterr().err
+
+
+def test_every_method_runs_on_a_causal_clean_model_whose_saved_decoding_is_verified(bench):
+    """A causal-clean model saves verified decoding: the methods run the block sampler over it (reopening judged by
+    the AR stream), and its accuracy rows add verified decoding itself."""
+    from llm2diff.sampling.config import DecodingConfig
+    from llm2diff.tasks.base import get_task
+
+    dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4, clean_attention="causal")
+    dlm.decoding = dlm.decoding.replace(mode="verified", threshold=0.7)
+    for name, layer in {**bench.methods(0.5, [0.9]), "1/step": bench.ONE_PER_STEP}.items():
+        resolved = DecodingConfig.resolve(dlm.decoding, layer)
+        assert resolved.mode == "block" and resolved.threshold == (None if name == "1/step" else 0.7), name
+    assert DecodingConfig.resolve(dlm.decoding, bench.VERIFIED).mode == "verified"
+    task = get_task("arithmetic", num_problems=2)
+    rows = task.load_rows(None, "test", 2)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    for layer in (bench.methods(0.5)["reopen"], bench.VERIFIED):
+        measured = bench.accuracy(dlm, task, rows, prompts, layer, max_new_tokens=8)
+        assert len(measured["correct"]) == 2 and measured["passes_per_token"] > 0

@@ -262,6 +262,20 @@ def test_reopening_finished_blocks_is_the_same_with_a_cache_and_without(arch):
     assert out.nfe > plain.nfe and plain.stats["reopened"] == 0  # each reopening costs one pass
 
 
+def test_reopening_a_causal_clean_model_is_the_same_with_a_cache_and_without():
+    dlm = adapt(make_model("llama"), make_tokenizer(), block_size=4, clean_attention="causal")
+    dlm.model.generation_config.eos_token_id = None
+    dlm.tokenizer.eos_token = "<|im_start|>"
+    settings = {"max_new_tokens": 12, "reopen_threshold": 0.02, "reopen_budget": 1, "threshold": 0.5}
+    out = dlm.generate(PROMPTS, MASK, **settings)
+    assert 0 < out.stats["reopened"] <= 1 * 2 * 2
+    assert not (out.sequences[:, 6:] == dlm.config.mask_token_id).any()
+    for variant in ({"use_cache": False}, {"fuse_commit": False}, {"drop_finished": False}):
+        again = dlm.generate(PROMPTS, MASK, **settings, **variant)
+        assert torch.equal(again.sequences, out.sequences), variant
+        assert again.stats["reopened"] == out.stats["reopened"]
+
+
 def test_a_reopened_block_is_drawn_and_the_cache_holds_the_corrected_block(dlm):
     out = dlm.generate(PROMPTS[:1], MASK[:1], max_new_tokens=8, reopen_threshold=0.02, reopen_budget=2,
                        record_trajectory=True)
@@ -284,9 +298,12 @@ def test_reopening_refuses_what_it_cannot_do(dlm):
         dlm.generate(PROMPTS[:1], MASK[:1], max_new_tokens=4, reopen_threshold=0.5,
                      streamer=TextStreamer(dlm.tokenizer))
     c = dlm.config
-    with pytest.raises(ValueError, match="clean_attention: causal reads it causally"):
+    with pytest.raises(ValueError, match="clean_attention: causal reads its AR stream .* it needs a model with "
+                                         "shift: true"):
         SamplerSettings(block_size=4, mask_token_id=c.mask_token_id, eos_token_ids=(), pad_token_id=0,
-                        causal_clean=True, reopen_threshold=0.5)
+                        causal_clean=True, shift=False, reopen_threshold=0.5)
+    SamplerSettings(block_size=4, mask_token_id=c.mask_token_id, eos_token_ids=(), pad_token_id=0,
+                    causal_clean=True, reopen_threshold=0.5)  # its AR stream judges (tests/test_causal_clean.py)
 
 
 def test_correction_budget_bounds_remasks_and_output_is_clean(dlm):

@@ -91,7 +91,8 @@ class BlockContext:
         # learned correction of finished blocks (`reopen`): with `judge` on, the pass that appends a committed block
         # keeps its predictions of that block's own tokens (`judged`, `(batch, B, vocab)`, index j predicting token
         # j; with shift index 0 is not a reading of the block), as the training layout's noisy copy reads a fully
-        # visible block; a block-attention clean block is exactly that
+        # visible block; a block-attention clean block is exactly that. A causal clean block (clean_attention:
+        # causal) is the model's AR stream instead: index j is its prediction of token j from the tokens before it
         self.judge = False
         self.judged: torch.Tensor | None = None
         self.unread = False  # without a cache: the last committed block has not been read by a pass yet
@@ -233,7 +234,8 @@ class BlockContext:
 
     def _judged(self, block_logits: torch.Tensor) -> torch.Tensor:
         """A committed block's own `(batch, B, vocab)` logits, aligned so index j predicts the block's token j."""
-        if self.shift:  # position j - 1 predicts token j; nothing in the block predicts its first token
+        if self.shift or self.causal_clean:  # position j - 1 predicts token j (a causal stream: from the tokens
+            # before it); nothing in the block predicts its first token
             return torch.cat([torch.full_like(block_logits[:, :1], float("nan")), block_logits[:, :-1]], dim=1)
         return block_logits
 
@@ -313,7 +315,7 @@ class BlockContext:
         self.unread = False
         logits = self._forward(ids, mask, positions, keep=2 * size + 1 if judge else size + 1)
         if judge:  # the last committed block read in the same pass (index 0: the position before it)
-            self.judged = self._judged(logits[:, 1 : size + 1]) if not self.shift else \
+            self.judged = self._judged(logits[:, 1 : size + 1]) if not (self.shift or self.causal_clean) else \
                 torch.cat([torch.full_like(logits[:, :1], float("nan")), logits[:, 1:size]], dim=1)
             logits = logits[:, size:]
         return logits[:, :-1] if self.shift else logits[:, 1:]

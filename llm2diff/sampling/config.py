@@ -86,10 +86,11 @@ class DecodingConfig:
     edit_action: str = _setting("replace", "Learned correction: 'replace' the disputed token by the model's "
                                 "prediction, or 'remask' it (denoise that position again).", group="correction")
     reopen_threshold: float | None = _setting(None, "Learned correction of finished blocks (models trained with "
-                                              "editing noise, block clean attention): when the pass that appends a "
-                                              "finished block predicts another token at one of its positions with at "
-                                              "least this probability, the block is reopened: the token replaced, "
-                                              "its keys/values recomputed (one extra pass).", group="correction")
+                                              "editing noise; on a clean_attention: causal model its AR stream "
+                                              "judges): when the pass that appends a finished block predicts "
+                                              "another token at one of its positions with at least this "
+                                              "probability, the block is reopened: the token replaced, its "
+                                              "keys/values recomputed (one extra pass).", group="correction")
     reopen_budget: int = _setting(2, "Reopening: at most this many tokens replaced per finished block and row.",
                                   group="correction")
     # -- block sampler: sampling -----------------------------------------------------------------------------------

@@ -299,7 +299,9 @@ class BlockSampler:
         _, first, count = self.previous
         budget = torch.full((ctx.batch_size,), s.reopen_budget, dtype=torch.long, device=ctx.key_valid.device)
         positions = torch.arange(s.block_size, device=budget.device)
-        revisable = (positions >= first) & (positions < first + count) & ((positions > 0) | (not s.shift))
+        # with shift (or a causal stream) nothing in the block judges its first token
+        revisable = (positions >= first) & (positions < first + count) & \
+            ((positions > 0) | (not (s.shift or s.causal_clean)))
         while ctx.judged is not None and bool(budget.any()):
             judged, ctx.judged = ctx.judged, None
             allowed = suppress_ids(judged, s.mask_token_id, s.vocab_size)

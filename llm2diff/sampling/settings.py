@@ -92,10 +92,10 @@ class SamplerSettings:
                 raise ValueError(f"reopen_threshold must be in (0, 1), got {self.reopen_threshold}")
             if self.reopen_budget < 1:
                 raise ValueError(f"reopen_budget must be >= 1 with a reopen_threshold, got {self.reopen_budget}")
-            if self.causal_clean:
-                raise ValueError("reopen_threshold reads a finished block as the pass that appends it sees it, and a "
-                                 "model with clean_attention: causal reads it causally (no position sees the token it "
-                                 "judges): use mode 'verified' for such models")
+            if self.causal_clean and not self.shift:
+                raise ValueError("reopen_threshold on a model with clean_attention: causal reads its AR stream (each "
+                                 "token of a finished block judged from the tokens before it), which predicts the "
+                                 "next token: it needs a model with shift: true")
         if self.latent_steps and not self.self_conditioning:
             raise ValueError("latent_steps refine the self-conditioning between passes, and this model has none: "
                              "train it with self_conditioning set, or leave latent_steps at 0")
