@@ -15,6 +15,12 @@ the recipe; each row only adds its overrides:
                       parent's surprisal)
     combined          the overrides of --combined "key=value,key=value" (default: self-conditioning with the
                       expected embedding and the curriculum), to be set to the best combination after a first table
+    causal-ar         --clean_attention causal --ar_loss_weight 1.0: finished blocks read causally and trained
+                      with the AR loss as well (recipes/quickstart-fast-causal.yaml), decoded by the same pure
+                      parallel threshold rule (its own AR stream is not asked)
+    causal-ar-reopen  not trained: the causal-ar model with reopening at 0.9 (budget 2): its AR stream judges each
+                      finished block and replaces the tokens it confidently disputes (docs/sampling.md), one extra
+                      pass per reopened block; a correction, not verified decoding
     ar-twin           --block_size 1: the AR twin (the same recipe as causal-LM SFT), one token per pass
 
 The self-cond, latent, curriculum and combined rows need an llm2diff with the recipe keys `self_conditioning` and
@@ -36,7 +42,7 @@ parent's figures, library versions and hardware) and is reused when the command 
 Each evaluation's records (parity_eval.json, the model's parity_train.json) are also copied into the committed
 results archive, benchmarks/results/parallel-parity/<recipe>-<digest of the recipe's values, the overrides, problems,
 tokens, threshold and --combined>/ (--archive; '' for none): a (row, seed) found there with the same settings is
-neither trained nor graded again, and the table reads --out and the archive together, so the 21 trainings can be
+neither trained nor graded again, and the table reads --out and the archive together, so the 24 trainings can be
 spread over machines and sessions.
 
 The table (printed, and written to <out>/parallel_parity.md and .json with the commands): per row, held-out
@@ -46,7 +52,7 @@ passes per token, tokens/s and the ratio to the AR parent's tokens/s, and the tr
 baseline's (the trainer's own train_runtime over the steps it trained, as reported by each training process; the
 wall time of the process where the trainer reported none). Asserts nothing.
 
-    nohup python benchmarks/parallel_parity.py > parity.log 2>&1 &      # 21 trainings of ~50 min: ~20 h on 1 core
+    nohup python benchmarks/parallel_parity.py > parity.log 2>&1 &      # 24 trainings of ~50 min: ~20 h on 1 core
     nohup python benchmarks/parallel_parity.py > parity-2.log 2>&1 &    # a second core shares the work
     python benchmarks/parallel_parity.py --rows baseline,ar-twin --seeds 0 --problems 50      # a first look
     python benchmarks/parallel_parity.py --rows combined --combined "self_conditioning=hidden,noise_order=semantic"
@@ -84,15 +90,17 @@ TRAINED: dict[str, dict[str, str]] = {
     "curriculum": {"block_size_schedule": "2:0.25,4:0.5"},
     "semantic": {"noise_order": "semantic", "semantic_scorer": "surprisal"},
     "combined": {},
+    "causal-ar": {"clean_attention": "causal", "ar_loss_weight": "1.0"},
     "ar-twin": {"block_size": "1"},
 }
 # rows that decode another row's model with these decoding settings (no training of their own)
 DECODED: dict[str, tuple[str, dict[str, object]]] = {
     "latent-1": ("self-cond", {"latent_steps": 1}),
     "latent-2": ("self-cond", {"latent_steps": 2}),
+    "causal-ar-reopen": ("causal-ar", {"reopen_threshold": 0.9, "reopen_budget": 2}),
 }
 ROWS = ("baseline", "self-cond", "self-cond-hidden", "latent-1", "latent-2", "curriculum", "semantic", "combined",
-        "ar-twin")
+        "causal-ar", "causal-ar-reopen", "ar-twin")
 EVAL_NAME = "parity_eval.json"
 TRAIN_RECORD = "parity_train.json"
 KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

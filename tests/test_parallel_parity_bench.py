@@ -49,6 +49,11 @@ def test_every_row_trains_the_recipe_with_its_overrides_only(bench, tmp_path):
     assert bench.train_command(args, "combined", 2) == expected(
         "combined", "--self_conditioning", "expected_embedding", "--block_size_schedule", "2:0.25,4:0.5")
     assert bench.train_command(args, "ar-twin", 2) == expected("ar-twin", "--block_size", "1")
+    assert bench.train_command(args, "causal-ar", 2) == expected("causal-ar", "--clean_attention", "causal",
+                                                                 "--ar_loss_weight", "1.0")
+    # reopening judged by the causal-ar model's own AR stream: a decoding of that model, no training of its own
+    assert bench.train_command(args, "causal-ar-reopen", 2) == bench.train_command(args, "causal-ar", 2)
+    assert bench.eval_layer(args, "causal-ar-reopen") == {"reopen_threshold": 0.9, "reopen_budget": 2}
     # the latent rows are the self-cond model decoded with latent steps: its training, no training of their own
     for row, steps in (("latent-1", 1), ("latent-2", 2)):
         assert bench.model_row(row) == "self-cond"
@@ -86,7 +91,8 @@ def test_unknown_rows_are_refused_with_the_valid_ones(bench, tmp_path, monkeypat
     with pytest.raises(SystemExit) as error:
         bench.parse_rows("baseline,latent-3")
     assert str(error.value) == ("unknown rows ['latent-3']: the rows are baseline, self-cond, self-cond-hidden, "
-                                "latent-1, latent-2, curriculum, semantic, combined, ar-twin")
+                                "latent-1, latent-2, curriculum, semantic, combined, causal-ar, causal-ar-reopen, "
+                                "ar-twin")
     monkeypatch.setattr("sys.argv", ["parallel_parity.py", "--out", str(tmp_path), "--rows", "twin"])
     with pytest.raises(SystemExit, match="unknown rows"):
         bench.main()
