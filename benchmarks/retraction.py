@@ -260,9 +260,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     layers = methods(args.edit_threshold, args.reopen_thresholds)
     if args.methods:
-        unknown = set(args.methods.split(",")) - set(layers) - {"1/step"}
+        unknown = set(args.methods.split(",")) - set(layers) - {"1/step", "verified"}
         if unknown:
-            raise SystemExit(f"unknown methods {sorted(unknown)}: choose among {', '.join(layers)}, 1/step")
+            raise SystemExit(f"unknown methods {sorted(unknown)}: choose among {', '.join(layers)}, 1/step, "
+                             "verified (causal-clean models)")
         layers = {name: layer for name, layer in layers.items() if name in args.methods.split(",")}
     steps = [("1/step", ONE_PER_STEP)] if not args.methods or "1/step" in args.methods.split(",") else []
     results = {"args": vars(args), "hardware": describe(args.threads), "models": {}}
@@ -280,7 +281,8 @@ def main() -> None:
             row["planted_seconds"] = round(time.perf_counter() - start, 1)
         if not args.skip_accuracy:
             row["accuracy"] = {}
-            verified = [("verified", VERIFIED)] if dlm.config.causal_clean and not args.methods else []
+            verified = [("verified", VERIFIED)] if dlm.config.causal_clean and (
+                not args.methods or "verified" in args.methods.split(",")) else []
             for name, layer in [*layers.items(), *steps, *verified]:
                 with tqdm(total=len(prompts), desc=f"{label}: {name}") as bar:
                     row["accuracy"][name] = accuracy(dlm, task, rows, prompts, layer, args.max_new_tokens, bar)
