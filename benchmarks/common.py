@@ -80,12 +80,14 @@ def settings_key(recipe: str | Path, settings: dict) -> str:
 
 def archive_records(out: Path, archive: Path, runs: Iterable[Path],
                     patterns: Iterable[str] | Callable[[Path], Iterable[str]],
-                    progress: Callable[[Path], int] | None = None) -> list[Path]:
+                    progress: Callable[[Path], int] | None = None,
+                    transform: Callable[[Path, bytes], bytes] | None = None) -> list[Path]:
     """Copy each run's record files (`patterns`: globs relative to the run directory, or a function of the run's
     directory giving them) from under `out` to the same place under `archive`; returns the runs copied. `runs` are run directories relative to `out`. A run is copied
     whole (its archived record files replaced) and only when it is at least as far as the archived copy by
     `progress` (e.g. rounds graded; default: always), so a run begun again on a new machine does not overwrite a
-    more complete one measured earlier."""
+    more complete one measured earlier. `transform(file, content)` gives what is archived of a file (e.g. without
+    fields the task can regenerate)."""
     from llm2diff.atomic import write_bytes_atomic
 
     copied = []
@@ -99,7 +101,8 @@ def archive_records(out: Path, archive: Path, runs: Iterable[Path],
         for old in {f for pattern in old_globs for f in target.glob(pattern) if f.is_file()}:
             old.unlink()
         for file in files:
-            write_bytes_atomic(target / file.relative_to(source), file.read_bytes())
+            content = file.read_bytes()
+            write_bytes_atomic(target / file.relative_to(source), transform(file, content) if transform else content)
         copied.append(run)
     return copied
 
@@ -115,3 +118,19 @@ def locate(roots: Iterable[Path], run: Path, marker: str, progress: Callable[[Pa
     if progress is None:
         return found[0]
     return max(found, key=progress)  # max keeps the first of equals
+
+
+def without_fields(fields: Iterable[str]) -> Callable[[Path, bytes], bytes]:
+    """An `archive_records` transform: JSON-lines files (`*.jsonl`) lose `fields` on every line; other files stay."""
+    import json
+
+    fields = tuple(fields)
+
+    def transform(file: Path, content: bytes) -> bytes:
+        if file.suffix != ".jsonl":
+            return content
+        lines = [json.loads(line) for line in content.decode().splitlines() if line.strip()]
+        return "".join(json.dumps({k: v for k, v in line.items() if k not in fields}) + "\n"
+                       for line in lines).encode()
+
+    return transform

@@ -55,7 +55,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, archive_records, locate, run_logged, settings_key  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    archive_records,
+    locate,
+    run_logged,
+    settings_key,
+    without_fields,
+)
 
 MODELS = {"diffusion": {}, "ar-twin": {"block_size": 1}}
 VARIANTS = {"plain": {}, "no-rationalize": {"star_rationalize": False}, "steps": {"star_filter": "steps"},
@@ -227,7 +234,8 @@ def archive(out: Path, archive_dir: Path) -> list[Path]:
     runs = sorted({p.parent.relative_to(out) for marker in ("report.json", "prm_report.json", "rl_report.json",
                                                              "selection.json")
                    for p in out.glob(f"*/*/seed-*/{marker}")})
-    return archive_records(out, archive_dir, runs, records, progress=_rounds)
+    # the graded lines keep id, output, prediction and correctness; the prompt is the task's own (its id gives it)
+    return archive_records(out, archive_dir, runs, records, progress=_rounds, transform=without_fields(["prompt"]))
 
 
 def _mean(values):

@@ -26,8 +26,9 @@ def fake_run(bench, out: Path, model: str, seed: int, correct_by_round: list[lis
     rounds = []
     for r, correct in enumerate(correct_by_round):
         (root / f"round-{r}" / "eval").mkdir(parents=True)
-        (root / f"round-{r}" / "eval" / "results.jsonl").write_text(
-            "".join(json.dumps({"id": f"test-{i}", "correct": c}) + "\n" for i, c in enumerate(correct)))
+        lines = [{"id": f"test-{i}", "prompt": "Q?", "correct": c} for i, c in enumerate(correct)]  # the archive
+        (root / f"round-{r}" / "eval" / "results.jsonl").write_text(  # drops the prompt
+            "".join(json.dumps(line) + "\n" for line in lines))
         rounds.append({"round": r, "accuracy": sum(correct) / len(correct), "eval_examples": len(correct),
                        "pass_at_k": None if r == 0 else 0.5, "kept": None if r == 0 else 10,
                        "rationalized": None if r == 0 else 4, "wrong_steps": None if r == 0 else 2,
@@ -241,6 +242,8 @@ def test_the_archive_keeps_graded_rounds_and_the_table_reads_it_beside_the_outpu
     kept = bench.run_dir(archive, "diffusion", "plain", 0)
     assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
         "report.json", "round-0/eval/results.jsonl", "round-1/eval/results.jsonl"]
+    graded = [json.loads(line) for line in (kept / "round-1" / "eval" / "results.jsonl").read_text().splitlines()]
+    assert graded == [{"id": f"test-{i}", "correct": c} for i, c in enumerate(better)]
     # another machine begins the run again: its round 0 does not replace the archived run of two rounds, and the
     # table reads the archived one
     shutil.rmtree(out)
