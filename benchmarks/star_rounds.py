@@ -38,6 +38,7 @@ def run(name: str, block_size: int, args, out: Path) -> list[dict]:
     command = [sys.executable, "-m", "llm2diff", "star", "--config", str(ROOT / "recipes" / "quickstart-star.yaml")]
     for key, value in fields.items():
         command += [f"--{key}", str(value)]
+    command += list(args.extra)
     print(f"[{name}] {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(command, check=False, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="outputs/star-bench")
+    parser.add_argument("extra", nargs="*", help="further recipe overrides for both runs, after --, e.g. -- "
+                                                 "--star_filter answer --star_balance none")
     args = parser.parse_args()
 
     from llm2diff.hardware import describe
