@@ -25,7 +25,8 @@ Each decodes with the correction methods below over its saved commit rule (thres
 2. Accuracy against forward passes per token at batch 1, each method, and plain one-token-per-step decoding (what
    editing noise costs or gives there), with each method's paired difference against `none` of the same model
    (95% bootstrap interval over problems).
-Prints the tables and writes them to --out with the settings and hardware. Asserts nothing.
+Prints the tables and writes them to --out with the settings and hardware, and a copy to the committed results
+archive (benchmarks/results/retraction/retraction-<digest of the settings>.json). Asserts nothing.
 
     python benchmarks/retraction.py                                        # both quickstart-fast models, 100 problems
     python benchmarks/retraction.py --problems 20 --skip-accuracy          # the planted errors only, a quick look
@@ -50,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import arithmetic_held_out  # noqa: E402
+from benchmarks.common import RESULTS, arithmetic_held_out, settings_key  # noqa: E402
 
 # the block sampler (a causal-clean model's saved decoding is verified decoding), no correction
 NO_CORRECTION = {"mode": "block", "remask_threshold": None, "edit_threshold": None, "remask_budget": None,
@@ -247,6 +248,9 @@ def main() -> None:
                              "fixing planted errors meets the cost of reopening sound blocks")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
     parser.add_argument("--out", default="outputs/retraction.json")
+    parser.add_argument("--archive", default=str(RESULTS / "retraction"),
+                        help="a copy of --out goes here, named by the settings (benchmarks/results, committed with the "
+                             "code; '' for none)")
     args = parser.parse_args()
 
     import torch
@@ -293,6 +297,9 @@ def main() -> None:
                         measured["vs_none"] = paired_difference(base, measured["correct"]).to_dict()
         results["models"][label] = row
         write_json_atomic(Path(args.out), results)
+        if args.archive:  # named by what changes the measurement (not where it is written or how many threads)
+            settings = {k: v for k, v in vars(args).items() if k not in ("out", "archive", "threads")}
+            write_json_atomic(Path(args.archive) / f"{settings_key('retraction', settings)}.json", results)
 
     what = "the model's own second choice" if args.plant == "model" else "the AR parent's most likely wrong token"
     if not args.skip_planted:
