@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from llm2diff.names import check_choice
 from llm2diff.recipe import RecipeError, parse_recipe, valid_keys
@@ -205,3 +206,26 @@ def test_bad_value_names_the_argument_in_one_line(tmp_path):
     path = _write(tmp_path, "model_name_or_path: x\n")
     with pytest.raises(RecipeError, match=r"--max_steps.*invalid int value: 'ten'"):
         parse_recipe(["--config", path, "--max_steps", "ten"], classes=train_dataclasses())
+
+
+DECODING_RECIPES = [p for p in RECIPES if any(line.startswith("decoding:") for line in p.read_text().splitlines())]
+
+
+@pytest.mark.parametrize("path", DECODING_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_saved_decoding_runs_on_a_model_of_its_recipe(path):
+    """The decoding a recipe saves with its model (what `generate` and `chat` use without flags) is one that model
+    can run: a tiny model with the recipe's block size, token shift and clean attention decodes with it."""
+    import yaml
+    from conftest import make_model, make_tokenizer
+
+    from llm2diff import adapt
+    from llm2diff.sampling.config import DecodingConfig
+
+    fields = yaml.safe_load(path.read_text())
+    block = int(fields.get("block_size", 4))
+    dlm = adapt(make_model("llama"), make_tokenizer(), block_size=block, shift=fields.get("shift", True),
+                clean_attention=fields.get("clean_attention", "block"))
+    dlm.decoding = DecodingConfig.resolve(dlm.decoding, fields["decoding"])
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = dlm.generate(ids, torch.ones_like(ids), max_new_tokens=2 * block)
+    assert not (out.sequences[:, 4:] == dlm.config.mask_token_id).any()
