@@ -21,7 +21,10 @@ Each decodes with the correction methods below over its saved commit rule (thres
    method); finished, the block already completed around the error without correction (its other tokens follow
    it, as with the model's own mistakes; only reopening can act). Decoding runs on into the next block, whose
    first pass is where reopening reads the planted one. Detected: the token there changed; fixed: it is the
-   reference token again.
+   reference token again. --outcome decodes every run on to the end and grades the answer: a plant is harmful
+   when the answer is wrong without correction (the model's second choice is sometimes a sound alternative, which
+   the reference-token count calls unfixed), and each method's recovered share is of the harmful plants. Every
+   plant is recorded in the JSON (problem, position, tokens, what each method left there).
 2. Accuracy against forward passes per token at batch 1, each method, and plain one-token-per-step decoding (what
    editing noise costs or gives there), with each method's paired difference against `none` of the same model
    (95% bootstrap interval over problems).
@@ -151,11 +154,13 @@ def reference_answer(dlm, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 
 def planted(dlm, prompt: list[int], reference: list[int], position: int, wrong: int, layer: dict,
-            finished: list[int] | None = None) -> tuple[int, list[int]]:
+            finished: list[int] | None = None, to_end: int | None = None) -> tuple[int, list[int], list[int]]:
     """Decode the planted block again under `layer`, then the next block (reopening reads a finished block in the
-    next block's first pass). `finished`: the planted block already whole (every token committed, none to denoise:
-    only reopening can change it); else only the wrong token is committed and the rest is denoised. Returns the
-    token that ends up at `position` and the planted block as decoded."""
+    next block's first pass), or with `to_end` (the answer's token budget) on to the end of the answer under the
+    model's stop rules. `finished`: the planted block already whole (every token committed, none to denoise: only
+    reopening can change it); else only the wrong token is committed and the rest is denoised. Returns the token
+    that ends up at `position`, the planted block as decoded, and the whole answer (the reference before the
+    planted block, then what was decoded from there on)."""
     import torch
 
     from llm2diff.sampling.config import DecodingConfig
@@ -169,27 +174,38 @@ def planted(dlm, prompt: list[int], reference: list[int], position: int, wrong: 
     else:
         draft = torch.full((1, size), dlm.config.mask_token_id)
         draft[0, position % size] = wrong
-    decoding = DecodingConfig.resolve(dlm.decoding, {**layer, "max_new_tokens": 2 * size, "stop_strings": []})
+    budget = {"max_new_tokens": 2 * size, "stop_strings": []} if to_end is None else \
+        {"max_new_tokens": max(to_end - block * size, size)}
+    decoding = DecodingConfig.resolve(dlm.decoding, {**layer, **budget})
     ids = torch.tensor([prompt])
     out = run_block_sampler(dlm, ids, torch.ones_like(ids), decoding, prefix, draft)
     start = len(prompt) + block * size
-    return int(out.sequences[0, len(prompt) + position]), out.sequences[0, start : start + size].tolist()
+    tail = out.sequences[0, start : start + int(out.num_new_tokens[0])].tolist()
+    return (int(out.sequences[0, len(prompt) + position]), out.sequences[0, start : start + size].tolist(),
+            reference[: block * size] + tail)
 
 
 SCENARIOS = ("early", "finished")
 
 
 def planted_errors(dlm, prompts, max_new_tokens: int, layers: dict[str, dict], seed: int = 0, progress=None,
-                   source: str = "model") -> dict:
+                   source: str = "model", grade=None, records: list | None = None) -> dict:
     """Per scenario and method: planted errors detected and fixed (counts) over the problems with a position to
     plant at. `early`: the wrong token committed while the rest of its block is still masked (in-block correction
     can act as the block fills); `finished`: the block completed around it without correction, so its other tokens
     follow the error, as the model's own mistakes do (only reopening can act). `source`: the wrong token is the
-    model's own second choice there ("model") or the AR parent's ("parent")."""
+    model's own second choice there ("model") or the AR parent's ("parent").
+
+    `grade(i, tokens) -> bool` (problem index, answer tokens): every planted run also decodes on to the end of the
+    answer and is graded, and each count adds `right` (answers graded right), `harmful` (plants in a right reference
+    answer after which the answer is wrong without correction: a planted token that is a sound alternative, such as
+    another wording, is no mistake) and `recovered` (harmful plants whose answer the method gets right). `records`: one entry per plant is appended
+    (problem, position, reference and wrong token; per scenario and method the token left there, and with `grade`
+    whether the answer is right)."""
     rng = random.Random(seed)
-    counts = {scenario: {name: {"planted": 0, "detected": 0, "fixed": 0} for name in layers}
-              for scenario in SCENARIOS}
-    for prompt in prompts:
+    fields = ("planted", "detected", "fixed") + (("right", "harmful", "recovered") if grade else ())
+    counts = {scenario: {name: dict.fromkeys(fields, 0) for name in layers} for scenario in SCENARIOS}
+    for index, prompt in enumerate(prompts):
         reference = reference_answer(dlm, prompt, max_new_tokens)
         position = plant_position(reference, dlm.config.block_size, dlm.eos_token_ids, rng)
         if progress is not None:
@@ -197,15 +213,34 @@ def planted_errors(dlm, prompts, max_new_tokens: int, layers: dict[str, dict], s
         if position is None:
             continue
         wrong = (model_alternative if source == "model" else parent_alternative)(dlm, prompt, reference, position)
-        _, around = planted(dlm, prompt, reference, position, wrong, NO_CORRECTION)  # the error's own block
+        _, around, _ = planted(dlm, prompt, reference, position, wrong, NO_CORRECTION)  # the error's own block
+        to_end = max_new_tokens if grade else None
+        record = {"problem": index, "position": position, "reference": reference[position], "wrong": wrong,
+                  "after": {}}
+        if grade:
+            reference_right = record["reference_right"] = bool(grade(index, reference))
         for scenario in SCENARIOS:
-            for name, layer in layers.items():
-                token, _ = planted(dlm, prompt, reference, position, wrong, layer,
-                                   around if scenario == "finished" else None)
+            finished = around if scenario == "finished" else None
+            runs = {name: planted(dlm, prompt, reference, position, wrong, layer, finished, to_end)
+                    for name, layer in layers.items()}
+            after = record["after"][scenario] = {name: {"token": token} for name, (token, _, _) in runs.items()}
+            if grade:
+                for name, (_, _, answer) in runs.items():
+                    after[name]["right"] = bool(grade(index, answer))
+                uncorrected = after["none"]["right"] if "none" in after else bool(grade(index, planted(
+                    dlm, prompt, reference, position, wrong, NO_CORRECTION, finished, to_end)[2]))
+                harmful = reference_right and not uncorrected
+            for name, (token, _, _) in runs.items():
                 c = counts[scenario][name]
                 c["planted"] += 1
                 c["detected"] += token != wrong
                 c["fixed"] += token == reference[position]
+                if grade:
+                    c["right"] += after[name]["right"]
+                    c["harmful"] += harmful
+                    c["recovered"] += harmful and after[name]["right"]
+        if records is not None:
+            records.append(record)
     return counts
 
 
@@ -243,6 +278,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-planted", action="store_true")
+    parser.add_argument("--outcome", action="store_true",
+                        help="planted errors: decode every run on to the end of the answer and grade it, so that "
+                             "the table counts harmful plants (the answer wrong without correction) and the answers "
+                             "each method recovers (about 3x the planted runs' time)")
     parser.add_argument("--reopen-thresholds", type=thresholds, default=[],
                         help="also reopening at each of these thresholds (rows reopen@E), e.g. 0.3,0.7,0.9: where "
                              "fixing planted errors meets the cost of reopening sound blocks")
@@ -280,8 +319,12 @@ def main() -> None:
         row = {"path": path, "decoding": dlm.decoding.non_default()}
         start = time.perf_counter()
         if not args.skip_planted:
+            grade = (lambda i, tokens: task.grade(dlm.tokenizer.decode(tokens, skip_special_tokens=True),
+                                                  rows[i]).correct) if args.outcome else None
+            row["plants"] = []
             with tqdm(total=len(prompts), desc=f"{label}: planted errors") as bar:
-                row["planted"] = planted_errors(dlm, prompts, args.max_new_tokens, layers, args.seed, bar, args.plant)
+                row["planted"] = planted_errors(dlm, prompts, args.max_new_tokens, layers, args.seed, bar, args.plant,
+                                                grade, row["plants"])
             row["planted_seconds"] = round(time.perf_counter() - start, 1)
         if not args.skip_accuracy:
             row["accuracy"] = {}
@@ -305,14 +348,19 @@ def main() -> None:
     if not args.skip_planted:
         print(f"\nPlanted errors ({what} with the block masked, one per problem; edit threshold "
               f"{args.edit_threshold}):\n")
-        print("| model | error planted | method | planted | detected | fixed |\n|---|---|---|---|---|---|")
+        print("| model | error planted | method | planted | detected | fixed |"
+              + (" answer right | harmful plants | harmful recovered |" if args.outcome else "")
+              + "\n|---|---|---|---|---|---|" + ("---|---|---|" if args.outcome else ""))
     for label, row in results["models"].items():
         for scenario, methods_counts in row.get("planted", {}).items():
             where = "early in its block" if scenario == "early" else "in a finished block"
             for name, c in methods_counts.items():
                 n = max(c["planted"], 1)
-                print(f"| {label} | {where} | {name} | {c['planted']} | {c['detected'] / n:.0%} "
-                      f"| {c['fixed'] / n:.0%} |")
+                line = f"| {label} | {where} | {name} | {c['planted']} | {c['detected'] / n:.0%} | {c['fixed'] / n:.0%} |"
+                if "harmful" in c:
+                    line += (f" {c['right'] / n:.0%} | {c['harmful']} ({c['harmful'] / n:.0%}) "
+                             f"| {c['recovered'] / max(c['harmful'], 1):.0%} |")
+                print(line)
     if not args.skip_accuracy:
         print(f"\nAccuracy at batch 1 ({args.problems} held-out problems):\n")
         print("| model | method | accuracy | vs none [95%] | passes/token | tokens/s |\n|---|---|---|---|---|---|")

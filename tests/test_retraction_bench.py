@@ -65,6 +65,47 @@ def test_a_planted_token_stays_without_correction(bench):
     assert wrong == int(logits[: dlm.config.vocab_size].argmax())  # the parent's most likely other token
 
 
+def test_planted_runs_decode_to_the_end_and_grade_the_answer(bench):
+    """With `grade`, each planted run decodes on to the end of the answer: the reference before the planted block,
+    then what was decoded (the reference's own block put back under one-token-per-step decoding gives the reference
+    answer again); plants are recorded, and harmful / recovered count answers, not tokens."""
+    dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4)
+    dlm.model.generation_config.eos_token_id = None
+    dlm.tokenizer.eos_token = "<|im_start|>"  # answers run to the budget
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [5, 9]]
+    reference = bench.reference_answer(dlm, prompts[0], 12)
+    token, block, answer = bench.planted(dlm, prompts[0], reference, 5, reference[5], bench.ONE_PER_STEP,
+                                         reference[4:8], to_end=12)
+    assert (token, block, answer) == (reference[5], reference[4:8], reference)
+    wrong = bench.model_alternative(dlm, prompts[0], reference, 5)
+    token, block, answer = bench.planted(dlm, prompts[0], reference, 5, wrong, bench.methods(0.5)["none"],
+                                         to_end=12)
+    assert token == wrong and answer[5] == wrong and answer[:4] == reference[:4] and len(answer) == 12
+    assert bench.planted(dlm, prompts[0], reference, 5, wrong, bench.methods(0.5)["none"])[2][:4] == reference[:4]
+
+    references = [bench.reference_answer(dlm, p, 12) for p in prompts]
+    graded = []
+
+    def grade(i, tokens):  # right: the reference answer itself, token for token
+        graded.append(i)
+        return tokens == references[i]
+
+    records = []
+    layers = bench.methods(0.05)
+    counts = bench.planted_errors(dlm, prompts, 12, layers, seed=1, grade=grade, records=records)
+    assert [r["problem"] for r in records] == [0, 1, 2] and set(graded) == {0, 1, 2}
+    assert all(r["reference_right"] and r["after"][s]["none"] == {"token": r["wrong"], "right": False}
+               for r in records for s in ("early", "finished"))
+    for scenario in ("early", "finished"):
+        none = counts[scenario]["none"]
+        assert none == {"planted": 3, "detected": 0, "fixed": 0, "right": 0, "harmful": 3, "recovered": 0}
+        for name, c in counts[scenario].items():
+            assert c["harmful"] == 3 and c["recovered"] == c["right"] <= c["fixed"], name  # right needs the token
+            assert c["right"] == sum(r["after"][scenario][name]["right"] for r in records)
+            assert c["fixed"] == sum(r["after"][scenario][name]["token"] == r["reference"] for r in records)
+    assert "right" not in bench.planted_errors(dlm, prompts[:1], 12, layers, seed=1)["early"]["none"]
+
+
 def test_reopen_thresholds_are_read_as_probabilities_with_a_clear_refusal(bench, monkeypatch, capsys):
     import argparse
 
