@@ -39,6 +39,13 @@ there). Asserts nothing.
     python benchmarks/arc.py --variants voting,+search --models diffusion --smallest 10   # a first look
     python benchmarks/arc.py --parent --variants voting,+search,+poe                  # and the AR parent
     python benchmarks/arc.py --table-only --results-md                                # the table into eval/RESULTS.md
+
+Every finished evaluation's records (summary.json, results.jsonl without the prompts; no models) are also copied
+into the committed results archive, benchmarks/results/arc/<rows>-<digest of the rows and the solver settings>/
+<model>-<digest of its weights>/<variant>/ (--archive; '' for none): an evaluation archived for the same weights and
+settings is not run again, and the table reads --out and the archive together. A model that is no longer on this
+machine (models do not outlive it) is read from every archived copy of its kind, each labelled with its weights'
+digest, so a table measured in one sitting can still be printed, and grown, in the next.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_logged  # noqa: E402
+from benchmarks.common import RESULTS, archive_records, run_logged, settings_key, without_fields  # noqa: E402
 
 EVAL_CONFIG = "eval/arc_agi_1.yaml"
 MODELS = ("diffusion", "ar-twin", "ar-parent")
@@ -193,6 +200,73 @@ def held_out_rows(args, models: list[str]) -> dict[str, Any]:
                            f"{model}'s training (from {held['from']})"}
 
 
+# ---------------------------------------------------------------------------------------------- the archive
+ARCHIVED = ("summary.json", "results.jsonl")
+
+
+def weights_digest(model: Path) -> str:
+    """8 hex digits naming the trained weights of the saved model at `model` (its *.safetensors files: the same
+    training gives the same digest on any machine, whatever else the save records)."""
+    import hashlib
+
+    from llm2diff.atomic import read_manifest, sha256_file
+
+    manifest = read_manifest(model) or {}
+    files = {p.name: (manifest.get(p.name) or {}).get("sha256") or sha256_file(p)
+             for p in sorted(model.glob("*.safetensors"))}
+    if not files:
+        raise SystemExit(f"{model} holds no *.safetensors weights: is it a model saved by llm2diff train?")
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def archive_dir(args, rows: dict[str, Any]) -> Path | None:
+    """This setting's folder of the results archive (None without one): the rows and the solver settings that
+    change a measurement (not the models: they are folders inside, by their weights)."""
+    if not args.archive:
+        return None
+    settings = {"split": rows["split"], "task_options": rows["task_options"], "source": args.source,
+                "views": args.views, "floor": args.floor, "ttt_steps": args.ttt_steps, "poe_samples": args.poe_samples,
+                "max_new_tokens": args.max_new_tokens}
+    return Path(args.archive) / settings_key("dev" if args.dev else rows["split"], settings)
+
+
+def model_sources(args, out: Path, archive: Path | None, model: str) -> list[tuple[str, list[Path]]]:
+    """Where the evaluations of `model` are read from: (label, folders holding <variant>/ in order of preference).
+    A model on this machine: its --out folder, then its weights' archived folder; a model that is not here: each
+    archived folder of its kind, labelled with its weights' digest."""
+    path = model_path(args, model)
+    if trained(path):
+        folders = [out / model] + ([archive / f"{model}-{weights_digest(path)}"] if archive else [])
+        return [(model, folders)]
+    archived = sorted(archive.glob(f"{model}-*")) if archive and archive.is_dir() else []
+    archived = [a for a in archived if a.name[len(model) + 1:].isalnum()]  # ar-twin-x, not ar-twin's ar-...
+    if not archived:
+        return [(model, [out / model])]
+    return [(f"{model} ({a.name[len(model) + 1:]}, archived)", [a]) for a in archived]
+
+
+def archived_evaluation(args, archive: Path | None, model: str, variant: str, rows: dict[str, Any]) -> Path | None:
+    """The archived evaluation of (model, variant) with these settings for this model's weights, or None."""
+    if archive is None or not trained(model_path(args, model)):
+        return None
+    directory = archive / f"{model}-{weights_digest(model_path(args, model))}" / variant.lstrip("+")
+    if not (directory / "summary.json").is_file():
+        return None
+    settings = {k: v for k, v in eval_settings(args, model, rows).items() if k != "model"}  # the path may differ
+    return directory if finished(directory, settings, solver_settings(args, variant)) else None
+
+
+def archive_evaluations(args, out: Path, archive: Path | None, models: list[str], variants: list[str]) -> None:
+    """Copy the finished evaluations under `out` of the models on this machine into the archive."""
+    if archive is None:
+        return
+    for model in models:
+        if trained(model_path(args, model)):
+            runs = [Path(v.lstrip("+")) for v in variants if (variant_dir(out, model, v) / "summary.json").is_file()]
+            archive_records(out / model, archive / f"{model}-{weights_digest(model_path(args, model))}", runs,
+                            ARCHIVED, transform=without_fields(["prompt"]))
+
+
 # ---------------------------------------------------------------------------------------------- running
 def finished(directory: Path, settings: dict[str, Any], solver: dict[str, Any]) -> bool:
     """Whether `directory` holds a finished evaluation (summary.json) with these settings; one with other settings
@@ -231,33 +305,41 @@ def plan(args, models: list[str], variants: list[str], verbose: bool = True) -> 
 
 
 # ---------------------------------------------------------------------------------------------- the table
-def summarize(out: Path, models: list[str], variants: list[str]) -> dict[str, Any]:
-    """Rows of the table from the finished evaluations under `out` (an unfinished one is left out)."""
+def summarize(out: Path, models: list[str], variants: list[str],
+              sources: dict[str, list[tuple[str, list[Path]]]] | None = None) -> dict[str, Any]:
+    """Rows of the table from the finished evaluations (an unfinished one is left out): of each model under
+    `out`, or from `sources` (`model_sources`: per model, labelled lists of folders, the first holding a variant
+    wins; each label is paired against its own voting)."""
     from llm2diff.evaluation.intervals import paired_difference, read_correct
 
     rows = []
     for model in models:
-        voting = variant_dir(out, model, "voting")
-        base = read_correct(voting) if (voting / "summary.json").is_file() else None
-        for variant in variants:
-            directory = variant_dir(out, model, variant)
-            if not (directory / "summary.json").is_file():
-                continue
-            summary = json.loads((directory / "summary.json").read_text())
-            metrics = summary["metrics"]
-            versus = None
-            if variant != "voting" and base is not None:
-                versus = paired_difference(base, read_correct(directory)).to_dict()
-            rows.append({
-                "model": model, "variant": variant, "evaluated": summary.get("evaluated"),
-                "test_inputs": summary["num_examples"], "solved": summary["correct"],
-                "accuracy": metrics["accuracy"], "cell_accuracy": metrics.get("cell_accuracy"),
-                "candidates": metrics.get("num_candidates"), "proposal_passes": metrics.get("proposal_passes"),
-                "scoring_evaluations": metrics.get("scoring_evaluations"), "seconds": metrics.get("seconds"),
-                "ttt_seconds": metrics.get("ttt_seconds"),
-                "any_candidate_correct": metrics.get("any_candidate_correct"), "vs_voting": versus,
-                "solver": summary.get("arc_solver"),
-            })
+        for label, folders in (sources or {}).get(model) or [(model, [out / model])]:
+            def find(variant: str) -> Path | None:
+                return next((f / variant.lstrip("+") for f in folders
+                             if (f / variant.lstrip("+") / "summary.json").is_file()), None)
+
+            voting = find("voting")
+            base = read_correct(voting) if voting is not None else None
+            for variant in variants:
+                directory = find(variant)
+                if directory is None:
+                    continue
+                summary = json.loads((directory / "summary.json").read_text())
+                metrics = summary["metrics"]
+                versus = None
+                if variant != "voting" and base is not None:
+                    versus = paired_difference(base, read_correct(directory)).to_dict()
+                rows.append({
+                    "model": label, "variant": variant, "evaluated": summary.get("evaluated"),
+                    "test_inputs": summary["num_examples"], "solved": summary["correct"],
+                    "accuracy": metrics["accuracy"], "cell_accuracy": metrics.get("cell_accuracy"),
+                    "candidates": metrics.get("num_candidates"), "proposal_passes": metrics.get("proposal_passes"),
+                    "scoring_evaluations": metrics.get("scoring_evaluations"), "seconds": metrics.get("seconds"),
+                    "ttt_seconds": metrics.get("ttt_seconds"),
+                    "any_candidate_correct": metrics.get("any_candidate_correct"), "vs_voting": versus,
+                    "solver": summary.get("arc_solver"), "from": str(directory),
+                })
     return {"rows": rows}
 
 
@@ -335,6 +417,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per evaluation (they run one at a time)")
     p.add_argument("--out", default=None, help="default outputs/arc-bench (outputs/arc-bench-dev with --dev)")
     p.add_argument("--table-only", action="store_true", help="print the table of what is finished; run nothing")
+    p.add_argument("--archive", default=str(RESULTS / "arc"),
+                   help="the results archive (benchmarks/results/arc, committed with the code; '' for none)")
     p.add_argument("--results-md", nargs="?", const=str(ROOT / "eval" / "RESULTS.md"), default=None,
                    help="also write the table as a section of eval/RESULTS.md (or of the file given)")
     return p
@@ -356,14 +440,24 @@ def main(argv: list[str] | None = None) -> None:
     hardware = describe(args.threads)
     header = make_header(args, rows, models, hardware)
     pairs = plan(args, models, variants, verbose=not args.table_only)
+    archive = archive_dir(args, rows)
     if not args.table_only:
         print(header, flush=True)
         for model, variant in pairs:
             directory = variant_dir(out, model, variant)
-            if not finished(directory, eval_settings(args, model, rows), solver_settings(args, variant)):
-                run_logged(f"{model}/{variant}", eval_command(args, model, variant, rows), directory, args.threads,
-                           cwd=ROOT)
-    summary = summarize(out, models, variants)
+            if finished(directory, eval_settings(args, model, rows), solver_settings(args, variant)):
+                continue
+            kept = archived_evaluation(args, archive, model, variant, rows)
+            if kept is not None:
+                print(f"[{model}/{variant}] archived for these weights and settings ({kept}): not run again",
+                      flush=True)
+                continue
+            ran = run_logged(f"{model}/{variant}", eval_command(args, model, variant, rows), directory,
+                             args.threads, cwd=ROOT)
+            if ran:
+                archive_evaluations(args, out, archive, [model], [variant])
+    archive_evaluations(args, out, archive, models, variants)
+    summary = summarize(out, models, variants, {m: model_sources(args, out, archive, m) for m in models})
     text = table(summary, header)
     print(text)
     commands = {f"{m}/{v}": " ".join(eval_command(args, m, v, rows)[1:]) for m, v in pairs}

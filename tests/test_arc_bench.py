@@ -207,7 +207,7 @@ def test_main_runs_each_evaluation_once_skips_what_it_cannot_run_and_writes_the_
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\nearlier text\n\n## Another section\n\nkept\n")
     argv = ["--out", str(tmp_path / "out"), "--model", str(tmp_path / "m"), "--twin", str(tmp_path / "t"),
-            "--parent", "--smallest", "2", "--results-md", str(results)]
+            "--parent", "--smallest", "2", "--results-md", str(results), "--archive", ""]
     bench.main(argv)
     ran = [(c[c.index("--output_dir") + 1], "--ar_parent" in c) for c in fake.commands]
     out = tmp_path / "out"
@@ -229,6 +229,54 @@ def test_main_runs_each_evaluation_once_skips_what_it_cannot_run_and_writes_the_
     with pytest.raises(SystemExit, match="evaluated with other settings .*arc_floor 0.05, not 0.2"):
         bench.main([*argv, "--floor", "0.2"])  # a finished evaluation is not silently reused
     assert not (out / "ar-twin").exists()
+
+
+def test_evaluations_are_archived_by_weights_and_read_back_when_the_model_is_gone(bench, tmp_path, monkeypatch):
+    """Each finished evaluation goes to <archive>/<rows>-<digest>/<model>-<weights digest>/<variant>/ without the
+    prompts; a new --out with the same weights runs nothing; other weights are another folder; with the models
+    gone, the table reads every archived copy, labelled by its weights."""
+    fake = FakeEval(bench)
+    monkeypatch.setattr(subprocess, "run", fake)
+    monkeypatch.setattr(bench, "has_ttt", lambda: False)
+    for name, weights in (("m", b"diffusion weights"), ("t", b"twin weights")):
+        (_model(tmp_path / name) / "adapter_model.safetensors").write_bytes(weights)
+    archive = tmp_path / "archive"
+    argv = ["--model", str(tmp_path / "m"), "--twin", str(tmp_path / "t"), "--smallest", "2",
+            "--variants", "voting,+search", "--archive", str(archive)]
+    bench.main([*argv, "--out", str(tmp_path / "out1")])
+    assert len(fake.commands) == 4
+    digest = bench.weights_digest(tmp_path / "m")
+    assert digest == bench.weights_digest(tmp_path / "m") != bench.weights_digest(tmp_path / "t")
+    [setting] = list(archive.iterdir())
+    assert setting.name.startswith("evaluation-")
+    kept = setting / f"diffusion-{digest}" / "search"
+    assert sorted(p.name for p in kept.iterdir()) == ["results.jsonl", "summary.json"]
+    assert (kept / "results.jsonl").read_text() == (tmp_path / "out1" / "diffusion" / "search" / "results.jsonl"
+                                                    ).read_text()  # (the fake has no prompts to drop)
+
+    bench.main([*argv, "--out", str(tmp_path / "out2")])  # another machine's --out: all four are archived
+    assert len(fake.commands) == 4
+    table = (tmp_path / "out2" / "arc.md").read_text()
+    assert "| diffusion | +search | 1/2 (50.0%) |" in table and "| ar-twin | voting | 0/2 (0.0%) |" in table
+    bench.main([*argv, "--out", str(tmp_path / "out3"), "--floor", "0.2"])  # other settings: another folder
+    assert len(fake.commands) == 8 and len(list(archive.iterdir())) == 2
+
+    (tmp_path / "m" / "adapter_model.safetensors").write_bytes(b"retrained")  # other weights: run again
+    bench.main([*argv, "--out", str(tmp_path / "out4"), "--models", "diffusion"])
+    assert len(fake.commands) == 10
+    assert sorted(p.name for p in setting.iterdir()) == sorted(
+        [f"diffusion-{digest}", f"diffusion-{bench.weights_digest(tmp_path / 'm')}",
+         f"ar-twin-{bench.weights_digest(tmp_path / 't')}"])
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "m")  # the models are gone with their machine: the table still reads the archive
+    shutil.rmtree(tmp_path / "t")
+    bench.main([*argv, "--out", str(tmp_path / "out5"), "--table-only"])
+    assert len(fake.commands) == 10
+    table = (tmp_path / "out5" / "arc.md").read_text()
+    assert f"| diffusion ({digest}, archived) | +search | 1/2 (50.0%) |" in table
+    assert table.count("| diffusion (") == 4 and table.count("| ar-twin (") == 2  # two weights x two variants
 
 
 def test_a_section_in_the_middle_of_results_md_is_replaced_in_place(bench, tmp_path):
