@@ -39,6 +39,13 @@ there). Asserts nothing.
     python benchmarks/arc.py --variants voting,+search --models diffusion --smallest 10   # a first look
     python benchmarks/arc.py --parent --variants voting,+search,+poe                  # and the AR parent
     python benchmarks/arc.py --table-only --results-md                                # the table into eval/RESULTS.md
+    python benchmarks/arc.py --train-steps 60 --smallest 10 -- --max_length 512        # one sitting, two copies at once
+
+--train-steps N first trains the models that are missing (resuming one cut short): the diffusion model with
+--recipe (default recipes/arc-smollm2.yaml) for N steps, and its AR twin with the same recipe and `--block_size 1`,
+each `llm2diff train --config <recipe> --output_dir <model> --max_steps N <overrides after -->` in its own process;
+a training another process holds is skipped, so two copies of the command train the two models at once. N sizes
+the run to the time there is (see the recipe's header for the seconds per step).
 
 Every finished evaluation's records (summary.json, results.jsonl without the prompts; no models) are also copied
 into the committed results archive, benchmarks/results/arc/<rows>-<digest of the rows and the solver settings>/
@@ -61,9 +68,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, archive_records, run_logged, settings_key, without_fields  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    archive_records,
+    held_elsewhere,
+    resume_step,
+    run_logged,
+    settings_key,
+    without_fields,
+)
 
 EVAL_CONFIG = "eval/arc_agi_1.yaml"
+RECIPE = ROOT / "recipes" / "arc-smollm2.yaml"
 MODELS = ("diffusion", "ar-twin", "ar-parent")
 VARIANTS: dict[str, dict[str, str]] = {
     "voting": {"arc_proposal": "sample", "arc_scoring": "vote"},
@@ -198,6 +214,33 @@ def held_out_rows(args, models: list[str]) -> dict[str, Any]:
     return {"split": "training", "task_options": json.dumps(options), "task_ids": held["task_ids"],
             "description": f"{len(held['task_ids'])} ARC-AGI-{held['version']} training tasks held out of "
                            f"{model}'s training (from {held['from']})"}
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_command(args, model: str, resume: bool = False) -> list[str]:
+    """The `llm2diff train` command of the diffusion model or its AR twin (`--block_size 1`)."""
+    command = [sys.executable, "-m", "llm2diff", "train", "--config", str(args.recipe), "--output_dir",
+               str(model_path(args, model)), "--max_steps", str(args.train_steps)]
+    if model == "ar-twin":
+        command += ["--block_size", "1"]
+    if resume:
+        command += ["--resume_from_checkpoint", "true"]
+    return command + list(args.extra)
+
+
+def train_missing(args, models: list[str]) -> None:
+    """Train (or resume) each model the rows need that is not trained yet (the AR parent lives in the diffusion
+    model); one another process is training is skipped."""
+    needed = {"ar-twin" if m == "ar-twin" else "diffusion" for m in models}
+    for model in ("diffusion", "ar-twin"):
+        path = model_path(args, model)
+        if model not in needed or trained(path):
+            continue
+        if held_elsewhere(path):
+            print(f"[train {model}] {path} is being trained by another process: skipped", flush=True)
+            continue
+        run_logged(f"train {model}", train_command(args, model, resume=resume_step(path) is not None), path,
+                   args.threads, cwd=ROOT)
 
 
 # ---------------------------------------------------------------------------------------------- the archive
@@ -364,8 +407,15 @@ def table(summary: dict[str, Any], header: str) -> str:
     return "\n".join(lines)
 
 
+def trained_steps(path: Path) -> str:
+    """`, 200 steps`: how long the model at `path` was trained, from its recorded recipe ('' when unknown)."""
+    recipe = training_recipe(path) if path.is_dir() else None
+    return f", {recipe['max_steps']} steps" if recipe and recipe.get("max_steps") else ""
+
+
 def make_header(args, rows: dict[str, Any], models: list[str], hardware: str) -> str:
-    names = {"diffusion": f"diffusion {args.model}", "ar-twin": f"AR twin {args.twin}",
+    names = {"diffusion": f"diffusion {args.model}{trained_steps(Path(args.model))}",
+             "ar-twin": f"AR twin {args.twin}{trained_steps(Path(args.twin))}",
              "ar-parent": f"AR parent (the base of {args.model}, adapter off)"}
     return (f"ARC solvers (benchmarks/arc.py): {rows['description']}; {args.views} views, search floor {args.floor}, "
             f"PoE {args.poe_samples} samples, test-time training {args.ttt_steps} steps, max_new_tokens "
@@ -417,6 +467,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per evaluation (they run one at a time)")
     p.add_argument("--out", default=None, help="default outputs/arc-bench (outputs/arc-bench-dev with --dev)")
     p.add_argument("--table-only", action="store_true", help="print the table of what is finished; run nothing")
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="first train the missing models for this many steps (0: evaluate only what is trained)")
+    p.add_argument("--recipe", default=str(RECIPE), help="the training recipe of --train-steps")
+    p.add_argument("extra", nargs="*", help="recipe overrides for --train-steps, after --, e.g. -- --max_length 512")
     p.add_argument("--archive", default=str(RESULTS / "arc"),
                    help="the results archive (benchmarks/results/arc, committed with the code; '' for none)")
     p.add_argument("--results-md", nargs="?", const=str(ROOT / "eval" / "RESULTS.md"), default=None,
@@ -432,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
         models.append("ar-parent")
     args.out = args.out or ("outputs/arc-bench-dev" if args.dev else "outputs/arc-bench")
     out = Path(args.out)
+    if args.train_steps and not args.table_only:
+        train_missing(args, models)  # first: --dev reads the held-out tasks from the trained model
     rows = held_out_rows(args, models) if args.dev else evaluation_rows(args)
 
     from llm2diff.atomic import write_json_atomic, write_text_atomic

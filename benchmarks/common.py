@@ -1,4 +1,5 @@
-"""What several benchmark scripts share: running one resumable llm2diff run as a logged subprocess, the built-in
+"""What several benchmark scripts share: running one resumable llm2diff run as a logged subprocess (and whether a
+run can be resumed, or is held by another process), the built-in
 arithmetic task's held-out problems of the kind a model was trained on, and the results archive.
 
 The results archive (`benchmarks/results/<benchmark>/<settings>/`, committed with the code) keeps the small record
@@ -51,6 +52,27 @@ def run_logged(name: str, command: list[str], directory: Path, threads: int, cwd
         record.update(output=output, seconds=seconds)
     print(f"[{name}] finished in {seconds / 60:.1f} min", flush=True)
     return True
+
+
+def resume_step(directory: Path) -> int | None:
+    """The step of the newest complete checkpoint in `directory` (None: nothing to resume)."""
+    from llm2diff.training.checkpoints import checkpoint_step, newest_complete_checkpoint
+
+    if not directory.is_dir():
+        return None
+    checkpoint = newest_complete_checkpoint(directory)
+    return None if checkpoint is None else checkpoint_step(checkpoint)
+
+
+def held_elsewhere(directory: Path) -> bool:
+    """Whether another process holds `directory`'s lock now (a training or an evaluation of another copy)."""
+    from llm2diff.rundir import RunDirectoryError, output_lock
+
+    try:
+        with output_lock(directory):
+            return False
+    except RunDirectoryError:
+        return True
 
 
 def arithmetic_held_out(dlm, problems: int):

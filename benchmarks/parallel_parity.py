@@ -76,7 +76,9 @@ from benchmarks.common import (  # noqa: E402
     RESULTS,
     archive_records,
     arithmetic_held_out,
+    held_elsewhere,
     locate,
+    resume_step,
     run_logged,
     settings_key,
 )
@@ -182,27 +184,6 @@ def finished(directory: Path) -> bool:
     """A training that saved its model (`trainer.save_model` writes diffusion_config.json last of all, at the end;
     checkpoints keep theirs inside checkpoint-N)."""
     return (directory / "diffusion_config.json").is_file()
-
-
-def resume_step(directory: Path) -> int | None:
-    """The step of the newest complete checkpoint in `directory` (None: nothing to resume)."""
-    from llm2diff.training.checkpoints import checkpoint_step, newest_complete_checkpoint
-
-    if not directory.is_dir():
-        return None
-    checkpoint = newest_complete_checkpoint(directory)
-    return None if checkpoint is None else checkpoint_step(checkpoint)
-
-
-def held_elsewhere(directory: Path) -> bool:
-    """Whether another process holds `directory`'s lock now (a training or an evaluation of another copy)."""
-    from llm2diff.rundir import RunDirectoryError, output_lock
-
-    try:
-        with output_lock(directory):
-            return False
-    except RunDirectoryError:
-        return True
 
 
 def check_trained_with(directory: Path, fields: dict[str, object]) -> None:

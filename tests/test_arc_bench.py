@@ -279,6 +279,44 @@ def test_evaluations_are_archived_by_weights_and_read_back_when_the_model_is_gon
     assert table.count("| diffusion (") == 4 and table.count("| ar-twin (") == 2  # two weights x two variants
 
 
+def test_train_steps_trains_the_missing_models_resumes_and_skips_held_ones(bench, tmp_path, monkeypatch):
+    """--train-steps N: `llm2diff train` of the diffusion model and of its twin (block size 1) for N steps with the
+    overrides after --, resuming a run cut short, skipping a trained model and one another process holds."""
+    commands = []
+
+    def fake_train(command, **kwargs):
+        commands.append(command)
+        _model(Path(command[command.index("--output_dir") + 1]), {"max_steps": 7})
+
+        class Done:
+            returncode = 0
+
+        return Done()
+
+    monkeypatch.setattr(subprocess, "run", fake_train)
+    args = bench.parser().parse_args(["--model", str(tmp_path / "m"), "--twin", str(tmp_path / "t"),
+                                      "--train-steps", "7", "--", "--max_length", "512"])
+    assert bench.train_command(args, "ar-twin", resume=True)[2:] == [
+        "llm2diff", "train", "--config", str(bench.RECIPE), "--output_dir", str(tmp_path / "t"), "--max_steps", "7",
+        "--block_size", "1", "--resume_from_checkpoint", "true", "--max_length", "512"]
+    checkpoint = tmp_path / "m" / "checkpoint-5"  # the diffusion run was cut short at step 5
+    checkpoint.mkdir(parents=True)
+    monkeypatch.setattr(bench, "resume_step", lambda path: 5 if path == tmp_path / "m" else None)
+    bench.train_missing(args, ["ar-parent"])  # the parent needs the diffusion model only
+    assert [c[c.index("--output_dir") + 1] for c in commands] == [str(tmp_path / "m")]
+    assert "--resume_from_checkpoint" in commands[0] and "--block_size" not in commands[0]
+    bench.train_missing(args, ["diffusion", "ar-twin"])  # the diffusion model is trained now: the twin only
+    assert len(commands) == 2 and commands[1][commands[1].index("--output_dir") + 1] == str(tmp_path / "t")
+    assert "--resume_from_checkpoint" not in commands[1] and commands[1][-2:] == ["--max_length", "512"]
+    assert "diffusion " + str(tmp_path / "m") + ", 7 steps" in bench.make_header(
+        args, bench.evaluation_rows(args), ["diffusion"], "cpu")
+
+    args.twin = str(tmp_path / "t2")
+    monkeypatch.setattr(bench, "held_elsewhere", lambda path: path == tmp_path / "t2")  # another copy trains it
+    bench.train_missing(args, ["ar-twin"])
+    assert len(commands) == 2  # skipped
+
+
 def test_a_section_in_the_middle_of_results_md_is_replaced_in_place(bench, tmp_path):
     path = tmp_path / "RESULTS.md"
     path.write_text("# R\n\n## ARC-AGI solvers (`benchmarks/arc.py`)\n\nold table\n\n## Later\n\nkept\n")
