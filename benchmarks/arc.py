@@ -358,7 +358,7 @@ def summarize(out: Path, models: list[str], variants: list[str],
     rows = []
     for model in models:
         for label, folders in (sources or {}).get(model) or [(model, [out / model])]:
-            def find(variant: str) -> Path | None:
+            def find(variant: str, folders: list[Path] = folders) -> Path | None:
                 return next((f / variant.lstrip("+") for f in folders
                              if (f / variant.lstrip("+") / "summary.json").is_file()), None)
 

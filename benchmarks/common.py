@@ -56,7 +56,10 @@ def run_logged(name: str, command: list[str], directory: Path, threads: int, cwd
 
 def resume_step(directory: Path) -> int | None:
     """The step of the newest complete checkpoint in `directory` (None: nothing to resume)."""
-    from llm2diff.training.checkpoints import checkpoint_step, newest_complete_checkpoint
+    from llm2diff.training.checkpoints import (
+        checkpoint_step,
+        newest_complete_checkpoint,
+    )
 
     if not directory.is_dir():
         return None

@@ -244,6 +244,15 @@ def planted_errors(dlm, prompts, max_new_tokens: int, layers: dict[str, dict], s
     return counts
 
 
+def answer_grader(dlm, task, rows):
+    """`grade(i, tokens) -> bool` for `planted_errors`: the answer `tokens` to problem `rows[i]`, graded by `task`."""
+
+    def grade(i: int, tokens: list[int]) -> bool:
+        return bool(task.grade(dlm.tokenizer.decode(tokens, skip_special_tokens=True), rows[i]).correct)
+
+    return grade
+
+
 def accuracy(dlm, task, rows, prompts, layer: dict, max_new_tokens: int, progress=None) -> dict:
     """Batch 1: per-problem correctness, forward passes per token, tokens/s and corrections under `layer`."""
     from llm2diff.evaluation.completions import complete
@@ -319,8 +328,7 @@ def main() -> None:
         row = {"path": path, "decoding": dlm.decoding.non_default()}
         start = time.perf_counter()
         if not args.skip_planted:
-            grade = (lambda i, tokens: task.grade(dlm.tokenizer.decode(tokens, skip_special_tokens=True),
-                                                  rows[i]).correct) if args.outcome else None
+            grade = answer_grader(dlm, task, rows) if args.outcome else None
             row["plants"] = []
             with tqdm(total=len(prompts), desc=f"{label}: planted errors") as bar:
                 row["planted"] = planted_errors(dlm, prompts, args.max_new_tokens, layers, args.seed, bar, args.plant,

@@ -105,6 +105,15 @@ def test_planted_runs_decode_to_the_end_and_grade_the_answer(bench):
             assert c["fixed"] == sum(r["after"][scenario][name]["token"] == r["reference"] for r in records)
     assert "right" not in bench.planted_errors(dlm, prompts[:1], 12, layers, seed=1)["early"]["none"]
 
+    class Exact:  # a task whose answer is right when its text is the row
+        @staticmethod
+        def grade(text, row):
+            return type("Graded", (), {"correct": text == row})()
+
+    text = dlm.tokenizer.decode(references[1], skip_special_tokens=True)
+    grade = bench.answer_grader(dlm, Exact, ["other", text])
+    assert grade(1, references[1]) is True and grade(0, references[1]) is False
+
 
 def test_reopen_thresholds_are_read_as_probabilities_with_a_clear_refusal(bench, monkeypatch, capsys):
     import argparse
