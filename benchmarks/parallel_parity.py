@@ -20,7 +20,11 @@ the recipe; each row only adds its overrides:
                       parallel threshold rule (its own AR stream is not asked)
     causal-ar-reopen  not trained: the causal-ar model with reopening at 0.9 (budget 2): its AR stream judges each
                       finished block and replaces the tokens it confidently disputes (docs/sampling.md), one extra
-                      pass per reopened block; a correction, not verified decoding
+                      pass per reopened block; a correction, not verified decoding. Seeds measured before
+                      2026-12-07 13:00 ran the earlier rule (the surest disputes first; a causal judge now takes
+                      the first, docs/sampling.md): seed 1 96.0% then, 96.3% now
+    causal-ar-reopen-last  the same with reopen_last: the last block (where the final answer is) judged too, one
+                      more pass per answer
     ar-twin           --block_size 1: the AR twin (the same recipe as causal-LM SFT), one token per pass
 
 The self-cond, latent, curriculum and combined rows need an llm2diff with the recipe keys `self_conditioning` and
@@ -100,9 +104,10 @@ DECODED: dict[str, tuple[str, dict[str, object]]] = {
     "latent-1": ("self-cond", {"latent_steps": 1}),
     "latent-2": ("self-cond", {"latent_steps": 2}),
     "causal-ar-reopen": ("causal-ar", {"reopen_threshold": 0.9, "reopen_budget": 2}),
+    "causal-ar-reopen-last": ("causal-ar", {"reopen_threshold": 0.9, "reopen_budget": 2, "reopen_last": True}),
 }
 ROWS = ("baseline", "self-cond", "self-cond-hidden", "latent-1", "latent-2", "curriculum", "semantic", "combined",
-        "causal-ar", "causal-ar-reopen", "ar-twin")
+        "causal-ar", "causal-ar-reopen", "causal-ar-reopen-last", "ar-twin")
 EVAL_NAME = "parity_eval.json"
 TRAIN_RECORD = "parity_train.json"
 KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -283,3 +283,80 @@ def test_reopening_on_a_causal_clean_model_puts_back_what_its_ar_stream_expects(
     plain = run_block_sampler(dlm, prompt, torch.ones_like(prompt), decoding.replace(reopen_threshold=None),
                               torch.tensor([greedy[:4]]), torch.tensor([planted]))
     assert plain.sequences[0, len(PROMPT) + 7] == planted[3] and plain.reopened == 0
+
+
+def test_a_causal_judge_fixes_the_first_of_two_wrong_tokens_first_then_judges_again():
+    """Two tokens of a finished block planted wrong (positions 1 and 3): with budget 1 reopening replaces the first
+    (the AR stream's choice there) and leaves the second, whose judgement was made under the first error; with
+    budget 2 it judges again after the first fix and puts back the whole block. Cache = recompute."""
+    from llm2diff.sampling.config import DecodingConfig
+    from llm2diff.sampling.rules import suppress_ids
+    from llm2diff.sampling.sampler import run_block_sampler
+
+    dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4, clean_attention="causal")
+    dlm.model.generation_config.eos_token_id = None
+    ids = list(PROMPT)
+    for _ in range(8):
+        logits = dlm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        logits = suppress_ids(logits[None], dlm.config.mask_token_id, dlm.config.vocab_size)[0]
+        ids.append(int(logits.argmax()))
+    greedy = ids[len(PROMPT):]
+    planted = greedy[4:8].copy()
+    planted[1] = (planted[1] + 1) % dlm.config.mask_token_id
+    planted[3] = (planted[3] + 1) % dlm.config.mask_token_id
+    prompt = torch.tensor([PROMPT])
+    decoding = DecodingConfig.resolve(dlm.decoding, {"reopen_threshold": 1e-6, "reopen_budget": 1,
+                                                     "max_new_tokens": 8, "stop_strings": []})
+    for budget, expected, reopened in ((1, [greedy[4], greedy[5], planted[2], planted[3]], 1), (2, greedy[4:8], 2)):
+        outs = [run_block_sampler(dlm, prompt, torch.ones_like(prompt),
+                                  decoding.replace(use_cache=use_cache, reopen_budget=budget),
+                                  torch.tensor([greedy[:4]]), torch.tensor([planted])) for use_cache in (True, False)]
+        for out in outs:
+            block = out.sequences[0, len(PROMPT) + 4 : len(PROMPT) + 8].tolist()
+            assert out.reopened == reopened and block[:2] == expected[:2] and block[3] == expected[3], budget
+        assert torch.equal(outs[0].sequences, outs[1].sequences)
+
+
+def test_reopen_last_judges_the_final_block_up_to_where_the_row_stopped():
+    """No later block's pass reads the last block: `reopen_last` runs one more pass so that reopening judges it too
+    (a token planted there is put back; cache = recompute; one pass more than without, plus one per correction);
+    tokens after the row's stop are never revised; reopen_last without reopen_threshold is refused."""
+    from llm2diff.sampling.config import DecodingConfig
+    from llm2diff.sampling.rules import suppress_ids
+    from llm2diff.sampling.sampler import run_block_sampler
+
+    dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4, clean_attention="causal")
+    dlm.model.generation_config.eos_token_id = None
+    ids = list(PROMPT)
+    for _ in range(8):
+        logits = dlm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        logits = suppress_ids(logits[None], dlm.config.mask_token_id, dlm.config.vocab_size)[0]
+        ids.append(int(logits.argmax()))
+    greedy = ids[len(PROMPT):]
+    planted = greedy[4:8].copy()
+    planted[2] = (planted[2] + 1) % dlm.config.mask_token_id
+    prompt = torch.tensor([PROMPT])
+    decoding = DecodingConfig.resolve(dlm.decoding, {"reopen_threshold": 1e-6, "reopen_budget": 2,
+                                                     "max_new_tokens": 4, "stop_strings": []})  # the draft is last
+
+    def run(block=planted, **changes):
+        return run_block_sampler(dlm, prompt, torch.ones_like(prompt), decoding.replace(**changes),
+                                 torch.tensor([greedy[:4]]), torch.tensor([block]))
+
+    plain = run()  # the planted block is the last one: nothing judges it
+    assert plain.reopened == 0 and plain.sequences[0, len(PROMPT) + 6] == planted[2]
+    outs = [run(reopen_last=True, use_cache=use_cache) for use_cache in (True, False)]
+    for out in outs:
+        assert out.reopened >= 1 and out.sequences[0, len(PROMPT) + 4 : len(PROMPT) + 8].tolist()[:3] == greedy[4:7]
+        cache = out is outs[0]
+        clean = run(greedy[4:8], reopen_last=True, use_cache=cache)  # nothing to correct: judged only
+        assert clean.reopened == 0 and int(clean.nfe) > int(run(greedy[4:8], use_cache=cache).nfe)
+        assert int(out.nfe) == int(clean.nfe) + out.reopened  # one pass per correction
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+
+    dlm.model.generation_config.eos_token_id = planted[1]  # the row stops at the block's second token
+    stopped = run(reopen_last=True)
+    assert stopped.reopened == 0 and int(stopped.num_new_tokens[0]) == 2  # stopped at its end-of-sequence, which
+    assert stopped.sequences[0, len(PROMPT) + 5] == planted[1]  # (a correction never ends a row) stays
+    with pytest.raises(ValueError, match="reopen_last judges the last block .* set reopen_threshold"):
+        DecodingConfig(reopen_last=True)

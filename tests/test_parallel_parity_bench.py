@@ -54,6 +54,8 @@ def test_every_row_trains_the_recipe_with_its_overrides_only(bench, tmp_path):
     # reopening judged by the causal-ar model's own AR stream: a decoding of that model, no training of its own
     assert bench.train_command(args, "causal-ar-reopen", 2) == bench.train_command(args, "causal-ar", 2)
     assert bench.eval_layer(args, "causal-ar-reopen") == {"reopen_threshold": 0.9, "reopen_budget": 2}
+    assert bench.eval_layer(args, "causal-ar-reopen-last") == {"reopen_threshold": 0.9, "reopen_budget": 2,
+                                                               "reopen_last": True}
     # the latent rows are the self-cond model decoded with latent steps: its training, no training of their own
     for row, steps in (("latent-1", 1), ("latent-2", 2)):
         assert bench.model_row(row) == "self-cond"
@@ -92,7 +94,7 @@ def test_unknown_rows_are_refused_with_the_valid_ones(bench, tmp_path, monkeypat
         bench.parse_rows("baseline,latent-3")
     assert str(error.value) == ("unknown rows ['latent-3']: the rows are baseline, self-cond, self-cond-hidden, "
                                 "latent-1, latent-2, curriculum, semantic, combined, causal-ar, causal-ar-reopen, "
-                                "ar-twin")
+                                "causal-ar-reopen-last, ar-twin")
     monkeypatch.setattr("sys.argv", ["parallel_parity.py", "--out", str(tmp_path), "--rows", "twin"])
     with pytest.raises(SystemExit, match="unknown rows"):
         bench.main()

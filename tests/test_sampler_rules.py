@@ -183,6 +183,19 @@ def test_select_disputes_takes_the_most_confident_within_budget():
     assert select_disputes(best, disputed, 0.9, torch.tensor([0, 0])).sum() == 0
 
 
+def test_a_causal_judge_takes_the_first_confident_dispute_only():
+    """After a wrong token a causal judge reads the rest under the error: the leftmost confident dispute, one per
+    row, whatever the confidences after it (and none for a row without budget)."""
+    from llm2diff.sampling.rules import select_first_dispute
+
+    best = torch.tensor([[0.95, 0.99, 0.5, 0.97], [0.5, 0.2, 0.99, 1.0], [0.99, 0.99, 0.99, 0.99]])
+    disputed = torch.tensor([[True, True, True, False], [True, True, True, True], [False, True, True, True]])
+    got = select_first_dispute(best, disputed, 0.9, torch.tensor([2, 3, 0]))
+    assert got.tolist() == [[True, False, False, False], [False, False, True, False], [False] * 4]
+    assert select_first_dispute(best, disputed, 0.999, torch.tensor([1, 1, 1])).tolist() == [
+        [False] * 4, [False, False, False, True], [False] * 4]
+
+
 @pytest.mark.parametrize("action", ["replace", "remask"])
 def test_learned_correction_acts_where_the_model_predicts_another_token(dlm, action):
     """A wrong token planted at position 2: the model's top prediction there is another token; with an edit

@@ -93,6 +93,8 @@ class DecodingConfig:
                                               "keys/values recomputed (one extra pass).", group="correction")
     reopen_budget: int = _setting(2, "Reopening: at most this many tokens replaced per finished block and row.",
                                   group="correction")
+    reopen_last: bool = _setting(False, "Reopening: judge the last block too (no later block's pass reads it: one "
+                                 "more pass per call, where final answers are often written).", group="correction")
     # -- block sampler: sampling -----------------------------------------------------------------------------------
     temperature: float = _setting(0.0, "Sampling temperature (0 = greedy).", group="sampling")
     top_k: int | None = _setting(None, "Sample among the k most likely tokens (needs temperature > 0).",
@@ -178,6 +180,9 @@ class DecodingConfig:
                              f"{self.reopen_threshold}")
         if self.reopen_budget < 1:
             raise ValueError(f"reopen_budget must be >= 1, got {self.reopen_budget}")
+        if self.reopen_last and self.reopen_threshold is None:
+            raise ValueError("reopen_last judges the last block as reopening judges the others: set reopen_threshold "
+                             "too (e.g. 0.9)")
         if self.edit_threshold is not None and self.remask_budget == 0:
             raise ValueError("edit_threshold is set but remask_budget is 0: give a budget of corrections per block "
                              "(e.g. 2), or unset edit_threshold")

@@ -2,8 +2,9 @@
 
 `choose_tokens` turns logits into a proposed token and its confidence at every position; `commit_priority` ranks
 the proposals by the chosen rule; `select_commits` decides which still-masked positions are committed this step;
-`sub_block_window`, `select_remasks` and `select_disputes` restrict and revise those choices (semi-autoregressive
-sub-blocks inside a block, ReMDM-style correction, learned correction).
+`sub_block_window`, `select_remasks`, `select_disputes` and `select_first_dispute` restrict and revise those choices
+(semi-autoregressive sub-blocks inside a block, ReMDM-style correction, learned correction by a block-attention or
+a causal judge).
 
 Rules (`commit_rule`):
   confidence      the most confident `tokens_per_step` positions; with `threshold`, also every position whose
@@ -164,6 +165,22 @@ def select_disputes(
     scores = best_prob.masked_fill(~candidates, float("-inf"))
     rank = (-scores).argsort(-1).argsort(-1)
     return candidates & (rank < budget[:, None])
+
+
+def select_first_dispute(
+    best_prob: torch.Tensor, disputed: torch.Tensor, threshold: float, budget: torch.Tensor
+) -> torch.Tensor:
+    """Learned correction by a causal judge: per row with budget left, only the first (leftmost) position where
+    the prediction disputes the token there with probability >= `threshold`.
+
+    A causal judge reads each token from the tokens before it, so once one token is wrong, its judgements of the
+    tokens after it are made under the error (a digit dropped shifts everything after it, and those shifted tokens
+    draw the surest disputes): fix the first, then judge again. Same arguments and result shape as
+    `select_disputes`.
+    """
+    candidates = disputed & (best_prob >= threshold) & (budget[:, None] > 0)
+    first = candidates & (candidates.long().cumsum(-1) == 1)
+    return first
 
 
 def coarse_to_fine_priority(

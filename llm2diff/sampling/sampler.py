@@ -40,6 +40,7 @@ from llm2diff.sampling.rules import (
     random_priority,
     select_commits,
     select_disputes,
+    select_first_dispute,
     select_remasks,
     sub_block_window,
     suppress_ids,
@@ -174,10 +175,13 @@ class BlockSampler:
             if self.streamer is not None:
                 self.streamer.put(new_tokens[0, before : min(produced, int(num_new[0]))].cpu())
             more = produced < s.max_new_tokens and not bool(finished.all())
-            ctx.commit(canvas, run_model=more)
-            ctx.done = finished[ctx.rows]
+            judge_last = not more and s.reopen_last and s.reopen_threshold is not None
+            ctx.commit(canvas, run_model=more or judge_last)
+            done_before, ctx.done = ctx.done, finished[ctx.rows]
             if more and s.drop_finished and bool(ctx.done.any()):
                 ctx.select((~ctx.done).nonzero().squeeze(-1))
+            if judge_last:
+                self._judge_last(ctx, done_before, new_tokens, num_new, finished)
         if self.streamer is not None:
             self.streamer.end()
 
@@ -285,12 +289,33 @@ class BlockSampler:
                                          self.s.vocab_size)
         return rows, cols, vectors
 
-    def _reopen_previous(self, ctx: BlockContext, forward):
+    def _judge_last(self, ctx: BlockContext, done_before: torch.Tensor, new_tokens: torch.Tensor,
+                    num_new: torch.Tensor, finished: torch.Tensor) -> None:
+        """`reopen_last`: one more pass appends the last block (its logits for a block after it go unused), so that
+        reopening judges it as it judges the others: the rows that were still running when it was denoised, up to
+        where each stopped (the token that stopped a row, end-of-sequence or a stop string's last, is never
+        revised, so a correction never un-ends a row)."""
+        s, rows = self.s, ctx.rows
+        lo, first, count = self.previous
+        ctx.done = done_before
+        reopened = self.reopened
+        masked = torch.full((ctx.batch_size, s.block_size), s.mask_token_id, dtype=torch.long,
+                            device=ctx.key_valid.device)
+        limit = (num_new[rows] - lo - finished[rows].long()).clamp(0, count).to(ctx.key_valid.device)
+        self._reopen_previous(ctx, lambda: ctx.block_logits(masked), limit)
+        if self.reopened != reopened:
+            new_tokens[rows, lo : lo + count] = torch.where(
+                torch.arange(count, device=new_tokens.device) < limit[:, None].to(new_tokens.device),
+                ctx.generated[:, -s.block_size:][:, first : first + count].to(new_tokens.device),
+                new_tokens[rows, lo : lo + count])
+
+    def _reopen_previous(self, ctx: BlockContext, forward, limit: torch.Tensor | None = None):
         """Run `forward` (the pass that appends the last committed block, when one is pending); with
         `reopen_threshold`, read that block as the pass saw it and, where the model predicts another token at one of
         its revisable positions with at least that probability, replace it (the most confident first, at most
-        `reopen_budget` per row and block) and run the pass again with the corrected block. Returns the logits of
-        the last pass."""
+        `reopen_budget` per row and block; a causal judge takes the first, then judges again) and run the pass again
+        with the corrected block. `limit` (`(batch,)`): revise only each row's first `limit` tokens of the block.
+        Returns the logits of the last pass."""
         s = self.s
         logits = forward()
         if s.reopen_threshold is None or ctx.judged is None or self.previous is None:
@@ -302,14 +327,18 @@ class BlockSampler:
         # with shift (or a causal stream) nothing in the block judges its first token
         revisable = (positions >= first) & (positions < first + count) & \
             ((positions > 0) | (not (s.shift or s.causal_clean)))
+        revisable = revisable[None, :] if limit is None else revisable[None, :] & (positions < first + limit[:, None])
         while ctx.judged is not None and bool(budget.any()):
             judged, ctx.judged = ctx.judged, None
             allowed = suppress_ids(judged, s.mask_token_id, s.vocab_size)
             allowed[..., list(s.eos_token_ids)] = float("-inf")  # a correction never ends a row
             best, proposal = allowed.float().softmax(-1).max(-1)
             block = ctx.generated[:, -s.block_size:]
-            disputed = revisable[None, :] & (proposal != block) & ~ctx.done[:, None] & ~torch.isnan(best)
-            chosen = select_disputes(best.nan_to_num(0.0), disputed, s.reopen_threshold, budget)
+            disputed = revisable & (proposal != block) & ~ctx.done[:, None] & ~torch.isnan(best)
+            # a causal judge (the AR stream of a causal-clean model) reads each token from those before it: the
+            # first confident dispute, then judge again; a block-attention judge sees the whole block: the surest
+            select = select_first_dispute if s.causal_clean else select_disputes
+            chosen = select(best.nan_to_num(0.0), disputed, s.reopen_threshold, budget)
             if not bool(chosen.any()):
                 break
             corrected = torch.where(chosen, proposal, block)
@@ -410,6 +439,7 @@ def run_block_sampler(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
         entropy_bound=d.entropy_bound, sub_block_size=d.sub_block_size, max_steps_per_block=d.max_steps_per_block,
         remask_threshold=d.remask_threshold, remask_budget=d.correction_budget, edit_threshold=d.edit_threshold,
         edit_action=d.edit_action, reopen_threshold=d.reopen_threshold, reopen_budget=d.reopen_budget,
+        reopen_last=d.reopen_last,
         self_conditioning=c.self_conditioning, latent_steps=d.latent_steps, fuse_commit=d.fuse_commit,
         drop_finished=d.drop_finished, static_cache=d.static_cache,
     )

@@ -45,6 +45,7 @@ class SamplerSettings:
     edit_action: str = "replace"
     reopen_threshold: float | None = None
     reopen_budget: int = 2
+    reopen_last: bool = False
     self_conditioning: str | None = None  # what a pass carries to the next at masked positions (the model's kind)
     latent_steps: int = 0
     fuse_commit: bool = True
