@@ -376,7 +376,8 @@ def test_the_commands_run_through_llm2diff_eval_on_a_tiny_model(bench, tmp_path,
     monkeypatch.chdir(bench.ROOT)  # the eval config's path is relative to the repository root
     bench.main(["--out", str(tmp_path / "out"), "--model", str(tmp_path / "m"), "--twin", str(tmp_path / "t"),
                 "--models", "diffusion", "--parent", "--variants", "voting,+poe", "--source", str(tasks),
-                "--smallest", "2", "--views", "2", "--poe-samples", "1", "--max-new-tokens", "12"])
+                "--smallest", "2", "--views", "2", "--poe-samples", "1", "--max-new-tokens", "12",
+                "--archive", str(tmp_path / "archive")])
     assert len(ran) == 4
     summary = json.loads((tmp_path / "out" / "arc.json").read_text())
     rows = {(r["model"], r["variant"]): r for r in summary["rows"]}
@@ -391,5 +392,6 @@ def test_the_commands_run_through_llm2diff_eval_on_a_tiny_model(bench, tmp_path,
     assert rows[("ar-parent", "voting")]["evaluated"].startswith("AR parent")
     bench.main(["--out", str(tmp_path / "out"), "--model", str(tmp_path / "m"), "--twin", str(tmp_path / "t"),
                 "--models", "diffusion", "--parent", "--variants", "voting,+poe", "--source", str(tasks),
-                "--smallest", "2", "--views", "2", "--poe-samples", "1", "--max-new-tokens", "12"])
+                "--smallest", "2", "--views", "2", "--poe-samples", "1", "--max-new-tokens", "12",
+                "--archive", str(tmp_path / "archive")])
     assert len(ran) == 4  # the finished evaluations match the settings and are read, not run again
