@@ -253,22 +253,29 @@ def test_a_causal_clean_models_ar_stream_judges_its_finished_blocks(arch):
         assert torch.allclose(judged[1:], causal, atol=1e-4), (use_cache, fuse)
 
 
+def causal_model_and_greedy(steps: int = 8):
+    """A tiny causal-clean model (no end-of-sequence) and its AR stream's greedy choices after PROMPT, with what the
+    sampler never writes suppressed."""
+    from llm2diff.sampling.rules import suppress_ids
+
+    dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4, clean_attention="causal")
+    dlm.model.generation_config.eos_token_id = None
+    ids = list(PROMPT)
+    for _ in range(steps):
+        logits = dlm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        logits = suppress_ids(logits[None], dlm.config.mask_token_id, dlm.config.vocab_size)[0]
+        ids.append(int(logits.argmax()))
+    return dlm, ids[len(PROMPT):]
+
+
 def test_reopening_on_a_causal_clean_model_puts_back_what_its_ar_stream_expects():
     """A token planted at the end of a finished block, where the AR stream wants another: reopening (budget 1,
     a threshold any prediction reaches) replaces it by the AR stream's choice; the block's other tokens, the AR
     stream's own greedy choices, stay; the run equals a recompute of every pass."""
     from llm2diff.sampling.config import DecodingConfig
-    from llm2diff.sampling.rules import suppress_ids
     from llm2diff.sampling.sampler import run_block_sampler
 
-    dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4, clean_attention="causal")
-    dlm.model.generation_config.eos_token_id = None
-    ids = list(PROMPT)
-    for _ in range(8):  # the AR stream's greedy choices, with what the sampler never writes suppressed
-        logits = dlm.model(input_ids=torch.tensor([ids])).logits[0, -1]
-        logits = suppress_ids(logits[None], dlm.config.mask_token_id, dlm.config.vocab_size)[0]
-        ids.append(int(logits.argmax()))
-    greedy = ids[len(PROMPT):]
+    dlm, greedy = causal_model_and_greedy()
     planted = greedy[4:8].copy()
     planted[3] = (planted[3] + 1) % dlm.config.mask_token_id
     prompt = torch.tensor([PROMPT])
@@ -290,17 +297,9 @@ def test_a_causal_judge_fixes_the_first_of_two_wrong_tokens_first_then_judges_ag
     (the AR stream's choice there) and leaves the second, whose judgement was made under the first error; with
     budget 2 it judges again after the first fix and puts back the whole block. Cache = recompute."""
     from llm2diff.sampling.config import DecodingConfig
-    from llm2diff.sampling.rules import suppress_ids
     from llm2diff.sampling.sampler import run_block_sampler
 
-    dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4, clean_attention="causal")
-    dlm.model.generation_config.eos_token_id = None
-    ids = list(PROMPT)
-    for _ in range(8):
-        logits = dlm.model(input_ids=torch.tensor([ids])).logits[0, -1]
-        logits = suppress_ids(logits[None], dlm.config.mask_token_id, dlm.config.vocab_size)[0]
-        ids.append(int(logits.argmax()))
-    greedy = ids[len(PROMPT):]
+    dlm, greedy = causal_model_and_greedy()
     planted = greedy[4:8].copy()
     planted[1] = (planted[1] + 1) % dlm.config.mask_token_id
     planted[3] = (planted[3] + 1) % dlm.config.mask_token_id
@@ -322,17 +321,9 @@ def test_reopen_last_judges_the_final_block_up_to_where_the_row_stopped():
     (a token planted there is put back; cache = recompute; one pass more than without, plus one per correction);
     tokens after the row's stop are never revised; reopen_last without reopen_threshold is refused."""
     from llm2diff.sampling.config import DecodingConfig
-    from llm2diff.sampling.rules import suppress_ids
     from llm2diff.sampling.sampler import run_block_sampler
 
-    dlm = adapt(make_model("qwen3"), make_tokenizer(), block_size=4, clean_attention="causal")
-    dlm.model.generation_config.eos_token_id = None
-    ids = list(PROMPT)
-    for _ in range(8):
-        logits = dlm.model(input_ids=torch.tensor([ids])).logits[0, -1]
-        logits = suppress_ids(logits[None], dlm.config.mask_token_id, dlm.config.vocab_size)[0]
-        ids.append(int(logits.argmax()))
-    greedy = ids[len(PROMPT):]
+    dlm, greedy = causal_model_and_greedy()
     planted = greedy[4:8].copy()
     planted[2] = (planted[2] + 1) % dlm.config.mask_token_id
     prompt = torch.tensor([PROMPT])
