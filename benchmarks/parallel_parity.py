@@ -25,6 +25,10 @@ the recipe; each row only adds its overrides:
                       the first, docs/sampling.md): seed 1 96.0% then, 96.3% now
     causal-ar-reopen-last  the same with reopen_last: the last block (where the final answer is) judged too, one
                       more pass per answer
+    causal-ar3        --clean_attention causal --ar_loss_weight 3.0: the causal-ar row with the AR loss weighted
+                      three times (reopening can be no better than the model's own AR stream, which the AR loss
+                      trains)
+    causal-ar3-reopen not trained: the causal-ar3 model decoded as causal-ar-reopen
     ar-twin           --block_size 1: the AR twin (the same recipe as causal-LM SFT), one token per pass
 
 The self-cond, latent, curriculum and combined rows need an llm2diff with the recipe keys `self_conditioning` and
@@ -97,6 +101,7 @@ TRAINED: dict[str, dict[str, str]] = {
     "semantic": {"noise_order": "semantic", "semantic_scorer": "surprisal"},
     "combined": {},
     "causal-ar": {"clean_attention": "causal", "ar_loss_weight": "1.0"},
+    "causal-ar3": {"clean_attention": "causal", "ar_loss_weight": "3.0"},
     "ar-twin": {"block_size": "1"},
 }
 # rows that decode another row's model with these decoding settings (no training of their own)
@@ -105,9 +110,10 @@ DECODED: dict[str, tuple[str, dict[str, object]]] = {
     "latent-2": ("self-cond", {"latent_steps": 2}),
     "causal-ar-reopen": ("causal-ar", {"reopen_threshold": 0.9, "reopen_budget": 2}),
     "causal-ar-reopen-last": ("causal-ar", {"reopen_threshold": 0.9, "reopen_budget": 2, "reopen_last": True}),
+    "causal-ar3-reopen": ("causal-ar3", {"reopen_threshold": 0.9, "reopen_budget": 2}),
 }
 ROWS = ("baseline", "self-cond", "self-cond-hidden", "latent-1", "latent-2", "curriculum", "semantic", "combined",
-        "causal-ar", "causal-ar-reopen", "causal-ar-reopen-last", "ar-twin")
+        "causal-ar", "causal-ar-reopen", "causal-ar-reopen-last", "causal-ar3", "causal-ar3-reopen", "ar-twin")
 EVAL_NAME = "parity_eval.json"
 TRAIN_RECORD = "parity_train.json"
 KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
