@@ -9,7 +9,9 @@ every (model, variant, seed):
     filtering), `no-rationalize`, `steps` (process-filtered: keep only rationales whose every step is right by the
     task's exact step labels), `steps-balanced` (and each problem's rationales repeated by how rarely it is solved,
     `star_balance: pass_rate`), `steps-balanced-hot` (the same, sampling rationales at temperature 1.3 instead of
-    the recipe's 0.7: more exploration, the same problems, k and commit rule), `prm` (process-filtered by a trained PRM: every step scores >= star_prm_threshold);
+    the recipe's 0.7: more exploration, the same problems, k and commit rule), `balanced-hot` (the same balance and
+    temperature with answer filtering only: what the step filter adds), `prm` (process-filtered by a trained PRM:
+    every step scores >= star_prm_threshold);
   - seeds: the training seed of round 0 and the rounds, and the sampling seed.
 Variants other than `plain` start from the plain run's round-0 model of the same model and seed, so the variants
 differ only in their rounds. The `prm` variant first trains a PRM on the round-0 model's rollouts
@@ -27,8 +29,8 @@ a run another process holds (its directory is locked) is skipped, so two copies 
 The table: per model, variant and round, held-out accuracy (mean, min-max over seeds), the change against round 0
 (mean over seeds, each seed's 95% paired bootstrap interval, and how many seeds' intervals exclude 0), pass@k on
 the training pool, kept / rationalized / wrong-step rationales, sampling tokens/s and passes per token; then each
-variant against plain STaR (and against the variant it varies: steps-balanced-hot against steps-balanced,
-steps-balanced against steps) at the same round, paired over the same problems per seed; then the gap between
+variant against plain STaR (and against the variants it varies: steps-balanced-hot against steps-balanced and
+balanced-hot, steps-balanced against steps) at the same round, paired over the same problems per seed; then the gap between
 the AR twin and the diffusion model per round (paired over problems, per seed); then the stages after STaR against
 the STaR model they start from. Rows also go to <out>/self_improvement.json with the commands that produced them.
 Every invocation (--table-only too) copies the runs' record files (reports, per-problem grading; no models) into the
@@ -69,9 +71,11 @@ VARIANTS = {"plain": {}, "no-rationalize": {"star_rationalize": False}, "steps":
             "steps-balanced": {"star_filter": "steps", "star_balance": "pass_rate"},
             "steps-balanced-hot": {"star_filter": "steps", "star_balance": "pass_rate",
                                    "star_decoding": {"temperature": 1.3, "threshold": 0.9}},
+            "balanced-hot": {"star_balance": "pass_rate", "star_decoding": {"temperature": 1.3, "threshold": 0.9}},
             "prm": {"star_filter": "prm"}}
-# each variant is compared with plain STaR at the same round, seed and problems; and these with the variant they vary
-AGAINST = {"steps-balanced-hot": "steps-balanced", "steps-balanced": "steps"}
+# each variant is compared with plain STaR at the same round, seed and problems; and these with the variants they vary
+# (steps-balanced-hot against balanced-hot: process filtering alone, at the shipped balance and temperature)
+AGAINST = {"steps-balanced-hot": ("steps-balanced", "balanced-hot"), "steps-balanced": ("steps",)}
 AFTER = {"rl-outcome": {"process_weight": 0.0}, "rl-process": {}, "selection": {}}
 
 
@@ -335,7 +339,7 @@ def summarize_versus(out: Path | list[Path], models, variants, seeds) -> list[di
     rows = []
     for model in models:
         for variant in variants:
-            for against in dict.fromkeys(a for a in ("plain", AGAINST.get(variant)) if a and a != variant):
+            for against in dict.fromkeys(a for a in ("plain", *AGAINST.get(variant, ())) if a != variant):
                 for r in range(1, 100):
                     per_seed = []
                     for seed in seeds:

@@ -85,17 +85,20 @@ def test_each_variant_against_plain_and_the_variant_it_varies_paired_per_seed(be
         fake_run(bench, tmp_path, "diffusion", seed, [base, base, base])
         fake_run(bench, tmp_path, "diffusion", seed, [base, better, better], variant="steps-balanced")
     fake_run(bench, tmp_path, "diffusion", 0, [base, best], variant="steps-balanced-hot")  # seed 0, round 1 only
+    fake_run(bench, tmp_path, "diffusion", 0, [base, better], variant="balanced-hot")  # no step filter
     under_way = bench.run_dir(tmp_path, "diffusion", "steps-balanced-hot", 1) / "round-1" / "eval"
     under_way.mkdir(parents=True)  # seed 1 is grading round 1: its first results are no comparison yet
     (under_way / "results.jsonl").write_text(json.dumps({"id": "test-0", "correct": False}) + "\n")
-    versus = bench.summarize(tmp_path, ["diffusion"], ["plain", "steps-balanced", "steps-balanced-hot"],
-                             [0, 1])["versus"]
+    versus = bench.summarize(tmp_path, ["diffusion"], ["plain", "steps-balanced", "steps-balanced-hot",
+                                                       "balanced-hot"], [0, 1])["versus"]
     got = {(v["variant"], v["against"], v["round"]): [(d["seed"], d["difference"]) for d in v["per_seed"]]
            for v in versus}
     assert got == {("steps-balanced", "plain", 1): [(0, 0.25), (1, 0.25)],
                    ("steps-balanced", "plain", 2): [(0, 0.25), (1, 0.25)],
                    ("steps-balanced-hot", "plain", 1): [(0, 0.5)],
-                   ("steps-balanced-hot", "steps-balanced", 1): [(0, 0.25)]}
+                   ("steps-balanced-hot", "steps-balanced", 1): [(0, 0.25)],
+                   ("steps-balanced-hot", "balanced-hot", 1): [(0, 0.25)],  # what the step filter adds
+                   ("balanced-hot", "plain", 1): [(0, 0.25)]}
     text = bench.table({"rows": [], "gaps": [], "versus": versus})
     assert "| diffusion | steps-balanced-hot | steps-balanced | 1 | +25.0: seed 0: +25.0 [+" in text
     assert "| diffusion | steps-balanced | plain | 2 | +25.0: seed 0: +25.0 [" in text and "| 2/2 up, 0 down |" in text
