@@ -263,9 +263,13 @@ def seconds_per_step(directory: Path) -> float | None:
     return sum(s[key] for s in segments) / steps
 
 
-def measure(dlm, task, rows, prompts, layer: dict, max_new_tokens: int, parent_every: int) -> dict:
+def measure(dlm, task, rows, prompts, layer: dict, max_new_tokens: int, parent_every: int,
+            label: str = "grading") -> dict:
     """Batch 1, greedy: each problem under `layer` (over the model's saved decoding), and the AR parent on every
-    `parent_every`-th problem (0: never) right after it. Per-problem correctness, passes, tokens and seconds."""
+    `parent_every`-th problem (0: never) right after it. Per-problem correctness, passes, tokens and seconds; a
+    progress bar (stderr) shows the running accuracy."""
+    from tqdm.auto import tqdm
+
     from llm2diff.evaluation.completions import complete
     from llm2diff.sampling.config import DecodingConfig
 
@@ -276,11 +280,14 @@ def measure(dlm, task, rows, prompts, layer: dict, max_new_tokens: int, parent_e
         complete(dlm, [prompts[0]], parent_decoding, ar_parent=True)
     result = {"ids": [], "correct": [], "passes": [], "tokens": [], "seconds": []}
     parent = {"ids": [], "correct": [], "tokens": [], "seconds": []}
+    bar = tqdm(total=len(rows), desc=label, unit="problem", mininterval=10)
     for i, (row, prompt) in enumerate(zip(rows, prompts)):
         done = complete(dlm, [prompt], decoding)
         answer = done.rows[0]
         result["ids"].append(task.row_id(row, i))
         result["correct"].append(bool(task.grade(answer.text, row).correct))
+        bar.update()
+        bar.set_postfix(accuracy=f"{sum(result['correct']) / len(result['correct']):.1%}", refresh=False)
         result["passes"].append(answer.passes)
         result["tokens"].append(len(answer.tokens))
         result["seconds"].append(round(done.seconds, 4))
@@ -290,6 +297,7 @@ def measure(dlm, task, rows, prompts, layer: dict, max_new_tokens: int, parent_e
             parent["correct"].append(bool(task.grade(done.rows[0].text, row).correct))
             parent["tokens"].append(len(done.rows[0].tokens))
             parent["seconds"].append(round(done.seconds, 4))
+    bar.close()
     tokens, seconds = sum(result["tokens"]), sum(result["seconds"])
     result.update(problems=len(rows), accuracy=sum(result["correct"]) / max(len(rows), 1),
                   passes_per_token=sum(result["passes"]) / max(tokens, 1),
@@ -356,7 +364,8 @@ def grade(args, row: str, seed: int, model: Path, path: Path, wanted: dict) -> d
     task, rows, prompts = arithmetic_held_out(dlm, args.problems)
     parent_every = max(1, round(args.problems / args.parent_problems)) if args.parent_problems else 0
     start = time.perf_counter()
-    measured = measure(dlm, task, rows, prompts, wanted["layer"], args.max_new_tokens, parent_every)
+    measured = measure(dlm, task, rows, prompts, wanted["layer"], args.max_new_tokens, parent_every,
+                       label=f"{row}/seed {seed}")
     result = {"row": row, "seed": seed, "model": str(model), "trained_with": overrides(args, row), **wanted,
               "block_size": dlm.config.block_size, **measured, "eval_seconds": round(time.perf_counter() - start, 1),
               "hardware": describe(args.threads), "versions": library_versions()}
