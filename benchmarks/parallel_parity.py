@@ -20,9 +20,8 @@ the recipe; each row only adds its overrides:
                       parallel threshold rule (its own AR stream is not asked)
     causal-ar-reopen  not trained: the causal-ar model with reopening at 0.9 (budget 2): its AR stream judges each
                       finished block and replaces the tokens it confidently disputes (docs/sampling.md), one extra
-                      pass per reopened block; a correction, not verified decoding. Seeds measured before
-                      2026-12-07 13:00 ran the earlier rule (the surest disputes first; a causal judge now takes
-                      the first, docs/sampling.md): seed 1 96.0% then, 96.3% now
+                      pass per reopened block; a correction, not verified decoding (the causal judge takes the
+                      first confident dispute, docs/sampling.md; the archived seeds were graded with that rule)
     causal-ar-reopen-last  the same with reopen_last: the last block (where the final answer is) judged too, one
                       more pass per answer
     causal-ar3        --clean_attention causal --ar_loss_weight 3.0: the causal-ar row with the AR loss weighted
