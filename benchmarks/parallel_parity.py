@@ -24,6 +24,8 @@ the recipe; each row only adds its overrides:
                       first confident dispute, docs/sampling.md; the archived seeds were graded with that rule)
     causal-ar-reopen-last  the same with reopen_last: the last block (where the final answer is) judged too, one
                       more pass per answer
+    causal-ar-reopen-unsure  the same, the last block judged only where one of its tokens was committed below 0.9
+                      (reopen_last_below 0.9): the extra pass only for unsure final blocks
     causal-ar3        --clean_attention causal --ar_loss_weight 3.0: the causal-ar row with the AR loss weighted
                       three times (reopening can be no better than the model's own AR stream, which the AR loss
                       trains)
@@ -109,10 +111,13 @@ DECODED: dict[str, tuple[str, dict[str, object]]] = {
     "latent-2": ("self-cond", {"latent_steps": 2}),
     "causal-ar-reopen": ("causal-ar", {"reopen_threshold": 0.9, "reopen_budget": 2}),
     "causal-ar-reopen-last": ("causal-ar", {"reopen_threshold": 0.9, "reopen_budget": 2, "reopen_last": True}),
+    "causal-ar-reopen-unsure": ("causal-ar", {"reopen_threshold": 0.9, "reopen_budget": 2, "reopen_last": True,
+                                              "reopen_last_below": 0.9}),
     "causal-ar3-reopen": ("causal-ar3", {"reopen_threshold": 0.9, "reopen_budget": 2}),
 }
 ROWS = ("baseline", "self-cond", "self-cond-hidden", "latent-1", "latent-2", "curriculum", "semantic", "combined",
-        "causal-ar", "causal-ar-reopen", "causal-ar-reopen-last", "causal-ar3", "causal-ar3-reopen", "ar-twin")
+        "causal-ar", "causal-ar-reopen", "causal-ar-reopen-last", "causal-ar-reopen-unsure", "causal-ar3",
+        "causal-ar3-reopen", "ar-twin")
 EVAL_NAME = "parity_eval.json"
 TRAIN_RECORD = "parity_train.json"
 KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

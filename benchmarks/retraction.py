@@ -11,6 +11,8 @@ Each decodes with the correction methods below over its saved commit rule (thres
     remask     the same disputes, masked and denoised again (learned)
     reopen     replace, plus reopening finished blocks (reopen_threshold E, budget 2): the pass that appends a
                finished block reads it, and confident disputes there replace tokens and recompute the block
+    reopen-last@E  (with --reopen-thresholds) reopening at E, and the last block judged too by one more pass where
+               one of its tokens was committed below E (no later block's pass reads it)
 
 1. Planted errors. Per problem, the model's own greedy answer (one token per step, no correction) is the
    reference. One position past its block's first, in a block after the first (a seeded choice among the
@@ -80,7 +82,9 @@ def thresholds(text: str) -> list[float]:
 
 def methods(edit_threshold: float, reopen_thresholds=()) -> dict[str, dict]:
     """Each correction method as decoding settings over the model's saved commit rule; `reopen_thresholds` adds
-    "reopen@E" rows: reopening at its own threshold E (in-block replacement still at `edit_threshold`)."""
+    "reopen@E" rows: reopening at its own threshold E (in-block replacement still at `edit_threshold`), and
+    "reopen-last@E": the same with the last block judged too where one of its tokens was committed below E
+    (`reopen_last`, `reopen_last_below`; a planted block counts as unsure)."""
     reopen = {**NO_CORRECTION, "edit_threshold": edit_threshold, "edit_action": "replace", "remask_budget": 2,
               "reopen_budget": 2}
     return {
@@ -90,6 +94,8 @@ def methods(edit_threshold: float, reopen_thresholds=()) -> dict[str, dict]:
         "remask": {**NO_CORRECTION, "edit_threshold": edit_threshold, "edit_action": "remask", "remask_budget": 2},
         "reopen": {**reopen, "reopen_threshold": edit_threshold},
         **{f"reopen@{e:g}": {**reopen, "reopen_threshold": e} for e in reopen_thresholds},
+        **{f"reopen-last@{e:g}": {**reopen, "reopen_threshold": e, "reopen_last": True, "reopen_last_below": e}
+           for e in reopen_thresholds},
     }
 
 

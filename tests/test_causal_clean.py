@@ -351,3 +351,39 @@ def test_reopen_last_judges_the_final_block_up_to_where_the_row_stopped():
     assert stopped.sequences[0, len(PROMPT) + 5] == planted[1]  # (a correction never ends a row) stays
     with pytest.raises(ValueError, match="reopen_last judges the last block .* set reopen_threshold"):
         DecodingConfig(reopen_last=True)
+
+
+def test_reopen_last_below_judges_only_a_last_block_committed_unsurely():
+    """`reopen_last_below` skips the judging pass where every token of the last block was committed with at least
+    that probability: a floor no commit is below gives exactly the run without reopen_last (tokens and passes), a
+    floor of 1 exactly reopen_last's run; a drafted token counts as unsure, so a planted draft is judged and put
+    back under any floor. Without reopen_last it is refused."""
+    from llm2diff.sampling.config import DecodingConfig
+    from llm2diff.sampling.sampler import run_block_sampler
+
+    dlm, greedy = causal_model_and_greedy()
+    dlm.tokenizer.eos_token = None  # the rows run to max_new_tokens: a last block of 4 tokens to judge
+    prompt = torch.tensor([PROMPT])
+    decoding = DecodingConfig.resolve(dlm.decoding, {"reopen_threshold": 1e-6, "reopen_budget": 2, "threshold": 0.5,
+                                                     "max_new_tokens": 8, "stop_strings": []})
+
+    def run(prefix=None, draft=None, **changes):
+        return run_block_sampler(dlm, prompt, torch.ones_like(prompt), decoding.replace(**changes),
+                                 prefix, draft)
+
+    plain, judged = run(), run(reopen_last=True)
+    assert int(plain.num_new_tokens[0]) == 8 and int(judged.nfe) > int(plain.nfe)  # the tiny model's commits are all unsure: the last block is judged
+    for below, same_as in ((1e-6, plain), (1.0, judged)):
+        gated = run(reopen_last=True, reopen_last_below=below)
+        assert torch.equal(gated.sequences, same_as.sequences) and int(gated.nfe) == int(same_as.nfe)
+        assert gated.reopened == same_as.reopened
+
+    planted = greedy[4:8].copy()
+    planted[2] = (planted[2] + 1) % dlm.config.mask_token_id
+    drafted = {"prefix": torch.tensor([greedy[:4]]), "draft": torch.tensor([planted]), "max_new_tokens": 4}
+    out = run(**drafted, reopen_last=True, reopen_last_below=1e-6)
+    assert out.reopened >= 1 and out.sequences[0, len(PROMPT) + 4 : len(PROMPT) + 7].tolist() == greedy[4:7]
+    reference = run(**drafted, reopen_last=True)
+    assert torch.equal(out.sequences, reference.sequences) and int(out.nfe) == int(reference.nfe)
+    with pytest.raises(ValueError, match="reopen_last_below gates reopen_last's judging pass"):
+        DecodingConfig(reopen_threshold=0.9, reopen_last_below=0.9)

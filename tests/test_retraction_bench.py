@@ -31,6 +31,7 @@ def test_errors_are_planted_past_a_blocks_first_token_after_the_first_block(benc
     swept = bench.methods(0.4, [0.3, 0.9])
     assert swept["reopen@0.9"] == {**swept["reopen"], "reopen_threshold": 0.9}
     assert swept["reopen@0.3"]["reopen_threshold"] == 0.3 and swept["reopen"]["reopen_threshold"] == 0.4
+    assert swept["reopen-last@0.9"] == {**swept["reopen@0.9"], "reopen_last": True, "reopen_last_below": 0.9}
 
 
 def test_a_planted_token_stays_without_correction(bench):

@@ -95,6 +95,11 @@ class DecodingConfig:
                                   group="correction")
     reopen_last: bool = _setting(False, "Reopening: judge the last block too (no later block's pass reads it: one "
                                  "more pass per call, where final answers are often written).", group="correction")
+    reopen_last_below: float | None = _setting(None, "reopen_last: judge the last block only where one of its "
+                                               "tokens was committed with less than this probability (a token "
+                                               "given as a draft counts as unsure); the judging pass is skipped "
+                                               "for rows that committed it surely. None: always judge.",
+                                               group="correction")
     # -- block sampler: sampling -----------------------------------------------------------------------------------
     temperature: float = _setting(0.0, "Sampling temperature (0 = greedy).", group="sampling")
     top_k: int | None = _setting(None, "Sample among the k most likely tokens (needs temperature > 0).",
@@ -183,6 +188,13 @@ class DecodingConfig:
         if self.reopen_last and self.reopen_threshold is None:
             raise ValueError("reopen_last judges the last block as reopening judges the others: set reopen_threshold "
                              "too (e.g. 0.9)")
+        if self.reopen_last_below is not None:
+            if not self.reopen_last:
+                raise ValueError("reopen_last_below gates reopen_last's judging pass: set reopen_last: true too, or "
+                                 "unset reopen_last_below")
+            if not 0.0 < self.reopen_last_below <= 1.0:
+                raise ValueError(f"reopen_last_below must be in (0, 1] (a commit probability), got "
+                                 f"{self.reopen_last_below}")
         if self.edit_threshold is not None and self.remask_budget == 0:
             raise ValueError("edit_threshold is set but remask_budget is 0: give a budget of corrections per block "
                              "(e.g. 2), or unset edit_threshold")

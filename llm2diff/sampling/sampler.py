@@ -175,13 +175,16 @@ class BlockSampler:
             if self.streamer is not None:
                 self.streamer.put(new_tokens[0, before : min(produced, int(num_new[0]))].cpu())
             more = produced < s.max_new_tokens and not bool(finished.all())
-            judge_last = not more and s.reopen_last and s.reopen_threshold is not None
+            judge_last, unsure = False, None
+            if not more and s.reopen_last and s.reopen_threshold is not None:
+                unsure = self._unsure_last(ctx, finished, num_new, before, offset, length)
+                judge_last = bool(unsure.any())
             ctx.commit(canvas, run_model=more or judge_last)
             done_before, ctx.done = ctx.done, finished[ctx.rows]
             if more and s.drop_finished and bool(ctx.done.any()):
                 ctx.select((~ctx.done).nonzero().squeeze(-1))
             if judge_last:
-                self._judge_last(ctx, done_before, new_tokens, num_new, finished)
+                self._judge_last(ctx, done_before, new_tokens, num_new, finished, unsure)
         if self.streamer is not None:
             self.streamer.end()
 
@@ -209,6 +212,9 @@ class BlockSampler:
             drafted = todo & (draft != s.mask_token_id)
             canvas = torch.where(drafted, draft, canvas)
             todo &= ~drafted
+        # the probability each token had when it was committed (a drafted token: unknown, 0; a fixed prefix: 1),
+        # which `reopen_last_below` reads to decide whether the last block is worth a judging pass
+        self.block_sure = ((positions < fixed) | (positions >= length)).float()[None, :].expand(batch, size).clone()
         revisable = (positions >= fixed)[None, :].expand(batch, size) & (positions < length) & ~todo
         # with token shift a block's first token is read from the finished block before, which never sees this
         # block: nothing in the block can dispute it, so learned correction leaves it alone
@@ -251,6 +257,7 @@ class BlockSampler:
                     if s.edit_action == "replace":
                         edit = disputed
                         canvas = torch.where(edit, proposal, canvas)
+                        self.block_sure = torch.where(edit, best.to(self.block_sure.dtype), self.block_sure)
                         self.edited += int(edit.sum())
                     else:
                         remask = disputed
@@ -265,6 +272,7 @@ class BlockSampler:
             eligible = todo if last_step else sub_block_window(todo, s.sub_block_size)
             commit = todo.clone() if last_step else self._select(tokens, confidence, probs, eligible)
             canvas = torch.where(commit, tokens, canvas)
+            self.block_sure = torch.where(commit, confidence.to(self.block_sure.dtype), self.block_sure)
             todo = (todo & ~commit) | remask
             revisable |= commit
             if s.self_conditioning and checked:
@@ -289,19 +297,40 @@ class BlockSampler:
                                          self.s.vocab_size)
         return rows, cols, vectors
 
+    def _last_limit(self, rows: torch.Tensor, finished: torch.Tensor, num_new: torch.Tensor, lo: int,
+                    count: int) -> torch.Tensor:
+        """How many of the last block's tokens each row may have revised: up to where it stopped (the token that
+        stopped a row, end-of-sequence or a stop string's last, is never revised)."""
+        return (num_new[rows] - lo - finished[rows].long()).clamp(0, count)
+
+    def _unsure_last(self, ctx: BlockContext, finished: torch.Tensor, num_new: torch.Tensor, lo: int, first: int,
+                     count: int) -> torch.Tensor:
+        """`reopen_last_below`: the rows (of the context's) whose last block holds a revisable token committed with
+        less than that probability (every row without it): only those get the judging pass."""
+        below = self.s.reopen_last_below
+        rows = ctx.rows
+        if below is None:
+            return ~ctx.done.cpu()
+        limit = self._last_limit(rows, finished, num_new, lo, count).to(self.block_sure.device)
+        positions = torch.arange(self.s.block_size, device=limit.device)
+        revisable = (positions >= first) & (positions < first + limit[:, None]) & \
+            ((positions > 0) | (not (self.s.shift or self.s.causal_clean)))
+        return (((self.block_sure < below) & revisable).any(-1) & ~ctx.done).cpu()
+
     def _judge_last(self, ctx: BlockContext, done_before: torch.Tensor, new_tokens: torch.Tensor,
-                    num_new: torch.Tensor, finished: torch.Tensor) -> None:
+                    num_new: torch.Tensor, finished: torch.Tensor, unsure: torch.Tensor) -> None:
         """`reopen_last`: one more pass appends the last block (its logits for a block after it go unused), so that
         reopening judges it as it judges the others: the rows that were still running when it was denoised, up to
         where each stopped (the token that stopped a row, end-of-sequence or a stop string's last, is never
-        revised, so a correction never un-ends a row)."""
+        revised, so a correction never un-ends a row); `unsure` (`(rows,)`): the rows to judge (`_unsure_last`)."""
         s, rows = self.s, ctx.rows
         lo, first, count = self.previous
         ctx.done = done_before
         reopened = self.reopened
         masked = torch.full((ctx.batch_size, s.block_size), s.mask_token_id, dtype=torch.long,
                             device=ctx.key_valid.device)
-        limit = (num_new[rows] - lo - finished[rows].long()).clamp(0, count).to(ctx.key_valid.device)
+        limit = self._last_limit(rows, finished, num_new, lo, count).to(ctx.key_valid.device)
+        limit = torch.where(unsure.to(limit.device), limit, torch.zeros_like(limit))
         self._reopen_previous(ctx, lambda: ctx.block_logits(masked), limit)
         if self.reopened != reopened:
             new_tokens[rows, lo : lo + count] = torch.where(
@@ -439,7 +468,7 @@ def run_block_sampler(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
         entropy_bound=d.entropy_bound, sub_block_size=d.sub_block_size, max_steps_per_block=d.max_steps_per_block,
         remask_threshold=d.remask_threshold, remask_budget=d.correction_budget, edit_threshold=d.edit_threshold,
         edit_action=d.edit_action, reopen_threshold=d.reopen_threshold, reopen_budget=d.reopen_budget,
-        reopen_last=d.reopen_last,
+        reopen_last=d.reopen_last, reopen_last_below=d.reopen_last_below,
         self_conditioning=c.self_conditioning, latent_steps=d.latent_steps, fuse_commit=d.fuse_commit,
         drop_finished=d.drop_finished, static_cache=d.static_cache,
     )

@@ -46,6 +46,7 @@ class SamplerSettings:
     reopen_threshold: float | None = None
     reopen_budget: int = 2
     reopen_last: bool = False
+    reopen_last_below: float | None = None
     self_conditioning: str | None = None  # what a pass carries to the next at masked positions (the model's kind)
     latent_steps: int = 0
     fuse_commit: bool = True
