@@ -290,8 +290,8 @@ def measure(dlm, task, rows, prompts, layer: dict, max_new_tokens: int, parent_e
         answer = done.rows[0]
         result["ids"].append(task.row_id(row, i))
         result["correct"].append(bool(task.grade(answer.text, row).correct))
-        bar.update()
         bar.set_postfix(accuracy=f"{sum(result['correct']) / len(result['correct']):.1%}", refresh=False)
+        bar.update()  # draws the count and the accuracy together
         result["passes"].append(answer.passes)
         result["tokens"].append(len(answer.tokens))
         result["seconds"].append(round(done.seconds, 4))
