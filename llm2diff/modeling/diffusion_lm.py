@@ -188,7 +188,7 @@ class DiffusionLM:
 
     def _merged_lora(self, layer, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
         """(weight, bias or None) of a LoRA layer with its delta folded in, built once (PEFT's `merge(safe_merge=
-        True)`, a new tensor) and kept until an adapter weight changes. `weight`/`bias`: the layer's own tensors,
+        True)` over copies of the layer's tensors) and kept until an adapter weight changes. `weight`/`bias`: the layer's own tensors,
         which are put back in place before returning."""
         if not hasattr(self, "_merged_lora_cache"):
             self._merged_lora_cache: dict[int, tuple] = {}
@@ -196,9 +196,15 @@ class DiffusionLM:
         cached = self._merged_lora_cache.get(id(layer))
         if cached is None or cached[0] != key:
             base = layer.get_base_layer()
-            layer.merge(safe_merge=True)  # new tensors: the originals stay as they are
-            changed = bias is not None and base.bias.data_ptr() != bias.data_ptr()
-            cached = (key, base.weight.data, base.bias.data if changed else None)  # lora_bias: into the bias too
+            # PEFT's merge writes into the layer's tensors (in place since peft 0.22): it gets copies, so the
+            # originals stay as they are
+            base.weight.data = weight.clone()
+            if bias is not None:
+                base.bias.data = bias.clone()
+            layer.merge(safe_merge=True)
+            lora_bias = bias is not None and any(layer.lora_bias.get(name, False) for name in layer.active_adapters
+                                                 if name in layer.lora_A)
+            cached = (key, base.weight.data, base.bias.data if lora_bias else None)  # lora_bias: into the bias too
             self._merged_lora_cache[id(layer)] = cached
             base.weight.data = weight
             if bias is not None:
