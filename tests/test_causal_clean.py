@@ -387,3 +387,77 @@ def test_reopen_last_below_judges_only_a_last_block_committed_unsurely():
     assert torch.equal(out.sequences, reference.sequences) and int(out.nfe) == int(reference.nfe)
     with pytest.raises(ValueError, match="reopen_last_below gates reopen_last's judging pass"):
         DecodingConfig(reopen_threshold=0.9, reopen_last_below=0.9)
+
+
+def test_redenoising_a_reopened_blocks_tail_denoises_it_as_after_a_prefix():
+    """`reopen_tail: redenoise`: the first confident dispute of a finished block is replaced and the block's tokens
+    after it are denoised again, under the corrected token: exactly as the sampler denoises a block after a
+    response prefix ending there (cache = recompute). Both where a later block's pass judges the block and where
+    `reopen_last` judges the last one, whose row had stopped: re-denoising may end it elsewhere, never leaves a
+    mask, and a redone block is not judged again beyond its budget."""
+    from llm2diff.sampling.config import DecodingConfig
+    from llm2diff.sampling.sampler import run_block_sampler
+
+    dlm, greedy = causal_model_and_greedy()
+    planted = greedy[4:8].copy()
+    planted[1] = (planted[1] + 1) % dlm.config.mask_token_id
+    prompt = torch.tensor([PROMPT])
+    decoding = DecodingConfig.resolve(dlm.decoding, {"reopen_threshold": 1e-6, "reopen_budget": 1,
+                                                     "max_new_tokens": 8, "stop_strings": [],
+                                                     "reopen_tail": "redenoise"})
+
+    def run(prefix, draft=None, **changes):
+        return run_block_sampler(dlm, prompt, torch.ones_like(prompt), decoding.replace(**changes),
+                                 torch.tensor([prefix]), None if draft is None else torch.tensor([draft]))
+
+    corrected = greedy[:4] + greedy[4:6]  # the draft's wrong second token put back: the prefix the tail follows
+    for eos, changes in ((None, {}), (planted[2], {"max_new_tokens": 4, "reopen_last": True})):
+        dlm.model.generation_config.eos_token_id = eos  # the second case: the drafted last block stops at its third
+        for use_cache in (True, False):
+            out = run(greedy[:4], planted, use_cache=use_cache, **changes)
+            after = run(corrected, reopen_threshold=None, reopen_last=False, reopen_tail="keep", use_cache=use_cache,
+                        max_new_tokens=(changes.get("max_new_tokens", 8) - 2))
+            assert out.reopened == 1 and out.sequences[0, len(PROMPT) + 4 : len(PROMPT) + 6].tolist() == greedy[4:6]
+            assert torch.equal(out.sequences, after.sequences), (eos, use_cache)
+            assert int(out.num_new_tokens[0]) == int(after.num_new_tokens[0]) + 2
+            assert not bool((out.sequences == dlm.config.mask_token_id).any())
+        kept = run(greedy[:4], planted, reopen_tail="keep", **changes)  # today's rule: the tail stays as it was
+        assert kept.reopened == 1 and kept.sequences[0, len(PROMPT) + 6] == planted[2]
+    with pytest.raises(ValueError, match="unknown reopen_tail 'redenoize'.*did you mean 'redenoise'"):
+        DecodingConfig(reopen_threshold=0.9, reopen_tail="redenoize")
+    with pytest.raises(ValueError, match="reopen_tail: redenoise .* set reopen_threshold"):
+        DecodingConfig(reopen_tail="redenoise")
+
+
+@pytest.mark.parametrize("tail", ["keep", "redenoise"])
+def test_reopening_everything_the_ar_stream_disputes_gives_its_greedy_decoding(tail):
+    """Reopening with a threshold every prediction reaches, a budget of a whole block and the last block judged:
+    every token the causal judge disputes is fixed until the blocks read as the AR stream writes them, so the
+    output is the AR stream's greedy decoding, for a batch of two prompts (left-padded), with and without a cache;
+    redenoising the tail gets there as today's token-by-token rule does."""
+    from llm2diff.sampling.config import DecodingConfig
+    from llm2diff.sampling.sampler import run_block_sampler
+
+    from llm2diff.sampling.rules import suppress_ids
+
+    dlm, greedy = causal_model_and_greedy(steps=12)
+    dlm.tokenizer.eos_token = None  # the rows run to max_new_tokens
+    other = [9, 8, 7, 6, 5]
+    ids = list(other)
+    for _ in range(12):
+        logits = dlm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        ids.append(int(suppress_ids(logits[None], dlm.config.mask_token_id, dlm.config.vocab_size)[0].argmax()))
+    expected = [greedy, ids[len(other):]]
+    pad = len(PROMPT) - len(other)
+    prompts = torch.tensor([PROMPT, [0] * pad + other])
+    mask = torch.tensor([[1] * len(PROMPT), [0] * pad + [1] * len(other)])
+    decoding = DecodingConfig.resolve(dlm.decoding, {"reopen_threshold": 1e-6, "reopen_budget": 3, "threshold": 0.5,
+                                                     "reopen_last": True, "reopen_tail": tail,
+                                                     "max_new_tokens": 12, "stop_strings": []})
+    plain = run_block_sampler(dlm, prompts, mask, decoding.replace(reopen_threshold=None, reopen_last=False,
+                                                                   reopen_tail="keep"))
+    assert plain.sequences[:, len(PROMPT):].tolist() != expected  # the parallel commits alone differ from it
+    outs = [run_block_sampler(dlm, prompts, mask, decoding.replace(use_cache=use_cache)) for use_cache in (True, False)]
+    for out in outs:
+        assert out.sequences[:, len(PROMPT):].tolist() == expected and out.reopened > 0
+    assert torch.equal(outs[0].sequences, outs[1].sequences)

@@ -17,7 +17,7 @@ EXAMPLE = {"mode": "block", "max_new_tokens": 8, "stop_strings": ["x"], "merge_l
            "tokens_per_step": 2, "threshold": 0.5, "significance_weight": 1.5, "confidence_floor": 0.2,
            "entropy_bound": 0.5, "sub_block_size": 2, "max_steps_per_block": 2, "latent_steps": 1, "remask_threshold": 0.3,
            "remask_budget": 1, "edit_threshold": 0.6, "edit_action": "remask", "reopen_threshold": 0.7, "reopen_budget": 1, "reopen_last": True,
-           "reopen_last_below": 0.95,
+           "reopen_last_below": 0.95, "reopen_tail": "redenoise",
            "temperature": 0.5, "top_k": 5, "top_p": 0.9, "seed": 3, "parent_tail": 1,
            "use_cache": True, "static_cache": True, "compile": True, "fuse_commit": False, "drop_finished": False,
            "record_trajectory": True}

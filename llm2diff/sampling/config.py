@@ -32,6 +32,7 @@ from llm2diff.sampling.decoders import DECODERS
 
 DECODING_CONFIG_NAME = "decoding_config.json"
 EDIT_ACTIONS = ("replace", "remask")
+REOPEN_TAILS = ("keep", "redenoise")
 MODES = tuple(DECODERS)
 ALL = MODES
 
@@ -100,6 +101,10 @@ class DecodingConfig:
                                                "given as a draft counts as unsure); the judging pass is skipped "
                                                "for rows that committed it surely. None: always judge.",
                                                group="correction")
+    reopen_tail: str = _setting("keep", "Reopening: after a correction, 'keep' the block's later tokens (each "
+                                "judged in turn), or 'redenoise' them: the first confident dispute is replaced, the "
+                                "tokens after it are masked and denoised again, written under the corrected token "
+                                "(what an inserted or dropped token needs).", group="correction")
     # -- block sampler: sampling -----------------------------------------------------------------------------------
     temperature: float = _setting(0.0, "Sampling temperature (0 = greedy).", group="sampling")
     top_k: int | None = _setting(None, "Sample among the k most likely tokens (needs temperature > 0).",
@@ -195,6 +200,12 @@ class DecodingConfig:
             if not 0.0 < self.reopen_last_below <= 1.0:
                 raise ValueError(f"reopen_last_below must be in (0, 1] (a commit probability), got "
                                  f"{self.reopen_last_below}")
+        if self.reopen_tail not in REOPEN_TAILS:
+            raise ValueError(f"unknown reopen_tail {self.reopen_tail!r}; available: {', '.join(REOPEN_TAILS)}"
+                             f"{_nearest(self.reopen_tail, REOPEN_TAILS)}")
+        if self.reopen_tail == "redenoise" and self.reopen_threshold is None:
+            raise ValueError("reopen_tail: redenoise re-denoises a reopened block after its correction: set "
+                             "reopen_threshold too, or leave reopen_tail at 'keep'")
         if self.edit_threshold is not None and self.remask_budget == 0:
             raise ValueError("edit_threshold is set but remask_budget is 0: give a budget of corrections per block "
                              "(e.g. 2), or unset edit_threshold")

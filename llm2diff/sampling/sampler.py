@@ -31,6 +31,7 @@ import torch
 
 from llm2diff.modeling.lora import embedding_weight
 from llm2diff.sampling.block_cache import BlockContext, prompt_fusion_pays
+from llm2diff.sampling.reopening import Reopening
 from llm2diff.sampling.rules import (
     choose_tokens,
     coarse_to_fine_priority,
@@ -40,7 +41,6 @@ from llm2diff.sampling.rules import (
     random_priority,
     select_commits,
     select_disputes,
-    select_first_dispute,
     select_remasks,
     sub_block_window,
     suppress_ids,
@@ -80,7 +80,7 @@ class SamplerOutput:
         return len(self.tokens_per_step)
 
 
-class BlockSampler:
+class BlockSampler(Reopening):
     """Runs the block-diffusion sampling loop for one batch. Use through `DiffusionLM.generate`.
 
     `streamer` (transformers' `BaseStreamer`: `put`/`end`, e.g. `TextStreamer`) receives the prompt, then each
@@ -100,6 +100,7 @@ class BlockSampler:
         self.remasked = 0
         self.edited = 0
         self.reopened = 0
+        self.previous = self.rewind = None  # the last committed block (reopening), a pending rewind (`generate`)
         device = embedding_weight(model).device
         self.generator = torch.Generator(device=device)
         if settings.seed is not None:
@@ -153,18 +154,36 @@ class BlockSampler:
         context = torch.cat([input_ids, prefix], dim=1)  # what stop strings may begin in
 
         produced = 0
-        self.previous = None  # (first new-token index, first revisable position, length) of the last committed block
+        # the last committed block: (its first new-token index, its first position in the block, its length, the
+        # first position each original row may still revise, each original row's reopen budget left)
+        self.previous = None
+        self.rewind = None  # set by a reopening that re-denoises a block's tail (`reopen_tail: redenoise`)
+        redo = None  # (block, (rows,) positions kept, first revisable per original row, budget): a block to redo
+        total = input_ids.shape[0]
+        state = before_last = None  # (finished, num_new, done per original row) before this block / the last one
         while produced < s.max_new_tokens and not bool(finished.all()):
             rows = ctx.rows
-            offset = start.shape[1] if start is not None else 0
-            length = min(s.block_size - offset, s.max_new_tokens - produced)
+            if redo is None:
+                offset = start.shape[1] if start is not None else 0
+                length = min(s.block_size - offset, s.max_new_tokens - produced)
+                block, kept = start, None
+                first = torch.full((total,), offset, dtype=torch.long, device=device)
+                budget = torch.full((total,), s.reopen_budget, dtype=torch.long, device=device)
+            else:
+                block, kept, first, budget = redo
+                offset, length = self.previous[1], self.previous[2]
+                redo = None
+            before_last, state = state, self._state(ctx, finished, num_new)
             reopened = self.reopened
-            canvas = self.denoise_block(ctx, offset + length, start=start,
+            canvas = self.denoise_block(ctx, offset + length, start=block, kept=kept,
                                         draft=None if draft is None else draft[ctx.rows].to(device))
+            if self.rewind is not None:  # the block before is denoised again from its correction on
+                redo, produced = self._rewind(ctx, before_last, finished, num_new)
+                continue
             if self.reopened != reopened:  # the block before was reopened: its corrected tokens replace the old ones
-                lo, first, count = self.previous
-                new_tokens[rows, lo : lo + count] = ctx.generated[:, -s.block_size:][:, first : first + count]
-            self.previous = (produced, offset, length)
+                lo, first_before, count = self.previous[:3]
+                new_tokens[rows, lo : lo + count] = ctx.generated[:, -s.block_size:][:, first_before : first_before + count]
+            self.previous = (produced, offset, length, first, budget)
             start = draft = None
             running = ~ctx.done
             new_tokens[rows[running], produced : produced + length] = canvas[running, offset : offset + length]
@@ -185,6 +204,8 @@ class BlockSampler:
                 ctx.select((~ctx.done).nonzero().squeeze(-1))
             if judge_last:
                 self._judge_last(ctx, done_before, new_tokens, num_new, finished, unsure)
+                if self.rewind is not None:  # the last block is denoised again from its correction on
+                    redo, produced = self._rewind(ctx, state, finished, num_new)
         if self.streamer is not None:
             self.streamer.end()
 
@@ -193,29 +214,35 @@ class BlockSampler:
                               self.trajectory, self.edited, self.reopened)
 
     def denoise_block(self, ctx: BlockContext, length: int, start: torch.Tensor | None = None,
-                      draft: torch.Tensor | None = None) -> torch.Tensor:
+                      draft: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
         """Denoise the context's current block from all-mask to clean. Returns the `(batch, B)` canvas (positions
         >= length stay masked).
 
-        `start` (`(batch, j)`) fixes the block's first j tokens (a response prefix ending inside the block).
+        `start` (`(batch, j)`) fixes the block's first j tokens (a response prefix ending inside the block); with
+        `kept` (`(batch,)`), `start` is a whole `(batch, B)` block of which each row keeps its first `kept` tokens
+        (a reopened block denoised again after its correction).
         `draft` (`(batch, B)`, the mask id where undecided) pre-commits tokens that correction may still retract.
         """
         s = self.s
         batch, size, device = ctx.batch_size, s.block_size, ctx.key_valid.device
         canvas = torch.full((batch, size), s.mask_token_id, dtype=torch.long, device=device)
         positions = torch.arange(size, device=device)
-        fixed = 0 if start is None else start.shape[1]
-        if start is not None:
-            canvas[:, :fixed] = start
-        todo = ((positions < length) & (positions >= fixed))[None, :].expand(batch, size).clone()
+        if kept is not None:
+            fixed = kept.to(device)[:, None]
+            canvas = torch.where(positions < fixed, start, canvas)
+        else:
+            fixed = torch.full((batch, 1), 0 if start is None else start.shape[1], device=device)
+            if start is not None:
+                canvas[:, : start.shape[1]] = start
+        todo = (positions < length) & (positions >= fixed)
         if draft is not None:
             drafted = todo & (draft != s.mask_token_id)
             canvas = torch.where(drafted, draft, canvas)
             todo &= ~drafted
         # the probability each token had when it was committed (a drafted token: unknown, 0; a fixed prefix: 1),
         # which `reopen_last_below` reads to decide whether the last block is worth a judging pass
-        self.block_sure = ((positions < fixed) | (positions >= length)).float()[None, :].expand(batch, size).clone()
-        revisable = (positions >= fixed)[None, :].expand(batch, size) & (positions < length) & ~todo
+        self.block_sure = ((positions < fixed) | (positions >= length)).float()
+        revisable = (positions >= fixed) & (positions < length) & ~todo
         # with token shift a block's first token is read from the finished block before, which never sees this
         # block: nothing in the block can dispute it, so learned correction leaves it alone
         disputable = (positions > 0) | (not s.shift)
@@ -229,10 +256,14 @@ class BlockSampler:
             if only_first and not (s.corrects and bool(revisable.any())):
                 # only first positions left: the clean position before the block predicts them, no block forward
                 first = self._reopen_previous(ctx, lambda: ctx.first_position_logits())
+                if self.rewind is not None:  # the block before is to be denoised again first (`_rewind`)
+                    return canvas
                 logits = first[:, None].expand(-1, size, -1)
                 checked = False
             else:
                 logits = self._reopen_previous(ctx, lambda: ctx.block_logits(canvas, condition))
+                if self.rewind is not None:
+                    return canvas
                 checked = True
             allowed = suppress_ids(logits, s.mask_token_id, s.vocab_size)
             tokens, confidence, probs = choose_tokens(allowed, s.temperature, s.top_k, s.top_p, self.generator,
@@ -296,89 +327,6 @@ class BlockSampler:
             vectors = expected_embedding(logits[rows, cols], embedding_weight(self.model), self.s.mask_token_id,
                                          self.s.vocab_size)
         return rows, cols, vectors
-
-    def _last_limit(self, rows: torch.Tensor, finished: torch.Tensor, num_new: torch.Tensor, lo: int,
-                    count: int) -> torch.Tensor:
-        """How many of the last block's tokens each row may have revised: up to where it stopped (the token that
-        stopped a row, end-of-sequence or a stop string's last, is never revised)."""
-        return (num_new[rows] - lo - finished[rows].long()).clamp(0, count)
-
-    def _unsure_last(self, ctx: BlockContext, finished: torch.Tensor, num_new: torch.Tensor, lo: int, first: int,
-                     count: int) -> torch.Tensor:
-        """`reopen_last_below`: the rows (of the context's) whose last block holds a revisable token committed with
-        less than that probability (every row without it): only those get the judging pass."""
-        below = self.s.reopen_last_below
-        rows = ctx.rows
-        if below is None:
-            return ~ctx.done.cpu()
-        limit = self._last_limit(rows, finished, num_new, lo, count).to(self.block_sure.device)
-        positions = torch.arange(self.s.block_size, device=limit.device)
-        revisable = (positions >= first) & (positions < first + limit[:, None]) & \
-            ((positions > 0) | (not (self.s.shift or self.s.causal_clean)))
-        return (((self.block_sure < below) & revisable).any(-1) & ~ctx.done).cpu()
-
-    def _judge_last(self, ctx: BlockContext, done_before: torch.Tensor, new_tokens: torch.Tensor,
-                    num_new: torch.Tensor, finished: torch.Tensor, unsure: torch.Tensor) -> None:
-        """`reopen_last`: one more pass appends the last block (its logits for a block after it go unused), so that
-        reopening judges it as it judges the others: the rows that were still running when it was denoised, up to
-        where each stopped (the token that stopped a row, end-of-sequence or a stop string's last, is never
-        revised, so a correction never un-ends a row); `unsure` (`(rows,)`): the rows to judge (`_unsure_last`)."""
-        s, rows = self.s, ctx.rows
-        lo, first, count = self.previous
-        ctx.done = done_before
-        reopened = self.reopened
-        masked = torch.full((ctx.batch_size, s.block_size), s.mask_token_id, dtype=torch.long,
-                            device=ctx.key_valid.device)
-        limit = self._last_limit(rows, finished, num_new, lo, count).to(ctx.key_valid.device)
-        limit = torch.where(unsure.to(limit.device), limit, torch.zeros_like(limit))
-        self._reopen_previous(ctx, lambda: ctx.block_logits(masked), limit)
-        if self.reopened != reopened:
-            new_tokens[rows, lo : lo + count] = torch.where(
-                torch.arange(count, device=new_tokens.device) < limit[:, None].to(new_tokens.device),
-                ctx.generated[:, -s.block_size:][:, first : first + count].to(new_tokens.device),
-                new_tokens[rows, lo : lo + count])
-
-    def _reopen_previous(self, ctx: BlockContext, forward, limit: torch.Tensor | None = None):
-        """Run `forward` (the pass that appends the last committed block, when one is pending); with
-        `reopen_threshold`, read that block as the pass saw it and, where the model predicts another token at one of
-        its revisable positions with at least that probability, replace it (the most confident first, at most
-        `reopen_budget` per row and block; a causal judge takes the first, then judges again) and run the pass again
-        with the corrected block. `limit` (`(batch,)`): revise only each row's first `limit` tokens of the block.
-        Returns the logits of the last pass."""
-        s = self.s
-        logits = forward()
-        if s.reopen_threshold is None or ctx.judged is None or self.previous is None:
-            ctx.judged = None
-            return logits
-        _, first, count = self.previous
-        budget = torch.full((ctx.batch_size,), s.reopen_budget, dtype=torch.long, device=ctx.key_valid.device)
-        positions = torch.arange(s.block_size, device=budget.device)
-        # with shift (or a causal stream) nothing in the block judges its first token
-        revisable = (positions >= first) & (positions < first + count) & \
-            ((positions > 0) | (not (s.shift or s.causal_clean)))
-        revisable = revisable[None, :] if limit is None else revisable[None, :] & (positions < first + limit[:, None])
-        while ctx.judged is not None and bool(budget.any()):
-            judged, ctx.judged = ctx.judged, None
-            allowed = suppress_ids(judged, s.mask_token_id, s.vocab_size)
-            allowed[..., list(s.eos_token_ids)] = float("-inf")  # a correction never ends a row
-            best, proposal = allowed.float().softmax(-1).max(-1)
-            block = ctx.generated[:, -s.block_size:]
-            disputed = revisable & (proposal != block) & ~ctx.done[:, None] & ~torch.isnan(best)
-            # a causal judge (the AR stream of a causal-clean model) reads each token from those before it: the
-            # first confident dispute, then judge again; a block-attention judge sees the whole block: the surest
-            select = select_first_dispute if s.causal_clean else select_disputes
-            chosen = select(best.nan_to_num(0.0), disputed, s.reopen_threshold, budget)
-            if not bool(chosen.any()):
-                break
-            corrected = torch.where(chosen, proposal, block)
-            ctx.reopen(corrected)
-            budget -= chosen.sum(-1)
-            self.reopened += int(chosen.sum())
-            if self.trajectory is not None:  # drawn as a retraction and a commit in the block reopened
-                self._record(ctx, corrected, best, chosen, chosen, block=ctx.num_blocks - 1)
-            logits = forward()
-        ctx.judged = None
-        return logits
 
     def _record(self, ctx: BlockContext, canvas, confidence, commit, remask, block: int | None = None) -> None:
         """Record a step for every original row (rows that left the batch show a masked, idle block)."""
@@ -468,7 +416,7 @@ def run_block_sampler(dlm, input_ids: torch.Tensor, attention_mask: torch.Tensor
         entropy_bound=d.entropy_bound, sub_block_size=d.sub_block_size, max_steps_per_block=d.max_steps_per_block,
         remask_threshold=d.remask_threshold, remask_budget=d.correction_budget, edit_threshold=d.edit_threshold,
         edit_action=d.edit_action, reopen_threshold=d.reopen_threshold, reopen_budget=d.reopen_budget,
-        reopen_last=d.reopen_last, reopen_last_below=d.reopen_last_below,
+        reopen_last=d.reopen_last, reopen_last_below=d.reopen_last_below, reopen_tail=d.reopen_tail,
         self_conditioning=c.self_conditioning, latent_steps=d.latent_steps, fuse_commit=d.fuse_commit,
         drop_finished=d.drop_finished, static_cache=d.static_cache,
     )

@@ -47,6 +47,7 @@ class SamplerSettings:
     reopen_budget: int = 2
     reopen_last: bool = False
     reopen_last_below: float | None = None
+    reopen_tail: str = "keep"  # or "redenoise": a reopened block's tokens after the correction denoised again
     self_conditioning: str | None = None  # what a pass carries to the next at masked positions (the model's kind)
     latent_steps: int = 0
     fuse_commit: bool = True
@@ -94,6 +95,8 @@ class SamplerSettings:
                 raise ValueError(f"reopen_threshold must be in (0, 1), got {self.reopen_threshold}")
             if self.reopen_budget < 1:
                 raise ValueError(f"reopen_budget must be >= 1 with a reopen_threshold, got {self.reopen_budget}")
+            if self.reopen_tail not in ("keep", "redenoise"):
+                raise ValueError(f"reopen_tail must be 'keep' or 'redenoise', got {self.reopen_tail!r}")
             if self.causal_clean and not self.shift:
                 raise ValueError("reopen_threshold on a model with clean_attention: causal reads its AR stream (each "
                                  "token of a finished block judged from the tokens before it), which predicts the "
