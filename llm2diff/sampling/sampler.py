@@ -181,8 +181,8 @@ class BlockSampler(Reopening):
                 redo, produced = self._rewind(ctx, before_last, finished, num_new)
                 continue
             if self.reopened != reopened:  # the block before was reopened: its corrected tokens replace the old ones
-                lo, first_before, count = self.previous[:3]
-                new_tokens[rows, lo : lo + count] = ctx.generated[:, -s.block_size:][:, first_before : first_before + count]
+                lo, at, count = self.previous[:3]
+                new_tokens[rows, lo : lo + count] = ctx.generated[:, -s.block_size:][:, at : at + count]
             self.previous = (produced, offset, length, first, budget)
             start = draft = None
             running = ~ctx.done
