@@ -413,10 +413,10 @@ def test_redenoising_a_reopened_blocks_tail_denoises_it_as_after_a_prefix():
     corrected = greedy[:4] + greedy[4:6]  # the draft's wrong second token put back: the prefix the tail follows
     for eos, changes in ((None, {}), (planted[2], {"max_new_tokens": 4, "reopen_last": True})):
         dlm.model.generation_config.eos_token_id = eos  # the second case: the drafted last block stops at its third
-        for use_cache in (True, False):
-            out = run(greedy[:4], planted, use_cache=use_cache, **changes)
+        for use_cache, fuse in ((True, True), (True, False), (False, False)):
+            out = run(greedy[:4], planted, use_cache=use_cache, fuse_commit=fuse, **changes)
             after = run(corrected, reopen_threshold=None, reopen_last=False, reopen_tail="keep", use_cache=use_cache,
-                        max_new_tokens=(changes.get("max_new_tokens", 8) - 2))
+                        fuse_commit=fuse, max_new_tokens=(changes.get("max_new_tokens", 8) - 2))
             assert out.reopened == 1 and out.sequences[0, len(PROMPT) + 4 : len(PROMPT) + 6].tolist() == greedy[4:6]
             assert torch.equal(out.sequences, after.sequences), (eos, use_cache)
             assert int(out.num_new_tokens[0]) == int(after.num_new_tokens[0]) + 2
@@ -461,3 +461,39 @@ def test_reopening_everything_the_ar_stream_disputes_gives_its_greedy_decoding(t
     for out in outs:
         assert out.sequences[:, len(PROMPT):].tolist() == expected and out.reopened > 0
     assert torch.equal(outs[0].sequences, outs[1].sequences)
+
+
+def test_redenoising_in_a_batch_whose_rows_stop_at_different_blocks_equals_each_row_alone():
+    """`reopen_tail: redenoise` in a batch of two prompts (left-padded) where one row stops early and leaves the
+    batch while the other's blocks are still reopened and redone: each row's output, count and stop are the ones
+    it gets alone; cache = recompute; nothing masked."""
+    from llm2diff.sampling.config import DecodingConfig
+    from llm2diff.sampling.sampler import run_block_sampler
+
+    from llm2diff.sampling.rules import suppress_ids
+
+    dlm, greedy = causal_model_and_greedy(steps=12)
+    dlm.tokenizer.eos_token = None
+    other = [9, 8, 7, 6, 5]
+    ids = list(other)
+    for _ in range(12):
+        logits = dlm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        ids.append(int(suppress_ids(logits[None], dlm.config.mask_token_id, dlm.config.vocab_size)[0].argmax()))
+    # a token the first row's AR stream writes in its second block and the second row's never: the first row stops
+    dlm.model.generation_config.eos_token_id = next(t for t in greedy[5:8] if t not in greedy[:5] + ids)
+    pad = len(PROMPT) - len(other)
+    prompts = torch.tensor([PROMPT, [0] * pad + other])
+    mask = torch.tensor([[1] * len(PROMPT), [0] * pad + [1] * len(other)])
+    decoding = DecodingConfig.resolve(dlm.decoding, {"reopen_threshold": 1e-6, "reopen_budget": 3, "threshold": 0.5,
+                                                     "reopen_last": True, "reopen_tail": "redenoise",
+                                                     "max_new_tokens": 12, "stop_strings": []})
+    outs = [run_block_sampler(dlm, prompts, mask, decoding.replace(use_cache=use_cache)) for use_cache in (True, False)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences) and outs[0].reopened > 0
+    counts = outs[0].num_new_tokens.tolist()
+    assert counts[0] < 12 and counts[0] != counts[1]  # the rows stop in different blocks
+    for row, (prompt, length) in enumerate(((PROMPT, len(PROMPT)), (other, len(other)))):
+        alone = run_block_sampler(dlm, torch.tensor([prompt]), torch.ones(1, length, dtype=torch.long), decoding)
+        assert int(alone.num_new_tokens[0]) == counts[row]
+        assert outs[0].sequences[row, len(PROMPT) : len(PROMPT) + counts[row]].tolist() == \
+            alone.sequences[0, length : length + counts[row]].tolist()
+    assert not bool((outs[0].sequences == dlm.config.mask_token_id).any())

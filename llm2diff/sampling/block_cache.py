@@ -88,6 +88,7 @@ class BlockContext:
         self.prompt_pending = False  # the prompt's prefill deferred to the first denoising forward (fuse_prompt)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (clean block, its positions), not yet run
         self.last_logits = None  # the clean position before the current block predicts its first token (shift)
+        self.last_block_first_logits = None  # what `last_logits` was before the last committed block's pass ran
         # learned correction of finished blocks (`reopen`): with `judge` on, the pass that appends a committed block
         # keeps its predictions of that block's own tokens (`judged`, `(batch, B, vocab)`, index j predicting token
         # j; with shift index 0 is not a reading of the block), as the training layout's noisy copy reads a fully
@@ -173,7 +174,7 @@ class BlockContext:
         self.pending = None
         size = self.block_size
         logits = self._block_forward(block, positions, keep=size if self.judge else 1, clean=1)
-        self.last_logits = logits[:, -1]
+        self.last_block_first_logits, self.last_logits = self.last_logits, logits[:, -1]
         if self.judge:
             self.judged = self._judged(logits)
         self.key_valid = torch.cat([self.key_valid, torch.ones_like(block, dtype=torch.bool)], dim=1)
@@ -224,6 +225,7 @@ class BlockContext:
             if self.judge:
                 self.judged = self._judged(logits[:, :size])
                 logits = logits[:, size - 1 :]
+            self.last_block_first_logits = self.last_logits
             self.last_logits, logits = logits[:, 0], logits[:, 1:]
         else:
             logits = self._block_forward(canvas, self._block_positions(), keep=size)
@@ -252,12 +254,13 @@ class BlockContext:
             self.cache.crop(-size)
             self.key_valid = self.key_valid[:, :-size]
             self.pending = (block, self._block_positions() - size)
+            self.last_logits = self.last_block_first_logits  # as before the block's pass, which runs again
 
     def pop(self, last_logits: torch.Tensor | None) -> None:
         """Take the last committed block back off (its keys/values come off the cache), so that another block can be
         committed in its place: backtracking in a search. `last_logits` are the first-position logits from before
-        that block was committed (`self.last_logits` then), which the caller kept. Needs the block's pass to have
-        run (no pending fused commit)."""
+        that block was committed (`self.last_logits` then; `last_block_first_logits` keeps them after the block's
+        pass). Needs the block's pass to have run (no pending fused commit)."""
         size = self.block_size
         if self.num_blocks == 0 or self.pending is not None:
             raise RuntimeError("pop needs a committed block whose keys/values are already in the cache")
@@ -291,6 +294,8 @@ class BlockContext:
             self.input_ids[keep], self.attention_mask[keep], self.generated[keep])
         if self.last_logits is not None:
             self.last_logits = self.last_logits[keep]
+        if self.last_block_first_logits is not None:
+            self.last_block_first_logits = self.last_block_first_logits[keep]
         if self.pending is not None:
             self.pending = (self.pending[0][keep], self.pending[1][keep])
 

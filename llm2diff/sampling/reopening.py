@@ -80,7 +80,6 @@ class Reopening:
         logits are then stale). `limit` (`(batch,)`): revise only each row's first `limit` tokens of the block.
         Returns the logits of the last pass."""
         s = self.s
-        before = ctx.last_logits  # what predicted the block's first token, should it be taken off again
         logits = forward()
         if s.reopen_threshold is None or ctx.judged is None or self.previous is None:
             ctx.judged = None
@@ -112,7 +111,7 @@ class Reopening:
                 kept = torch.where(hit, chosen.long().argmax(-1) + 1, s.block_size)
                 tail = (positions >= kept[:, None]) & (positions < offset + count)
                 corrected = torch.where(tail, s.mask_token_id, corrected)
-                self.rewind = (corrected, kept, before, budget)
+                self.rewind = (corrected, kept, budget)
                 if self.trajectory is not None:
                     self._record(ctx, corrected, best, chosen, chosen | tail, block=ctx.num_blocks - 1)
                 break
@@ -133,9 +132,9 @@ class Reopening:
         """Act on `self.rewind` (`reopen_tail: redenoise`): take the last committed block back off the cache, put
         the context's rows back as they were before it (`state`, from `_state`), and return what the loop denoises
         next, that block again with each row's tokens up to its correction kept, and where to write it."""
-        corrected, kept, before, budget = self.rewind
+        corrected, kept, budget = self.rewind
         self.rewind = None
-        ctx.pop(before)
+        ctx.pop(ctx.last_block_first_logits)
         rows = ctx.rows
         was_finished, was_num_new, was_done = state
         finished[rows], num_new[rows] = was_finished[rows], was_num_new[rows]
