@@ -33,6 +33,8 @@ the recipe; each row only adds its overrides:
     causal-ar-redenoise-last  the same with reopen_last (the final answer's block judged too)
     causal-ar-redenoise-unsure  the same, the last block judged only where one of its tokens was committed below
                       0.9 (reopen_last_below 0.9)
+    causal-ar-redenoise-unsure-merged  the same with the LoRA folded into the weights while decoding (merge_lora:
+                      the same model, faster passes; recipes/quickstart-fast-reopen.yaml saves it)
     causal-ar3        --clean_attention causal --ar_loss_weight 3.0: the causal-ar row with the AR loss weighted
                       three times (reopening can be no better than the model's own AR stream, which the AR loss
                       trains; seed 1: 89.3%, reopened 96.0%, against 91.7% and 96.3% at weight 1.0: no gain)
@@ -126,11 +128,14 @@ DECODED: dict[str, tuple[str, dict[str, object]]] = {
     "causal-ar-redenoise-unsure": ("causal-ar", {"reopen_threshold": 0.9, "reopen_budget": 2,
                                                  "reopen_tail": "redenoise", "reopen_last": True,
                                                  "reopen_last_below": 0.9}),
+    "causal-ar-redenoise-unsure-merged": ("causal-ar", {"reopen_threshold": 0.9, "reopen_budget": 2,
+                                                        "reopen_tail": "redenoise", "reopen_last": True,
+                                                        "reopen_last_below": 0.9, "merge_lora": True}),
     "causal-ar3-reopen": ("causal-ar3", {"reopen_threshold": 0.9, "reopen_budget": 2}),
 }
 ROWS = ("baseline", "self-cond", "self-cond-hidden", "latent-1", "latent-2", "curriculum", "semantic", "combined",
         "causal-ar", "causal-ar-reopen", "causal-ar-reopen-last", "causal-ar-reopen-unsure", "causal-ar-redenoise",
-        "causal-ar-redenoise-last", "causal-ar-redenoise-unsure", "causal-ar3",
+        "causal-ar-redenoise-last", "causal-ar-redenoise-unsure", "causal-ar-redenoise-unsure-merged", "causal-ar3",
         "causal-ar3-reopen", "ar-twin")
 EVAL_NAME = "parity_eval.json"
 TRAIN_RECORD = "parity_train.json"

@@ -64,6 +64,9 @@ def test_every_row_trains_the_recipe_with_its_overrides_only(bench, tmp_path):
                                                                   "reopen_last": True}
     assert bench.eval_layer(args, "causal-ar-redenoise-unsure") == {
         **bench.eval_layer(args, "causal-ar-redenoise-last"), "reopen_last_below": 0.9}
+    assert bench.eval_layer(args, "causal-ar-redenoise-unsure-merged") == {
+        **bench.eval_layer(args, "causal-ar-redenoise-unsure"), "merge_lora": True}
+    assert bench.model_row("causal-ar-redenoise-unsure-merged") == "causal-ar"
     assert bench.train_command(args, "causal-ar3", 2) == expected("causal-ar3", "--clean_attention", "causal",
                                                                   "--ar_loss_weight", "3.0")
     assert bench.train_command(args, "causal-ar3-reopen", 2) == bench.train_command(args, "causal-ar3", 2)
@@ -107,7 +110,8 @@ def test_unknown_rows_are_refused_with_the_valid_ones(bench, tmp_path, monkeypat
     assert str(error.value) == ("unknown rows ['latent-3']: the rows are baseline, self-cond, self-cond-hidden, "
                                 "latent-1, latent-2, curriculum, semantic, combined, causal-ar, causal-ar-reopen, "
                                 "causal-ar-reopen-last, causal-ar-reopen-unsure, causal-ar-redenoise, "
-                                "causal-ar-redenoise-last, causal-ar-redenoise-unsure, causal-ar3, causal-ar3-reopen, "
+                                "causal-ar-redenoise-last, causal-ar-redenoise-unsure, causal-ar-redenoise-unsure-merged, "
+                                "causal-ar3, causal-ar3-reopen, "
                                 "ar-twin")
     monkeypatch.setattr("sys.argv", ["parallel_parity.py", "--out", str(tmp_path), "--rows", "twin"])
     with pytest.raises(SystemExit, match="unknown rows"):
