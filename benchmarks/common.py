@@ -106,13 +106,16 @@ def settings_key(recipe: str | Path, settings: dict) -> str:
 def archive_records(out: Path, archive: Path, runs: Iterable[Path],
                     patterns: Iterable[str] | Callable[[Path], Iterable[str]],
                     progress: Callable[[Path], int] | None = None,
-                    transform: Callable[[Path, bytes], bytes] | None = None) -> list[Path]:
+                    transform: Callable[[Path, bytes], bytes] | None = None,
+                    identity: Callable[[Path], object] | None = None) -> list[Path]:
     """Copy each run's record files (`patterns`: globs relative to the run directory, or a function of the run's
     directory giving them) from under `out` to the same place under `archive`; returns the runs copied. `runs` are run directories relative to `out`. A run is copied
     whole (its archived record files replaced) and only when it is at least as far as the archived copy by
     `progress` (e.g. rounds graded; default: always), so a run begun again on a new machine does not overwrite a
-    more complete one measured earlier. `transform(file, content)` gives what is archived of a file (e.g. without
-    fields the task can regenerate)."""
+    more complete one measured earlier; with `identity` (which run a directory holds, e.g. its start time), a run as
+    far as the archived copy replaces it only when it is the same run: another machine's run of the same seed,
+    no further along, does not replace a measurement (the archive keeps the first; delete it to take the other).
+    `transform(file, content)` gives what is archived of a file (e.g. without fields the task can regenerate)."""
     from llm2diff.atomic import write_bytes_atomic
 
     copied = []
@@ -120,8 +123,12 @@ def archive_records(out: Path, archive: Path, runs: Iterable[Path],
         source, target = out / run, archive / run
         globs = list(patterns(source) if callable(patterns) else patterns)
         files = sorted({f for pattern in globs for f in source.glob(pattern) if f.is_file()})
-        if not files or (progress is not None and target.is_dir() and progress(source) < progress(target)):
+        if not files:
             continue
+        if progress is not None and target.is_dir():
+            ahead = progress(source) - progress(target)
+            if ahead < 0 or (ahead == 0 and identity is not None and identity(source) != identity(target)):
+                continue
         old_globs = list(patterns(target) if callable(patterns) else patterns)
         for old in {f for pattern in old_globs for f in target.glob(pattern) if f.is_file()}:
             old.unlink()

@@ -60,8 +60,9 @@ parent's figures, library versions and hardware) and is reused when the command 
 Each evaluation's records (parity_eval.json, the model's parity_train.json) are also copied into the committed
 results archive, benchmarks/results/parallel-parity/<recipe>-<digest of the recipe's values, the overrides, problems,
 tokens, threshold and --combined>/ (--archive; '' for none): a (row, seed) found there with the same settings is
-neither trained nor graded again, and the table reads --out and the archive together, so the 24 trainings can be
-spread over machines and sessions.
+neither trained nor graded again (unless its model is trained here for another row of the run: the rows decoded
+from one model are graded from that model, so that they pair problem by problem), and the table reads --out and the
+archive together, so the 24 trainings can be spread over machines and sessions.
 
 The table (printed, and written to <out>/parallel_parity.md and .json with the commands): per row, held-out
 accuracy (mean over seeds, min-max), the paired difference against the baseline (mean, each seed's 95% bootstrap
@@ -427,6 +428,17 @@ def archived(args, row: str, seed: int) -> bool:
     return all(result.get(k) == v for k, v in wanted.items())
 
 
+def stands_archived(args, rows: list[str], seed: int) -> set[str]:
+    """The rows whose archived evaluation stands for them at `seed` (neither trained nor graded again): archived
+    with the settings asked for now, and their model is not trained here, neither before nor for another row of
+    this run (a decoded row not archived trains it): rows decoded from one model are graded from that one model, so
+    that they pair problem by problem (an archived evaluation may come from another machine's training)."""
+    archived_rows = {row for row in rows if archived(args, row, seed)}
+    trained_here = {model_row(row) for row in rows if row not in archived_rows}
+    return {row for row in archived_rows if model_row(row) not in trained_here
+            and not finished(run_dir(Path(args.out), model_row(row), seed))}
+
+
 def archive(out: Path, archive_dir: Path) -> list[Path]:
     """Copy every run's record files under `out` (parity_eval.json, parity_train.json: no models) into
     `archive_dir`; returns the runs copied."""
@@ -569,10 +581,15 @@ def main() -> None:
               f"{args.threads} thread(s)", flush=True)
         print(f"hardware: {hardware}", flush=True)
         for seed in seeds:  # one seed of every row first: a partial run already compares the rows
+            skipped = stands_archived(args, rows, seed)
             for row in rows:
-                if archived(args, row, seed):
+                if row in skipped:
                     print(f"[{row}/seed {seed}] in the results archive ({archive_root(args)}): not run again", flush=True)
-                elif train(args, row, seed) and evaluate(args, row, seed) is not None and args.archive:
+                    continue
+                if archived(args, row, seed):
+                    print(f"[{row}/seed {seed}] in the results archive, but its model is trained here: graded again "
+                          "from it, so that the rows decoded from one model pair problem by problem", flush=True)
+                if train(args, row, seed) and evaluate(args, row, seed) is not None and args.archive:
                     archive(out, archive_root(args))
     roots = [out]
     if args.archive:

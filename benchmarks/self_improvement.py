@@ -94,6 +94,12 @@ def _rounds(run: Path) -> int:
     return len(json.loads(report.read_text())["rounds"]) if report.is_file() else -1
 
 
+def _started(run: Path) -> str | None:
+    """Which STaR run a directory holds (its report's start time, kept across resumes); None without a report."""
+    report = run / "report.json"
+    return json.loads(report.read_text()).get("started") if report.is_file() else None
+
+
 def _roots(out: Path | list[Path]) -> list[Path]:
     return [out] if isinstance(out, Path) else list(out)
 
@@ -233,13 +239,15 @@ def records(run: Path) -> list[str]:
 
 def archive(out: Path, archive_dir: Path) -> list[Path]:
     """Copy the record files of every run under `out` (STaR runs, reward models, stages after STaR: reports and
-    per-problem grading, no models) into `archive_dir`; a STaR run only when it has graded at least as many rounds
-    as its archived copy. Returns the runs copied."""
+    per-problem grading, no models) into `archive_dir`; a STaR run only when it has graded more rounds than its
+    archived copy, or as many and it is the same run (its report's start time: another machine's run of the same
+    seed does not replace a measured one). Returns the runs copied."""
     runs = sorted({p.parent.relative_to(out) for marker in ("report.json", "prm_report.json", "rl_report.json",
                                                              "selection.json")
                    for p in out.glob(f"*/*/seed-*/{marker}")})
     # the graded lines keep id, output, prediction and correctness; the prompt is the task's own (its id gives it)
-    return archive_records(out, archive_dir, runs, records, progress=_rounds, transform=without_fields(["prompt"]))
+    return archive_records(out, archive_dir, runs, records, progress=_rounds, transform=without_fields(["prompt"]),
+                           identity=_started)
 
 
 def _mean(values):

@@ -325,6 +325,38 @@ def test_main_trains_self_cond_once_for_the_latent_rows_and_writes_the_table(ben
         bench.main()
 
 
+def test_rows_decoded_from_one_model_are_graded_from_that_model(bench, tmp_path, monkeypatch):
+    """An archived evaluation of the causal-ar row (another machine's training) does not stand for it when this run
+    trains causal-ar for a decoded row: the model row is graded again from the model its decoded rows use."""
+    fake = FakeTraining()
+    monkeypatch.setattr(subprocess, "run", fake)
+    graded = []
+
+    def fake_grade(args, row, seed, model, path, wanted):
+        graded.append((row, seed, model))
+        fake_eval(bench, Path(args.out), row, seed, [True, False], trained_with=bench.overrides(args, row), **wanted)
+        return json.loads(path.read_text())
+
+    monkeypatch.setattr(bench, "grade", fake_grade)
+    archive, elsewhere, here = tmp_path / "archive", tmp_path / "elsewhere", tmp_path / "here"
+    argv = ["parallel_parity.py", "--seeds", "0", "--problems", "2", "--archive", str(archive)]
+    monkeypatch.setattr("sys.argv", [*argv, "--out", str(elsewhere), "--rows", "causal-ar"])
+    bench.main()  # another machine trains and grades causal-ar only; its records go to the archive
+    assert graded == [("causal-ar", 0, elsewhere / "causal-ar" / "seed-0")]
+    monkeypatch.setattr("sys.argv", [*argv, "--out", str(here), "--rows", "causal-ar"])
+    bench.main()  # here, the archived evaluation stands for the row: nothing trained or graded
+    assert len(fake.commands) == 1 and len(graded) == 1
+    monkeypatch.setattr("sys.argv", [*argv, "--out", str(here), "--rows", "causal-ar,causal-ar-reopen"])
+    bench.main()  # the reopen row needs the model here: causal-ar is graded again, from the same model
+    model = here / "causal-ar" / "seed-0"
+    assert [c[c.index("--output_dir") + 1] for c in fake.commands] == [str(elsewhere / "causal-ar" / "seed-0"),
+                                                                      str(model)]
+    assert graded[1:] == [("causal-ar", 0, model), ("causal-ar-reopen", 0, model)]
+    monkeypatch.setattr("sys.argv", [*argv, "--out", str(here), "--rows", "causal-ar"])
+    bench.main()  # its model is trained here now: the local evaluation is the row's, nothing graded again
+    assert len(fake.commands) == 2 and len(graded) == 3
+
+
 def test_an_evaluation_on_a_tiny_model_counts_passes_tokens_and_the_parent(bench):
     from llm2diff import adapt
 

@@ -20,8 +20,8 @@ def bench():
     return load_benchmark("self_improvement")
 
 
-def fake_run(bench, out: Path, model: str, seed: int, correct_by_round: list[list[bool]], variant: str = "plain"
-             ) -> None:
+def fake_run(bench, out: Path, model: str, seed: int, correct_by_round: list[list[bool]], variant: str = "plain",
+             started: str | None = None) -> None:
     root = bench.run_dir(out, model, variant, seed)
     rounds = []
     for r, correct in enumerate(correct_by_round):
@@ -33,7 +33,7 @@ def fake_run(bench, out: Path, model: str, seed: int, correct_by_round: list[lis
                        "pass_at_k": None if r == 0 else 0.5, "kept": None if r == 0 else 10,
                        "rationalized": None if r == 0 else 4, "wrong_steps": None if r == 0 else 2,
                        "sampling": None if r == 0 else {"tokens_per_second": 20.0, "nfe_per_token": 0.5}})
-    (root / "report.json").write_text(json.dumps({"rounds": rounds}))
+    (root / "report.json").write_text(json.dumps({"rounds": rounds, **({"started": started} if started else {})}))
 
 
 def test_commands_share_round_zero_and_make_the_twin(bench, tmp_path):
@@ -254,12 +254,22 @@ def test_the_archive_keeps_graded_rounds_and_the_table_reads_it_beside_the_outpu
     assert bench.archive(out, archive) == []
     rows = {r["round"]: r for r in bench.summarize([out, archive], ["diffusion"], ["plain"], [0])["rows"]}
     assert rows[0]["accuracy"]["mean"] == 0.25 and rows[1]["vs_round_0"][0]["difference"] == 0.25
-    # once the new run is as far, it replaces the archived copy whole
+    # once the new run is further along, it replaces the archived copy whole
     shutil.rmtree(out)
-    fake_run(bench, out, "diffusion", 0, [better, base])
+    fake_run(bench, out, "diffusion", 0, [better, base, base], started="2026-12-07T20:00:00+0000")
     assert bench.archive(out, archive) == [Path("diffusion/plain/seed-0")]
     rows = {r["round"]: r for r in bench.summarize([out, archive], ["diffusion"], ["plain"], [0])["rows"]}
     assert rows[0]["accuracy"]["mean"] == 0.5 and rows[1]["vs_round_0"][0]["difference"] == -0.25
+    # a third machine's run of the same seed, as far along: it does not replace the measured one; the same run
+    # (its start time) refreshing its records does
+    shutil.rmtree(out)
+    fake_run(bench, out, "diffusion", 0, [base, base, base], started="2026-12-08T09:00:00+0000")
+    assert bench.archive(out, archive) == []
+    assert json.loads((kept / "report.json").read_text())["started"] == "2026-12-07T20:00:00+0000"
+    shutil.rmtree(out)
+    fake_run(bench, out, "diffusion", 0, [better, base, better], started="2026-12-07T20:00:00+0000")
+    assert bench.archive(out, archive) == [Path("diffusion/plain/seed-0")]
+    assert json.loads((kept / "report.json").read_text())["rounds"][2]["accuracy"] == 0.5
     # main archives into the folder of the recipe's setting; other overrides are another folder
     argv = ["self_improvement.py", "--out", str(out), "--seeds", "0", "--models", "diffusion", "--variants", "plain",
             "--table-only", "--archive", str(tmp_path / "results")]
