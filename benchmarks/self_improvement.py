@@ -337,7 +337,9 @@ def summarize(out: Path | list[Path], models, variants, seeds, last_round: int |
 
 def summarize_versus(out: Path | list[Path], models, variants, seeds) -> list[dict]:
     """Each variant against plain STaR (and against the variant it varies, `AGAINST`) at the same round: per seed,
-    the paired difference over the same held-out problems, for the rounds both have graded."""
+    the paired difference over the same held-out problems, for the rounds both have graded, and whether both runs
+    started from the same round-0 model (`same_start`: their round-0 gradings agree problem by problem; runs of one
+    seed made on two machines may not, and then the difference also holds the round-0 models' difference)."""
     from llm2diff.evaluation.intervals import paired_difference, read_correct
 
     def graded(model: str, variant: str, seed: int) -> set[int]:  # rounds whose grading finished (not one under way)
@@ -354,13 +356,25 @@ def summarize_versus(out: Path | list[Path], models, variants, seeds) -> list[di
                         mine = found_run(out, model, variant, seed) / f"round-{r}" / "eval"
                         theirs = found_run(out, model, against, seed) / f"round-{r}" / "eval"
                         if r in graded(model, variant, seed) and r in graded(model, against, seed):
+                            starts = [read_correct(found_run(out, model, v, seed) / "round-0" / "eval")
+                                      for v in (against, variant)]
                             per_seed.append({"seed": seed, **paired_difference(read_correct(theirs),
-                                                                               read_correct(mine)).to_dict()})
+                                                                               read_correct(mine)).to_dict(),
+                                             "same_start": starts[0] == starts[1],
+                                             "round_0": [sum(c.values()) / max(len(c), 1) for c in starts]})
                     if not per_seed:
                         break
                     rows.append({"model": model, "variant": variant, "against": against, "round": r,
                                  "per_seed": per_seed})
     return rows
+
+
+def _start(difference: dict) -> str:
+    """What a versus cell says when the two runs did not start from one round-0 model."""
+    if difference.get("same_start", True):
+        return ""
+    theirs, mine = difference["round_0"]
+    return f" (other round-0 models: {theirs:.1%} and {mine:.1%})"
 
 
 def summarize_after(out: Path | list[Path], models, seeds, last_round: int | None = None) -> dict:
@@ -443,7 +457,7 @@ def table(summary: dict) -> str:
         for row in summary["versus"]:
             seeds = row["per_seed"]
             mean = sum(d["difference"] for d in seeds) / len(seeds)
-            per_seed = "; ".join(f"seed {d['seed']}: {_interval(d)}" for d in seeds)
+            per_seed = "; ".join(f"seed {d['seed']}: {_interval(d)}" + _start(d) for d in seeds)
             excluding = f"{sum(d['low'] > 0 for d in seeds)}/{len(seeds)} up, {sum(d['high'] < 0 for d in seeds)} down"
             lines.append(f"| {row['model']} | {row['variant']} | {row['against']} | {row['round']} "
                          f"| {100 * mean:+.1f}: {per_seed} | {excluding} |")

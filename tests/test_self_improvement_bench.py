@@ -102,6 +102,19 @@ def test_each_variant_against_plain_and_the_variant_it_varies_paired_per_seed(be
     text = bench.table({"rows": [], "gaps": [], "versus": versus})
     assert "| diffusion | steps-balanced-hot | steps-balanced | 1 | +25.0: seed 0: +25.0 [+" in text
     assert "| diffusion | steps-balanced | plain | 2 | +25.0: seed 0: +25.0 [" in text and "| 2/2 up, 0 down |" in text
+    assert "other round-0" not in text and all(d["same_start"] for v in versus for d in v["per_seed"])
+    # balanced-hot's seed 0 begun again from another round-0 model (another machine): the cell says so
+    import shutil
+
+    shutil.rmtree(bench.run_dir(tmp_path, "diffusion", "balanced-hot", 0))
+    fake_run(bench, tmp_path, "diffusion", 0, [better, better], variant="balanced-hot")
+    versus = bench.summarize(tmp_path, ["diffusion"], ["steps-balanced-hot", "balanced-hot"], [0])["versus"]
+    (cell,) = [v["per_seed"][0] for v in versus if (v["variant"], v["against"]) == ("steps-balanced-hot",
+                                                                                   "balanced-hot")]
+    assert (cell["difference"], cell["same_start"], cell["round_0"]) == (0.25, False, [0.5, 0.25])
+    assert ("| diffusion | steps-balanced-hot | balanced-hot | 1 | +25.0: seed 0: +25.0 ["
+            in bench.table({"rows": [], "gaps": [], "versus": versus}))
+    assert "] (other round-0 models: 50.0% and 25.0%) |" in bench.table({"rows": [], "gaps": [], "versus": versus})
 
 
 def test_a_run_another_process_holds_is_skipped_and_a_failure_stops(bench, tmp_path, monkeypatch):
