@@ -441,9 +441,11 @@ def stands_archived(args, rows: list[str], seed: int) -> set[str]:
 
 def archive(out: Path, archive_dir: Path) -> list[Path]:
     """Copy every run's record files under `out` (parity_eval.json, parity_train.json: no models) into
-    `archive_dir`; returns the runs copied."""
+    `archive_dir`; returns the runs copied. A run not graded yet (a training alone) does not replace an archived
+    copy that holds an evaluation."""
     runs = sorted({p.parent.relative_to(out) for name in (EVAL_NAME, TRAIN_RECORD) for p in out.glob(f"*/seed-*/{name}")})
-    return archive_records(out, archive_dir, runs, (EVAL_NAME, TRAIN_RECORD))
+    return archive_records(out, archive_dir, runs, (EVAL_NAME, TRAIN_RECORD),
+                           progress=lambda run: int((run / EVAL_NAME).is_file()))
 
 
 def _read(path: Path) -> dict | None:

@@ -346,6 +346,14 @@ def test_rows_decoded_from_one_model_are_graded_from_that_model(bench, tmp_path,
     monkeypatch.setattr("sys.argv", [*argv, "--out", str(here), "--rows", "causal-ar"])
     bench.main()  # here, the archived evaluation stands for the row: nothing trained or graded
     assert len(fake.commands) == 1 and len(graded) == 1
+    record = archive.glob("*/causal-ar/seed-0/parity_eval.json")
+    (archived_eval,) = record
+    trained = here / "causal-ar" / "seed-0"
+    trained.mkdir(parents=True)
+    (trained / bench.TRAIN_RECORD).write_text("{}")  # a training here, not graded yet: the archived one stays
+    assert bench.archive(here, archived_eval.parents[2]) == [] and archived_eval.is_file()
+    (trained / bench.TRAIN_RECORD).unlink()
+    trained.rmdir()
     monkeypatch.setattr("sys.argv", [*argv, "--out", str(here), "--rows", "causal-ar,causal-ar-reopen"])
     bench.main()  # the reopen row needs the model here: causal-ar is graded again, from the same model
     model = here / "causal-ar" / "seed-0"
