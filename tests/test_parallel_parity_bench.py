@@ -276,7 +276,9 @@ def test_table_pairs_rows_with_the_baseline_and_the_twin(bench, tmp_path):
                              "| +25.0: [+") and latent.endswith("| 1.50x (1.5 s) |")
 
 
-def test_main_trains_self_cond_once_for_the_latent_rows_and_writes_the_table(bench, tmp_path, monkeypatch):
+def fake_training_and_grading(bench, monkeypatch) -> tuple[FakeTraining, list]:
+    """Training by `FakeTraining` and grading that writes a two-problem evaluation; returns the fake training and
+    the list of (row, seed, model) graded, in order."""
     fake = FakeTraining()
     monkeypatch.setattr(subprocess, "run", fake)
     graded = []
@@ -287,6 +289,11 @@ def test_main_trains_self_cond_once_for_the_latent_rows_and_writes_the_table(ben
         return json.loads(path.read_text())
 
     monkeypatch.setattr(bench, "grade", fake_grade)
+    return fake, graded
+
+
+def test_main_trains_self_cond_once_for_the_latent_rows_and_writes_the_table(bench, tmp_path, monkeypatch):
+    fake, graded = fake_training_and_grading(bench, monkeypatch)
     archive = tmp_path / "archive"
     argv = ["parallel_parity.py", "--out", str(tmp_path), "--seeds", "0", "--rows", "latent-1,latent-2,ar-twin",
             "--problems", "2", "--archive", str(archive)]
@@ -328,16 +335,7 @@ def test_main_trains_self_cond_once_for_the_latent_rows_and_writes_the_table(ben
 def test_rows_decoded_from_one_model_are_graded_from_that_model(bench, tmp_path, monkeypatch):
     """An archived evaluation of the causal-ar row (another machine's training) does not stand for it when this run
     trains causal-ar for a decoded row: the model row is graded again from the model its decoded rows use."""
-    fake = FakeTraining()
-    monkeypatch.setattr(subprocess, "run", fake)
-    graded = []
-
-    def fake_grade(args, row, seed, model, path, wanted):
-        graded.append((row, seed, model))
-        fake_eval(bench, Path(args.out), row, seed, [True, False], trained_with=bench.overrides(args, row), **wanted)
-        return json.loads(path.read_text())
-
-    monkeypatch.setattr(bench, "grade", fake_grade)
+    fake, graded = fake_training_and_grading(bench, monkeypatch)
     archive, elsewhere, here = tmp_path / "archive", tmp_path / "elsewhere", tmp_path / "here"
     argv = ["parallel_parity.py", "--seeds", "0", "--problems", "2", "--archive", str(archive)]
     monkeypatch.setattr("sys.argv", [*argv, "--out", str(elsewhere), "--rows", "causal-ar"])
