@@ -17,8 +17,8 @@ Variants other than `plain` start from the plain run's round-0 model of the same
 differ only in their rounds. The `prm` variant first trains a PRM on the round-0 model's rollouts
 (`llm2diff prm`, --prm-recipe, into <out>/<model>/reward-model/seed-N).
 
-After STaR (--after, each from the plain run's last round of the same model and seed, at the same held-out
-problems): `rl-outcome` and `rl-process` run `llm2diff rl` (--rl-recipe) with the outcome reward alone and with
+After STaR (--after, each from the last round of one STaR variant's run of the same model and seed, at the same
+held-out problems; --after-from, default `steps-balanced-hot`, the STaR settings the quickstart recipes ship): `rl-outcome` and `rl-process` run `llm2diff rl` (--rl-recipe) with the outcome reward alone and with
 outcome + process rewards from the PRM above; `selection` samples k solutions per held-out problem and compares a
 single sample, majority vote, best-of-k by the PRM and the PRM-guided step search (k candidate lines per step)
 (benchmarks/prm_selection.py --step-search).
@@ -77,6 +77,7 @@ VARIANTS = {"plain": {}, "no-rationalize": {"star_rationalize": False}, "steps":
 # (steps-balanced-hot against balanced-hot: process filtering alone, at the shipped balance and temperature)
 AGAINST = {"steps-balanced-hot": ("steps-balanced", "balanced-hot"), "steps-balanced": ("steps",)}
 AFTER = {"rl-outcome": {"process_weight": 0.0}, "rl-process": {}, "selection": {}}
+AFTER_FROM = "steps-balanced-hot"  # the STaR variant the quickstart recipes ship: the stages after STaR start from it
 
 
 def run_dir(out: Path, model: str, variant: str, seed: int) -> Path:
@@ -113,13 +114,13 @@ def found_prm(out: Path | list[Path], model: str, seed: int) -> Path:
     return locate(_roots(out), Path(model) / "reward-model" / f"seed-{seed}", "prm_report.json")
 
 
-def found_after(out: Path | list[Path], model: str, stage: str, seed: int) -> Path:
+def found_after(out: Path | list[Path], model: str, stage: str, seed: int, variant: str = AFTER_FROM) -> Path:
     marker = "selection.json" if stage == "selection" else "rl_report.json"
-    return locate(_roots(out), Path(model) / stage / f"seed-{seed}", marker)
+    return locate(_roots(out), after_dir(Path(), model, stage, seed, variant), marker)
 
 
-def star_model(out: Path, model: str, seed: int, r: int) -> Path:
-    return run_dir(out, model, "plain", seed) / f"round-{r}" / "model"
+def star_model(out: Path, model: str, seed: int, r: int, variant: str = "plain") -> Path:
+    return run_dir(out, model, variant, seed) / f"round-{r}" / "model"
 
 
 def _command(subcommand: str, recipe, fields: dict, extra=()) -> list[str]:
@@ -155,9 +156,10 @@ def prm_command(args, model: str, seed: int) -> list[str]:
 
 
 def after_command(args, model: str, stage: str, seed: int) -> list[str]:
-    """A stage after STaR, from the plain run's last round: GRPO (outcome or outcome + process) or selection."""
+    """A stage after STaR, from the last round of the --after-from variant's run: GRPO (outcome or outcome + process)
+    or selection."""
     out = Path(args.out)
-    policy = star_model(out, model, seed, args.rounds)
+    policy = star_model(out, model, seed, args.rounds, args.after_from)
     prm = prm_dir(out, model, seed) / "prm"
     if stage == "selection":
         recipe = _recipe_fields(args.recipe, args.extra)
@@ -167,14 +169,16 @@ def after_command(args, model: str, stage: str, seed: int) -> list[str]:
                 "--split", recipe.get("star_eval_split", "test"),
                 "--problems", str(recipe.get("star_eval_problems", 300)), "--k", str(args.selection_k),
                 "--max-new-tokens", str(recipe.get("star_max_new_tokens", 64)), "--seed", str(seed), "--step-search",
-                "--threads", str(args.threads), "--out", str(after_dir(out, model, stage, seed) / "selection.json")]
-    fields = {"output_dir": after_dir(out, model, stage, seed), "seed": seed, "rl_policy": policy, "rl_prm": prm,
-              **AFTER[stage]}
+                "--threads", str(args.threads),
+                "--out", str(after_dir(out, model, stage, seed, args.after_from) / "selection.json")]
+    fields = {"output_dir": after_dir(out, model, stage, seed, args.after_from), "seed": seed, "rl_policy": policy,
+              "rl_prm": prm, **AFTER[stage]}
     return _command("rl", args.rl_recipe, fields)
 
 
-def after_dir(out: Path, model: str, stage: str, seed: int) -> Path:
-    return out / model / stage / f"seed-{seed}"
+def after_dir(out: Path, model: str, stage: str, seed: int, variant: str = AFTER_FROM) -> Path:
+    """Where a stage after STaR from `variant`'s last round writes (one folder per starting variant)."""
+    return out / model / f"{stage}-after-{variant}" / f"seed-{seed}"
 
 
 def _recipe_fields(path, extra=()) -> dict:
@@ -208,7 +212,7 @@ def run_prm(args, model: str, seed: int) -> bool:
 
 def run_after(args, model: str, stage: str, seed: int) -> bool:
     """Run one stage after STaR (the PRM first where it needs one); False when another process holds it."""
-    directory = after_dir(Path(args.out), model, stage, seed)
+    directory = after_dir(Path(args.out), model, stage, seed, args.after_from)
     done = directory / ("selection.json" if stage == "selection" else "rl_report.json")
     if done.is_file():
         return True
@@ -284,7 +288,7 @@ def _by_difficulty(paths: list[Path], groups: dict[str, str]) -> dict[str, float
 
 
 def summarize(out: Path | list[Path], models, variants, seeds, last_round: int | None = None,
-              groups: dict[str, str] | None = None) -> dict:
+              groups: dict[str, str] | None = None, after_from: str = AFTER_FROM) -> dict:
     """Rows of the table from the finished rounds under `out` (a round missing for some seed is left out);
     `groups` (problem id -> difficulty label) adds the accuracy per difficulty."""
     from llm2diff.evaluation.intervals import paired_difference, read_correct, spread
@@ -332,7 +336,7 @@ def summarize(out: Path | list[Path], models, variants, seeds, last_round: int |
                 gaps.append({"variant": variant, "seed": seed, "round": r,
                              **paired_difference(read_correct(diffusion), read_correct(twin)).to_dict()})
     return {"rows": rows, "gaps": gaps, "versus": summarize_versus(out, models, variants, seeds),
-            **summarize_after(out, models, seeds, last_round)}
+            **summarize_after(out, models, seeds, last_round, after_from)}
 
 
 def summarize_versus(out: Path | list[Path], models, variants, seeds) -> list[dict]:
@@ -377,10 +381,11 @@ def _start(difference: dict) -> str:
     return f" (other round-0 models: {theirs:.1%} and {mine:.1%})"
 
 
-def summarize_after(out: Path | list[Path], models, seeds, last_round: int | None = None) -> dict:
+def summarize_after(out: Path | list[Path], models, seeds, last_round: int | None = None,
+                    after_from: str = AFTER_FROM) -> dict:
     """The PRMs (AUROC against rollout and exact step labels) and the stages after STaR, per model and seed:
-    GRPO's held-out accuracy paired against the STaR model it starts from (the plain run's last round) and against
-    round 0; selection accuracy per rule at k samples and each rule against a single sample."""
+    GRPO's held-out accuracy paired against the STaR model it starts from (the last round of `after_from`'s run) and
+    against round 0; selection accuracy per rule at k samples and each rule against a single sample."""
     from llm2diff.evaluation.intervals import paired_difference, read_correct
 
     reward_models, after = [], []
@@ -393,30 +398,30 @@ def summarize_after(out: Path | list[Path], models, seeds, last_round: int | Non
                                       **{k: data.get(k) for k in ("rollout_auroc", "exact_auroc", "rollout_accuracy",
                                                                   "exact_accuracy")},
                                       "rollout_vs_exact": data.get("rollout_vs_exact")})
-            star = found_run(out, model, "plain", seed)
+            star = found_run(out, model, after_from, seed)
             last = last_round
             if last is None and (star / "report.json").is_file():
                 last = max(r["round"] for r in json.loads((star / "report.json").read_text())["rounds"])
             for stage in ("rl-outcome", "rl-process"):
-                directory = found_after(out, model, stage, seed)
+                directory = found_after(out, model, stage, seed, after_from)
                 if not (directory / "rl_report.json").is_file():
                     continue
                 data = json.loads((directory / "rl_report.json").read_text())
                 row = {"model": model, "stage": stage, "seed": seed, "accuracy": data.get("accuracy"),
-                       "train_seconds": data.get("train_seconds"), "from_round": last}
+                       "train_seconds": data.get("train_seconds"), "from": after_from, "from_round": last}
                 now = directory / "eval"
                 for name, r in (("vs_star", last), ("vs_round_0", 0)):
                     base = star / f"round-{r}" / "eval"
                     if r is not None and (base / "results.jsonl").is_file() and (now / "results.jsonl").is_file():
                         row[name] = paired_difference(read_correct(base), read_correct(now)).to_dict()
                 after.append(row)
-            selection = found_after(out, model, "selection", seed) / "selection.json"
+            selection = found_after(out, model, "selection", seed, after_from) / "selection.json"
             if selection.is_file():
                 data = json.loads(selection.read_text())
                 after.append({"model": model, "stage": "selection", "seed": seed, "k": data["k"],
                               "problems": data["problems"], "rules": data["accuracy"],
                               "passes_per_problem": data["passes_per_problem"], "vs_single": data.get("vs_single", {}),
-                              "from_round": last})
+                              "from": after_from, "from_round": last})
     return {"reward_models": reward_models, "after": after}
 
 
@@ -478,11 +483,12 @@ def table(summary: dict) -> str:
                          f"| {_num(row['exact_auroc'], '.2f')} | {row['eval_steps']} | {_num(agree, '.0%')} |")
     rl = [row for row in summary.get("after", []) if row["stage"] != "selection"]
     if rl:
-        lines += ["", "| model | after STaR round | stage | seed | held-out accuracy | vs the STaR model [95%] "
-                      "| vs round 0 [95%] | train min |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| model | after STaR (variant, round) | stage | seed | held-out accuracy "
+                      "| vs the STaR model [95%] | vs round 0 [95%] | train min |", "|---|---|---|---|---|---|---|---|"]
         for row in rl:
             minutes = None if row["train_seconds"] is None else row["train_seconds"] / 60
-            lines.append(f"| {row['model']} | {row['from_round']} | {row['stage']} | {row['seed']} "
+            lines.append(f"| {row['model']} | {row.get('from', 'plain')}, {row['from_round']} | {row['stage']} "
+                         f"| {row['seed']} "
                          f"| {_num(row['accuracy'], '.1%')} | {_interval(row.get('vs_star'))} "
                          f"| {_interval(row.get('vs_round_0'))} | {_num(minutes, '.0f')} |")
     chosen = [row for row in summary.get("after", []) if row["stage"] == "selection"]
@@ -515,6 +521,9 @@ def main() -> None:
                         help="rounds of the plain run in this invocation (default --rounds); 0 trains only the "
                              "round 0 the other variants start from, and leaves its rounds to a later call")
     parser.add_argument("--after", default="", help=f"stages after STaR, comma-separated: {', '.join(AFTER)}")
+    parser.add_argument("--after-from", default=AFTER_FROM, choices=list(VARIANTS),
+                        help="the STaR variant whose last round (--rounds) the stages after STaR start from "
+                             "(default: %(default)s, the settings the quickstart recipes ship)")
     parser.add_argument("--prm-recipe", default=str(ROOT / "recipes" / "star-headroom-prm.yaml"))
     parser.add_argument("--rl-recipe", default=str(ROOT / "recipes" / "star-headroom-rl.yaml"))
     parser.add_argument("--selection-k", type=int, default=4, help="samples per problem for the selection stage")
@@ -537,8 +546,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown models/variants/stages {unknown}: models {list(MODELS)}, variants "
                          f"{list(VARIANTS)}, stages after STaR {list(AFTER)}")
-    if "plain" not in variants and not args.table_only:
-        variants = ["plain", *variants]  # the other variants and the stages after STaR start from its rounds
+    if not args.table_only:  # the other variants start from the plain run's round 0, the stages after STaR from the
+        # --after-from run's last round
+        variants = list(dict.fromkeys(["plain", *variants, *([args.after_from] if after else [])]))
     out = Path(args.out)
     if not args.table_only:
         from llm2diff.hardware import describe
@@ -549,15 +559,15 @@ def main() -> None:
         print(f"hardware: {describe(args.threads)}", flush=True)
         for seed in seeds:  # one seed of everything first: a partial run already compares the variants
             for model in models:
-                plain_done = True
+                start_done = False
                 for variant in variants:  # the other variants need the plain run's round 0 only
                     finished = run(args, model, variant, seed)
-                    if variant == "plain":
-                        plain_done = finished and variant_rounds(args, variant) == args.rounds
-                        if not (star_model(out, model, seed, 0) / "adapter_config.json").is_file():
-                            break  # no round 0 yet (another process is training it): nothing else can start
+                    if variant == args.after_from:
+                        start_done = finished and variant_rounds(args, variant) == args.rounds
+                    if variant == "plain" and not (star_model(out, model, seed, 0) / "adapter_config.json").is_file():
+                        break  # no round 0 yet (another process is training it): nothing else can start
                 else:
-                    if plain_done:  # the stages after STaR start from its last round
+                    if start_done:  # the stages after STaR start from the --after-from run's last round
                         for stage in after:
                             run_after(args, model, stage, seed)
     roots = [out]
@@ -569,7 +579,7 @@ def main() -> None:
             print(f"archived in {root}: {', '.join(map(str, archived))}", flush=True)
         roots.append(root)
     summary = summarize(roots, models, variants, seeds, args.rounds,
-                        difficulty_groups(_recipe_fields(args.recipe, args.extra)))
+                        difficulty_groups(_recipe_fields(args.recipe, args.extra)), args.after_from)
     text = table(summary)
     print(text)
     commands = {f"{m}/{v}/seed-{s}": " ".join(star_command(args, m, v, s)[1:]) for m in models for v in variants

@@ -134,10 +134,11 @@ def test_a_run_another_process_holds_is_skipped_and_a_failure_stops(bench, tmp_p
         bench.run(args, "diffusion", "plain", 0)
 
 
-def test_the_prm_variant_and_the_stages_after_star_start_from_the_plain_runs(bench, tmp_path):
+def test_the_prm_variant_and_the_stages_after_star_start_from_the_shipped_star_variant(bench, tmp_path):
     args = Namespace(out=str(tmp_path), rounds=3, recipe=str(ROOT / "recipes" / "star-headroom.yaml"), extra=[],
-                     prm_recipe="p.yaml", rl_recipe="r.yaml", selection_k=4, threads=1)
+                     prm_recipe="p.yaml", rl_recipe="r.yaml", selection_k=4, threads=1, after_from="steps-balanced-hot")
     plain = tmp_path / "diffusion" / "plain" / "seed-2"
+    shipped = tmp_path / "diffusion" / "steps-balanced-hot" / "seed-2"
     prm = bench.prm_command(args, "diffusion", 2)
     assert prm[3:6] == ["prm", "--config", "p.yaml"]
     assert prm[prm.index("--prm_policy") + 1] == str(plain / "round-0" / "model")
@@ -149,10 +150,18 @@ def test_the_prm_variant_and_the_stages_after_star_start_from_the_plain_runs(ben
     process = bench.after_command(args, "diffusion", "rl-process", 2)
     for command in (outcome, process):
         assert command[3:6] == ["rl", "--config", "r.yaml"]
-        assert command[command.index("--rl_policy") + 1] == str(plain / "round-3" / "model")
+        assert command[command.index("--rl_policy") + 1] == str(shipped / "round-3" / "model")
     assert outcome[outcome.index("--process_weight") + 1] == "0.0" and "--process_weight" not in process
+    assert outcome[outcome.index("--output_dir") + 1] == str(
+        tmp_path / "diffusion" / "rl-outcome-after-steps-balanced-hot" / "seed-2")  # one folder per starting run
+    args.after_from = "plain"
+    outcome = bench.after_command(args, "diffusion", "rl-outcome", 2)
+    assert outcome[outcome.index("--rl_policy") + 1] == str(plain / "round-3" / "model")
+    assert outcome[outcome.index("--output_dir") + 1] == str(tmp_path / "diffusion" / "rl-outcome-after-plain" / "seed-2")
+    args.after_from = "steps-balanced-hot"
     selection = bench.after_command(args, "diffusion", "selection", 2)
     assert selection[1].endswith("prm_selection.py")
+    assert selection[selection.index("--model") + 1] == str(shipped / "round-3" / "model")
     assert selection[selection.index("--problems") + 1] == "300" and selection[selection.index("--k") + 1] == "4"
     assert "--step-search" in selection
     assert json.loads(selection[selection.index("--task-options") + 1])["max_steps"] == 3  # the held-out kind
@@ -165,8 +174,10 @@ def test_the_prm_variant_and_the_stages_after_star_start_from_the_plain_runs(ben
 
 def test_the_table_after_star_pairs_rl_with_its_star_model(bench, tmp_path):
     n = 40
-    fake_run(bench, tmp_path, "diffusion", 0, [[i < 10 for i in range(n)], [i < 20 for i in range(n)]])
-    rl = tmp_path / "diffusion" / "rl-process" / "seed-0"
+    fake_run(bench, tmp_path, "diffusion", 0, [[i < 10 for i in range(n)], [i < 20 for i in range(n)]],
+             variant="steps-balanced-hot")
+    fake_run(bench, tmp_path, "diffusion", 0, [[i < 10 for i in range(n)], [i < 5 for i in range(n)]])  # plain
+    rl = bench.after_dir(tmp_path, "diffusion", "rl-process", 0)
     (rl / "eval").mkdir(parents=True)
     (rl / "eval" / "results.jsonl").write_text(
         "".join(json.dumps({"id": f"test-{i}", "correct": i < 30}) + "\n" for i in range(n)))
@@ -175,7 +186,7 @@ def test_the_table_after_star_pairs_rl_with_its_star_model(bench, tmp_path):
     reward.mkdir(parents=True)
     (reward / "prm_report.json").write_text(json.dumps({"eval_steps": 90, "rollout_auroc": 0.81, "exact_auroc": 0.7,
                                                         "rollout_vs_exact": {"agreement": 0.85}}))
-    selection = tmp_path / "diffusion" / "selection" / "seed-0"
+    selection = bench.after_dir(tmp_path, "diffusion", "selection", 0)
     selection.mkdir(parents=True)
     (selection / "selection.json").write_text(json.dumps({
         "k": 4, "problems": n, "accuracy": {"single": 0.5, "majority": 0.6, "prm-min": 0.65, "prm-last": 0.55,
@@ -185,11 +196,13 @@ def test_the_table_after_star_pairs_rl_with_its_star_model(bench, tmp_path):
             "prm-min": {"difference": 0.15, "low": 0.05, "high": 0.25}}}))
     summary = bench.summarize(tmp_path, ["diffusion"], ["plain"], [0], last_round=1)
     (row,) = [r for r in summary["after"] if r["stage"] == "rl-process"]
-    assert row["from_round"] == 1 and row["vs_star"]["difference"] == 0.25 and row["vs_round_0"]["difference"] == 0.5
+    # paired with the run it starts from (steps-balanced-hot's round 1: 20 right), not the plain run's (5 right)
+    assert row["from"] == "steps-balanced-hot" and row["from_round"] == 1
+    assert row["vs_star"]["difference"] == 0.25 and row["vs_round_0"]["difference"] == 0.5
     assert summary["reward_models"][0]["rollout_auroc"] == 0.81
     text = bench.table(summary)
     assert "| diffusion | 0 | 0.81 | 0.70 | 90 | 85% |" in text
-    assert "| diffusion | 1 | rl-process | 0 | 75.0% | +25.0 [+" in text and "| 10 |" in text
+    assert "| diffusion | steps-balanced-hot, 1 | rl-process | 0 | 75.0% | +25.0 [+" in text and "| 10 |" in text
     assert "| diffusion | 0 | 4 | 50.0% | 60.0% | 65.0% | 55.0% | 80.0% | prm-min: +15.0 [+5.0, +25.0] " \
            "| +10.0 [+0.0, +20.0] |" in text
 
@@ -199,17 +212,26 @@ def test_variants_start_from_round_zero_while_another_process_runs_the_plain_rou
 
     def fake_run(args, model, variant, seed):
         calls.append((variant, seed))
-        return variant != "plain"  # the plain runs are held by another process
+        # the plain runs are held by another process, and so is seed 0's steps-balanced-hot run
+        return variant != "plain" and (variant, seed) != ("steps-balanced-hot", 0)
 
     monkeypatch.setattr(bench, "run", fake_run)
     monkeypatch.setattr(bench, "run_after", lambda args, model, stage, seed: calls.append((stage, seed)))
-    (bench.star_model(tmp_path, "diffusion", 0, 0)).mkdir(parents=True)
-    (bench.star_model(tmp_path, "diffusion", 0, 0) / "adapter_config.json").write_text("{}")  # seed 0 has round 0
-    monkeypatch.setattr("sys.argv", ["self_improvement.py", "--out", str(tmp_path), "--seeds", "0,1", "--models",
-                                     "diffusion", "--variants", "steps", "--after", "rl-outcome", "--archive", ""])
+    for seed in (0, 2):  # seeds 0 and 2 have their round 0, seed 1 not yet
+        (bench.star_model(tmp_path, "diffusion", seed, 0)).mkdir(parents=True)
+        (bench.star_model(tmp_path, "diffusion", seed, 0) / "adapter_config.json").write_text("{}")
+    argv = ["self_improvement.py", "--out", str(tmp_path), "--seeds", "0,1,2", "--models", "diffusion", "--variants",
+            "steps", "--after", "rl-outcome", "--archive", ""]
+    monkeypatch.setattr("sys.argv", argv)
     bench.main()
-    # seed 0: the variant runs from round 0, the stage after STaR waits for the plain rounds; seed 1: nothing starts
-    assert calls == [("plain", 0), ("steps", 0), ("plain", 1)]
+    # the variants run from round 0; the stage after STaR waits for the run it starts from (steps-balanced-hot, which
+    # --after adds): seed 0's is held elsewhere, seed 2's has finished; seed 1: nothing starts without a round 0
+    assert calls == [("plain", 0), ("steps", 0), ("steps-balanced-hot", 0), ("plain", 1),
+                     ("plain", 2), ("steps", 2), ("steps-balanced-hot", 2), ("rl-outcome", 2)]
+    calls.clear()
+    monkeypatch.setattr("sys.argv", [*argv, "--seeds", "2", "--after-from", "plain"])
+    bench.main()
+    assert calls == [("plain", 2), ("steps", 2)]  # from the plain run, which another process holds
 
 
 def test_plain_rounds_zero_trains_only_the_round_zero_the_variants_start_from(bench, tmp_path, monkeypatch):
