@@ -142,7 +142,9 @@ def test_continue_trains_a_copy_and_leaves_the_adapter_bit_for_bit():
         assert _task_loss(dlm, dataset) < loss  # it learned the task's rows
         dlm.generate(PROBE, max_new_tokens=4)  # merges the trained mask row in and out of the embedding
     assert record["steps"] == 8 and record["rows"] == 24 and not record["stopped_early"]
-    assert record["final_loss"] is not None and record["seconds"] > 0
+    assert len(record["losses"]) == 8 and record["seconds"] > 0
+    assert record["first_loss"] == pytest.approx(sum(record["losses"][:2]) / 2, abs=1e-4)  # the first quarter
+    assert record["final_loss"] == pytest.approx(sum(record["losses"][-2:]) / 2, abs=1e-4)  # the last quarter
     assert dlm.model.active_adapter == "default" and list(dlm.model.peft_config) == ["default"]
     _assert_same_state(dlm, state)
     assert torch.equal(_logits(dlm), logits)
