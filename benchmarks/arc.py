@@ -13,6 +13,8 @@ variant), each into its own output directory <out>/<model>/<variant>:
     +poe     arc_proposal sample, arc_scoring poe         one sample per view, product-of-experts scoring
     +ttt     sample, vote, arc_ttt_steps --ttt-steps      test-time training on the task's demonstrations first
     all      search, poe, arc_ttt_steps --ttt-steps       everything
+    all+samples  both, poe, arc_ttt_steps --ttt-steps     everything, each view's sample proposed beside the search's
+                                                          grids (a sample can find a grid the bounded search misses)
 
 Every variant proposes under --views views (identity, the other symmetries, then colour permutations) and scores
 under the same views, and runs with `arc_use_solver: true`, so that plain voting too is recorded row by row
@@ -87,8 +89,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "+poe": {"arc_proposal": "sample", "arc_scoring": "poe"},
     "+ttt": {"arc_proposal": "sample", "arc_scoring": "vote"},
     "all": {"arc_proposal": "search", "arc_scoring": "poe"},
+    "all+samples": {"arc_proposal": "both", "arc_scoring": "poe"},
 }
-TTT_VARIANTS = ("+ttt", "all")
+TTT_VARIANTS = ("+ttt", "all", "all+samples")
 
 
 def parse_names(text: str, known, what: str) -> list[str]:

@@ -63,13 +63,17 @@ def test_eval_commands_per_variant_and_model(bench, tmp_path):
     assert everything[everything.index("--output_dir") + 1] == str(out / "ar-twin" / "all")
     assert everything[everything.index("--arc_proposal"):everything.index("--arc_proposal_views")] == [
         "--arc_proposal", "search", "--arc_scoring", "poe", "--arc_ttt_steps", "8"]
+    pooled = command("diffusion", "all+samples")
+    assert pooled[pooled.index("--output_dir") + 1] == str(out / "diffusion" / "all+samples")
+    assert pooled[pooled.index("--arc_proposal"):pooled.index("--arc_proposal_views")] == [
+        "--arc_proposal", "both", "--arc_scoring", "poe", "--arc_ttt_steps", "8"]
     args.source = "data/arc"
     assert command("diffusion", "voting")[12:14] == ["--source", "data/arc"]
 
 
 def test_unknown_variants_and_models_are_refused_with_the_list(bench, tmp_path):
     with pytest.raises(SystemExit, match=r"unknown variants \['\+serch'\]: the variants are voting, \+search, \+poe, "
-                                         r"\+ttt, all"):
+                                         r"\+ttt, all, all\+samples"):
         bench.main(["--out", str(tmp_path), "--variants", "voting,+serch"])
     with pytest.raises(SystemExit, match="unknown models .*'twin'.*diffusion, ar-twin, ar-parent"):
         bench.main(["--out", str(tmp_path), "--models", "twin"])

@@ -199,3 +199,32 @@ def test_a_search_that_finds_nothing_falls_back_to_one_decode_per_view():
     assert solved["metrics"]["search_fallback"] == 1.0 and sampled["metrics"]["search_fallback"] == 0.0
     assert solved["attempts"] == sampled["attempts"] and solved["attempts"]
     assert solved["nfe"] > sampled["nfe"]  # the search's passes are counted too
+
+
+def test_both_proposers_together_are_the_union_of_search_and_samples_with_their_votes_added():
+    tok = grid_tokenizer()
+    dlm = adapt(grid_model("qwen3", tok), tok, block_size=4)
+    task, row, render = ARCAGITask(), _row(), PromptRenderer(dlm)
+    settings = dict(arc_proposal_views=2, arc_floor=0.001, arc_max_candidates=2, arc_max_passes=200, arc_use_solver=True)
+    runs = {proposal: solve_row(dlm, task, row, ARCSolverArguments(arc_proposal=proposal, **settings), render, 12)
+            for proposal in ("sample", "search", "both")}
+    votes = {proposal: {json.dumps(c["grid"]): c["sources"] for c in run["candidates"]} for proposal, run in runs.items()}
+    assert votes["sample"] and votes["search"], "the test needs candidates from both"
+    union = {key: votes["sample"].get(key, 0) + votes["search"].get(key, 0) for key in {*votes["sample"], *votes["search"]}}
+    assert votes["both"] == union
+    best = {json.dumps(c["grid"]): c["logprob"] for c in runs["search"]["candidates"]}
+    assert {json.dumps(c["grid"]): c["logprob"] for c in runs["both"]["candidates"] if c["logprob"] is not None} == best
+    assert runs["both"]["nfe"] == runs["sample"]["nfe"] + runs["search"]["nfe"]
+    assert runs["both"]["metrics"]["search_fallback"] == 0.0
+
+
+def test_both_proposers_without_any_grid_above_the_floor_count_the_samples_once():
+    tok = grid_tokenizer()
+    dlm = adapt(grid_model("qwen3", tok), tok, block_size=4)
+    task, row, render = ARCAGITask(), _row(), PromptRenderer(dlm)
+    sampled = solve_row(dlm, task, row, ARCSolverArguments(arc_proposal_views=2, arc_use_solver=True), render, 12)
+    both = solve_row(dlm, task, row, ARCSolverArguments(arc_proposal="both", arc_proposal_views=2, arc_floor=1.0,
+                                                        arc_max_passes=50), render, 12)
+    assert [(c["grid"], c["sources"]) for c in both["candidates"]] == \
+        [(c["grid"], c["sources"]) for c in sampled["candidates"]]  # no fallback decode on top of the samples
+    assert both["metrics"]["search_fallback"] == 0.0 and both["nfe"] > sampled["nfe"]

@@ -11,8 +11,10 @@ The stages (each a setting, so the benchmark can add them one at a time):
   2. Proposals under `arc_proposal_views` views (identity, then the square symmetries, then colour permutations):
      `sample` decodes each view once (today's `llm2diff eval` behaviour: the model's decoding), `search`
      enumerates each view's grids above the probability floor `arc_floor` (`llm2diff.arc.search`; when no view
-     has any, each view is decoded once as `sample` does, so a row never goes without attempts). Each grid is
-     mapped back to the task's own orientation and colours; a grid proposed under several views counts each.
+     has any, each view is decoded once as `sample` does, so a row never goes without attempts), `both` does the
+     two (a sample drawn at the model's temperature can land on a grid that the search, bounded to
+     `arc_max_candidates` grids per view, leaves out). Each grid is mapped back to the task's own orientation and
+     colours; a grid proposed under several views (or by both proposers) counts each.
   3. Scoring: `vote` ranks by the number of views that proposed a grid (then by the best path probability);
      `poe` scores the `arc_score_top` most proposed grids under `arc_scoring_views` views and ranks by the summed
      log-likelihood (`llm2diff.arc.scoring`: the seeded ELBO for the diffusion model, exact for a causal stream).
@@ -26,7 +28,7 @@ seconds of each stage.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from llm2diff.names import check_choice
@@ -39,7 +41,7 @@ from llm2diff.tasks.arc_agi import (
     text_to_grid,
 )
 
-PROPOSALS = ("sample", "search")
+PROPOSALS = ("sample", "search", "both")
 SCORINGS = ("vote", "poe")
 
 
@@ -49,7 +51,9 @@ class ARCSolverArguments:
 
     arc_proposal: str = field(default="sample", metadata={
         "help": "How candidate grids are proposed under each view: 'sample' (decode the view once with the model's "
-                "decoding) or 'search' (every grid above the probability floor arc_floor, depth first)."})
+                "decoding), 'search' (every grid above the probability floor arc_floor, depth first, at most "
+                "arc_max_candidates) or 'both' (the two together: a sample can find a grid the bounded search "
+                "misses)."})
     arc_proposal_views: int = field(default=8, metadata={
         "help": "Views proposals are made under: identity first, the other 7 square symmetries, then colour "
                 "permutations."})
@@ -128,44 +132,57 @@ def _key(grid: Grid) -> str:
 def propose(dlm, task, row, solver: ARCSolverArguments, render, max_new_tokens: int, decoding, ar_parent: bool,
             seed: int) -> tuple[dict[str, dict], int]:
     """Candidate grids in the task's own frame: {grid text: {"grid", "sources", "logprob"}}, and the passes spent."""
-    from llm2diff.evaluation.completions import complete
-
-    found: dict[str, dict] = {}
-    passes = 0
-
-    def add(grid, transform, logprob=None):
-        if grid is None:
-            return
-        grid = transform.invert(grid)
-        entry = found.setdefault(_key(grid), {"grid": grid, "sources": 0, "logprob": None})
-        entry["sources"] += 1
-        if logprob is not None and (entry["logprob"] is None or logprob > entry["logprob"]):
-            entry["logprob"] = logprob
-
     transforms = views(solver.arc_proposal_views, seed)
     prompts = [render(task, row, [], task.augmented_question(row, t)) for t in transforms]
-    if solver.arc_proposal == "sample":
-        if ar_parent:
-            done = complete(dlm, prompts, {"max_new_tokens": max_new_tokens}, ar_parent=True)
-        else:
-            done = complete(dlm, prompts, decoding, **({"seed": seed} if decoding.mode == "block" else {}))
-        for answer, transform in zip(done.rows, transforms):
-            add(text_to_grid(answer.text), transform)
-            passes += answer.passes
-        return found, passes
+    found: dict[str, dict] = {}
+    passes = 0
+    if solver.arc_proposal in ("search", "both"):
+        passes += _searched(dlm, prompts, transforms, solver.search_settings(max_new_tokens), ar_parent, found)
+        if solver.arc_proposal == "search" and not found:
+            # no grid above the floor under any view: never submit nothing, decode each view once instead
+            sampled: dict[str, dict] = {}
+            passes += _sampled(dlm, prompts, transforms, max_new_tokens, decoding, ar_parent, seed, sampled)
+            return {key: {**entry, "fallback": True} for key, entry in sampled.items()}, passes
+    if solver.arc_proposal in ("sample", "both"):  # with `both`, a grid both found counts the votes of both
+        passes += _sampled(dlm, prompts, transforms, max_new_tokens, decoding, ar_parent, seed, found)
+    return found, passes
+
+
+def _add(found: dict[str, dict], grid, transform, logprob=None) -> None:
+    """Count one proposal of `grid` (made under `transform`) in the task's own frame; keep the best path probability."""
+    if grid is None:
+        return
+    grid = transform.invert(grid)
+    entry = found.setdefault(_key(grid), {"grid": grid, "sources": 0, "logprob": None})
+    entry["sources"] += 1
+    if logprob is not None and (entry["logprob"] is None or logprob > entry["logprob"]):
+        entry["logprob"] = logprob
+
+
+def _sampled(dlm, prompts, transforms, max_new_tokens, decoding, ar_parent, seed, found) -> int:
+    """Decode each view once (the model's decoding; greedy for the AR parent) into `found`; returns the passes."""
+    from llm2diff.evaluation.completions import complete
+
+    if ar_parent:
+        done = complete(dlm, prompts, {"max_new_tokens": max_new_tokens}, ar_parent=True)
+    else:
+        done = complete(dlm, prompts, decoding, **({"seed": seed} if decoding.mode == "block" else {}))
+    for answer, transform in zip(done.rows, transforms):
+        _add(found, text_to_grid(answer.text), transform)
+    return sum(answer.passes for answer in done.rows)
+
+
+def _searched(dlm, prompts, transforms, settings, ar_parent, found) -> int:
+    """Every grid above the floor under each view (`llm2diff.arc.search`) into `found`; returns the passes."""
     from llm2diff.arc.search import search
 
-    settings = solver.search_settings(max_new_tokens)
+    passes = 0
     for prompt, transform in zip(prompts, transforms):
         result = search(dlm, prompt, settings, use_parent=ar_parent)
         passes += result.passes
         for candidate in result.candidates:
-            add(candidate.grid, transform, candidate.logprob)
-    if not found:  # no grid above the floor under any view: never submit nothing, decode each view once instead
-        sampled, more = propose(dlm, task, row, replace(solver, arc_proposal="sample"), render, max_new_tokens,
-                                decoding, ar_parent, seed)
-        return {key: {**entry, "fallback": True} for key, entry in sampled.items()}, passes + more
-    return found, passes
+            _add(found, candidate.grid, transform, candidate.logprob)
+    return passes
 
 
 def rank(dlm, task, row, found: dict[str, dict], solver: ARCSolverArguments, ar_parent: bool,
