@@ -408,7 +408,10 @@ def summarize_after(out: Path | list[Path], models, seeds, last_round: int | Non
                     continue
                 data = json.loads((directory / "rl_report.json").read_text())
                 row = {"model": model, "stage": stage, "seed": seed, "accuracy": data.get("accuracy"),
-                       "train_seconds": data.get("train_seconds"), "from": after_from, "from_round": last}
+                       "train_seconds": data.get("train_seconds"), "from": after_from, "from_round": last,
+                       # the share of GRPO groups whose completions all got one reward: no advantage, no gradient
+                       "no_signal": _mean([float(e["frac_reward_zero_std"]) for e in data.get("rewards", [])
+                                           if "frac_reward_zero_std" in e])}
                 now = directory / "eval"
                 for name, r in (("vs_star", last), ("vs_round_0", 0)):
                     base = star / f"round-{r}" / "eval"
@@ -484,13 +487,15 @@ def table(summary: dict) -> str:
     rl = [row for row in summary.get("after", []) if row["stage"] != "selection"]
     if rl:
         lines += ["", "| model | after STaR (variant, round) | stage | seed | held-out accuracy "
-                      "| vs the STaR model [95%] | vs round 0 [95%] | train min |", "|---|---|---|---|---|---|---|---|"]
+                      "| vs the STaR model [95%] | vs round 0 [95%] | groups without signal | train min |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in rl:
             minutes = None if row["train_seconds"] is None else row["train_seconds"] / 60
             lines.append(f"| {row['model']} | {row.get('from', 'plain')}, {row['from_round']} | {row['stage']} "
                          f"| {row['seed']} "
                          f"| {_num(row['accuracy'], '.1%')} | {_interval(row.get('vs_star'))} "
-                         f"| {_interval(row.get('vs_round_0'))} | {_num(minutes, '.0f')} |")
+                         f"| {_interval(row.get('vs_round_0'))} | {_num(row.get('no_signal'), '.0%')} "
+                         f"| {_num(minutes, '.0f')} |")
     chosen = [row for row in summary.get("after", []) if row["stage"] == "selection"]
     if chosen:
         rules = list(chosen[0]["rules"])

@@ -181,7 +181,8 @@ def test_the_table_after_star_pairs_rl_with_its_star_model(bench, tmp_path):
     (rl / "eval").mkdir(parents=True)
     (rl / "eval" / "results.jsonl").write_text(
         "".join(json.dumps({"id": f"test-{i}", "correct": i < 30}) + "\n" for i in range(n)))
-    (rl / "rl_report.json").write_text(json.dumps({"accuracy": 0.75, "train_seconds": 600.0}))
+    (rl / "rl_report.json").write_text(json.dumps({"accuracy": 0.75, "train_seconds": 600.0, "rewards": [
+        {"reward": 0.5, "frac_reward_zero_std": 0.5}, {"reward": 0.7, "frac_reward_zero_std": 0.75}]}))
     reward = tmp_path / "diffusion" / "reward-model" / "seed-0"
     reward.mkdir(parents=True)
     (reward / "prm_report.json").write_text(json.dumps({"eval_steps": 90, "rollout_auroc": 0.81, "exact_auroc": 0.7,
@@ -202,7 +203,8 @@ def test_the_table_after_star_pairs_rl_with_its_star_model(bench, tmp_path):
     assert summary["reward_models"][0]["rollout_auroc"] == 0.81
     text = bench.table(summary)
     assert "| diffusion | 0 | 0.81 | 0.70 | 90 | 85% |" in text
-    assert "| diffusion | steps-balanced-hot, 1 | rl-process | 0 | 75.0% | +25.0 [+" in text and "| 10 |" in text
+    assert row["no_signal"] == 0.625  # the mean share of groups whose completions all got one reward
+    assert "| diffusion | steps-balanced-hot, 1 | rl-process | 0 | 75.0% | +25.0 [+" in text and "| 62% | 10 |" in text
     assert "| diffusion | 0 | 4 | 50.0% | 60.0% | 65.0% | 55.0% | 80.0% | prm-min: +15.0 [+5.0, +25.0] " \
            "| +10.0 [+0.0, +20.0] |" in text
 
